@@ -1,0 +1,81 @@
+"""Before Ray starts: list the images, split them, write the split, decode train and val.
+
+The test split is written to ``splits.parquet`` but never decoded here: the
+search cannot read what it was never given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from search.study import Study, StudyError
+from trainables.data import decode_images
+from trainables.datasets import load_table
+from trainables.splits import assign_splits, subsample
+
+SMOKE_IMAGES_PER_SPLIT = 64
+
+
+@dataclasses.dataclass
+class Prepared:
+    splits: pd.DataFrame  # every image: path, label, group, origin, split
+    class_names: list[str]
+    positive: int | None  # index of the positive class of a binary task
+    arrays: dict[str, np.ndarray]  # x_train, y_train, x_val, y_val
+
+
+def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = False) -> Prepared:
+    ds = study.dataset
+    path = data_dir or ds.path
+    options = dict(ds.options)
+    if ds.classes is not None and ds.loader == "folder":
+        options["classes"] = ds.classes
+    table = load_table(ds.loader, path, **options)
+    class_names = list(ds.classes) if ds.classes else sorted(table["label"].unique())
+    unknown = sorted(set(table["label"]) - set(class_names))
+    if unknown:
+        table = table[table["label"].isin(class_names)].reset_index(drop=True)
+    table["split"] = assign_splits(table, ds.split, seed=ds.seed, **ds.split_options)
+    if smoke:
+        table["split"] = subsample(table["split"], table["label"], per_split=SMOKE_IMAGES_PER_SPLIT, seed=ds.seed)
+    positive = _positive_index(study, class_names)
+    _check_metric_reported(study, class_names)
+    table["label_index"] = table["label"].map({c: i for i, c in enumerate(class_names)}).astype("int64")
+    arrays = {}
+    for split in ("train", "val"):
+        rows = table[table["split"] == split]
+        arrays[f"x_{split}"] = decode_images(rows["path"].tolist(), ds.image_size)
+        arrays[f"y_{split}"] = rows["label_index"].to_numpy()
+    return Prepared(table, class_names, positive, arrays)
+
+
+def _positive_index(study: Study, class_names: list[str]) -> int | None:
+    positive = study.dataset.positive_class
+    if positive is None:
+        return None
+    if positive not in class_names:
+        raise StudyError(f"dataset.positive_class: {positive!r} is not a class; classes: {class_names}")
+    return class_names.index(positive)
+
+
+def _check_metric_reported(study: Study, class_names: list[str]) -> None:
+    from trainables.metrics import metric_names
+
+    reported = metric_names(class_names) + ["train_loss"]
+    if study.metric not in reported:
+        from trainables.backbones import unknown_name_message
+
+        raise StudyError("metric: " + unknown_name_message("metric", study.metric, reported) + " (trials never report it)")
+
+
+def write_splits(splits: pd.DataFrame, folder: Path) -> Path:
+    from search.results import write_parquet
+
+    out = splits[["path", "label", "label_index", "group", "origin", "split"]].copy()
+    for col in ("path", "label", "group", "origin", "split"):
+        out[col] = out[col].astype("string")
+    return write_parquet(out, folder / "splits.parquet")

@@ -1,0 +1,70 @@
+"""``ProgressPrinter``: one readable line per trial event, plus a periodic status line."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from ray import tune
+
+_STATUS_EVERY_S = 20.0
+
+
+class ProgressPrinter(tune.Callback):
+    def __init__(self, *, metric: str, mode: str, max_epochs: int, stream=None):
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.stream = stream or sys.stdout
+        self.started = time.monotonic()
+        self.counts = {"running": 0, "finished": 0, "stopped": 0, "errored": 0}
+        self.best: tuple[float, str] | None = None
+        self.last_epoch: dict[str, int] = {}
+        self._last_status = 0.0
+
+    def _say(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[{elapsed:6.0f}s] {text}", file=self.stream, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.counts["running"] += 1
+        self._say(f"start    {trial}  {_short_config(trial.config)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        self.last_epoch[trial.trial_id] = int(result.get("epoch", result.get("training_iteration", 0)))
+        if isinstance(value, (int, float)) and not math.isnan(value):
+            if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
+                self.best = (value, str(trial))
+        if time.monotonic() - self._last_status > _STATUS_EVERY_S:
+            self._status()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epoch = self.last_epoch.get(trial.trial_id, 0)
+        outcome = "finished" if epoch >= self.max_epochs else "stopped"
+        self._end(trial, outcome, f"after epoch {epoch}/{self.max_epochs}" + (" by ASHA" if outcome == "stopped" else ""))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "errored", f"(see {trial.error_file})" if trial.error_file else "")
+
+    def _end(self, trial, outcome: str, detail: str) -> None:
+        self.counts["running"] = max(0, self.counts["running"] - 1)
+        self.counts[outcome] += 1
+        score = trial.last_result.get(self.metric) if trial.last_result else None
+        shown = f"  {self.metric}={score:.4f}" if isinstance(score, (int, float)) else ""
+        self._say(f"{outcome:8} {trial}  {detail}{shown}")
+        self._status()
+
+    def _status(self) -> None:
+        self._last_status = time.monotonic()
+        counts = " | ".join(f"{k} {v}" for k, v in self.counts.items())
+        best = f" | best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+        self._say(f"status   {counts}{best}")
+
+
+def _short_config(config: dict) -> str:
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, float):
+            value = f"{value:.3g}"
+        parts.append(f"{key}={value}")
+    return " ".join(parts)

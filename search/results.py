@@ -1,0 +1,174 @@
+"""``LeaderboardWriter``: the driver-side callback that owns the Parquet leaderboards.
+
+Only this callback writes ``leaderboard.parquet`` and ``epochs.parquet``;
+trials only report. Each write goes to a temporary file and is renamed into
+place, so a reader never sees half a file and a driver crash loses nothing
+that was written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import pandas as pd
+from ray import tune
+
+_WRITE_EVERY_S = 5.0  # throttle for per-epoch rewrites; trial ends always write
+
+STATUSES = ("running", "finished", "stopped", "errored")
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+    """Write ``frame`` to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def tidy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    """Give object columns one Parquet-friendly dtype: bool, number or string."""
+    frame = frame.copy()
+    for col in frame.columns:
+        if frame[col].dtype != object:
+            continue
+        values = frame[col].dropna()
+        if len(values) and all(isinstance(v, bool) for v in values):
+            frame[col] = frame[col].astype("boolean")
+        elif len(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            frame[col] = pd.to_numeric(frame[col])
+        else:
+            frame[col] = frame[col].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype("string")
+    return frame
+
+
+def first_error_line(text: str | None) -> str:
+    """The exception line of a Ray error trace, e.g. ``ValueError: bad dropout``."""
+    if not text:
+        return "unknown error"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b", line):
+            return line[:500]
+    return lines[-1][:500] if lines else "unknown error"
+
+
+class LeaderboardWriter(tune.Callback):
+    """Keeps one row per trial and one row per trial epoch, on disk, as the study runs."""
+
+    def __init__(self, folder: str | Path, *, metric: str, mode: str, max_epochs: int):
+        self.folder = Path(folder)
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.trials: dict[str, dict] = {}
+        self.epochs: list[dict] = []
+        self._last_write = 0.0
+        self._load_existing()
+
+    # Resuming reads back what an earlier driver wrote, so nothing is lost.
+    def _load_existing(self) -> None:
+        board, epochs = self.folder / "leaderboard.parquet", self.folder / "epochs.parquet"
+        if epochs.exists():
+            self.epochs = pd.read_parquet(epochs).to_dict("records")
+        if board.exists():
+            for row in pd.read_parquet(board).to_dict("records"):
+                self.trials[row["trial_id"]] = {"row": row, "config": {}}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": {}})
+        entry["config"] = dict(trial.config)
+        entry["row"].update(status="running", trial_name=str(trial))
+        self._write(force=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = {"trial_id": trial.trial_id, "trial_number": trial.config.get("trial_number")}
+        epoch.update({k: v for k, v in result.items() if _is_metric(k, v)})
+        # A resumed trial re-reports epochs it had already run; keep the newest.
+        self.epochs = [e for e in self.epochs if (e["trial_id"], e.get("epoch")) != (trial.trial_id, epoch.get("epoch"))]
+        self.epochs.append(epoch)
+        self._write()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, error=None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        text = None
+        if trial.error_file and os.path.exists(trial.error_file):
+            text = Path(trial.error_file).read_text(errors="replace")
+        self._finish(trial, error=first_error_line(text))
+
+    def on_experiment_end(self, trials, **info):
+        self._write(force=True)
+
+    def _finish(self, trial, *, error: str | None) -> None:
+        entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": dict(trial.config)})
+        epochs_run = max((e.get("epoch", 0) for e in self.epochs if e["trial_id"] == trial.trial_id), default=0)
+        if error is not None:
+            status = "errored"
+        else:
+            status = "finished" if epochs_run >= self.max_epochs else "stopped"
+        checkpoint = trial.checkpoint
+        entry["row"].update(
+            status=status,
+            error=error,
+            trial_name=str(trial),
+            checkpoint_path=checkpoint.path if checkpoint is not None else None,
+        )
+        self._write(force=True)
+
+    def leaderboard(self) -> pd.DataFrame:
+        """One row per trial, best first."""
+        epochs = pd.DataFrame(self.epochs)
+        rows = []
+        for trial_id, entry in self.trials.items():
+            row = {"trial_id": trial_id, **entry["row"]}
+            row.update({k: v for k, v in entry["config"].items() if k not in row})
+            if not epochs.empty:
+                row.update(_summarise(epochs[epochs["trial_id"] == trial_id], self.metric, self.mode))
+            rows.append(row)
+        board = pd.DataFrame(rows)
+        best = f"best_{self.metric}"
+        if best in board.columns:
+            board = board.sort_values(best, ascending=self.mode == "min", na_position="last")
+        return tidy_dtypes(board.reset_index(drop=True))
+
+    def _write(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_write < _WRITE_EVERY_S:
+            return
+        self._last_write = now
+        write_parquet(tidy_dtypes(pd.DataFrame(self.epochs)), self.folder / "epochs.parquet")
+        write_parquet(self.leaderboard(), self.folder / "leaderboard.parquet")
+
+
+def _is_metric(key: str, value) -> bool:
+    wanted = key.startswith(("val_", "train_")) or key in ("epoch", "elapsed_s", "trainable_params", "total_params")
+    return wanted and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _summarise(epochs: pd.DataFrame, metric: str, mode: str) -> dict:
+    """Every metric at the best epoch and the last, epochs run, wall time, parameters."""
+    if epochs.empty:
+        return {}
+    epochs = epochs.sort_values("epoch")
+    last = epochs.iloc[-1]
+    out = {"epochs": int(last["epoch"]), "wall_time_s": float(last.get("elapsed_s", math.nan))}
+    for col in ("trainable_params", "total_params"):
+        if col in epochs:
+            out[col] = int(epochs[col].max())
+    scores = epochs[metric] if metric in epochs else None
+    best_row = None
+    if scores is not None and scores.notna().any():
+        best_row = epochs.loc[scores.idxmax() if mode == "max" else scores.idxmin()]
+        out["best_epoch"] = int(best_row["epoch"])
+    # "best_" values are all taken at the best epoch, the one the checkpoint holds.
+    for col in epochs.columns:
+        if col.startswith("val_") or col == "train_loss":
+            out[f"best_{col}"] = float(best_row[col]) if best_row is not None else math.nan
+            out[f"last_{col}"] = float(last[col])
+    return out

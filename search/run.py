@@ -1,0 +1,221 @@
+"""``python -m search.run STUDY_FILE``: run a study on local Ray or a cluster.
+
+Everything that can be wrong with the study file or the data is checked
+before Ray starts. If the run fails, the exact command that resumes it is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 the legacy reporter stays quiet; ProgressPrinter speaks
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # we checkpoint only on improvement
+
+SMOKE = {"num_samples": 2, "max_epochs": 2, "grace_period": 1}  # --smoke: try a study file in a minute
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m search.run",
+        description="Run a hyperparameter study: Optuna TPE proposes, ASHA stops weak trials, Ray Tune schedules.",
+        epilog="Example: python -m search.run spaces/quickstart.py --num-samples 8",
+    )
+    parser.add_argument("study_file", help="a study file, e.g. spaces/quickstart.py")
+    parser.add_argument("--num-samples", type=_positive_int, help="number of trials (overrides the study)")
+    parser.add_argument("--max-epochs", type=_positive_int, help="epochs per trial at most (overrides the study)")
+    parser.add_argument("--storage", default="runs", help="results folder; one subfolder per study (default: ./runs)")
+    parser.add_argument("--address", help="an existing Ray cluster, e.g. 'auto' or 'ray://head:10001' (default: start local Ray)")
+    parser.add_argument("--data-dir", help="dataset location (overrides the study's dataset path)")
+    parser.add_argument("--weights-dir", help="folder of official Keras ImageNet weight files, for offline machines")
+    parser.add_argument("--seed", type=_non_negative_int, help="seed for the sampler and trials (overrides the study)")
+    parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
+    parser.add_argument("--smoke", action="store_true", help="a tiny budget and data subset, to try a study file quickly")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and the trials' own logs")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    return value
+
+
+def apply_overrides(study, args):
+    """The study with the command line's overrides, validated again."""
+    changes = {}
+    if args.smoke:
+        changes.update(SMOKE)
+    for field in ("num_samples", "max_epochs", "seed", "weights_dir"):
+        value = getattr(args, field)
+        if value is not None:
+            changes[field] = value
+    if changes.get("max_epochs") is not None and study.grace_period > changes["max_epochs"]:
+        changes["grace_period"] = changes["max_epochs"]
+    return dataclasses.replace(study, **changes) if changes else study
+
+
+def resume_command(args) -> str:
+    parts = ["python", "-m", "search.run", args.study_file, "--storage", args.storage, "--resume"]
+    for flag in ("address", "data_dir", "weights_dir"):
+        if getattr(args, flag):
+            parts += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    if args.smoke:
+        parts.append("--smoke")
+    return shlex.join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from search.study import StudyError, file_hash, load_study
+    from trainables.datasets import DatasetError
+    from trainables.weights import WeightsUnavailableError
+
+    try:
+        study = apply_overrides(load_study(args.study_file), args)
+        folder = Path(args.storage).resolve() / study.name
+        check_folder(folder, resume=args.resume)
+        prepared = prepare(study, args, folder)
+    except (StudyError, DatasetError, WeightsUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    write_study_json(study, args, folder, file_hash(args.study_file))
+    return run_study(study, args, folder, prepared)
+
+
+def check_folder(folder: Path, *, resume: bool) -> None:
+    from search.study import StudyError
+
+    started = (folder / "study.json").exists()
+    if started and not resume:
+        raise StudyError(f"results folder {str(folder)!r} already holds this study; add --resume to continue it, "
+                         "or use another --storage")
+    if resume and not (folder / "tuner.pkl").exists():
+        raise StudyError(f"nothing to resume in {str(folder)!r}; run without --resume to start the study")
+
+
+def prepare(study, args, folder: Path):
+    from search.prepare import prepare_data, write_splits
+
+    started = time.monotonic()
+    print(f"study {study.name}: loading {study.dataset.loader} data at {study.dataset.image_size} px ...", flush=True)
+    prepared = prepare_data(study, data_dir=args.data_dir, smoke=args.smoke)
+    write_splits(prepared.splits, folder)
+    counts = prepared.splits["split"].value_counts().to_dict()
+    print(f"  classes {prepared.class_names}; images per split {counts}; "
+          f"{time.monotonic() - started:.1f} s (test split not loaded)", flush=True)
+    return prepared
+
+
+def write_study_json(study, args, folder: Path, study_hash: str) -> None:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("ray", "optuna", "tensorflow", "keras", "numpy", "scikit-learn", "pandas", "pyarrow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    record = {
+        "study": {k: v for k, v in dataclasses.asdict(study).items() if k != "space"},
+        "study_file": str(Path(args.study_file).resolve()),
+        "study_file_sha256": study_hash,
+        "command": shlex.join([sys.executable, "-m", "search.run", *sys.argv[1:]]),
+        "smoke": args.smoke,
+        "started_at": datetime.now(timezone.utc).isoformat(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+    path = folder / "study.json"
+    if path.exists():  # a resume keeps the original record and notes the restart
+        old = json.loads(path.read_text())
+        old.setdefault("resumed_at", []).append(record["started_at"])
+        record = old
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run_study(study, args, folder: Path, prepared) -> int:
+    import ray
+
+    from search.tuner import make_tuner
+    from trainables.train import TrialSettings
+
+    settings = TrialSettings(
+        max_epochs=study.max_epochs,
+        metric=study.metric,
+        mode=study.mode,
+        class_names=tuple(prepared.class_names),
+        positive=prepared.positive,
+        seed=study.seed,
+        cpus=study.cpus_per_trial,
+        weights_dir=study.weights_dir,
+    )
+    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}}
+    context = ray.init(address=args.address, log_to_driver=args.verbose, runtime_env=env,
+                       configure_logging=args.verbose, logging_level="INFO" if args.verbose else "ERROR")
+    dashboard = getattr(context, "dashboard_url", None)
+    if dashboard:
+        print(f"Ray dashboard: http://{dashboard}", flush=True)
+    try:
+        tuner = make_tuner(study, storage=folder.parent, data=prepared.arrays, settings=settings, resume=args.resume)
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. Resume with:\n  {resume_command(args)}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"\nthe study failed: {type(exc).__name__}: {exc}\nResume with:\n  {resume_command(args)}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if args.address is None:
+            ray.shutdown()
+    return summarise(study, folder, results)
+
+
+def summarise(study, folder: Path, results) -> int:
+    import pandas as pd
+
+    board = pd.read_parquet(folder / "leaderboard.parquet")
+    print()
+    print(format_leaderboard(board, study.metric))
+    print(f"\nresults: {folder}\n  leaderboard.parquet  epochs.parquet  splits.parquet  study.json")
+    if board.empty or (board["status"] == "errored").all():
+        errors = board.get("error", pd.Series(dtype=str)).value_counts()
+        print("\nevery trial failed:", file=sys.stderr)
+        for error, count in errors.items():
+            print(f"  {count} x {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def format_leaderboard(board, metric: str, top: int = 20) -> str:
+    columns = ["trial_name", "status", "epochs", f"best_{metric}", "backbone", "learning_rate", "unfreeze",
+               "dropout", "augment", "wall_time_s"]
+    shown = board[[c for c in columns if c in board.columns]].head(top)
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""``Study`` and ``Dataset``: what a study file declares, validated before Ray starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from trainables.backbones import unknown_name_message
+
+# Sampling the space this many times at load time catches bad values and typos.
+_DRY_RUN_SAMPLES = 32
+_SPACE_TIME_LIMIT_S = 1.0  # Ray warns past this; OptunaSearch calls space() on the driver
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class StudyError(ValueError):
+    """A study file is wrong. The message names the field, the bad value and the fix."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Which images, at what size, split how."""
+
+    loader: str = "embedded"  # a name from trainables.datasets.list_loaders()
+    path: str | None = None  # dataset root; --data-dir overrides it
+    image_size: int = 64  # images are resized to image_size x image_size
+    classes: list[str] | None = None  # class order; None keeps the loader's
+    positive_class: str | None = None  # the "malignant" class of a binary task
+    split: str = "stratified"  # a name from trainables.splits.list_protocols()
+    split_options: dict = dataclasses.field(default_factory=dict)
+    options: dict = dataclasses.field(default_factory=dict)  # passed to the loader
+    seed: int = 0  # the split's seed
+
+
+@dataclasses.dataclass
+class Study:
+    """One hyperparameter search. A study file defines exactly one, named ``STUDY``."""
+
+    name: str
+    space: Callable[[Any], dict]  # define-by-run: space(optuna_trial) -> hyperparameters
+    dataset: Dataset = dataclasses.field(default_factory=Dataset)
+    description: str = ""
+    fixed: dict = dataclasses.field(default_factory=dict)  # hyperparameters every trial shares
+    metric: str = "val_balanced_accuracy"
+    mode: str = "max"
+    num_samples: int = 16  # trials
+    max_epochs: int = 10
+    time_limit_s: float | None = None  # stop launching and end the study after this long
+    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0  # a fraction such as 0.25 lets four trials share a GPU
+    seed: int = 0  # seeds the sampler and the trials
+    weights_dir: str | None = None  # folder of official Keras weight files (offline clusters)
+    source: str | None = None  # the study file, set by load_study
+
+    def __post_init__(self):
+        validate(self)
+
+
+def validate(study: Study) -> None:
+    """Raise ``StudyError`` on the first thing wrong with ``study``."""
+    from trainables.datasets import list_loaders
+    from trainables.metrics import BASE_METRICS
+    from trainables.splits import list_protocols
+
+    if not isinstance(study.name, str) or not _NAME.match(study.name):
+        _fail("name", study.name, "use letters, digits, '_', '-' or '.' (it names the results folder)")
+    if not isinstance(study.dataset, Dataset):
+        _fail("dataset", study.dataset, "use Dataset(...) from search")
+    ds = study.dataset
+    _choice("dataset.loader", ds.loader, list_loaders())
+    _choice("dataset.split", ds.split, list_protocols())
+    _int("dataset.image_size", ds.image_size, low=16)
+    if ds.classes is not None and len(ds.classes) < 2:
+        _fail("dataset.classes", ds.classes, "list at least two classes")
+    if ds.positive_class is not None and ds.classes is not None and ds.positive_class not in ds.classes:
+        raise StudyError(unknown_name_message("dataset.positive_class", ds.positive_class, ds.classes))
+
+    _check_metric(study.metric, BASE_METRICS)
+    _choice("mode", study.mode, ["max", "min"])
+    _int("num_samples", study.num_samples, low=1)
+    _int("max_epochs", study.max_epochs, low=1)
+    _int("grace_period", study.grace_period, low=1)
+    if study.grace_period > study.max_epochs:
+        _fail("grace_period", study.grace_period, f"it must be <= max_epochs ({study.max_epochs})")
+    _int("reduction_factor", study.reduction_factor, low=2)
+    _int("max_concurrent", study.max_concurrent, low=1)
+    if not _is_number(study.cpus_per_trial) or study.cpus_per_trial <= 0:
+        _fail("cpus_per_trial", study.cpus_per_trial, "use a positive number")
+    if not _is_number(study.gpus_per_trial) or not 0 <= study.gpus_per_trial:
+        _fail("gpus_per_trial", study.gpus_per_trial, "use 0, a fraction such as 0.25, or a whole number")
+    if study.time_limit_s is not None and (not _is_number(study.time_limit_s) or study.time_limit_s <= 0):
+        _fail("time_limit_s", study.time_limit_s, "use a positive number of seconds or None")
+    _int("seed", study.seed, low=0)
+    _check_hparams("fixed", study.fixed)
+    dry_run_space(study)
+
+
+def dry_run_space(study: Study) -> None:
+    """Sample ``space`` a few times with a real Optuna trial and check what it returns."""
+    import optuna
+
+    if not callable(study.space) or len(inspect.signature(study.space).parameters) != 1:
+        _fail("space", study.space, "define `def space(trial): return {...}` taking one Optuna trial")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dry = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=study.seed))
+    for _ in range(_DRY_RUN_SAMPLES):
+        trial = dry.ask()
+        started = time.perf_counter()
+        try:
+            hparams = study.space(trial)
+        except StudyError:
+            raise
+        except Exception as exc:
+            raise StudyError(f"space(trial) raised {type(exc).__name__}: {exc}") from exc
+        took = time.perf_counter() - started
+        if took > _SPACE_TIME_LIMIT_S:
+            _fail("space", f"{took:.2f} s per call", "a space only suggests values; load data and models in trainables/")
+        if not isinstance(hparams, dict):
+            _fail("space", f"returned {type(hparams).__name__}", "return a dict of hyperparameters")
+        _check_hparams("space", {**study.fixed, **hparams})
+        dry.tell(trial, 0.0)
+    for trial in dry.trials:  # every categorical choice, even ones the dry run never drew
+        for name, dist in trial.distributions.items():
+            if name in _CHOICES and isinstance(dist, optuna.distributions.CategoricalDistribution):
+                for value in dist.choices:
+                    _check_hparams(f"space choice for {name!r}", {name: value})
+
+
+def _backbones():
+    from trainables import list_backbones
+
+    return list_backbones()
+
+
+def _augments():
+    from trainables.augment import POLICIES
+
+    return list(POLICIES)
+
+
+# Hyperparameters with a fixed set of valid values, checked by name.
+_CHOICES: dict[str, Callable[[], list]] = {
+    "backbone": _backbones,
+    "augment": _augments,
+    "weights": lambda: [None, "imagenet"],
+    "pooling": lambda: ["avg", "flatten"],
+    "class_weight": lambda: [True, False],
+}
+
+
+def _check_hparams(where: str, hparams: dict) -> None:
+    from trainables.train import DEFAULTS
+
+    for key, value in hparams.items():
+        if key not in DEFAULTS:
+            raise StudyError(f"{where}: " + unknown_name_message("hyperparameter", key, DEFAULTS))
+        if key in _CHOICES and value not in _CHOICES[key]():
+            raise StudyError(f"{where}: " + unknown_name_message(key, value, [str(v) for v in _CHOICES[key]()]))
+        if key == "unfreeze" and value != "all" and not (isinstance(value, int) and value >= 0):
+            _fail(f"{where}: unfreeze", value, "use 0 (frozen), a layer count k > 0, or 'all'")
+        if key in ("learning_rate", "fine_tune_lr") and not (_is_number(value) and 0 < value < 1):
+            _fail(f"{where}: {key}", value, "use a number in (0, 1)")
+        if key == "dropout" and not (_is_number(value) and 0 <= value < 1):
+            _fail(f"{where}: dropout", value, "use a number in [0, 1)")
+        if key in ("batch_size", "head_units", "warmup_epochs") and not (isinstance(value, int) and value >= 0):
+            _fail(f"{where}: {key}", value, "use a non-negative integer")
+
+
+def _check_metric(metric: str, base: tuple[str, ...]) -> None:
+    known = [f"val_{m}" for m in base] + ["train_loss"]
+    if metric in known or (isinstance(metric, str) and metric.startswith("val_recall_")):
+        return
+    raise StudyError("metric: " + unknown_name_message("metric", metric, known + ["val_recall_<class>"]))
+
+
+def _choice(field: str, value, valid) -> None:
+    if value not in valid:
+        raise StudyError(f"{field}: " + unknown_name_message(field.rsplit(".", 1)[-1], value, valid))
+
+
+def _int(field: str, value, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(field, value, f"use an integer >= {low}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fail(field: str, value, fix: str):
+    raise StudyError(f"{field}: bad value {value!r}; {fix}")
+
+
+def load_study(path: str | Path) -> Study:
+    """Import a study file and return its ``STUDY``; errors become ``StudyError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {str(path)!r} not found; pass a file such as spaces/quickstart.py")
+    module_name = f"_study_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise StudyError(f"{path}:{exc.lineno}: syntax error in study file: {exc.msg}") from exc
+    except StudyError as exc:
+        raise StudyError(f"{path}: {exc}") from exc
+    except Exception as exc:
+        raise StudyError(f"{path}: importing the study file raised {type(exc).__name__}: {exc}") from exc
+    studies = [v for v in vars(module).values() if isinstance(v, Study)]
+    study = getattr(module, "STUDY", None)
+    if not isinstance(study, Study):
+        found = f" (found a Study in another name)" if studies else ""
+        raise StudyError(f"{path}: no study object; define `STUDY = Study(...)`{found}")
+    return dataclasses.replace(study, source=str(path.resolve()))
+
+
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,114 @@
+"""``make_tuner``: a Study becomes a Ray Tune ``Tuner`` (Optuna TPE + ASHA).
+
+What to search lives in ``TuneConfig``, how to run it in ``RunConfig``, as in Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from search.progress import ProgressPrinter
+from search.results import LeaderboardWriter
+from search.study import Study
+from trainables.train import TrialSettings, train_trial
+
+
+class StudySpace:
+    """The study's space plus its fixed values: what OptunaSearch calls for each trial.
+
+    Ray pickles the searcher to checkpoint the experiment, and a function from a
+    study file cannot be pickled by reference, so this pickles the file's path
+    and loads the function again when unpickled.
+    """
+
+    def __init__(self, study: Study):
+        self.source, self.fixed, self._space = study.source, dict(study.fixed), study.space
+
+    def __call__(self, trial) -> dict:
+        if self._space is None:
+            from search.study import load_study
+
+            self._space = load_study(self.source).space
+        # Optuna's trial number names the trial and seeds it, reproducibly.
+        return {**self.fixed, **self._space(trial), "trial_number": trial.number}
+
+    def __getstate__(self):
+        if self.source is None:
+            return self.__dict__  # built in code, not from a file: pickle the function itself
+        return {"source": self.source, "fixed": self.fixed, "_space": None}
+
+
+def make_searcher(study: Study) -> ConcurrencyLimiter:
+    sampler = optuna.samplers.TPESampler(seed=study.seed)
+    searcher = OptunaSearch(space=StudySpace(study), metric=study.metric, mode=study.mode, sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=study.max_concurrent)
+
+
+def make_scheduler(study: Study) -> ASHAScheduler:
+    return ASHAScheduler(
+        time_attr="training_iteration",  # one report per epoch, so rungs are epochs
+        max_t=study.max_epochs,
+        grace_period=study.grace_period,
+        reduction_factor=study.reduction_factor,
+    )
+
+
+def make_trainable(study: Study, data: dict, settings: TrialSettings):
+    resources = {"cpu": study.cpus_per_trial, "gpu": study.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(train_trial, data=data, settings=settings), resources)
+
+
+def trial_name(trial) -> str:
+    """Readable in logs and the dashboard, e.g. ``trial_007_mobilenet_v2``."""
+    return f"trial_{trial.config.get('trial_number', 0):03d}_{trial.config.get('backbone', 'model')}"
+
+
+def make_tuner(study: Study, *, storage: Path, data: dict, settings: TrialSettings, resume: bool = False) -> tune.Tuner:
+    """A Tuner for ``study`` writing to ``storage/study.name``; ``resume`` restores it from there."""
+    folder = Path(storage) / study.name
+    callbacks = [
+        LeaderboardWriter(folder, metric=study.metric, mode=study.mode, max_epochs=study.max_epochs),
+        ProgressPrinter(metric=study.metric, mode=study.mode, max_epochs=study.max_epochs),
+    ]
+    trainable = make_trainable(study, data, settings)
+    if resume:
+        # Restoring brings back the searcher, scheduler and trials; callbacks are not saved.
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001 (see make_run_config)
+        return tuner
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=study.metric,
+            mode=study.mode,
+            search_alg=make_searcher(study),
+            scheduler=make_scheduler(study),
+            num_samples=study.num_samples,
+            time_budget_s=study.time_limit_s,
+            reuse_actors=True,  # skips a TensorFlow import per trial
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=make_run_config(study, storage, callbacks),
+    )
+
+
+def make_run_config(study: Study, storage: Path, callbacks: list) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=study.name,
+        storage_path=str(Path(storage).resolve()),
+        callbacks=callbacks,
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=1,  # trials checkpoint only on improvement, so the newest is the best
+            checkpoint_score_attribute=study.metric,
+            checkpoint_score_order=study.mode,
+        ),
+        failure_config=tune.FailureConfig(max_failures=1),
+        verbose=0,  # ProgressPrinter speaks instead
+    )

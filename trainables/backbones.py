@@ -1,0 +1,153 @@
+"""Backbone registry: ``create_backbone(name, ...)`` is the one way to get a backbone.
+
+Every backbone takes raw RGB pixels in [0, 255] and preprocesses inside the
+model, so an exported model needs nothing around it.  A backbone is a Keras
+model without its classifier top; the head lives in ``trainables.model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Callable
+
+import keras
+from keras import layers
+
+from trainables.preprocess import Preprocess
+from trainables.weights import WeightsUnavailableError, resolve_imagenet_weights
+
+Builder = Callable[..., keras.Model]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    build: Builder  # build(inputs, preprocessed, *, weights, include_top, name) -> Model
+    preprocess: str  # a Preprocess mode; "none" when the model normalises itself
+    imagenet: bool  # whether ImageNet weights exist for it
+    min_size: int = 32
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(name: str, *, preprocess: str, imagenet: bool = True, min_size: int = 32):
+    """Decorator: register ``build`` under ``name``."""
+
+    def wrap(build: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = BackboneSpec(name, build, preprocess, imagenet, min_size)
+        return build
+
+    return wrap
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by ``create_backbone``, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(unknown_name_message("backbone", name, _REGISTRY)) from None
+
+
+def unknown_name_message(what: str, name: object, valid) -> str:
+    """``unknown backbone 'mobilenetv2'; did you mean 'mobilenet_v2'?`` with the valid names."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {name!r}{hint} Valid: {', '.join(valid)}"
+
+
+def create_backbone(
+    name: str,
+    *,
+    input_shape: tuple[int, int, int],
+    weights: str | None = None,
+    include_top: bool = False,
+    weights_dir: str | None = None,
+) -> keras.Model:
+    """Build backbone ``name`` taking raw [0, 255] RGB of ``input_shape``.
+
+    ``weights`` is ``None`` (random init), ``"imagenet"``, or a path to a weights file.
+    """
+    spec = get_backbone_spec(name)
+    if weights not in (None, "imagenet") and not str(weights).endswith((".h5", ".keras", ".weights.h5")):
+        raise ValueError(f"weights must be None, 'imagenet' or a weights file path, got {weights!r}")
+    if weights is not None and not spec.imagenet:
+        raise ValueError(f"backbone {name!r} has no pretrained weights; use weights=None")
+    if min(input_shape[:2]) < spec.min_size:
+        raise ValueError(f"backbone {name!r} needs images of at least {spec.min_size} px, got {input_shape}")
+    if weights == "imagenet":
+        weights = resolve_imagenet_weights(name, input_shape=input_shape, include_top=include_top, weights_dir=weights_dir)
+    inputs = keras.Input(shape=input_shape, name="rgb_0_255")
+    x = Preprocess(spec.preprocess, name="preprocess")(inputs) if spec.preprocess != "none" else inputs
+    try:
+        return spec.build(inputs, x, weights=weights, include_top=include_top, name=name)
+    except Exception as exc:  # Keras raises a bare Exception when a download fails
+        if weights != "imagenet" or "URL fetch failure" not in str(exc):
+            raise
+        raise WeightsUnavailableError(
+            f"could not download ImageNet weights for backbone {name!r} ({exc}). "
+            "On an offline machine use weights=None, or put the official Keras weights file "
+            "in a weights directory (--weights-dir)."
+        ) from exc
+
+
+def _keras_app(app: Callable, **extra) -> Builder:
+    def build(inputs, x, *, weights, include_top, name):
+        model = app(include_top=include_top, weights=weights, input_tensor=x, **extra)
+        return keras.Model(inputs, model.output, name=name)
+
+    return build
+
+
+register_backbone("mobilenet_v2", preprocess="tf")(_keras_app(keras.applications.MobileNetV2))
+register_backbone("efficientnet_b0", preprocess="none")(_keras_app(keras.applications.EfficientNetB0))
+register_backbone("efficientnet_b1", preprocess="none")(_keras_app(keras.applications.EfficientNetB1))
+register_backbone("vgg16", preprocess="caffe")(_keras_app(keras.applications.VGG16))
+register_backbone("resnet50", preprocess="caffe")(_keras_app(keras.applications.ResNet50))
+register_backbone("densenet121", preprocess="torch")(_keras_app(keras.applications.DenseNet121))
+
+
+def _no_top(features: Callable) -> Builder:
+    """Adapter for the reference studies' CNNs, which have no ImageNet top."""
+
+    def build(inputs, x, *, weights, include_top, name):
+        if include_top:
+            raise ValueError(f"backbone {name!r} has no classifier top; use include_top=False")
+        return keras.Model(inputs, features(x), name=name)
+
+    return build
+
+
+@register_backbone("cnn_s2", preprocess="unit", imagenet=False, min_size=16)
+@_no_top
+def _cnn_s2(x):
+    """S2's custom CNN up to Flatten: Conv32-BN-Pool, Conv64-BN-Pool-Drop.3, Conv128-BN-Pool-Drop.4."""
+    for filters, dropout in ((32, 0.0), (64, 0.3), (128, 0.4)):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D()(x)
+        if dropout:
+            x = layers.Dropout(dropout)(x)
+    return x
+
+
+@register_backbone("cnn_s3", preprocess="unit", imagenet=False, min_size=16)
+@_no_top
+def _cnn_s3(x):
+    """S3's baseline CNN up to Flatten: Conv32-Pool-Conv64-Pool."""
+    for filters in (32, 64):
+        x = layers.Conv2D(filters, 3, activation="relu")(x)
+        x = layers.MaxPooling2D()(x)
+    return x
+
+
+from trainables.efficientnet_lite import build_efficientnet_lite0  # noqa: E402
+register_backbone("efficientnet_lite0", preprocess="none")(build_efficientnet_lite0)

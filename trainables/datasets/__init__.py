@@ -1,0 +1,23 @@
+"""Dataset loaders: each reads one published layout into an *image table*.
+
+An image table is a ``pandas.DataFrame`` with one row per image:
+
+- ``path``: absolute path of the image file
+- ``label``: class name (str)
+- ``group``: patient or lesion id when the dataset has one, else ``None``
+- ``origin``: the folder split the dataset ships with (``"train"``, ``"test"``) or ``""``
+
+Loaders only list files and labels; decoding happens once, in ``trainables.data``.
+"""
+
+from trainables.datasets._registry import (
+    DatasetError,
+    LoaderSpec,
+    get_loader,
+    list_loaders,
+    load_table,
+    register_loader,
+)
+from trainables.datasets import folder as _folder  # noqa: F401  (registers "folder" and "embedded")
+
+__all__ = ["DatasetError", "LoaderSpec", "get_loader", "list_loaders", "load_table", "register_loader"]

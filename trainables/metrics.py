@@ -1,0 +1,51 @@
+"""Validation metrics computed from predicted probabilities with scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn import metrics as skm
+
+BASE_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc")
+
+
+def metric_names(class_names: list[str], prefix: str = "val_") -> list[str]:
+    """Every metric a trial reports for these classes, e.g. ``val_recall_malignant``."""
+    return [prefix + m for m in BASE_METRICS] + [f"{prefix}recall_{c}" for c in class_names]
+
+
+def classification_metrics(y_true, probs, class_names: list[str], *, positive: int | None = None) -> dict[str, float]:
+    """Loss, accuracy, balanced accuracy, macro F1, AUC and per-class recall.
+
+    AUC is the positive class's ROC AUC for two classes (``positive`` defaults
+    to the last class), else one-vs-rest macro AUC. It is NaN when ``y_true``
+    holds a single class.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = list(range(len(class_names)))
+    y_pred = probs.argmax(axis=1)
+    eps = 1e-7
+    out = {
+        "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0)))),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "auc": _auc(y_true, probs, labels, positive),
+    }
+    recalls = skm.recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    out.update({f"recall_{c}": float(r) for c, r in zip(class_names, recalls)})
+    return out
+
+
+def _auc(y_true, probs, labels, positive) -> float:
+    if len(np.unique(y_true)) < 2:
+        return math.nan
+    if len(labels) == 2:
+        pos = labels[-1] if positive is None else positive
+        return float(skm.roc_auc_score(y_true == pos, probs[:, pos]))
+    if len(np.unique(y_true)) < len(labels):
+        return math.nan  # one-vs-rest needs every class present
+    norm = probs / probs.sum(axis=1, keepdims=True)
+    return float(skm.roc_auc_score(y_true, norm, multi_class="ovr", average="macro", labels=labels))

@@ -1,0 +1,184 @@
+"""``train_trial(config, data, settings)``: one Ray Tune trial trains one Keras model.
+
+Every epoch it reports real validation metrics through ``ray.tune.report``,
+with a checkpoint whenever the study's metric improves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+# Hyperparameters a trial understands, with the values used when a study leaves them out.
+DEFAULTS = {
+    "backbone": "mobilenet_v2",
+    "weights": None,  # None or "imagenet"
+    "unfreeze": "all",  # 0 = frozen backbone, k = top k layers, "all"
+    "warmup_epochs": 0,  # epochs training the head alone before unfreezing (pretrained only)
+    "learning_rate": 1e-3,  # head, or whole model when nothing is frozen
+    "fine_tune_lr": 1e-5,  # unfrozen backbone layers, after the warm-up
+    "dropout": 0.2,
+    "head_units": 0,  # 0 = no hidden dense layer in the head
+    "pooling": "avg",  # "avg" or "flatten" (the reference studies' small CNNs flatten)
+    "augment": "none",  # "none", "light" or "heavy"
+    "class_weight": False,  # balanced class weights in the loss
+    "batch_size": 32,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a study shares; it is not searched."""
+
+    max_epochs: int
+    metric: str
+    mode: str
+    class_names: tuple[str, ...]
+    positive: int | None = None  # index of the malignant class for binary AUC
+    seed: int = 0
+    cpus: float = 1
+    weights_dir: str | None = None
+
+
+def resolve_hparams(config: dict) -> dict:
+    """Defaults overlaid with the trial's config; unknown keys are kept but unused."""
+    hp = {**DEFAULTS, **config}
+    if hp["weights"] is None and hp["warmup_epochs"]:
+        hp["warmup_epochs"] = 0  # nothing pretrained to protect from a cold head
+    return hp
+
+
+def phases(hp: dict, max_epochs: int) -> list[tuple[int, int, float, object]]:
+    """``(first_epoch, end_epoch, learning_rate, unfreeze)`` for each training phase.
+
+    With a warm-up and something to unfreeze, the head first trains alone at
+    ``learning_rate``, then the unfrozen layers join at ``fine_tune_lr``.
+    """
+    warmup = min(int(hp["warmup_epochs"]), max_epochs)
+    if not warmup or hp["unfreeze"] in (0, "0"):
+        return [(0, max_epochs, hp["learning_rate"], hp["unfreeze"])]
+    return [(0, warmup, hp["learning_rate"], 0), (warmup, max_epochs, hp["fine_tune_lr"], hp["unfreeze"])]
+
+
+def train_trial(config: dict, data: dict, settings: TrialSettings) -> None:
+    """Ray Tune function trainable. ``data`` holds uint8 ``x_train``, ``x_val`` and int ``y_train``, ``y_val``."""
+    from ray import tune
+
+    started = time.monotonic()
+    hp = resolve_hparams(config)
+    seed = (settings.seed * 100_003 + int(config.get("trial_number", 0))) % (2**31 - 1)
+    setup_tensorflow(settings.cpus, seed)
+    from trainables.model import apply_unfreeze, build_model
+
+    x_train, y_train, x_val, y_val = (data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
+    model, backbone = build_model(
+        hp,
+        input_shape=x_train.shape[1:],
+        num_classes=len(settings.class_names),
+        weights_dir=settings.weights_dir,
+        seed=seed,
+    )
+    start_epoch = restore(model, tune.get_checkpoint())
+    report = ReportEpoch(x_val, y_val, settings, hp, started)
+    class_weight = balanced_class_weight(y_train) if hp["class_weight"] else None
+    for first, end, lr, unfreeze in phases(hp, settings.max_epochs):
+        if end <= start_epoch:
+            continue  # resumed past this phase
+        apply_unfreeze(backbone, unfreeze)
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
+        model.fit(
+            x_train,
+            y_train,
+            batch_size=int(hp["batch_size"]),
+            epochs=end,
+            initial_epoch=max(first, start_epoch),
+            class_weight=class_weight,
+            callbacks=[report],
+            shuffle=True,
+            verbose=0,
+        )
+
+
+def setup_tensorflow(cpus: float, seed: int):
+    """GPU memory growth, a thread count that matches the trial's CPUs, seeds."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)  # lets fractional-GPU trials share a card
+        except RuntimeError:
+            pass  # already initialised by an earlier trial in this reused worker
+    threads = max(1, int(cpus))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:
+        pass
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+
+
+def balanced_class_weight(y: np.ndarray) -> dict[int, float]:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    classes = np.unique(y)
+    weights = compute_class_weight("balanced", classes=classes, y=y)
+    return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+def restore(model, checkpoint) -> int:
+    """Load weights from a Tune checkpoint; return the epoch to continue from."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        saved = keras.saving.load_model(Path(folder) / "model.keras", compile=False)
+        model.set_weights(saved.get_weights())
+        return int(json.loads((Path(folder) / "trial.json").read_text())["epoch"])
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+class ReportEpoch(keras.callbacks.Callback):
+    """Once per epoch: validation metrics to Tune, plus a checkpoint when the metric improves."""
+
+    def __init__(self, x_val, y_val, settings: TrialSettings, hp: dict, started: float):
+        super().__init__()
+        self.x_val, self.y_val, self.settings, self.hp, self.started = x_val, y_val, settings, hp, started
+        self.best: float | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        from ray import tune
+
+        from trainables.metrics import classification_metrics
+
+        s = self.settings
+        probs = self.model.predict(self.x_val, batch_size=max(64, int(self.hp["batch_size"])), verbose=0)
+        scores = classification_metrics(self.y_val, probs, list(s.class_names), positive=s.positive)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float((logs or {}).get("loss", math.nan)),
+            **{f"val_{k}": v for k, v in scores.items()},
+            "elapsed_s": time.monotonic() - self.started,
+            "trainable_params": int(sum(np.prod(w.shape) for w in self.model.trainable_weights)),
+            "total_params": int(self.model.count_params()),
+        }
+        if not is_better(metrics.get(s.metric), self.best, s.mode):
+            tune.report(metrics)
+            return
+        self.best = metrics[s.metric]
+        with tempfile.TemporaryDirectory(prefix="medsearch-ckpt-") as folder:
+            self.model.save(Path(folder) / "model.keras")
+            state = {"epoch": epoch + 1, s.metric: self.best, "class_names": list(s.class_names), "hparams": self.hp}
+            (Path(folder) / "trial.json").write_text(json.dumps(state, default=str))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
