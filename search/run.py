@@ -28,6 +28,7 @@ EXIT_USAGE, EXIT_FAILED = 2, 1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m search.run",
+        allow_abbrev=False,  # a misspelt flag is an error, not a guess
         description="Run a hyperparameter study: Optuna TPE proposes, ASHA stops weak trials, Ray Tune schedules.",
         epilog="Example: python -m search.run spaces/quickstart.py --num-samples 8",
     )

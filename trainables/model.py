@@ -21,10 +21,7 @@ def build_model(
 ) -> tuple[keras.Model, keras.Model]:
     """Return ``(model, backbone)`` for the hyperparameters ``hp``.
 
-    The model maps raw [0, 255] RGB to class probabilities. A pretrained
-    backbone is called with ``training=False`` so its BatchNorm layers stay in
-    inference mode even when unfrozen (the Keras fine-tuning recipe); a backbone
-    trained from scratch needs its BatchNorm statistics, so it trains normally.
+    The model maps raw [0, 255] RGB to class probabilities.
     """
     if hp["pooling"] not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {hp['pooling']!r}")
@@ -34,7 +31,7 @@ def build_model(
     augmentation = make_augmentation(hp["augment"], seed=seed)
     if augmentation is not None:
         x = augmentation(x)
-    x = backbone(x, training=False) if hp["weights"] else backbone(x)
+    x = backbone(x)
     x = layers.GlobalAveragePooling2D()(x) if hp["pooling"] == "avg" else layers.Flatten()(x)
     if hp["head_units"]:
         x = layers.Dense(int(hp["head_units"]), activation="relu", name="head_dense")(x)
@@ -44,11 +41,16 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"{hp['backbone']}_classifier"), backbone
 
 
-def apply_unfreeze(backbone: keras.Model, unfreeze: int | str) -> int:
+def apply_unfreeze(backbone: keras.Model, unfreeze: int | str, *, pretrained: bool) -> int:
     """Make the top ``unfreeze`` layers of ``backbone`` trainable; 0 freezes it, "all" frees it.
 
     Layers are counted like the reference notebooks' ``base.layers[-k:]``.
-    Returns the number of trainable backbone weights tensors.
+    A pretrained backbone keeps every BatchNorm layer frozen, which in Keras 3
+    also keeps it in inference mode, so small medical batches cannot wreck the
+    ImageNet statistics. (A nested ``backbone(x, training=False)`` does not do
+    this under ``fit`` in Keras 3.) A backbone trained from scratch needs its
+    BatchNorm statistics, so its BatchNorm layers train like the rest.
+    Returns the number of trainable backbone weight tensors.
     """
     if unfreeze == "all":
         backbone.trainable = True
@@ -59,5 +61,9 @@ def apply_unfreeze(backbone: keras.Model, unfreeze: int | str) -> int:
         backbone.trainable = depth > 0
         if depth:
             for layer in backbone.layers[:-depth]:
+                layer.trainable = False
+    if pretrained:
+        for layer in backbone.layers:
+            if isinstance(layer, layers.BatchNormalization):
                 layer.trainable = False
     return len(backbone.trainable_weights)

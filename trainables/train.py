@@ -91,7 +91,7 @@ def train_trial(config: dict, data: dict, settings: TrialSettings) -> None:
     for first, end, lr, unfreeze in phases(hp, settings.max_epochs):
         if end <= start_epoch:
             continue  # resumed past this phase
-        apply_unfreeze(backbone, unfreeze)
+        apply_unfreeze(backbone, unfreeze, pretrained=hp["weights"] is not None)
         model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
         model.fit(
             x_train,

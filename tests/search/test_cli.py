@@ -1,0 +1,65 @@
+"""The command line: flags, and errors raised before Ray starts."""
+
+import pytest
+import ray
+
+from search.run import main, parse_args, resume_command
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--num-samples", "--max-epochs", "--storage", "--address", "--data-dir", "--seed", "--resume", "--smoke"):
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["spaces/quickstart.py", "--num-sample", "3"], "unrecognized arguments"),
+        (["spaces/quickstart.py", "--num-samples", "-2"], "must not be negative, got '-2'"),
+        (["spaces/quickstart.py", "--num-samples", "0"], "must be a positive integer"),
+        (["spaces/quickstart.py", "--max-epochs", "three"], "must be an integer, got 'three'"),
+    ],
+)
+def test_bad_flags_exit_2_with_message(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_bad_study_fails_before_ray_starts(write_study, tmp_path, capsys):
+    path = write_study("STUDY = Study(name='x', space=lambda trial: {'backbone': 'resnet'})\n")
+    assert main([str(path), "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown backbone 'resnet'" in err and "did you mean 'resnet50'" in err
+    assert not ray.is_initialized()
+
+
+def test_missing_data_fails_before_ray_starts(write_study, tmp_path, capsys):
+    path = write_study(
+        "STUDY = Study(name='x', dataset=Dataset(loader='folder', path='/no/such/folder'),"
+        " space=lambda trial: {'backbone': 'cnn_s3'})\n"
+    )
+    assert main([str(path), "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "'/no/such/folder' does not exist" in err and "<class A>/" in err
+    assert not ray.is_initialized()
+
+
+def test_metric_never_reported_is_refused(write_study, tmp_path, capsys):
+    path = write_study(
+        "STUDY = Study(name='x', metric='val_recall_melanoma', dataset=Dataset(options={'n_per_class': 10}),"
+        " space=lambda trial: {'backbone': 'cnn_s3'})\n"
+    )
+    assert main([str(path), "--storage", str(tmp_path / "runs")]) == 2
+    assert "trials never report it" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_resume_command_repeats_the_flags():
+    args = parse_args(["spaces/quickstart.py", "--storage", "out dir", "--data-dir", "/data", "--smoke"])
+    assert resume_command(args) == "python -m search.run spaces/quickstart.py --storage 'out dir' --resume --data-dir /data --smoke"
