@@ -12,9 +12,8 @@ _STATUS_EVERY_S = 20.0
 
 
 class ProgressPrinter(tune.Callback):
-    def __init__(self, *, metric: str, mode: str, max_epochs: int, stream=None):
+    def __init__(self, *, metric: str, mode: str, max_epochs: int):
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
-        self.stream = stream or sys.stdout
         self.started = time.monotonic()
         self.counts = {"running": 0, "finished": 0, "stopped": 0, "errored": 0}
         self.best: tuple[float, str] | None = None
@@ -23,7 +22,8 @@ class ProgressPrinter(tune.Callback):
 
     def _say(self, text: str) -> None:
         elapsed = time.monotonic() - self.started
-        print(f"[{elapsed:6.0f}s] {text}", file=self.stream, flush=True)
+        # sys.stdout is looked up each time: Ray pickles callbacks, and a stream cannot be pickled.
+        print(f"[{elapsed:6.0f}s] {text}", file=sys.stdout, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.counts["running"] += 1

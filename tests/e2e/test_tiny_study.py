@@ -1,0 +1,109 @@
+"""End to end with real Ray, Optuna and TensorFlow: a tiny study writes its results folder."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from search.run import main
+
+pytestmark = pytest.mark.e2e
+
+LEADERBOARD_COLUMNS = {
+    "trial_id", "trial_number", "trial_name", "status", "error", "backbone", "learning_rate", "epochs", "best_epoch",
+    "wall_time_s", "trainable_params", "total_params", "checkpoint_path",
+    "best_val_balanced_accuracy", "last_val_balanced_accuracy", "best_val_macro_f1", "best_val_auc",
+    "best_val_recall_malignant", "best_val_accuracy", "best_val_loss",
+}
+EPOCH_COLUMNS = {
+    "trial_id", "trial_number", "epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy",
+    "val_macro_f1", "val_auc", "val_recall_benign", "val_recall_malignant", "elapsed_s",
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """Run the tiny study once; several tests read its folder."""
+    folder = tmp_path_factory.mktemp("e2e")
+    study = folder / "tiny.py"
+    log = folder / "space_calls.jsonl"
+    from conftest import TINY_STUDY  # noqa: PLC0415
+
+    # The space logs every call, so the test can see who proposed each trial's values.
+    body = TINY_STUDY.replace("NUM_SAMPLES", "4").replace("MAX_EPOCHS", "2").replace(
+        "    return out\n",
+        "    import json\n"
+        f"    with open({str(log)!r}, 'a') as f:\n"
+        "        f.write(json.dumps({'number': trial.number, 'type': type(getattr(trial, 'ot_trial', trial)).__module__,"
+        " **out}) + '\\n')\n"
+        "    return out\n",
+    )
+    study.write_text("from search import Dataset, Study\n" + body)
+    storage = folder / "runs"
+    code = main([str(study), "--storage", str(storage), "--seed", "3"])
+    return code, storage / "tiny", log
+
+
+def test_run_succeeds_and_writes_the_study_folder(finished_run):
+    code, folder, _ = finished_run
+    assert code == 0
+    for name in ("leaderboard.parquet", "epochs.parquet", "splits.parquet", "study.json"):
+        assert (folder / name).is_file(), name
+
+
+def test_leaderboard_has_one_row_per_trial_with_documented_columns(finished_run):
+    _, folder, _ = finished_run
+    board = pd.read_parquet(folder / "leaderboard.parquet")
+    assert len(board) == 4 and board["trial_id"].is_unique
+    assert LEADERBOARD_COLUMNS <= set(board.columns), LEADERBOARD_COLUMNS - set(board.columns)
+    assert set(board["status"]) <= {"finished", "stopped"}
+    assert board["epochs"].between(1, 2).all()
+    assert board["best_val_balanced_accuracy"].between(0, 1).all()
+    assert board["learning_rate"].dtype.kind == "f" and board["epochs"].dtype.kind == "i"
+    # Sorted best first, and every trial's checkpoint holds a loadable model.
+    assert board["best_val_balanced_accuracy"].is_monotonic_decreasing
+    for path in board["checkpoint_path"]:
+        assert (Path(path) / "model.keras").is_file()
+
+
+def test_epochs_file_has_every_epoch_of_every_trial(finished_run):
+    _, folder, _ = finished_run
+    board = pd.read_parquet(folder / "leaderboard.parquet")
+    epochs = pd.read_parquet(folder / "epochs.parquet")
+    assert EPOCH_COLUMNS <= set(epochs.columns), EPOCH_COLUMNS - set(epochs.columns)
+    assert len(epochs) == board["epochs"].sum()
+    per_trial = epochs.groupby("trial_id")["epoch"].apply(list)
+    assert all(v == list(range(1, len(v) + 1)) for v in per_trial)
+
+
+def test_optuna_search_proposed_every_configuration(finished_run):
+    _, folder, log = finished_run
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(c["type"].startswith("optuna") for c in calls)  # a real Optuna trial was passed in
+    proposed = {c["number"]: c for c in calls}
+    board = pd.read_parquet(folder / "leaderboard.parquet")
+    for row in board.itertuples():
+        call = proposed[row.trial_number]
+        assert row.backbone == call["backbone"] and row.learning_rate == pytest.approx(call["learning_rate"])
+        assert 1e-3 <= row.learning_rate <= 1e-2
+        # The conditional parameter exists exactly for the backbone that defines it.
+        assert pd.isna(row.dropout) == (row.backbone != "cnn_s2")
+    assert sorted(board["trial_number"]) == list(range(4))
+
+
+def test_splits_and_study_record(finished_run):
+    _, folder, _ = finished_run
+    splits = pd.read_parquet(folder / "splits.parquet")
+    assert set(splits["split"]) == {"train", "val", "test"} and len(splits) == 60
+    assert splits.groupby("split")["label"].nunique().eq(2).all()
+    record = json.loads((folder / "study.json").read_text())
+    assert record["study"]["seed"] == 3 and len(record["study_file_sha256"]) == 64
+    assert record["versions"]["ray"] and record["versions"]["optuna"]
+
+
+def test_starting_again_without_resume_is_refused(finished_run, capsys):
+    _, folder, _ = finished_run
+    study = folder.parent.parent / "tiny.py"
+    assert main([str(study), "--storage", str(folder.parent)]) == 2
+    assert "add --resume" in capsys.readouterr().err
