@@ -3,15 +3,23 @@
 Each protocol returns a ``pandas.Series`` of ``"train"``, ``"val"``, ``"test"``
 (or ``"unused"`` for rows a protocol leaves out) aligned with the table.
 Splits depend only on the table and the seed, so they are reproducible.
+
+Protocols: ``stratified`` (image-level, any fractions), ``grouped`` (leak-free:
+by patient or lesion id), and ``S1`` ... ``S5``, which reproduce the split sizes
+of the reference studies in ``shared/paper-tables.md``. S1 and S3 fix their
+own random seed, as the studies did, and ignore ``seed``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
+
+from trainables.datasets import DatasetError
 
 SPLITS = ("train", "val", "test")
 
@@ -46,10 +54,13 @@ def three_way(labels: pd.Series, *, val: float, test: float, seed: int) -> pd.Se
     """Stratified train/val/test split of an index by label."""
     index = labels.index.to_numpy()
     split = pd.Series("train", index=labels.index)
-    rest, test_idx = (index, []) if test == 0 else train_test_split(
-        index, test_size=test, stratify=labels, random_state=seed
+    # Whole-image counts rounded up like scikit-learn's test_size, minus float drift
+    # (0.15 * 100 must be 15, not 16; 0.16 * 4032 = 645.12 becomes S3's 646).
+    n_test, n_val = (math.ceil(f * len(index) - 1e-9) for f in (test, val))
+    rest, test_idx = (index, []) if n_test == 0 else train_test_split(
+        index, test_size=n_test, stratify=labels, random_state=seed
     )
-    _, val_idx = train_test_split(rest, test_size=val / (1 - test), stratify=labels[rest], random_state=seed)
+    _, val_idx = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
     split[test_idx] = "test"
     split[val_idx] = "val"
     return split
@@ -77,3 +88,181 @@ def subsample(split: pd.Series, labels: pd.Series, *, per_split: int, seed: int)
             keep += list(rng.choice(group.index, size=min(share, len(group)), replace=False))
         out[idx.difference(keep)] = "unused"
     return out
+
+
+# --- Reference-study protocols (see shared/paper-tables.md) and a leak-free one ---------------------------------
+# S1-S5 reproduce each study's split sizes so our numbers sit beside theirs; ``grouped`` is the leak-free
+# protocol to report next to them on data with several images per lesion or patient.
+
+
+def _unused(table: pd.DataFrame) -> pd.Series:
+    return pd.Series("unused", index=table.index, dtype=object)
+
+
+def _check_class_sizes(labels: pd.Series, need: int, protocol: str) -> None:
+    counts = labels.value_counts()
+    short = {str(k): int(v) for k, v in counts[counts < need].items()}
+    if short:
+        raise DatasetError(
+            f"split protocol {protocol!r} samples {need} images per class, but these classes have fewer: {short}"
+        )
+
+
+@register_protocol("S1")
+def s1(table: pd.DataFrame, *, seed: int, shuffle_seed: int = 42, train: float = 0.70, val: float = 0.15) -> pd.Series:
+    """S1 (MobileNetV2, Melanoma Cancer Dataset): every row, shuffled with seed 42, cut 70/15/15.
+
+    Train and test origins are combined, as in the study. ``seed`` is ignored:
+    the study fixed the shuffle (``shuffle_seed=42``). The cut floors the
+    train and val sizes and gives the rest to test (the usual
+    ``take(int(0.7 * n))`` / ``take(int(0.15 * n))`` idiom): 13,879 images give
+    9,715 / 2,081 / 2,083, the study's sizes. (sklearn's ``train_test_split``,
+    which rounds the held-out side up, would give 9,715 / 2,082 / 2,082.)
+    Not stratified, as in the study.
+    """
+    n = len(table)
+    n_train = math.floor(train * n + 1e-9)  # epsilon: 0.7 * n may land a hair below an integer
+    n_val = math.floor(val * n + 1e-9)
+    order = np.random.RandomState(shuffle_seed).permutation(n)
+    split = _unused(table)
+    split.iloc[order[:n_train]] = "train"
+    split.iloc[order[n_train : n_train + n_val]] = "val"
+    split.iloc[order[n_train + n_val :]] = "test"
+    return split
+
+
+@register_protocol("S2")
+def s2(
+    table: pd.DataFrame, *, seed: int, per_class: int = 600, test_per_class: int = 120, val: float = 0.15
+) -> pd.Series:
+    """S2 (custom CNN vs VGG16 vs MobileNetV2, HAM10000 binary): a balanced 1,200-image subsample.
+
+    Per class, seeded by ``seed``: ``per_class`` (600) images are drawn, the
+    first ``test_per_class`` (120) go to test, ``val`` (15%) of the other 480,
+    72, to validation, and the remaining 408 to train. Totals: 816 train /
+    144 val / 240 test (120 / 120); every other row is "unused".
+
+    The study says it kept all malignant images and downsampled benign ones,
+    but HAM10000 has 1,954 malignant images (mel + bcc + akiec), so keeping
+    them all cannot give its 600 / 600 balance. We keep the published sizes
+    (1,200 images, balanced, test 120 / 120) and draw the malignant images at
+    random too. Needs a two-class table: load ham10000 with ``target="binary"``.
+    """
+    labels = table["label"]
+    classes = sorted(labels.unique())
+    if len(classes) != 2:
+        raise DatasetError(
+            f"split protocol 'S2' needs a binary table (benign / malignant), got classes {classes}; "
+            "for HAM10000 set the loader option target='binary'"
+        )
+    _check_class_sizes(labels, per_class, "S2")
+    rng = np.random.default_rng(seed)
+    n_val = round(val * (per_class - test_per_class))
+    split = _unused(table)
+    for name in classes:
+        drawn = rng.permutation(labels.index[labels == name].to_numpy())[:per_class]
+        split[drawn[:test_per_class]] = "test"
+        split[drawn[test_per_class : test_per_class + n_val]] = "val"
+        split[drawn[test_per_class + n_val :]] = "train"
+    return split
+
+
+@register_protocol("S3")
+def s3(
+    table: pd.DataFrame,
+    *,
+    seed: int,
+    per_class: int = 1344,
+    val: float = 0.16,
+    test: float = 0.16,
+    random_state: int = 1987,
+) -> pd.Series:
+    """S3 (CNN + transfer learning, COVID-19 Radiography, 3 classes): 1,344 per class, then 68/16/16.
+
+    ``per_class`` images of every class are sampled with ``random_state``
+    1987, then split stratified with the same random state (``seed`` is
+    ignored: the study fixed it). sklearn rounds held-out sizes up:
+    test = ceil(0.16 * 4,032) = ceil(645.12) = 646, the study's test size;
+    val = ceil(0.16 / 0.84 * 3,386) = 645; train 2,741. Load the covid dataset
+    with ``classes=["COVID", "Normal", "Viral Pneumonia"]``: every class in the
+    table is sampled, so Lung_Opacity would add a fourth 1,344.
+    """
+    labels = table["label"]
+    _check_class_sizes(labels, per_class, "S3")
+    sampled = table.groupby("label", sort=True).sample(n=per_class, random_state=random_state).index.sort_values()
+    split = _unused(table)
+    split[sampled] = three_way(labels[sampled], val=val, test=test, seed=random_state)
+    return split
+
+
+@register_protocol("S4")
+def s4(table: pd.DataFrame, *, seed: int, val: float = 0.20) -> pd.Series:
+    """S4 (MobileNetV2, histopathology folders): stratified 80/20 train/val, no test set.
+
+    sklearn rounds val up: 50 images give 40 / 10, the study's 10 validation images.
+    """
+    return three_way(table["label"], val=val, test=0, seed=seed)
+
+
+@register_protocol("S5")
+def s5(table: pd.DataFrame, *, seed: int, val: float = 0.20) -> pd.Series:
+    """S5 (EfficientNetB1, HAM10000, 7 classes): stratified train/val, no test set.
+
+    ceil(0.2 * 10,015) = 2,003 val and 8,012 train, the study's sizes. The
+    split is image-level, so lesions leak across it; report ``grouped`` too.
+    """
+    return three_way(table["label"], val=val, test=0, seed=seed)
+
+
+@register_protocol("grouped")
+def grouped(table: pd.DataFrame, *, seed: int, val: float = 0.15, test: float = 0.15) -> pd.Series:
+    """Leak-free train/val/test: every ``group`` (lesion or patient id) lands in exactly one split.
+
+    Stratified by class as far as whole groups allow. Greedy assignment: the
+    groups are shuffled with ``seed`` and taken largest first; each goes to the
+    split where it most reduces the gap between the split's class counts and
+    their targets (``fraction * class count``), measured as a chi-square-like
+    sum of squared gaps over target. Sizes come within a few images of the
+    fractions. Rows without a group are treated as groups of one.
+    """
+    _check_fractions(val, test)
+    groups = _group_keys(table)
+    counts = pd.crosstab(groups, table["label"])  # one row per group, one column per class
+    per_group = counts.to_numpy(dtype=float)
+    fractions = np.array([1 - val - test, val, test])
+    target = fractions[:, None] * per_group.sum(axis=0)[None, :]
+    scale = np.maximum(target, 0.5)  # a class with a tiny target must not divide by zero
+    closed = fractions == 0  # test=0: never assign there
+    current = np.zeros_like(target)
+    order = np.random.default_rng(seed).permutation(len(per_group))
+    order = order[np.argsort(-per_group[order].sum(axis=1), kind="stable")]  # largest first, ties in seeded order
+    assigned = np.empty(len(per_group), dtype=int)
+    for g in order:
+        c = per_group[g]
+        # Increase of sum((current - target)^2 / target) if group g joins each split.
+        cost = ((c * c + 2 * c * (current - target)) / scale).sum(axis=1)
+        cost[closed] = np.inf
+        s = int(np.argmin(cost))
+        current[s] += c
+        assigned[g] = s
+    split_of_group = dict(zip(counts.index, np.array(SPLITS)[assigned]))
+    return pd.Series(groups.map(split_of_group).to_numpy(), index=table.index, dtype=object)
+
+
+def _check_fractions(val: float, test: float) -> None:
+    if not (0 < val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"split fractions must satisfy 0 < val, 0 <= test, val + test < 1; got val={val}, test={test}")
+
+
+def _group_keys(table: pd.DataFrame) -> pd.Series:
+    """The group of each row as a string; a row without a group gets a key of its own."""
+    if "group" not in table.columns or table["group"].isna().all():
+        raise DatasetError(
+            "split protocol 'grouped' needs a group per image (patient or lesion id), but this table has none. "
+            "Use a loader that provides groups (ham10000 groups by lesion_id) or an image-level protocol "
+            f"such as 'stratified'. Protocols: {', '.join(list_protocols())}"
+        )
+    missing = table["group"].isna()
+    keys = table["group"].astype(str)
+    keys[missing] = [f"\0row {i}" for i in table.index[missing]]  # "\0": cannot clash with a real id
+    return keys

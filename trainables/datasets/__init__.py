@@ -19,5 +19,8 @@ from trainables.datasets._registry import (
     register_loader,
 )
 from trainables.datasets import folder as _folder  # noqa: F401  (registers "folder" and "embedded")
+from trainables.datasets import covid as _covid  # noqa: F401  (registers "covid")
+from trainables.datasets import ham10000 as _ham10000  # noqa: F401  (registers "ham10000")
+from trainables.datasets import melanoma as _melanoma  # noqa: F401  (registers "melanoma")
 
 __all__ = ["DatasetError", "LoaderSpec", "get_loader", "list_loaders", "load_table", "register_loader"]

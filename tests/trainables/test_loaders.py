@@ -1,0 +1,332 @@
+"""Dataset loaders on tiny fixtures in each published layout, on bad inputs, and on the real data in shared/."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fixtures.datasets import (
+    HAM_COUNTS,
+    copy_file,
+    make_covid,
+    make_folder,
+    make_ham10000,
+    make_melanoma,
+    shared_dataset,
+    write_garbage,
+    write_image,
+    write_truncated_jpeg,
+)
+from trainables.data import decode_image, decode_images
+from trainables.datasets import DatasetError, list_loaders, load_table
+from trainables.datasets.integrity import find_corrupt, find_duplicates
+
+
+def _counts(table: pd.DataFrame) -> dict[str, int]:
+    return {k: int(v) for k, v in table["label"].value_counts().items()}
+
+
+def test_loaders_registered():
+    assert {"covid", "folder", "ham10000", "melanoma"} <= set(list_loaders())
+
+
+# --- HAM10000 ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["kaggle", "images", "root"])
+def test_ham10000_layouts(tmp_path, layout):
+    root = make_ham10000(tmp_path / "ham", layout=layout)
+    table = load_table("ham10000", root)
+    assert list(table.columns[:4]) == ["path", "label", "group", "origin"]
+    assert _counts(table) == HAM_COUNTS
+    assert table["path"].is_unique and all(Path(p).is_file() for p in table["path"])
+    assert set(table["origin"]) == {""}
+    # Two consecutive images of a class share a lesion: nv has 4 images in 2 lesions.
+    assert table[table["label"] == "nv"]["group"].nunique() == 2
+    if layout == "kaggle":  # Kaggle's lower-case copy of part 1 must not add rows
+        assert not any("ham10000_images_part_1" in p for p in table["path"])
+
+
+def test_ham10000_binary_target(tmp_path):
+    table = load_table("ham10000", make_ham10000(tmp_path / "ham"), target="binary")
+    malignant = HAM_COUNTS["mel"] + HAM_COUNTS["bcc"] + HAM_COUNTS["akiec"]
+    assert _counts(table) == {"benign": sum(HAM_COUNTS.values()) - malignant, "malignant": malignant}
+
+
+def test_ham10000_bad_target_and_option(tmp_path):
+    root = make_ham10000(tmp_path / "ham")
+    with pytest.raises(DatasetError, match=r"target must be one of \['dx', 'binary'\], got 'malignant'"):
+        load_table("ham10000", root, target="malignant")
+    with pytest.raises(DatasetError, match=r"has no option\(s\) \['targte'\]; valid options: \['target', 'strict'\]"):
+        load_table("ham10000", root, targte="binary")
+
+
+def test_ham10000_missing_columns_named(tmp_path):
+    root = make_ham10000(tmp_path / "ham")
+    csv = root / "HAM10000_metadata.csv"
+    pd.read_csv(csv).drop(columns=["lesion_id", "dx"]).to_csv(csv, index=False)
+    with pytest.raises(DatasetError, match=r"lacks column\(s\) \['lesion_id', 'dx'\]"):
+        load_table("ham10000", root)
+
+
+def test_ham10000_missing_csv(tmp_path):
+    root = make_ham10000(tmp_path / "ham")
+    (root / "HAM10000_metadata.csv").rename(root / "metadata.csv")
+    with pytest.raises(DatasetError, match=r"HAM10000_metadata.csv not found .*CSV files there: \['metadata.csv'\]"):
+        load_table("ham10000", root)
+
+
+def test_ham10000_ids_without_files_and_files_without_rows(tmp_path):
+    root = make_ham10000(tmp_path / "ham")
+    shutil.rmtree(root / "ham10000_images_part_1")  # the copy would otherwise still provide the file
+    (root / "HAM10000_images_part_1" / "ISIC_0024306.jpg").unlink()
+    write_image(root / "HAM10000_images_part_2" / "ISIC_9999999.jpg")
+    with pytest.raises(DatasetError) as err:
+        load_table("ham10000", root)
+    message = str(err.value)
+    assert "1 of 15 image_id(s) in HAM10000_metadata.csv have no image file (e.g. ISIC_0024306)" in message
+    assert "1 image file(s) have no row in HAM10000_metadata.csv" in message and "ISIC_9999999.jpg" in message
+    assert "strict': False" in message
+    # strict=False drops both sides instead.
+    table = load_table("ham10000", root, strict=False)
+    assert len(table) == 14 and not table["path"].str.contains("ISIC_9999999").any()
+
+
+def test_ham10000_many_missing_files_shows_a_few(tmp_path):
+    root = make_ham10000(tmp_path / "ham")
+    for folder in ("HAM10000_images_part_2",):
+        shutil.rmtree(root / folder)
+    with pytest.raises(DatasetError, match=r"8 of 15 image_id\(s\) .* \(e\.g\. ISIC_0024313, .*, \.\.\. \(3 more\)\)"):
+        load_table("ham10000", root)
+
+
+def test_ham10000_bad_rows(tmp_path):
+    root = make_ham10000(tmp_path / "ham")
+    csv = root / "HAM10000_metadata.csv"
+    meta = pd.read_csv(csv)
+    meta.loc[0, "dx"] = "melanoma"
+    meta.to_csv(csv, index=False)
+    with pytest.raises(DatasetError, match=r"unknown dx value\(s\) \['melanoma'\]"):
+        load_table("ham10000", root)
+    meta.loc[0, "dx"] = "nv"
+    pd.concat([meta, meta.iloc[[1]]]).to_csv(csv, index=False)
+    with pytest.raises(DatasetError, match=r"1 image_id\(s\) appear more than once .*: ISIC_0024307"):
+        load_table("ham10000", root)
+
+
+def test_ham10000_no_images(tmp_path):
+    root = tmp_path / "ham"
+    root.mkdir()
+    pd.DataFrame({"lesion_id": ["L1"], "image_id": ["ISIC_1"], "dx": ["nv"]}).to_csv(root / "HAM10000_metadata.csv")
+    with pytest.raises(DatasetError, match="no .jpg/.png images found"):
+        load_table("ham10000", root)
+
+
+# --- Melanoma ----------------------------------------------------------------------------------------------------
+
+
+def test_melanoma_13k_layout(tmp_path):
+    table = load_table("melanoma", make_melanoma(tmp_path / "mel", variant="13k", n=3))
+    assert _counts(table) == {"benign": 6, "malignant": 6}  # labels lower-cased from Benign/Malignant
+    assert table.groupby("origin").size().to_dict() == {"test": 6, "train": 6}
+    assert table["group"].isna().all()
+    assert all(f"/{o}/" in p for o, p in zip(table["origin"], table["path"]))
+
+
+def test_melanoma_10k_without_test_folder(tmp_path):
+    table = load_table("melanoma", make_melanoma(tmp_path / "mel", variant="10k", n=2))
+    assert _counts(table) == {"benign": 2, "malignant": 2}
+    assert set(table["origin"]) == {"train"}
+
+
+def test_melanoma_mixed_case_folders(tmp_path):
+    root = tmp_path / "mel"
+    write_image(root / "Train" / "Benign" / "a.jpg")
+    write_image(root / "Train" / "malignant" / "b.JPG")
+    write_image(root / "train_notes.txt.d" / "x.jpg")  # an unrelated folder at the root is ignored
+    assert _counts(load_table("melanoma", root)) == {"benign": 1, "malignant": 1}
+
+
+def test_melanoma_errors(tmp_path):
+    nested = make_melanoma(tmp_path / "download" / "melanoma_cancer_dataset", variant="10k")
+    hint = r"no train/ folder .*Did you mean .*melanoma_cancer_dataset'\?(.|\n)*benign/"
+    with pytest.raises(DatasetError, match=hint):
+        load_table("melanoma", nested.parent)
+
+    shutil.rmtree(nested / "train" / "malignant")
+    with pytest.raises(DatasetError, match=r"has no malignant/ folder \(found: \['benign'\]\)"):
+        load_table("melanoma", nested)
+
+    (nested / "train" / "Malignant").mkdir()
+    with pytest.raises(DatasetError, match=r"class folder .*Malignant' holds no .jpg"):
+        load_table("melanoma", nested)
+
+    write_image(nested / "train" / "malignant" / "m.jpg")
+    with pytest.raises(DatasetError, match=r"has both Malignant/ and malignant/"):
+        load_table("melanoma", nested)
+
+    shutil.rmtree(nested / "train" / "Malignant")
+    write_image(nested / "train" / "nevus" / "n.jpg")
+    with pytest.raises(DatasetError, match=r"unexpected folder .*nevus'; train/ must hold only benign/ and malignant/"):
+        load_table("melanoma", nested)
+
+
+def test_melanoma_test_folder_checked_too(tmp_path):
+    root = make_melanoma(tmp_path / "mel", variant="13k")
+    shutil.rmtree(root / "test" / "Benign")
+    with pytest.raises(DatasetError, match=r"test' has no benign/ folder"):
+        load_table("melanoma", root)
+
+
+# --- COVID-19 Radiography ----------------------------------------------------------------------------------------
+
+
+def test_covid_current_release_ignores_masks(tmp_path):
+    root = make_covid(tmp_path / "COVID-19_Radiography_Dataset", n=2)
+    table = load_table("covid", root)
+    assert _counts(table) == {"COVID": 2, "Normal": 2, "Viral Pneumonia": 2}
+    assert not table["path"].str.contains("/masks/").any()
+    assert table["path"].str.contains("/images/").all()
+    assert decode_image(table["path"][0], 16).shape == (16, 16, 3)  # grayscale PNG -> 3 channels
+
+
+def test_covid_lung_opacity_optional_and_classes_option(tmp_path):
+    root = make_covid(tmp_path / "covid", classes=("COVID", "Normal", "Viral Pneumonia", "Lung_Opacity"))
+    assert set(load_table("covid", root)["label"]) == {"COVID", "Normal", "Viral Pneumonia", "Lung_Opacity"}
+    picked = load_table("covid", root, classes=["COVID", "Viral Pneumonia"])
+    assert _counts(picked) == {"COVID": 2, "Viral Pneumonia": 2}
+
+
+def test_covid_older_flat_release(tmp_path):
+    root = make_covid(tmp_path / "covid", classes=("COVID-19", "NORMAL", "Viral Pneumonia"), flat=True)
+    table = load_table("covid", root)
+    assert _counts(table) == {"COVID": 2, "Normal": 2, "Viral Pneumonia": 2}  # canonical names
+
+
+def test_covid_errors(tmp_path):
+    root = make_covid(tmp_path / "covid", classes=("COVID", "Normal"))
+    missing = r"class folder\(s\) \['Viral Pneumonia'\] not found .*found folders: \['COVID', 'Normal'\]"
+    with pytest.raises(DatasetError, match=missing):
+        load_table("covid", root)
+    with pytest.raises(DatasetError, match=r"unknown class\(es\) \['Pneumonia'\]"):
+        load_table("covid", root, classes=["COVID", "Pneumonia"])
+    (root / "Viral Pneumonia" / "images").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"Viral Pneumonia/images' holds no .png/.jpg images"):
+        load_table("covid", root)
+    with pytest.raises(DatasetError, match=r"single class \{'COVID': 2\}"):
+        load_table("covid", root, classes=["COVID"])
+
+
+# --- Generic class-per-folder (S4) --------------------------------------------------------------------------------
+
+
+def test_folder_with_prediction(tmp_path):
+    root = make_folder(tmp_path / "histo", n=3, prediction=2)
+    table = load_table("folder", root)
+    assert _counts(table) == {"benign": 3, "malignant": 3}
+    assert not table["path"].str.contains("/prediction/").any()
+    assert load_table("folder", root, classes=["malignant", "benign"])["label"].iloc[0] == "malignant"
+
+
+def test_folder_errors(tmp_path):
+    root = make_folder(tmp_path / "histo", classes=("benign",))
+    with pytest.raises(DatasetError, match=r"single class \{'benign': 3\}; a classifier needs at least two"):
+        load_table("folder", root)
+    (root / "malignant").mkdir()
+    with pytest.raises(DatasetError, match=r"malignant' holds no .jpg/.jpeg/.png images"):
+        load_table("folder", root)
+    with pytest.raises(DatasetError, match=r"class folder 'tumour' not found"):
+        load_table("folder", root, classes=["benign", "tumour"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match=r"has no images. Expected layout:\n  ROOT/"):
+        load_table("folder", empty)
+
+
+def test_missing_path_errors(tmp_path):
+    urls = re.escape("https://www.kaggle.com/datasets/kmader/skin-cancer-mnist-ham10000 or https://doi.org/10.7910/DVN/DBW86T")
+    with pytest.raises(DatasetError, match=r"'.*nowhere' does not exist. Expected layout:\n(.|\n)*Download it from " + urls):
+        load_table("ham10000", tmp_path / "nowhere")
+    (tmp_path / "file.zip").write_bytes(b"zip")
+    with pytest.raises(DatasetError, match=r"is a file, not a folder(.|\n)*train/"):
+        load_table("melanoma", tmp_path / "file.zip")
+    with pytest.raises(DatasetError, match=r"needs a path"):
+        load_table("covid", None)
+    with pytest.raises(DatasetError, match=r"unknown dataset loader 'ham1000'; did you mean 'ham10000'\?"):
+        load_table("ham1000", tmp_path)
+
+
+# --- Integrity: corrupt files and duplicates ------------------------------------------------------------------------
+
+
+def test_find_corrupt(tmp_path):
+    good = [write_image(tmp_path / "ok.jpg", size=32), write_image(tmp_path / "ok.png", mode="L")]
+    truncated = write_truncated_jpeg(tmp_path / "truncated.jpg")
+    garbage = write_garbage(tmp_path / "garbage.jpg")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    half_png = tmp_path / "half.png"
+    half_png.write_bytes(write_image(tmp_path / "big.png", size=64).read_bytes()[:200])
+    missing = tmp_path / "missing.jpg"
+
+    bad = dict(find_corrupt([*good, truncated, garbage, empty, half_png, missing], workers=2))
+    assert set(bad) == {str(p) for p in (truncated, garbage, empty, half_png, missing)}
+    assert "truncated" in bad[str(truncated)]
+    assert bad[str(garbage)].startswith("UnidentifiedImageError")
+    assert bad[str(empty)] == "empty file" and bad[str(missing)] == "file not found"
+    # The same files make the decoder fail, listing each of them.
+    with pytest.raises(DatasetError, match=r"2 image\(s\) could not be decoded(.|\n)*garbage.jpg(.|\n)*truncated.jpg"):
+        decode_images([*good, truncated, garbage], 16, use_cache=False, workers=1)
+
+
+def test_find_duplicates(tmp_path):
+    root = make_folder(tmp_path / "data", n=3)
+    copy_file(root / "benign" / "benign_0.png", root / "benign" / "benign_copy.png")
+    copy_file(root / "benign" / "benign_0.png", root / "malignant" / "relabelled.png")  # a copy with the other label
+    table = load_table("folder", root)
+
+    pairs = find_duplicates(table)
+    assert len(pairs) == 3  # 3 copies -> 3 pairs
+    assert pairs["sha256"].nunique() == 1 and "cross_split" not in pairs
+    assert int((~pairs["same_label"]).sum()) == 2
+
+    table["split"] = np.where(table["path"].str.contains("malignant"), "test", "train")
+    pairs = find_duplicates(table)
+    assert sorted(pairs["cross_split"]) == [False, True, True]
+
+    assert find_duplicates(load_table("folder", make_folder(tmp_path / "clean"))).empty
+
+
+# --- Real data in shared/datasets (skipped when absent) --------------------------------------------------------------
+
+HAM_OFFICIAL = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
+
+
+def test_real_ham10000():
+    root = shared_dataset("ham10000")
+    table = load_table("ham10000", root)
+    assert len(table) == 10_015
+    assert _counts(table) == HAM_OFFICIAL
+    assert table["group"].nunique() == 7_470
+    binary = load_table("ham10000", root, target="binary")
+    assert _counts(binary) == {"benign": 8_061, "malignant": 1_954}
+
+
+def test_real_melanoma10k():
+    table = load_table("melanoma", shared_dataset("melanoma10k"))
+    assert _counts(table) == {"benign": 5_000, "malignant": 4_605}
+    assert set(table["origin"]) == {"train"}  # this copy has no test/ folder
+
+
+def test_real_melanoma10k_integrity():
+    """The README counts 22 duplicate pairs in the full set (train + test); the train/ copy here has 14."""
+    table = load_table("melanoma", shared_dataset("melanoma10k"))
+    pairs = find_duplicates(table)
+    assert len(pairs) == 14, pairs
+    assert pairs["same_label"].all()  # every copy sits in its own class: no label conflicts
+    assert find_corrupt(table["path"], workers=2) == []
