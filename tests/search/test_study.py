@@ -37,7 +37,7 @@ def test_defaults_are_valid():
         ({"reduction_factor": 1}, "reduction_factor: bad value 1"),
         ({"gpus_per_trial": -0.5}, "gpus_per_trial: bad value -0.5"),
         ({"name": "bad name/"}, "name: bad value 'bad name/'"),
-        ({"dataset": Dataset(loader="ham1000")}, "did you mean 'ham10000'" ),
+        ({"dataset": Dataset(loader="ham1000")}, "did you mean 'ham10000'"),
         ({"dataset": Dataset(split="stratifed")}, "did you mean 'stratified'"),
         ({"fixed": {"droput": 0.2}}, "unknown hyperparameter 'droput'; did you mean 'dropout'"),
         ({"fixed": {"augment": "heavvy"}}, "unknown augment 'heavvy'; did you mean 'heavy'"),
@@ -46,8 +46,6 @@ def test_defaults_are_valid():
     ],
 )
 def test_bad_fields_name_field_value_and_fix(changes, expected):
-    if "ham1000" in str(changes) and "ham10000" not in __import__("trainables.datasets").datasets.list_loaders():
-        expected = "unknown loader 'ham1000'"
     with pytest.raises(StudyError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         make(**changes)
 
