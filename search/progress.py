@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
 from ray import tune
+
+from search.results import trial_status
+from trainables.train import is_better
 
 _STATUS_EVERY_S = 20.0
 
@@ -32,15 +34,14 @@ class ProgressPrinter(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         self.last_epoch[trial.trial_id] = int(result.get("epoch", result.get("training_iteration", 0)))
-        if isinstance(value, (int, float)) and not math.isnan(value):
-            if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
-                self.best = (value, str(trial))
+        if isinstance(value, (int, float)) and is_better(value, self.best and self.best[0], self.mode):
+            self.best = (value, str(trial))
         if time.monotonic() - self._last_status > _STATUS_EVERY_S:
             self._status()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epoch = self.last_epoch.get(trial.trial_id, 0)
-        outcome = "finished" if epoch >= self.max_epochs else "stopped"
+        outcome = trial_status(epoch, self.max_epochs)
         self._end(trial, outcome, f"after epoch {epoch}/{self.max_epochs}" + (" by ASHA" if outcome == "stopped" else ""))
 
     def on_trial_error(self, iteration, trials, trial, **info):

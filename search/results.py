@@ -48,6 +48,13 @@ def tidy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def trial_status(epochs_run: int, max_epochs: int, error: str | None = None) -> str:
+    """``errored``, ``finished`` (ran every epoch) or ``stopped`` (by ASHA, before max_epochs)."""
+    if error is not None:
+        return "errored"
+    return "finished" if epochs_run >= max_epochs else "stopped"
+
+
 def first_error_line(text: str | None) -> str:
     """The exception line of a Ray error trace, e.g. ``ValueError: bad dropout``."""
     if not text:
@@ -108,10 +115,7 @@ class LeaderboardWriter(tune.Callback):
     def _finish(self, trial, *, error: str | None) -> None:
         entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": dict(trial.config)})
         epochs_run = max((e.get("epoch", 0) for e in self.epochs if e["trial_id"] == trial.trial_id), default=0)
-        if error is not None:
-            status = "errored"
-        else:
-            status = "finished" if epochs_run >= self.max_epochs else "stopped"
+        status = trial_status(epochs_run, self.max_epochs, error)
         checkpoint = trial.checkpoint
         entry["row"].update(
             status=status,
