@@ -90,6 +90,7 @@ def resume_command(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from search.study import StudyError, file_hash, load_study
+    from search.weights import study_weight_files
     from trainables.datasets import DatasetError
     from trainables.weights import WeightsUnavailableError
 
@@ -97,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         study = apply_overrides(load_study(args.study_file), args)
         folder = Path(args.storage).resolve() / study.name
         check_folder(folder, resume=args.resume)
+        weights = study_weight_files(study)
         prepared = prepare(study, args, folder)
     except (StudyError, DatasetError, WeightsUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     write_study_json(study, args, folder, file_hash(args.study_file))
-    return run_study(study, args, folder, prepared)
+    return run_study(study, args, folder, prepared, weights)
 
 
 def check_folder(folder: Path, *, resume: bool) -> None:
@@ -158,11 +160,12 @@ def write_study_json(study, args, folder: Path, study_hash: str) -> None:
     os.replace(tmp, path)
 
 
-def run_study(study, args, folder: Path, prepared) -> int:
+def run_study(study, args, folder: Path, prepared, weights: list[Path]) -> int:
     import ray
 
     from search.tuner import make_tuner
     from trainables.train import TrialSettings
+    from trainables.weights import pack_weights
 
     settings = TrialSettings(
         max_epochs=study.max_epochs,
@@ -181,7 +184,10 @@ def run_study(study, args, folder: Path, prepared) -> int:
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)
     try:
-        tuner = make_tuner(study, storage=folder.parent, data=prepared.arrays, settings=settings, resume=args.resume)
+        if weights:
+            print(f"shipping ImageNet weights to the trials: {', '.join(p.name for p in weights)}", flush=True)
+        tuner = make_tuner(study, storage=folder.parent, data=prepared.arrays, settings=settings,
+                           weights_files=pack_weights(weights), resume=args.resume)
         results = tuner.fit()
     except KeyboardInterrupt:
         print(f"\ninterrupted. Resume with:\n  {resume_command(args)}", file=sys.stderr)

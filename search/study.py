@@ -106,34 +106,61 @@ def validate(study: Study) -> None:
 
 
 def dry_run_space(study: Study) -> None:
-    """Sample ``space`` a few times with a real Optuna trial and check what it returns."""
+    """Sample ``space`` with real Optuna trials and check what it returns."""
+    sample_space(study)
+
+
+def sample_space(study: Study) -> list[dict]:
+    """Hyperparameters from ``_DRY_RUN_SAMPLES`` random trials, then one trial per categorical choice.
+
+    Each sample is checked; the per-choice trials reach branches of a
+    conditional space that random draws may miss.
+    """
     import optuna
 
     if not callable(study.space) or len(inspect.signature(study.space).parameters) != 1:
         _fail("space", study.space, "define `def space(trial): return {...}` taking one Optuna trial")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dry = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=study.seed))
-    for _ in range(_DRY_RUN_SAMPLES):
-        trial = dry.ask()
-        started = time.perf_counter()
-        try:
-            hparams = study.space(trial)
-        except StudyError:
-            raise
-        except Exception as exc:
-            raise StudyError(f"space(trial) raised {type(exc).__name__}: {exc}") from exc
-        took = time.perf_counter() - started
-        if took > _SPACE_TIME_LIMIT_S:
-            _fail("space", f"{took:.2f} s per call", "a space only suggests values; load data and models in trainables/")
-        if not isinstance(hparams, dict):
-            _fail("space", f"returned {type(hparams).__name__}", "return a dict of hyperparameters")
-        _check_hparams("space", {**study.fixed, **hparams})
-        dry.tell(trial, 0.0)
-    for trial in dry.trials:  # every categorical choice, even ones the dry run never drew
-        for name, dist in trial.distributions.items():
-            if name in _CHOICES and isinstance(dist, optuna.distributions.CategoricalDistribution):
-                for value in dist.choices:
-                    _check_hparams(f"space choice for {name!r}", {name: value})
+    samples = [_sample_once(study, dry) for _ in range(_DRY_RUN_SAMPLES)]
+    choices = {(name, value) for trial in dry.trials for name, dist in trial.distributions.items()
+               if isinstance(dist, optuna.distributions.CategoricalDistribution) for value in dist.choices}
+    for name, value in sorted(choices, key=repr):
+        dry.enqueue_trial({name: value}, skip_if_exists=True)
+        samples.append(_sample_once(study, dry))
+    return samples
+
+
+def _sample_once(study: Study, dry) -> dict:
+    trial = dry.ask()
+    started = time.perf_counter()
+    try:
+        hparams = study.space(trial)
+    except StudyError:
+        raise
+    except Exception as exc:
+        raise StudyError(f"space(trial) raised {type(exc).__name__}: {exc}") from exc
+    took = time.perf_counter() - started
+    if took > _SPACE_TIME_LIMIT_S:
+        _fail("space", f"{took:.2f} s per call", "a space only suggests values; load data and models in trainables/")
+    if not isinstance(hparams, dict):
+        _fail("space", f"returned {type(hparams).__name__}", "return a dict of hyperparameters")
+    hparams = {**study.fixed, **hparams}
+    _check_hparams("space", hparams)
+    dry.tell(trial, 0.0)
+    return hparams
+
+
+def imagenet_backbones(study: Study) -> list[str]:
+    """Backbones the study may train from ImageNet weights: the files the run must find first."""
+    from trainables.train import DEFAULTS
+
+    found = set()
+    for hparams in sample_space(study):
+        hp = {**DEFAULTS, **hparams}
+        if hp["weights"] == "imagenet":
+            found.add(hp["backbone"])
+    return sorted(found)
 
 
 def _backbones():

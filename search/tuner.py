@@ -59,9 +59,11 @@ def make_scheduler(study: Study) -> ASHAScheduler:
     )
 
 
-def make_trainable(study: Study, data: dict, settings: TrialSettings):
+def make_trainable(study: Study, data: dict, settings: TrialSettings, weights_files: dict | None = None):
+    """``train_trial`` with its resources; the data and weight files go once into Ray's object store."""
     resources = {"cpu": study.cpus_per_trial, "gpu": study.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(train_trial, data=data, settings=settings), resources)
+    trainable = tune.with_parameters(train_trial, data=data, settings=settings, weights_files=weights_files or {})
+    return tune.with_resources(trainable, resources)
 
 
 def trial_name(trial) -> str:
@@ -69,14 +71,15 @@ def trial_name(trial) -> str:
     return f"trial_{trial.config.get('trial_number', 0):03d}_{trial.config.get('backbone', 'model')}"
 
 
-def make_tuner(study: Study, *, storage: Path, data: dict, settings: TrialSettings, resume: bool = False) -> tune.Tuner:
+def make_tuner(study: Study, *, storage: Path, data: dict, settings: TrialSettings,
+               weights_files: dict | None = None, resume: bool = False) -> tune.Tuner:
     """A Tuner for ``study`` writing to ``storage/study.name``; ``resume`` restores it from there."""
     folder = Path(storage) / study.name
     callbacks = [
         LeaderboardWriter(folder, metric=study.metric, mode=study.mode, max_epochs=study.max_epochs),
         ProgressPrinter(metric=study.metric, mode=study.mode, max_epochs=study.max_epochs),
     ]
-    trainable = make_trainable(study, data, settings)
+    trainable = make_trainable(study, data, settings, weights_files)
     if resume:
         # Restoring brings back the searcher, scheduler and trials; callbacks are not saved.
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Callable
 
 import keras
 from keras import layers
 
 from trainables.preprocess import Preprocess
-from trainables.weights import WeightsUnavailableError, resolve_imagenet_weights
+from trainables.weights import find_weights, weights_file
 
 Builder = Callable[..., keras.Model]
 
@@ -75,6 +76,8 @@ def create_backbone(
     """Build backbone ``name`` taking raw [0, 255] RGB of ``input_shape``.
 
     ``weights`` is ``None`` (random init), ``"imagenet"``, or a path to a weights file.
+    ImageNet weights come from ``weights_dir`` (or ``$MEDSEARCH_WEIGHTS_DIR``), else
+    Keras's cache, else a download; see ``trainables.weights``.
     """
     spec = get_backbone_spec(name)
     if weights not in (None, "imagenet") and not str(weights).endswith((".h5", ".keras", ".weights.h5")):
@@ -83,20 +86,12 @@ def create_backbone(
         raise ValueError(f"backbone {name!r} has no pretrained weights; use weights=None")
     if min(input_shape[:2]) < spec.min_size:
         raise ValueError(f"backbone {name!r} needs images of at least {spec.min_size} px, got {input_shape}")
-    if weights == "imagenet":
-        weights = resolve_imagenet_weights(name, input_shape=input_shape, include_top=include_top, weights_dir=weights_dir)
+    if weights == "imagenet" and weights_file(name) is not None:
+        rows = input_shape[0] if input_shape[0] == input_shape[1] else 0  # Keras's rule: non-square uses 224
+        weights = str(find_weights(name, image_size=rows, include_top=include_top, weights_dir=weights_dir))
     inputs = keras.Input(shape=input_shape, name="rgb_0_255")
     x = Preprocess(spec.preprocess, name="preprocess")(inputs) if spec.preprocess != "none" else inputs
-    try:
-        return spec.build(inputs, x, weights=weights, include_top=include_top, name=name)
-    except Exception as exc:  # Keras raises a bare Exception when a download fails
-        if weights != "imagenet" or "URL fetch failure" not in str(exc):
-            raise
-        raise WeightsUnavailableError(
-            f"could not download ImageNet weights for backbone {name!r} ({exc}). "
-            "On an offline machine use weights=None, or put the official Keras weights file "
-            "in a weights directory (--weights-dir)."
-        ) from exc
+    return spec.build(inputs, x, weights=weights, include_top=include_top, name=name)
 
 
 def _keras_app(app: Callable, **extra) -> Builder:
@@ -108,8 +103,29 @@ def _keras_app(app: Callable, **extra) -> Builder:
 
 
 register_backbone("mobilenet_v2", preprocess="tf")(_keras_app(keras.applications.MobileNetV2))
-register_backbone("efficientnet_b0", preprocess="none")(_keras_app(keras.applications.EfficientNetB0))
-register_backbone("efficientnet_b1", preprocess="none")(_keras_app(keras.applications.EfficientNetB1))
+def _efficientnet(app: Callable) -> Builder:
+    """Keras's EfficientNet, which normalises its own inputs.
+
+    Keras adds the last step of its ImageNet input scaling only for
+    ``weights="imagenet"`` (tensorflow/tensorflow#49930), not for a weights file.
+    For a file, the same per-channel affine map is put in front, so both
+    give the network ``(x / 255 - mean) / std``.
+    """
+    keras_build = _keras_app(app)
+
+    def build(inputs, x, *, weights, include_top, name):
+        if weights not in (None, "imagenet"):
+            inv_sqrt_std = [1.0 / math.sqrt(s) for s in _IMAGENET_STD]
+            offset = [255.0 * m * (1.0 - k) for m, k in zip(_IMAGENET_MEAN, inv_sqrt_std)]
+            x = layers.Rescaling(inv_sqrt_std, offset, name="imagenet_std")(x)
+        return keras_build(inputs, x, weights=weights, include_top=include_top, name=name)
+
+    return build
+
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+register_backbone("efficientnet_b0", preprocess="none")(_efficientnet(keras.applications.EfficientNetB0))
+register_backbone("efficientnet_b1", preprocess="none")(_efficientnet(keras.applications.EfficientNetB1))
 register_backbone("vgg16", preprocess="caffe")(_keras_app(keras.applications.VGG16))
 register_backbone("resnet50", preprocess="caffe")(_keras_app(keras.applications.ResNet50))
 register_backbone("densenet121", preprocess="torch")(_keras_app(keras.applications.DenseNet121))

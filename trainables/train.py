@@ -16,6 +16,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from trainables.weights import unpack_weights
+
 # Hyperparameters a trial understands, with the values used when a study leaves them out.
 DEFAULTS = {
     "backbone": "mobilenet_v2",
@@ -67,8 +69,12 @@ def phases(hp: dict, max_epochs: int) -> list[tuple[int, int, float, object]]:
     return [(0, warmup, hp["learning_rate"], 0), (warmup, max_epochs, hp["fine_tune_lr"], hp["unfreeze"])]
 
 
-def train_trial(config: dict, data: dict, settings: TrialSettings) -> None:
-    """Ray Tune function trainable. ``data`` holds uint8 ``x_train``, ``x_val`` and int ``y_train``, ``y_val``."""
+def train_trial(config: dict, data: dict, settings: TrialSettings, weights_files: dict | None = None) -> None:
+    """Ray Tune function trainable. ``data`` holds uint8 ``x_train``, ``x_val`` and int ``y_train``, ``y_val``.
+
+    ``weights_files`` are ImageNet weight files shipped from the driver (see
+    ``trainables.weights.pack_weights``), so worker nodes need no copy of their own.
+    """
     from ray import tune
 
     started = time.monotonic()
@@ -78,11 +84,12 @@ def train_trial(config: dict, data: dict, settings: TrialSettings) -> None:
     from trainables.model import apply_unfreeze, build_model
 
     x_train, y_train, x_val, y_val = (data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
+    weights_dir = unpack_weights(weights_files) if weights_files else settings.weights_dir
     model, backbone = build_model(
         hp,
         input_shape=x_train.shape[1:],
         num_classes=len(settings.class_names),
-        weights_dir=settings.weights_dir,
+        weights_dir=weights_dir,
         seed=seed,
     )
     start_epoch = restore(model, tune.get_checkpoint())
