@@ -14,7 +14,8 @@ import pandas as pd
 
 from search.study import Study, StudyError
 from trainables.data import decode_images
-from trainables.datasets import load_table
+from trainables.datasets import DatasetError, load_table
+from trainables.datasets.integrity import find_corrupt_cached, find_duplicates
 from trainables.splits import assign_splits, subsample
 
 SMOKE_IMAGES_PER_SPLIT = 64
@@ -26,15 +27,19 @@ class Prepared:
     class_names: list[str]
     positive: int | None  # index of the positive class of a binary task
     arrays: dict[str, np.ndarray]  # x_train, y_train, x_val, y_val
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason) left out
+    duplicates: pd.DataFrame | None = None  # byte-identical pairs, see integrity.find_duplicates
 
 
-def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = False) -> Prepared:
+def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = False,
+                 skip_corrupt: bool = False) -> Prepared:
     ds = study.dataset
     path = data_dir or ds.path
     options = dict(ds.options)
     if ds.classes is not None and ds.loader == "folder":
         options["classes"] = ds.classes
     table = load_table(ds.loader, path, **options)
+    table, skipped = drop_corrupt(table, skip=skip_corrupt)
     class_names = list(ds.classes) if ds.classes else sorted(table["label"].unique())
     unknown = sorted(set(table["label"]) - set(class_names))
     if unknown:
@@ -50,7 +55,22 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
         rows = table[table["split"] == split]
         arrays[f"x_{split}"] = decode_images(rows["path"].tolist(), ds.image_size)
         arrays[f"y_{split}"] = rows["label_index"].to_numpy()
-    return Prepared(table, class_names, positive, arrays)
+    duplicates = find_duplicates(table[table["split"] != "unused"])
+    return Prepared(table, class_names, positive, arrays, skipped, duplicates)
+
+
+def drop_corrupt(table: pd.DataFrame, *, skip: bool) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Check every image, test split included; fail listing the bad ones, or leave them out if ``skip``."""
+    bad = find_corrupt_cached(table["path"])
+    if not bad:
+        return table, []
+    if not skip:
+        shown = "\n  ".join(f"{path} ({reason})" for path, reason in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DatasetError(f"{len(bad)} image(s) cannot be read:\n  {shown}{more}\n"
+                           "Replace or delete them, or pass --skip-corrupt to leave them out "
+                           "(the run then reports how many it skipped).")
+    return table[~table["path"].isin({path for path, _ in bad})].reset_index(drop=True), bad
 
 
 def _positive_index(study: Study, class_names: list[str]) -> int | None:

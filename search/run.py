@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=_non_negative_int, help="seed for the sampler and trials (overrides the study)")
     parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget and data subset, to try a study file quickly")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="leave unreadable images out (they are counted and listed) instead of stopping")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the trials' own logs")
     return parser.parse_args(argv)
 
@@ -82,8 +84,9 @@ def resume_command(args) -> str:
     for flag in ("address", "data_dir", "weights_dir"):
         if getattr(args, flag):
             parts += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
-    if args.smoke:
-        parts.append("--smoke")
+    for flag in ("smoke", "skip_corrupt"):
+        if getattr(args, flag):
+            parts.append(f"--{flag.replace('_', '-')}")
     return shlex.join(parts)
 
 
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StudyError, DatasetError, WeightsUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    write_study_json(study, args, folder, file_hash(args.study_file))
+    write_study_json(study, args, folder, file_hash(args.study_file), skipped=prepared.skipped)
     return run_study(study, args, folder, prepared, weights)
 
 
@@ -123,15 +126,34 @@ def prepare(study, args, folder: Path):
 
     started = time.monotonic()
     print(f"study {study.name}: loading {study.dataset.loader} data at {study.dataset.image_size} px ...", flush=True)
-    prepared = prepare_data(study, data_dir=args.data_dir, smoke=args.smoke)
+    prepared = prepare_data(study, data_dir=args.data_dir, smoke=args.smoke, skip_corrupt=args.skip_corrupt)
     write_splits(prepared.splits, folder)
     counts = prepared.splits["split"].value_counts().to_dict()
     print(f"  classes {prepared.class_names}; images per split {counts}; "
           f"{time.monotonic() - started:.1f} s (test split not loaded)", flush=True)
+    if prepared.skipped:
+        listed = ", ".join(f"{Path(p).name} ({why})" for p, why in prepared.skipped[:5])
+        more = f" and {len(prepared.skipped) - 5} more" if len(prepared.skipped) > 5 else ""
+        print(f"  skipped {len(prepared.skipped)} unreadable image(s) (--skip-corrupt): {listed}{more}; "
+              "all are listed in study.json", flush=True)
+    report_duplicates(prepared.duplicates, folder)
     return prepared
 
 
-def write_study_json(study, args, folder: Path, study_hash: str) -> None:
+def report_duplicates(pairs, folder: Path) -> None:
+    """Byte-identical images inflate scores when copies land in different splits: say so, and list them."""
+    from search.results import write_parquet
+
+    if pairs is None or pairs.empty:
+        return
+    write_parquet(pairs, folder / "duplicates.parquet")
+    crossing = int(pairs["cross_split"].sum())
+    conflicting = int((~pairs["same_label"]).sum())
+    print(f"  warning: {len(pairs)} pair(s) of identical image files, {crossing} across splits, "
+          f"{conflicting} with different labels; listed in duplicates.parquet", flush=True)
+
+
+def write_study_json(study, args, folder: Path, study_hash: str, skipped=()) -> None:
     from importlib import metadata
 
     versions = {}
@@ -146,6 +168,7 @@ def write_study_json(study, args, folder: Path, study_hash: str) -> None:
         "study_file_sha256": study_hash,
         "command": shlex.join([sys.executable, "-m", "search.run", *sys.argv[1:]]),
         "smoke": args.smoke,
+        "skipped_images": [{"path": p, "reason": why} for p, why in skipped],
         "started_at": datetime.now(timezone.utc).isoformat(),
         "python": platform.python_version(),
         "versions": versions,

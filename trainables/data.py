@@ -33,7 +33,8 @@ def decode_image(path: str, size: int) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
 
 
-def _cache_key(paths: list[str], size: int) -> str:
+def cache_key(paths: list[str], size: int) -> str:
+    """Names a cache entry by the files (path, size, modification time) and the image size."""
     digest = hashlib.sha256(f"v{_DECODER_VERSION}|{size}".encode())
     for p in paths:
         st = os.stat(p)
@@ -47,7 +48,7 @@ def decode_images(paths: list[str], size: int, *, use_cache: bool = True, worker
     A corrupt or unreadable file raises ``DatasetError`` listing every bad file.
     """
     paths = [str(p) for p in paths]
-    target = cache_dir() / f"{_cache_key(paths, size)}.npy" if use_cache else None
+    target = cache_dir() / f"{cache_key(paths, size)}.npy" if use_cache else None
     if target is not None and target.exists():
         return np.load(target)
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)

@@ -52,6 +52,24 @@ def find_corrupt(paths: Iterable[str | Path], *, workers: int | None = None) -> 
     return sorted((p, r) for p, r in zip(paths, reasons) if r is not None)
 
 
+def find_corrupt_cached(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
+    """``find_corrupt``, remembered on disk for an unchanged set of files (a re-run skips the scan)."""
+    import json
+
+    from trainables.data import cache_dir, cache_key
+
+    paths = [str(p) for p in paths]
+    record = cache_dir() / f"corrupt-{cache_key(paths, 0)}.json"
+    if record.exists():
+        return [tuple(pair) for pair in json.loads(record.read_text())]
+    bad = find_corrupt(paths)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(bad))
+    os.replace(tmp, record)
+    return bad
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -1,0 +1,426 @@
+"""``python -m search.predict RUN_DIR IMAGES_DIR``: classify new images with a finished study's best model.
+
+The model is the checkpoint of the study's best trial (by the study's own
+metric and mode), or of ``--trial NAME``. Images are decoded and resized by
+``trainables.data.decode_image``, the very function that decoded the training
+images, so training and prediction see the same pixels. The model takes raw
+[0, 255] RGB and outputs softmax probabilities, one per class, in the order
+the trial was trained with (``trial.json`` in the checkpoint).
+
+Output: a CSV with ``file`` (path relative to IMAGES_DIR), ``predicted`` and
+one ``prob_<class>`` column per class, and a short summary on stdout.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_USAGE = 2
+DEFAULT_OUT = "predictions.csv"
+_CHUNK = 512  # images decoded at a time, so memory stays bounded on large folders
+_SHOW_AT_MOST = 20  # bad files listed in a message
+
+
+class PredictError(ValueError):
+    """Something about the inputs is wrong. The message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class ChosenTrial:
+    name: str
+    checkpoint: Path
+    metric: str
+    value: float
+    epoch: int | None
+    backbone: str | None
+    relocated_from: str | None  # the recorded checkpoint path, when the run folder was moved
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m search.predict",
+        allow_abbrev=False,  # a misspelt flag is an error, not a guess
+        description="Classify a folder of new images with the best trial of a finished study "
+        "(best by the study's metric; --trial picks another). Subfolders are searched too "
+        "(--no-recursive to stop that). Writes a CSV: file, predicted, prob_<class> per class.",
+        epilog="Example: python -m search.predict runs/quickstart data/melanoma/prediction --out preds.csv",
+    )
+    parser.add_argument("run_dir", help="a study's results folder, e.g. runs/quickstart (written by python -m search.run)")
+    parser.add_argument("images_dir", help="folder of .jpg/.jpeg/.png images, any size, grayscale, RGB or RGBA")
+    parser.add_argument("--trial", help="use this trial (its trial_name, e.g. trial_003_cnn_s3) instead of the best")
+    parser.add_argument("--out", help=f"CSV to write (default: RUN_DIR/{DEFAULT_OUT})")
+    parser.add_argument("--no-recursive", dest="recursive", action="store_false",
+                        help="only images directly inside IMAGES_DIR (default: subfolders too)")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="predict the readable images and keep unreadable ones as CSV rows with an 'error' "
+                        "(default: stop and list them)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default: 64)")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from trainables.datasets import DatasetError
+
+    started = time.monotonic()
+    try:
+        run_dir = Path(args.run_dir).expanduser().resolve()
+        study = read_study(run_dir)
+        images_dir = Path(args.images_dir).expanduser().resolve()
+        files, ignored = find_images(images_dir, recursive=args.recursive)
+        trial = choose_trial(run_dir, study, args.trial)
+        out = Path(args.out).expanduser().resolve() if args.out else run_dir / DEFAULT_OUT
+        if out.is_dir():
+            raise PredictError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / DEFAULT_OUT)!r}")
+        model, class_names, size = load_trial_model(trial, run_dir, study)
+        if ignored:
+            print(f"note: ignored {ignored} file(s) in {str(images_dir)!r} that are not .jpg/.jpeg/.png", file=sys.stderr)
+        probs, bad = predict_files(model, files, size, batch_size=args.batch_size, stop_on_bad=not args.skip_corrupt)
+        if len(bad) == len(files):
+            raise PredictError(f"none of the {len(files)} image(s) in {str(images_dir)!r} could be read:\n"
+                               f"  {_listing(bad, files, images_dir)}")
+        if bad and not args.skip_corrupt:
+            raise PredictError(
+                f"{len(bad)} of {len(files)} image(s) in {str(images_dir)!r} could not be read:\n"
+                f"  {_listing(bad, files, images_dir)}\n"
+                "Fix or remove them, or add --skip-corrupt to predict the rest (they are kept in the CSV with their error)."
+            )
+        table = prediction_table(files, images_dir, probs, class_names, bad)
+        write_csv(table, out)
+    except (PredictError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable image(s) (--skip-corrupt); they are in the CSV with an "
+              f"empty 'predicted' and their 'error':\n  {_listing(bad, files, images_dir)}", file=sys.stderr)
+    print(summary(table, trial, images_dir, out, class_names, time.monotonic() - started, _seen_in_study(run_dir, files)))
+    return 0
+
+
+# --------------------------------------------------------------------------
+# the results folder and the trial
+# --------------------------------------------------------------------------
+
+
+def read_study(run_dir: Path) -> dict:
+    """The ``study`` record of ``run_dir/study.json``, after checking the folder is a results folder."""
+    if not run_dir.is_dir():
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise PredictError(f"results folder {str(run_dir)!r} {what}; give a study's results folder such as "
+                           "runs/quickstart (run python -m search.run first)")
+    missing = [n for n in ("study.json", "leaderboard.parquet") if not (run_dir / n).is_file()]
+    if missing:
+        raise PredictError(f"{str(run_dir)!r} is not a results folder (no {' or '.join(missing)}); "
+                           "run python -m search.run first, then pass its STORAGE/<study name> folder")
+    try:
+        return json.loads((run_dir / "study.json").read_text())["study"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise PredictError(f"{str(run_dir / 'study.json')!r} is unreadable ({exc}); was the run copied completely?") from None
+
+
+def choose_trial(run_dir: Path, study: dict, name: str | None) -> ChosenTrial:
+    """The best trial with a checkpoint by the study's metric and mode, or trial ``name``."""
+    import pandas as pd
+
+    try:
+        board = pd.read_parquet(run_dir / "leaderboard.parquet")
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise PredictError(f"{str(run_dir / 'leaderboard.parquet')!r} is unreadable ({type(exc).__name__}: {exc})") from None
+    metric, mode = study.get("metric", "val_balanced_accuracy"), study.get("mode", "max")
+    column = f"best_{metric}"
+    if board.empty or "trial_name" not in board.columns:
+        raise PredictError(f"the leaderboard in {str(run_dir)!r} holds no trials yet; let python -m search.run finish")
+    for col in (column, "checkpoint_path"):
+        if col not in board.columns:
+            board[col] = math.nan if col == column else None
+    has_checkpoint = board["checkpoint_path"].notna() & (board["checkpoint_path"].astype("string").str.len() > 0)
+    if name is not None:
+        from trainables.backbones import unknown_name_message
+
+        rows = board[(board["trial_name"] == name) | (board.get("trial_id", board["trial_name"]) == name)]
+        if rows.empty:
+            raise PredictError("--trial: " + unknown_name_message("trial", name, board["trial_name"].dropna().tolist()))
+        row = rows.iloc[0]
+        if not has_checkpoint[rows.index[0]]:
+            raise PredictError(f"--trial: trial {row['trial_name']!r} has no checkpoint (status {row.get('status')}"
+                               f"{_error_note(row)}); trials with one: {_names(board[has_checkpoint])}")
+    else:
+        usable = board[has_checkpoint]
+        if usable.empty:
+            statuses = board["status"].value_counts().to_dict() if "status" in board.columns else {}
+            errors = board["error"].dropna() if "error" in board.columns else []
+            fix = (f"fix what failed (e.g. {errors.iloc[0]}) and run the study again" if len(errors) == len(board)
+                   else "a trial saves one after its first epoch; let the study run longer "
+                   "(python -m search.run STUDY_FILE --storage STORAGE --resume)")
+            raise PredictError(f"no trial in {str(run_dir)!r} has a checkpoint (trials by status: {statuses}); {fix}")
+        row = best_row(usable, column, mode)
+    recorded = str(row["checkpoint_path"])
+    checkpoint, relocated = locate_checkpoint(run_dir, recorded)
+    value = row[column]
+    epoch = row.get("best_epoch")
+    backbone = row.get("backbone")
+    return ChosenTrial(
+        name=str(row["trial_name"]),
+        checkpoint=checkpoint,
+        metric=metric,
+        value=float(value) if value is not None and not pd.isna(value) else math.nan,
+        epoch=int(epoch) if epoch is not None and not pd.isna(epoch) else None,
+        backbone=None if backbone is None or pd.isna(backbone) else str(backbone),
+        relocated_from=recorded if relocated else None,
+    )
+
+
+def best_row(board, column: str, mode: str):
+    """The best row by ``column``; ties (common for accuracies on small validation sets)
+    go to the lower validation loss at the best epoch, then to the leaderboard's order."""
+    keys, ascending = [column], [mode == "min"]
+    if column != "best_val_loss" and "best_val_loss" in board.columns:
+        keys.append("best_val_loss")
+        ascending.append(True)
+    return board.sort_values(keys, ascending=ascending, na_position="last", kind="stable").iloc[0]
+
+
+def locate_checkpoint(run_dir: Path, recorded: str) -> tuple[Path, bool]:
+    """The checkpoint folder: where the leaderboard says, or, if the run folder moved, inside ``run_dir``.
+
+    Checkpoints live at ``<storage>/<study>/<trial>/checkpoint_NNNNNN``, so a
+    moved results folder still holds them under its last two path parts.
+    """
+    path = Path(recorded)
+    if (path / "model.keras").is_file():
+        return path, False
+    moved = run_dir / path.parent.name / path.name
+    if (moved / "model.keras").is_file():
+        return moved, True
+    raise PredictError(
+        f"the checkpoint folder {recorded!r} is missing (nor is it at {str(moved)!r}): was the run moved or copied "
+        "without its trial_* folders? Copy the whole results folder, including trial_*/checkpoint_*, "
+        "or pick a trial whose checkpoint is there with --trial"
+    )
+
+
+def load_trial_model(trial: ChosenTrial, run_dir: Path, study: dict):
+    """``(model, class_names, image_size)`` for the chosen trial's checkpoint."""
+    import keras
+
+    import trainables.model  # noqa: F401  (registers the custom layers a saved model refers to)
+
+    try:
+        model = keras.saving.load_model(trial.checkpoint / "model.keras", compile=False)
+    except Exception as exc:  # a truncated or foreign file raises many types
+        raise PredictError(f"cannot load {str(trial.checkpoint / 'model.keras')!r}: {type(exc).__name__}: {exc}") from None
+    class_names = read_class_names(trial.checkpoint, run_dir, study)
+    outputs = model.output_shape[-1]
+    if outputs != len(class_names):
+        raise PredictError(f"the model of {trial.name} outputs {outputs} probabilities but the study has "
+                           f"{len(class_names)} classes {class_names}; is {str(run_dir)!r} the run it came from?")
+    size = model.input_shape[1] or study.get("dataset", {}).get("image_size")
+    return model, class_names, int(size)
+
+
+def read_class_names(checkpoint: Path, run_dir: Path, study: dict) -> list[str]:
+    """Class order the model was trained with: ``trial.json`` saved beside it, else ``splits.parquet``.
+
+    ``study.json`` holds ``dataset.classes`` only when the study file gave them,
+    so it is the last resort.
+    """
+    try:
+        names = json.loads((checkpoint / "trial.json").read_text()).get("class_names")
+        if names:
+            return [str(n) for n in names]
+    except (OSError, ValueError):
+        pass
+    splits = run_dir / "splits.parquet"
+    if splits.is_file():
+        import pandas as pd
+
+        pairs = pd.read_parquet(splits, columns=["label", "label_index"]).drop_duplicates().sort_values("label_index")
+        if pairs["label_index"].tolist() == list(range(len(pairs))):
+            return pairs["label"].astype(str).tolist()
+    classes = study.get("dataset", {}).get("classes")
+    if classes:
+        return [str(c) for c in classes]
+    raise PredictError(f"cannot tell the class names: {str(checkpoint / 'trial.json')!r} and "
+                       f"{str(splits)!r} are missing or unreadable")
+
+
+def _names(rows) -> str:
+    names = rows["trial_name"].dropna().tolist()
+    return ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "") if names else "none"
+
+
+def _error_note(row) -> str:
+    error = row.get("error")
+    return f": {error}" if isinstance(error, str) and error else ""
+
+
+# --------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------
+
+
+def find_images(folder: Path, *, recursive: bool = True) -> tuple[list[Path], int]:
+    """Image files under ``folder`` (sorted) and how many other files were ignored.
+
+    Hidden files and folders are skipped (macOS ``._x.jpg`` forks, ``.ipynb_checkpoints``).
+    """
+    from trainables.datasets._registry import IMAGE_SUFFIXES
+
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise PredictError(f"images folder {str(folder)!r} {what}; give a folder of .jpg/.jpeg/.png images")
+    images, ignored = [], 0
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if not recursive:
+            dirs[:] = []
+        for name in names:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                images.append(Path(root) / name)
+            else:
+                ignored += 1
+    if not images:
+        where = "in it or its subfolders" if recursive else "directly in it (subfolders not searched: --no-recursive)"
+        raise PredictError(f"images folder {str(folder)!r} holds no .jpg/.jpeg/.png images {where}")
+    return sorted(images), ignored
+
+
+def predict_files(model, files: list[Path], size: int, *, batch_size: int, stop_on_bad: bool):
+    """``(probs, bad)``: an (N, classes) array (NaN rows for unreadable files) and {index: error}.
+
+    Images are decoded in chunks, in threads, with the training decoder, then
+    each chunk goes to the model in batches. Once a file fails and
+    ``stop_on_bad`` is set, the rest are only decoded, to list every bad file.
+    """
+    import numpy as np
+
+    from trainables.data import decode_image
+
+    probs = np.full((len(files), model.output_shape[-1]), np.nan, dtype=np.float32)
+    bad: dict[int, str] = {}
+
+    def decode(i: int):
+        try:
+            return decode_image(str(files[i]), size)
+        except Exception as exc:  # PIL raises many types for bad files
+            bad[i] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        for start in range(0, len(files), _CHUNK):
+            indices = range(start, min(start + _CHUNK, len(files)))
+            decoded = list(pool.map(decode, indices))
+            good = [i for i, image in zip(indices, decoded) if image is not None]
+            if not good or (bad and stop_on_bad):
+                continue
+            batch = np.stack([decoded[i - start] for i in good])
+            probs[good] = model.predict(batch, batch_size=batch_size, verbose=0)
+    return probs, bad
+
+
+def prediction_table(files: list[Path], images_dir: Path, probs, class_names: list[str], bad: dict[int, str]):
+    import pandas as pd
+
+    table = pd.DataFrame({"file": [f.relative_to(images_dir).as_posix() for f in files]})
+    winners = probs.argmax(axis=1)  # unreadable rows are NaN; their winner is dropped below
+    table["predicted"] = [None if i in bad else class_names[k] for i, k in enumerate(winners)]
+    for k, name in enumerate(class_names):
+        table[f"prob_{name}"] = probs[:, k].astype("float64")
+    if bad:
+        table["error"] = [bad.get(i, "") for i in range(len(files))]
+    return table
+
+
+def write_csv(table, out: Path) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        table.to_csv(tmp, index=False, float_format="%.6f")
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise PredictError(f"cannot write {str(out)!r} ({exc.strerror or exc}); choose another --out") from None
+
+
+def _listing(bad: dict[int, str], files: list[Path], images_dir: Path) -> str:
+    """Unreadable files, relative to ``images_dir``, with their errors; the first few only."""
+    lines = [f"{files[i].relative_to(images_dir).as_posix()} ({error})" for i, error in sorted(bad.items())]
+    shown = "\n  ".join(lines[:_SHOW_AT_MOST])
+    more = f"\n  ... and {len(lines) - _SHOW_AT_MOST} more" if len(lines) > _SHOW_AT_MOST else ""
+    return shown + more
+
+
+# --------------------------------------------------------------------------
+# the summary
+# --------------------------------------------------------------------------
+
+
+def _seen_in_study(run_dir: Path, files: list[Path]) -> dict[str, int]:
+    """How many of ``files`` the study's splits hold, per split: their predictions are no fair test."""
+    splits = run_dir / "splits.parquet"
+    if not splits.is_file():
+        return {}
+    import pandas as pd
+
+    try:
+        table = pd.read_parquet(splits, columns=["path", "split"])
+    except Exception:  # an old or partial file is only a missed note
+        return {}
+    wanted = {str(f) for f in files}
+    names = {f.name for f in files}
+    paths = table["path"].astype(str)
+    # Resolve only the few whose file name can match: splits may list tens of thousands.
+    same = [os.path.basename(p) in names and str(Path(p).resolve()) in wanted for p in paths]
+    seen = table[same]
+    return {str(k): int(v) for k, v in seen["split"].value_counts().items()}
+
+
+def summary(table, trial: ChosenTrial, images_dir: Path, out: Path, class_names: list[str], seconds: float,
+            seen: dict[str, int]) -> str:
+    predicted = table["predicted"].dropna()
+    lines = [f"predicted {len(predicted)} image(s) from {images_dir} in {seconds:.1f} s"]
+    value = "n/a" if math.isnan(trial.value) else f"{trial.value:.4f}"
+    at = f" at epoch {trial.epoch}" if trial.epoch is not None else ""
+    model = f" ({trial.backbone})" if trial.backbone else ""
+    lines.append(f"  trial   {trial.name}{model}: {trial.metric} {value}{at}")
+    if trial.relocated_from:
+        lines.append(f"          checkpoint found in the moved run folder, not at {trial.relocated_from}")
+    counts = predicted.value_counts()
+    width = max(len(c) for c in class_names)
+    for name in class_names:
+        n = int(counts.get(name, 0))
+        share = f"{100 * n / len(predicted):5.1f} %" if len(predicted) else ""
+        lines.append(f"  {name:<{width}}  {n:6d}  {share}")
+    if seen:
+        parts = ", ".join(f"{n} {split}" for split, n in sorted(seen.items()))
+        lines.append(f"  note: {sum(seen.values())} of these images are in the study's splits ({parts}); "
+                     "predictions on train/val images are no fair test")
+    lines.append(f"predictions: {out}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""``python -m search.predict``: new images through the best trial of a finished study.
+
+Unit tests use hand-made results folders (no Ray, no model); the ``e2e`` tests
+run a real tiny study once and predict with its real checkpoints.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from search.predict import choose_trial, main, parse_args
+
+CLASSES = ["benign", "malignant"]
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def fake_run(folder: Path, rows: list[dict], *, metric="val_balanced_accuracy", mode="max", checkpoints=True) -> Path:
+    """A results folder with study.json and a leaderboard; ``checkpoints`` makes each row's checkpoint folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "study.json").write_text(json.dumps({"study": {"metric": metric, "mode": mode, "dataset": {"image_size": 32}}}))
+    for row in rows:
+        if checkpoints and row.get("checkpoint_path"):
+            Path(row["checkpoint_path"]).mkdir(parents=True, exist_ok=True)
+            (Path(row["checkpoint_path"]) / "model.keras").write_bytes(b"placeholder")
+    pd.DataFrame(rows).to_parquet(folder / "leaderboard.parquet", index=False)
+    return folder
+
+
+def trial_row(folder: Path, name: str, value: float, loss: float = 0.5, checkpoint: bool = True, **extra) -> dict:
+    path = str(folder / name / "checkpoint_000001") if checkpoint else None
+    return {"trial_id": name[-5:], "trial_name": name, "status": "finished", "best_val_balanced_accuracy": value,
+            "best_val_loss": loss, "checkpoint_path": path, **extra}
+
+
+def write_images(folder: Path) -> dict[str, str]:
+    """Mixed inputs: grayscale PNG, RGBA PNG, odd-sized JPEG with an upper-case suffix, in subfolders."""
+    rng = np.random.default_rng(0)
+    images = {
+        "gray.png": Image.fromarray(rng.integers(0, 255, (70, 50), dtype=np.uint8), "L"),
+        "sub/rgba.png": Image.fromarray(rng.integers(0, 255, (33, 33, 4), dtype=np.uint8), "RGBA"),
+        "sub/deeper/odd.JPG": Image.fromarray(rng.integers(0, 255, (57, 101, 3), dtype=np.uint8), "RGB"),
+    }
+    for name, image in images.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, format="JPEG" if name.endswith(".JPG") else "PNG")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"not a png either, but hidden files are skipped")
+    return {name: image.mode for name, image in images.items()}
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def expected_best(board: pd.DataFrame) -> str:
+    usable = board[board["checkpoint_path"].notna()]
+    return usable.sort_values(["best_val_balanced_accuracy", "best_val_loss"], ascending=[False, True]).iloc[0]["trial_name"]
+
+
+# --------------------------------------------------------------------------
+# the command line, without Ray
+# --------------------------------------------------------------------------
+
+
+def test_help_shows_an_example_and_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Example: python -m search.predict runs/quickstart" in out
+    for flag in ("--trial", "--out", "--no-recursive", "--skip-corrupt", "--batch-size"):
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["runs/x"], "the following arguments are required: images_dir"),
+        (["runs/x", "imgs", "--skip"], "unrecognized arguments: --skip"),  # no abbreviations
+        (["runs/x", "imgs", "--batch-size", "0"], "must be a positive integer, got '0'"),
+        (["runs/x", "imgs", "--batch-size", "many"], "must be an integer, got 'many'"),
+    ],
+)
+def test_bad_flags_exit_2(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_a_folder_without_results_is_refused(tmp_path, capsys):
+    images = tmp_path / "images"
+    write_images(images)
+    code, _, err = run([tmp_path, images], capsys)
+    assert code == 2
+    assert "is not a results folder (no study.json or leaderboard.parquet)" in err
+    assert "run python -m search.run first" in err
+    code, _, err = run([tmp_path / "nope", images], capsys)
+    assert code == 2 and "does not exist" in err and "run python -m search.run first" in err
+
+
+def test_images_folder_missing_or_without_images(tmp_path, capsys):
+    folder = fake_run(tmp_path / "run", [trial_row(tmp_path / "run", "trial_000_cnn_s3", 0.8)])
+    code, _, err = run([folder, tmp_path / "missing"], capsys)
+    assert code == 2 and f"images folder {str(tmp_path / 'missing')!r} does not exist" in err
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.txt").write_text("x")
+    (empty / ".x.png").write_bytes(b"hidden")
+    code, _, err = run([folder, empty], capsys)
+    assert code == 2 and "holds no .jpg/.jpeg/.png images in it or its subfolders" in err
+
+    Image.new("RGB", (8, 8)).save(empty / "sub" / "a.png")
+    code, _, err = run([folder, empty, "--no-recursive"], capsys)
+    assert code == 2 and "subfolders not searched: --no-recursive" in err
+
+
+def test_unknown_trial_gets_a_did_you_mean(tmp_path, capsys):
+    folder = tmp_path / "run"
+    fake_run(folder, [trial_row(folder, "trial_000_cnn_s3", 0.8), trial_row(folder, "trial_001_cnn_s2", 0.7)])
+    images = tmp_path / "images"
+    write_images(images)
+    code, _, err = run([folder, images, "--trial", "trial_001_cnn_s"], capsys)
+    assert code == 2
+    assert "unknown trial 'trial_001_cnn_s'; did you mean 'trial_001_cnn_s2'?" in err
+    assert "Valid: trial_000_cnn_s3, trial_001_cnn_s2" in err
+
+
+def test_no_trial_with_a_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "run"
+    rows = [trial_row(folder, "trial_000_cnn_s3", float("nan"), checkpoint=False, status="errored", error="ValueError: x")]
+    fake_run(folder, rows)
+    images = tmp_path / "images"
+    write_images(images)
+    code, _, err = run([folder, images], capsys)
+    assert code == 2 and "no trial in" in err and "has a checkpoint" in err and "'errored': 1" in err
+    code, _, err = run([folder, images, "--trial", "trial_000_cnn_s3"], capsys)
+    assert code == 2 and "trial 'trial_000_cnn_s3' has no checkpoint (status errored: ValueError: x)" in err
+
+
+def test_missing_checkpoint_folder_says_the_run_may_have_moved(tmp_path, capsys):
+    folder = tmp_path / "run"
+    fake_run(folder, [trial_row(folder, "trial_000_cnn_s3", 0.8)], checkpoints=False)
+    images = tmp_path / "images"
+    write_images(images)
+    code, _, err = run([folder, images], capsys)
+    assert code == 2
+    assert "checkpoint folder" in err and "is missing" in err and "was the run moved" in err
+
+
+def test_best_trial_by_metric_and_mode_with_ties_to_lower_loss(tmp_path):
+    folder = tmp_path / "run"
+    rows = [
+        trial_row(folder, "trial_000_a", 0.70, loss=0.40),
+        trial_row(folder, "trial_001_b", 0.90, loss=0.60),
+        trial_row(folder, "trial_002_c", 0.90, loss=0.30),  # ties on the metric, lower loss wins
+        trial_row(folder, "trial_003_d", 0.95, checkpoint=False),  # best, but nothing to load
+        trial_row(folder, "trial_004_e", float("nan")),
+    ]
+    fake_run(folder, rows)
+    study = {"metric": "val_balanced_accuracy", "mode": "max"}
+    chosen = choose_trial(folder, study, None)
+    assert chosen.name == "trial_002_c" and chosen.value == 0.9 and chosen.relocated_from is None
+    assert chosen.checkpoint == folder / "trial_002_c" / "checkpoint_000001"
+    assert choose_trial(folder, study, "trial_000_a").name == "trial_000_a"
+    assert choose_trial(folder, study, "000_a").name == "trial_000_a"  # a trial_id works too
+
+    board = pd.read_parquet(folder / "leaderboard.parquet")
+    board["best_val_loss"] = [0.4, 0.6, 0.3, 0.1, 0.2]
+    board.to_parquet(folder / "leaderboard.parquet")
+    assert choose_trial(folder, {"metric": "val_loss", "mode": "min"}, None).name == "trial_004_e"
+
+
+def test_a_moved_results_folder_finds_its_checkpoints(tmp_path):
+    old = tmp_path / "old" / "run"
+    rows = [trial_row(old, "trial_000_a", 0.7)]
+    new = fake_run(tmp_path / "new" / "run", rows, checkpoints=False)
+    (new / "trial_000_a" / "checkpoint_000001").mkdir(parents=True)
+    (new / "trial_000_a" / "checkpoint_000001" / "model.keras").write_bytes(b"placeholder")
+    chosen = choose_trial(new, {"metric": "val_balanced_accuracy", "mode": "max"}, None)
+    assert chosen.checkpoint == new / "trial_000_a" / "checkpoint_000001"
+    assert chosen.relocated_from == str(old / "trial_000_a" / "checkpoint_000001")
+
+
+# --------------------------------------------------------------------------
+# end to end: a real tiny study, real checkpoints
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Two small CNN trials of one epoch each, run once for every e2e test here."""
+    from conftest import TINY_STUDY  # noqa: PLC0415
+
+    from search.run import main as run_main
+
+    folder = tmp_path_factory.mktemp("predict_e2e")
+    study = folder / "tiny.py"
+    study.write_text("from search import Dataset, Study\n" + TINY_STUDY.replace("NUM_SAMPLES", "2").replace("MAX_EPOCHS", "1"))
+    assert run_main([str(study), "--storage", str(folder / "runs"), "--seed", "5"]) == 0
+    run_dir = folder / "runs" / "tiny"
+    board = pd.read_parquet(run_dir / "leaderboard.parquet")
+    assert board["checkpoint_path"].notna().all(), board[["trial_name", "status", "error"]]
+    return run_dir
+
+
+@pytest.mark.e2e
+def test_mixed_images_are_predicted_with_the_best_trial(tiny_run, tmp_path, capsys):
+    images = tmp_path / "new images"
+    modes = write_images(images)
+    out = tmp_path / "out" / "preds.csv"
+    code, stdout, err = run([tiny_run, images, "--out", out], capsys)
+    assert code == 0, err
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["file", "predicted", "prob_benign", "prob_malignant"]
+    assert sorted(table["file"]) == sorted(modes)  # one row per image, relative paths, subfolders searched
+    probs = table[["prob_benign", "prob_malignant"]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and (probs >= 0).all()
+    assert (table["predicted"] == [CLASSES[k] for k in probs.argmax(axis=1)]).all()
+
+    best = expected_best(pd.read_parquet(tiny_run / "leaderboard.parquet"))
+    assert f"trial   {best} (cnn_s" in stdout and "val_balanced_accuracy 0." in stdout
+    assert "predicted 3 image(s)" in stdout and f"predictions: {out}" in stdout
+    counts = table["predicted"].value_counts()
+    for name in CLASSES:
+        assert any(line.split()[:2] == [name, str(counts.get(name, 0))] for line in stdout.splitlines())
+    assert "ignored 1 file(s)" in err  # notes.txt; the hidden file is skipped without a word
+
+    code, _, err = run([tiny_run, images, "--out", out, "--no-recursive"], capsys)
+    assert code == 0, err
+    assert pd.read_csv(out)["file"].tolist() == ["gray.png"]
+
+
+@pytest.mark.e2e
+def test_predictions_reproduce_the_validation_metric(tiny_run, tmp_path, capsys):
+    """Decoding and resizing match training: on the val split the CSV gives the leaderboard's numbers."""
+    from trainables.metrics import classification_metrics
+
+    splits = pd.read_parquet(tiny_run / "splits.parquet")
+    val = splits[splits["split"] == "val"]
+    images = tmp_path / "val"
+    for row in val.itertuples():
+        (images / row.label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(row.path, images / row.label / Path(row.path).name)
+    code, stdout, err = run([tiny_run, images], capsys)  # default out: RUN_DIR/predictions.csv
+    assert code == 0, err
+    assert "in the study's splits" not in stdout  # copies are not the study's own files
+    table = pd.read_csv(tiny_run / "predictions.csv")
+    assert len(table) == len(val)
+    y_true = table["file"].str.split("/").str[0].map(CLASSES.index).to_numpy()
+    scores = classification_metrics(y_true, table[["prob_benign", "prob_malignant"]].to_numpy(), CLASSES, positive=1)
+
+    board = pd.read_parquet(tiny_run / "leaderboard.parquet").set_index("trial_name")
+    trial = board.loc[expected_best(board.reset_index())]
+    assert scores["balanced_accuracy"] == pytest.approx(trial["best_val_balanced_accuracy"], abs=1e-9)
+    assert scores["loss"] == pytest.approx(trial["best_val_loss"], abs=1e-3)
+
+
+@pytest.mark.e2e
+def test_another_trial_can_be_chosen(tiny_run, tmp_path, capsys):
+    board = pd.read_parquet(tiny_run / "leaderboard.parquet")
+    other = board[board["trial_name"] != expected_best(board)].iloc[0]["trial_name"]
+    images = tmp_path / "images"
+    write_images(images)
+    code, stdout, err = run([tiny_run, images, "--trial", other, "--out", tmp_path / "p.csv"], capsys)
+    assert code == 0, err
+    assert f"trial   {other} " in stdout
+    code, _, err = run([tiny_run, images, "--trial", other[:-1]], capsys)
+    assert code == 2 and f"did you mean {other!r}?" in err
+
+
+@pytest.mark.e2e
+def test_corrupt_images_stop_the_run_unless_skipped(tiny_run, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (200, 120, 90)).save(images / "good.png")
+    (images / "garbage.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    png = (images / "good.png").read_bytes()
+    (images / "truncated.png").write_bytes(png[: len(png) // 2])
+    out = tmp_path / "p.csv"
+
+    code, _, err = run([tiny_run, images, "--out", out], capsys)
+    assert code == 2
+    assert "2 of 3 image(s)" in err and "garbage.jpg (" in err and "truncated.png (" in err and "--skip-corrupt" in err
+    assert not out.exists()
+
+    code, stdout, err = run([tiny_run, images, "--out", out, "--skip-corrupt"], capsys)
+    assert code == 0, err
+    assert "skipped 2 unreadable image(s)" in err and "garbage.jpg" in err
+    assert "predicted 1 image(s)" in stdout
+    table = pd.read_csv(out, keep_default_na=False).set_index("file")
+    assert list(table.columns) == ["predicted", "prob_benign", "prob_malignant", "error"]
+    assert table.loc["good.png", "predicted"] in CLASSES and table.loc["good.png", "error"] == ""
+    for name in ("garbage.jpg", "truncated.png"):
+        assert table.loc[name, "predicted"] == "" and table.loc[name, "error"]
+
+
+@pytest.mark.e2e
+def test_moved_run_folder_still_works_and_a_lost_checkpoint_is_named(tiny_run, tmp_path, capsys):
+    moved = tmp_path / "elsewhere" / "tiny"
+    shutil.copytree(tiny_run, moved)
+    board = pd.read_parquet(moved / "leaderboard.parquet")
+    board["checkpoint_path"] = [str(Path("/gone/runs/tiny") / Path(p).parent.name / Path(p).name)
+                                for p in board["checkpoint_path"]]
+    board.to_parquet(moved / "leaderboard.parquet", index=False)
+    images = tmp_path / "images"
+    write_images(images)
+
+    code, stdout, err = run([moved, images], capsys)
+    assert code == 0, err
+    assert "checkpoint found in the moved run folder, not at /gone/runs/tiny/" in stdout
+    assert len(pd.read_csv(moved / "predictions.csv")) == 3
+
+    for trial_dir in moved.glob("trial_*"):
+        shutil.rmtree(trial_dir)
+    code, _, err = run([moved, images], capsys)
+    assert code == 2 and "the checkpoint folder '/gone/runs/tiny/" in err and "was the run moved" in err

@@ -1,0 +1,59 @@
+"""Before Ray starts: unreadable images stop the run or are skipped and counted; duplicates are reported."""
+
+import pandas as pd
+import pytest
+import ray
+
+from fixtures.datasets import copy_file, make_folder, write_garbage, write_truncated_jpeg
+from search.prepare import prepare_data
+from search.run import main, report_duplicates
+from search.study import Dataset, Study
+from trainables.datasets import DatasetError
+
+
+def folder_study(root, **dataset):
+    return Study(name="s", space=lambda trial: {"backbone": "cnn_s3"},
+                 dataset=Dataset(loader="folder", path=str(root), image_size=16, split="stratified",
+                                 split_options={"val": 0.25, "test": 0.25}, **dataset))
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    root = make_folder(tmp_path / "data", n=8)
+    write_garbage(root / "benign" / "garbage.png")
+    write_truncated_jpeg(root / "malignant" / "cut.jpg")
+    return root
+
+
+def test_corrupt_images_stop_the_run_with_their_names(damaged, tmp_path, write_study, capsys):
+    study = write_study(f"STUDY = Study(name='s', dataset=Dataset(loader='folder', path={str(damaged)!r}, "
+                        "image_size=16), space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    assert main([str(study), "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "2 image(s) cannot be read" in err and "garbage.png" in err and "cut.jpg" in err
+    assert "--skip-corrupt" in err
+    assert not ray.is_initialized()
+
+
+def test_skip_corrupt_leaves_them_out_and_counts_them(damaged):
+    prepared = prepare_data(folder_study(damaged), skip_corrupt=True)
+    assert sorted(p.rsplit("/", 1)[1] for p, _ in prepared.skipped) == ["cut.jpg", "garbage.png"]
+    assert len(prepared.splits) == 16
+    assert not prepared.splits["path"].str.contains("garbage|cut").any()
+
+
+def test_duplicates_are_found_and_written(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", n=8)
+    copy_file(root / "benign" / sorted(p.name for p in (root / "benign").iterdir())[0], root / "malignant" / "copy.png")
+    prepared = prepare_data(folder_study(root))
+    pairs = prepared.duplicates
+    assert len(pairs) == 1 and not pairs["same_label"].iloc[0]
+
+    report_duplicates(pairs, tmp_path / "run")
+    assert "1 pair(s) of identical image files" in capsys.readouterr().out
+    assert len(pd.read_parquet(tmp_path / "run" / "duplicates.parquet")) == 1
+
+
+def test_clean_data_has_no_duplicates_or_skips(tmp_path):
+    prepared = prepare_data(folder_study(make_folder(tmp_path / "data", n=8)))
+    assert prepared.skipped == [] and prepared.duplicates.empty
