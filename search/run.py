@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="dataset location (overrides the study's dataset path)")
     parser.add_argument("--weights-dir", help="folder of official Keras ImageNet weight files, for offline machines")
     parser.add_argument("--seed", type=_non_negative_int, help="seed for the sampler and trials (overrides the study)")
+    parser.add_argument("--cpus-per-trial", type=_positive_float, help="CPUs each trial reserves (overrides the study)")
+    parser.add_argument("--gpus-per-trial", type=_non_negative_float,
+                        help="GPUs each trial reserves, e.g. 0.25 or 0 for CPU only (overrides the study)")
+    parser.add_argument("--max-concurrent", type=_positive_int, help="trials running at once (overrides the study)")
     parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget and data subset, to try a study file quickly")
     parser.add_argument("--skip-corrupt", action="store_true",
@@ -52,6 +56,23 @@ def _positive_int(text: str) -> int:
     value = _non_negative_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
     return value
 
 
@@ -70,7 +91,8 @@ def apply_overrides(study, args):
     changes = {}
     if args.smoke:
         changes.update(SMOKE)
-    for field in ("num_samples", "max_epochs", "seed", "weights_dir"):
+    for field in ("num_samples", "max_epochs", "seed", "weights_dir", "cpus_per_trial", "gpus_per_trial",
+                  "max_concurrent"):
         value = getattr(args, field)
         if value is not None:
             changes[field] = value
@@ -81,9 +103,9 @@ def apply_overrides(study, args):
 
 def resume_command(args) -> str:
     parts = ["python", "-m", "search.run", args.study_file, "--storage", args.storage, "--resume"]
-    for flag in ("address", "data_dir", "weights_dir"):
-        if getattr(args, flag):
-            parts += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    for flag in ("address", "data_dir", "weights_dir", "cpus_per_trial", "gpus_per_trial", "max_concurrent"):
+        if getattr(args, flag, None) is not None:
+            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for flag in ("smoke", "skip_corrupt"):
         if getattr(args, flag):
             parts.append(f"--{flag.replace('_', '-')}")
@@ -101,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         study = apply_overrides(load_study(args.study_file), args)
         folder = Path(args.storage).resolve() / study.name
         check_folder(folder, resume=args.resume)
-        weights = study_weight_files(study)
+        weights, random_init = study_weight_files(study, smoke=args.smoke)
         prepared = prepare(study, args, folder)
     except (StudyError, DatasetError, WeightsUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     write_study_json(study, args, folder, file_hash(args.study_file), skipped=prepared.skipped)
-    return run_study(study, args, folder, prepared, weights)
+    return run_study(study, args, folder, prepared, weights, random_init)
 
 
 def check_folder(folder: Path, *, resume: bool) -> None:
@@ -183,9 +205,10 @@ def write_study_json(study, args, folder: Path, study_hash: str, skipped=()) -> 
     os.replace(tmp, path)
 
 
-def run_study(study, args, folder: Path, prepared, weights: list[Path]) -> int:
+def run_study(study, args, folder: Path, prepared, weights: list[Path], random_init: tuple[str, ...] = ()) -> int:
     import ray
 
+    from search.study import StudyError
     from search.tuner import make_tuner
     from trainables.train import TrialSettings
     from trainables.weights import pack_weights
@@ -199,6 +222,7 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path]) -> int:
         seed=study.seed,
         cpus=study.cpus_per_trial,
         weights_dir=study.weights_dir,
+        random_init=random_init,
     )
     env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}}
     context = ray.init(address=args.address, log_to_driver=args.verbose, runtime_env=env,
@@ -206,6 +230,13 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path]) -> int:
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)
+    try:
+        study = fit_resources(study, ray.cluster_resources(), local=args.address is None, smoke=args.smoke)
+        settings = dataclasses.replace(settings, cpus=study.cpus_per_trial)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        ray.shutdown()
+        return EXIT_USAGE
     try:
         if weights:
             print(f"shipping ImageNet weights to the trials: {', '.join(p.name for p in weights)}", flush=True)
@@ -222,6 +253,33 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path]) -> int:
         if args.address is None:
             ray.shutdown()
     return summarise(study, folder, results)
+
+
+def fit_resources(study, available: dict, *, local: bool, smoke: bool):
+    """Refuse a per-trial request the cluster can never meet: Ray Tune would wait for it forever.
+
+    ``--smoke`` shrinks the request to fit instead. On a cluster (``--address``)
+    an autoscaler may still add nodes, so a shortfall there is a warning.
+    """
+    from search.study import StudyError
+
+    cpus, gpus = available.get("CPU", 0), available.get("GPU", 0)
+    short = []
+    if study.cpus_per_trial > cpus:
+        short.append(f"{study.cpus_per_trial:g} CPUs per trial but Ray has {cpus:g} (--cpus-per-trial {max(1, int(cpus))})")
+    if study.gpus_per_trial > gpus:
+        short.append(f"{study.gpus_per_trial:g} GPUs per trial but Ray has {gpus:g} (--gpus-per-trial {gpus:g})")
+    if not short:
+        return study
+    if smoke:
+        print(f"  smoke: shrinking the trial's request to fit this machine: {'; '.join(short)}", flush=True)
+        return dataclasses.replace(study, cpus_per_trial=min(study.cpus_per_trial, max(cpus, 1)),
+                                  gpus_per_trial=min(study.gpus_per_trial, gpus))
+    message = f"the study asks {'; and '.join(short)}: no trial could ever start."
+    if not local:
+        print(f"warning: {message} Waiting for the autoscaler to add nodes.", file=sys.stderr, flush=True)
+        return study
+    raise StudyError(f"{message} Override as shown in brackets, or run on a cluster with --address.")
 
 
 def summarise(study, folder: Path, results) -> int:

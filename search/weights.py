@@ -31,18 +31,28 @@ from trainables.weights import (  # noqa: E402
 _CHECK_SIZE = 96  # loading a no-top file does not depend on the input size, so check at a small one
 
 
-def study_weight_files(study) -> list[Path]:
-    """Local paths of the ImageNet files ``study`` needs; downloads them here if need be.
+def study_weight_files(study, *, smoke: bool = False) -> tuple[list[Path], tuple[str, ...]]:
+    """Local paths of the ImageNet files ``study`` needs, downloading them here if need be.
 
-    Raises ``WeightsUnavailableError`` naming the file and its URL, before Ray starts.
+    Raises ``WeightsUnavailableError`` naming the file and its URL, before Ray
+    starts. A smoke run checks the pipeline, not the scores, so with ``smoke``
+    a missing file is a warning and that backbone's trials start from random
+    weights; the second value names those backbones.
     """
     from search.study import imagenet_backbones
 
-    return [
-        find_weights(name, image_size=study.dataset.image_size, weights_dir=study.weights_dir)
-        for name in imagenet_backbones(study)
-        if weights_file(name) is not None
-    ]
+    paths, random_init = [], []
+    for name in imagenet_backbones(study):
+        if weights_file(name) is None:
+            continue
+        try:
+            paths.append(find_weights(name, image_size=study.dataset.image_size, weights_dir=study.weights_dir))
+        except WeightsUnavailableError as exc:
+            if not smoke:
+                raise
+            random_init.append(name)
+            print(f"  smoke: {name} trials start from RANDOM weights: {str(exc).splitlines()[0]}", flush=True)
+    return paths, tuple(random_init)
 
 
 def official_files(image_sizes=(224,)) -> dict[str, WeightsFile]:

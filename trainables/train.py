@@ -47,6 +47,7 @@ class TrialSettings:
     seed: int = 0
     cpus: float = 1
     weights_dir: str | None = None
+    random_init: tuple[str, ...] = ()  # smoke runs: backbones whose ImageNet weights were unavailable
 
 
 def resolve_hparams(config: dict) -> dict:
@@ -78,6 +79,8 @@ def train_trial(config: dict, data: dict, settings: TrialSettings, weights_files
     from ray import tune
 
     started = time.monotonic()
+    if config.get("backbone") in settings.random_init:
+        config = {**config, "weights": None}
     hp = resolve_hparams(config)
     seed = (settings.seed * 100_003 + int(config.get("trial_number", 0))) % (2**31 - 1)
     setup_tensorflow(settings.cpus, seed)

@@ -105,10 +105,10 @@ def find_weights(name: str, *, image_size: int, include_top: bool = False,
             reason = f" The download failed: {exc}."
     else:
         reason = ""
-    looked = f"{folder} nor " if folder else ""
+    where = f"neither in {folder} nor in" if folder else "not in the weights directory (none given) nor in"
     raise WeightsUnavailableError(
-        f"ImageNet weights for backbone {name!r} need the file {wanted.filename!r}, which is neither in "
-        f"{looked}Keras's cache {keras_cache_dir()}.{reason}\n"
+        f"ImageNet weights for backbone {name!r} need the file {wanted.filename!r}, which is {where} "
+        f"Keras's cache {keras_cache_dir()}.{reason}\n"
         f"On a connected machine, download {wanted.url}\n"
         f"(or run: python -m search.weights download --to DIR --backbones {name} --image-size {image_size}),\n"
         f"copy DIR here and pass --weights-dir DIR (or set ${WEIGHTS_DIR_ENV}). "

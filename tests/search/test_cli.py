@@ -63,3 +63,36 @@ def test_metric_never_reported_is_refused(write_study, tmp_path, capsys):
 def test_resume_command_repeats_the_flags():
     args = parse_args(["spaces/quickstart.py", "--storage", "out dir", "--data-dir", "/data", "--smoke"])
     assert resume_command(args) == "python -m search.run spaces/quickstart.py --storage 'out dir' --resume --data-dir /data --smoke"
+
+
+def test_a_request_no_node_can_meet_is_refused():
+    from search.run import fit_resources
+    from search.study import StudyError
+
+    study = load_study_text("STUDY = Study(name='x', gpus_per_trial=0.25, cpus_per_trial=2, "
+                            "space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    with pytest.raises(StudyError, match=r"0.25 GPUs per trial but Ray has 0 \(--gpus-per-trial 0\)"):
+        fit_resources(study, {"CPU": 2.0}, local=True, smoke=False)
+    shrunk = fit_resources(study, {"CPU": 1.0}, local=True, smoke=True)
+    assert (shrunk.cpus_per_trial, shrunk.gpus_per_trial) == (1.0, 0)
+    assert fit_resources(study, {"CPU": 1.0}, local=False, smoke=False) is study  # an autoscaler may add nodes
+    assert fit_resources(study, {"CPU": 4.0, "GPU": 1.0}, local=True, smoke=False) is study
+
+
+def test_resource_flags_override_the_study(write_study):
+    from search.run import apply_overrides
+    from search.study import load_study
+
+    path = write_study("STUDY = Study(name='x', gpus_per_trial=0.5, space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    args = parse_args([str(path), "--gpus-per-trial", "0", "--cpus-per-trial", "1.5", "--max-concurrent", "3"])
+    study = apply_overrides(load_study(path), args)
+    assert (study.gpus_per_trial, study.cpus_per_trial, study.max_concurrent) == (0, 1.5, 3)
+    assert "--gpus-per-trial 0.0" in resume_command(args)
+
+
+def load_study_text(body):
+    from search.study import Study, Dataset  # noqa: F401  (used by the exec'd body)
+
+    scope = {"Study": Study, "Dataset": Dataset}
+    exec(body, scope)
+    return scope["STUDY"]
