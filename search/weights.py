@@ -47,11 +47,13 @@ def study_weight_files(study, *, smoke: bool = False) -> tuple[list[Path], tuple
             continue
         try:
             paths.append(find_weights(name, image_size=study.dataset.image_size, weights_dir=study.weights_dir))
-        except WeightsUnavailableError as exc:
+        except WeightsUnavailableError:
             if not smoke:
                 raise
             random_init.append(name)
-            print(f"  smoke: {name} trials start from RANDOM weights: {str(exc).splitlines()[0]}", flush=True)
+            missing = weights_file(name, image_size=study.dataset.image_size).filename
+            print(f"  smoke: {name} trials start from RANDOM weights: {missing} is not here and the download "
+                  "failed (a full run stops with how to get it)", flush=True)
     return paths, tuple(random_init)
 
 
