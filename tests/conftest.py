@@ -41,26 +41,3 @@ def write_study(tmp_path):
         return path
 
     return write
-
-
-# A study of small CNNs on a tiny embedded dataset, fast enough for end-to-end tests.
-TINY_STUDY = """
-def space(trial):
-    backbone = trial.suggest_categorical("backbone", ["cnn_s3", "cnn_s2"])
-    out = {"backbone": backbone, "learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)}
-    if backbone == "cnn_s2":  # a conditional parameter
-        out["dropout"] = trial.suggest_float("dropout_s2", 0.1, 0.3)
-    return out
-
-STUDY = Study(
-    name="tiny",
-    dataset=Dataset(loader="embedded", image_size=32, positive_class="malignant",
-                    options={"n_per_class": 30, "image_size": 48}),
-    space=space,
-    fixed={"batch_size": 16, "pooling": "flatten"},
-    num_samples=NUM_SAMPLES,
-    max_epochs=MAX_EPOCHS,
-    grace_period=1,
-    max_concurrent=2,
-)
-"""

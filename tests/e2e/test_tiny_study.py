@@ -28,7 +28,7 @@ def finished_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("e2e")
     study = folder / "tiny.py"
     log = folder / "space_calls.jsonl"
-    from conftest import TINY_STUDY  # noqa: PLC0415
+    from fixtures.studies import TINY_STUDY  # noqa: PLC0415
 
     # The space logs every call, so the test can see who proposed each trial's values.
     body = TINY_STUDY.replace("NUM_SAMPLES", "4").replace("MAX_EPOCHS", "2").replace(

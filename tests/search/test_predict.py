@@ -203,7 +203,7 @@ def test_a_moved_results_folder_finds_its_checkpoints(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Two small CNN trials of one epoch each, run once for every e2e test here."""
-    from conftest import TINY_STUDY  # noqa: PLC0415
+    from fixtures.studies import TINY_STUDY  # noqa: PLC0415
 
     from search.run import main as run_main
 

@@ -1,0 +1,17 @@
+"""A small finished study folder, run once with real Ray, for every analysis test."""
+
+import pytest
+
+from fixtures.studies import TINY_STUDY
+from search.run import main
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """``runs/tiny``: 4 trials of at most 3 epochs on the embedded dataset (stratified train/val/test)."""
+    folder = tmp_path_factory.mktemp("analysis")
+    study = folder / "tiny.py"
+    study.write_text("from search import Dataset, Study\n"
+                     + TINY_STUDY.replace("NUM_SAMPLES", "4").replace("MAX_EPOCHS", "3"))
+    assert main([str(study), "--storage", str(folder / "runs"), "--seed", "1"]) == 0
+    return folder / "runs" / "tiny"
