@@ -200,9 +200,7 @@ def write_study_json(study, args, folder: Path, study_hash: str, skipped=()) -> 
         old = json.loads(path.read_text())
         old.setdefault("resumed_at", []).append(record["started_at"])
         record = old
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
+    _write_json(path, record)
 
 
 def run_study(study, args, folder: Path, prepared, weights: list[Path], random_init: tuple[str, ...] = ()) -> int:
@@ -244,15 +242,32 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path], random_i
                            weights_files=pack_weights(weights), resume=args.resume)
         results = tuner.fit()
     except KeyboardInterrupt:
+        record_outcome(folder, "interrupted")
         print(f"\ninterrupted. Resume with:\n  {resume_command(args)}", file=sys.stderr)
         return 130
     except Exception as exc:
+        record_outcome(folder, "failed")
         print(f"\nthe study failed: {type(exc).__name__}: {exc}\nResume with:\n  {resume_command(args)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         if args.address is None:
             ray.shutdown()
+    record_outcome(folder, "completed")
     return summarise(study, folder, results)
+
+
+def record_outcome(folder: Path, outcome: str) -> None:
+    """``finished_at`` and ``outcome`` in study.json: how a report tells finished results from partial ones."""
+    path = folder / "study.json"
+    record = json.loads(path.read_text())
+    record.update(finished_at=datetime.now(timezone.utc).isoformat(), outcome=outcome)
+    _write_json(path, record)
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
 def fit_resources(study, available: dict, *, local: bool, smoke: bool):

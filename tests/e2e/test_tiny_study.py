@@ -50,6 +50,8 @@ def test_run_succeeds_and_writes_the_study_folder(finished_run):
     assert code == 0
     for name in ("leaderboard.parquet", "epochs.parquet", "splits.parquet", "study.json"):
         assert (folder / name).is_file(), name
+    record = json.loads((folder / "study.json").read_text())
+    assert record["outcome"] == "completed" and record["finished_at"] > record["started_at"]
 
 
 def test_leaderboard_has_one_row_per_trial_with_documented_columns(finished_run):

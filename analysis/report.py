@@ -1,0 +1,602 @@
+"""``python -m analysis.report RUN_DIR [--evaluate] [--top-k 3]``: one report of a results folder.
+
+Writes ``RUN_DIR/report.md`` (plots as PNG files in ``RUN_DIR/report_files/``) and
+``RUN_DIR/report.html`` (self-contained: the same PNGs embedded as base64 data URIs).
+Needs no network and no Ray; works on a study that is still running (the header
+says "partial results") and on studies with errored trials.
+
+``--evaluate`` first scores the top-k trials on the held-out test split with
+``analysis.evaluate.evaluate_top_k`` (it writes ``test_evaluation.json``); without
+it, the report uses a test_evaluation.json already in the folder, or says the
+evaluation has not been run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import html
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import tables as T
+from analysis.plots import Plot, latest_evaluation, make_all, read_test_evaluation
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PLOTS_DIR = "report_files"
+LONG_TABLE = 40  # trial-by-trial tables longer than this are shortened
+SECTIONS = (
+    "Study summary",
+    "Best trial per backbone",
+    "Backbone x unfreeze depth",
+    "Published results beside ours",
+    "Held-out test evaluation",
+    "Plots",
+    "Search efficiency",
+    "All trials",
+    "Errored trials",
+)
+
+
+@dataclasses.dataclass
+class Section:
+    title: str
+    blocks: list = dataclasses.field(default_factory=list)  # ("text", str) | ("table", DataFrame) | ("plot", Plot) | ("h3", str)
+
+    def text(self, s: str) -> None:
+        self.blocks.append(("text", s))
+
+    def table(self, frame: pd.DataFrame) -> None:
+        self.blocks.append(("table", frame))
+
+    def plot(self, p: Plot) -> None:
+        self.blocks.append(("plot", p))
+
+    def sub(self, title: str) -> None:
+        self.blocks.append(("h3", title))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.report", allow_abbrev=False,
+        description="Write RUN_DIR/report.md and a self-contained RUN_DIR/report.html from a study's results folder.",
+        epilog="Example: python -m analysis.report runs/quickstart --evaluate")
+    parser.add_argument("run_dir", help="a study's results folder, e.g. runs/quickstart")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="first evaluate the top-k trials on the held-out test split (analysis.evaluate)")
+    parser.add_argument("--top-k", type=_positive_int, default=3, help="trials to evaluate with --evaluate (default: 3)")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run_dir = Path(args.run_dir)
+    try:
+        T.load_run(run_dir)  # fail early on a folder that is not a results folder
+    except T.AnalysisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    code = EXIT_OK
+    eval_error = None
+    if args.evaluate:
+        eval_error = run_evaluation(run_dir, args.top_k)
+        if eval_error:
+            print(f"warning: test evaluation failed: {eval_error}", file=sys.stderr)
+            code = EXIT_FAILED
+    md, html_path = write_report(run_dir, eval_error=eval_error)
+    print(f"report: {md}\n        {html_path}")
+    return code
+
+
+def run_evaluation(run_dir: Path, k: int) -> str | None:
+    """Run analysis.evaluate.evaluate_top_k; the error's text if it fails, else None."""
+    try:
+        from analysis.evaluate import evaluate_top_k
+    except ImportError as exc:
+        return f"analysis.evaluate is not available ({exc})"
+    try:
+        evaluate_top_k(run_dir, k=k)
+    except Exception as exc:  # noqa: BLE001 - reported in the report and on stderr
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def write_report(run_dir: str | Path, eval_error: str | None = None) -> tuple[Path, Path]:
+    """Build every section and write report.md and report.html into ``run_dir``."""
+    run = T.load_run(run_dir)
+    sections, header = build(run, eval_error=eval_error)
+    md_path, html_path = run.path / "report.md", run.path / "report.html"
+    _atomic_write(md_path, render_markdown(header, sections, run))
+    _atomic_write(html_path, render_html(header, sections, run))
+    return md_path, html_path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- content
+
+def build(run: T.Run, eval_error: str | None = None) -> tuple[list[Section], dict]:
+    state = T.run_state(run)
+    record = read_test_evaluation(run)
+    evaluation = latest_evaluation(record)
+    plots = make_all(run, run.path / PLOTS_DIR, evaluation)
+    header = {"title": f"Study report: {run.name}", "state": state,
+              "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    sections = [
+        summary_section(run, state),
+        best_backbone_section(run),
+        unfreeze_section(run),
+        published_section(run, evaluation),
+        test_section(run, record, evaluation, eval_error),
+        plots_section(plots),
+        efficiency_section(run),
+        all_trials_section(run),
+        errored_section(run),
+    ]
+    assert [s.title for s in sections] == list(SECTIONS)
+    return sections, header
+
+
+def state_line(state: dict) -> str:
+    if state["partial"]:
+        return "**Partial results**: " + "; ".join(state["reasons"]) + "."
+    return "**Complete**: every trial of the study has ended."
+
+
+def summary_section(run: T.Run, state: dict) -> Section:
+    s = Section("Study summary")
+    study, ds = run.study, run.study.get("dataset") or {}
+    counts = T.status_counts(run)
+    rows = [
+        ("study", run.name),
+        ("description", study.get("description") or ""),
+        ("study file", f"{run.record.get('study_file', '')} (sha256 {str(run.record.get('study_file_sha256', ''))[:12]})"),
+        ("dataset", _dataset_text(ds)),
+        ("split protocol", _split_text(ds)),
+        ("classes", ", ".join(_classes(run)) + (f" (positive: {ds.get('positive_class')})" if ds.get("positive_class") else "")),
+        ("metric", f"{run.metric} ({run.mode})"),
+        ("budget", f"{run.num_samples} trials x at most {run.max_epochs} epochs"
+                   + (f", time limit {study.get('time_limit_s')} s" if study.get("time_limit_s") else "")),
+        ("ASHA", f"grace period {study.get('grace_period')} epoch(s), reduction factor {study.get('reduction_factor')}"),
+        ("resources", f"{study.get('max_concurrent')} trials at a time, {study.get('cpus_per_trial')} CPU and "
+                      f"{study.get('gpus_per_trial')} GPU per trial"),
+        ("seed", str(study.get("seed"))),
+        ("fixed hyperparameters", ", ".join(f"{k}={v}" for k, v in (study.get("fixed") or {}).items()) or "none"),
+        ("trials by status", ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {run.num_samples} planned)"),
+        ("started", str(state["started_at"] or "unknown")),
+    ]
+    if state["resumed_at"]:
+        rows.append(("resumed", ", ".join(state["resumed_at"])))
+    ends = T.ray_end_times(run)
+    if ends:
+        last = datetime.fromtimestamp(max(ends.values()), timezone.utc).isoformat(timespec="seconds")
+        rows.append(("last trial result", f"{last} (Ray's trial result.json)"))
+    if state["updated_at"]:
+        rows.append(("leaderboard last written", f"{state['updated_at']} ({_ago(state['updated_ago_s'])} ago)"))
+    if state["finish_marker"]:
+        rows.append(("finished", str(state["finish_marker"])))
+    if run.record.get("smoke"):
+        rows.append(("smoke run", "yes (--smoke: tiny budget and data subset)"))
+    if run.record.get("skipped_images"):
+        rows.append(("skipped images", f"{len(run.record['skipped_images'])} unreadable (listed in study.json)"))
+    versions = run.record.get("versions") or {}
+    if versions:
+        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)))
+    rows.append(("command", str(run.record.get("command", ""))))
+    s.table(pd.DataFrame(rows, columns=["", "value"]))
+    best = T.best_trial(run)
+    if best is not None:
+        s.text(f"Best trial by validation {run.metric}: **{best.get('trial_name')}** "
+               f"({best.get('backbone', '')}), {run.metric} = {T.format_value(best[run.score_column], run.score_column)} "
+               f"at epoch {T.format_value(best.get('best_epoch'), 'best_epoch')}.")
+    splits = T.split_counts(run)
+    if splits is not None:
+        s.sub("Images per split")
+        s.table(splits)
+    if not state["finish_marker"]:
+        s.text("How \"partial\" is decided: run.py writes no finish marker, so the report reads the folder: trials "
+               "still `running` in leaderboard.parquet, or fewer trials than `num_samples`.")
+    return s
+
+
+def _dataset_text(ds: dict) -> str:
+    parts = [str(ds.get("loader", "?"))]
+    if ds.get("path"):
+        parts.append(f"at {ds['path']}")
+    parts.append(f"{ds.get('image_size')} px")
+    if ds.get("options"):
+        parts.append("options " + ", ".join(f"{k}={v}" for k, v in ds["options"].items()))
+    return ", ".join(parts)
+
+
+def _split_text(ds: dict) -> str:
+    text = str(ds.get("split", "?"))
+    if ds.get("split_options"):
+        text += " (" + ", ".join(f"{k}={v}" for k, v in ds["split_options"].items()) + ")"
+    return text + f", split seed {ds.get('seed', 0)}"
+
+
+def _classes(run: T.Run) -> list[str]:
+    if run.splits is not None and "label" in run.splits.columns:
+        if "label_index" in run.splits.columns:
+            return list(run.splits.sort_values("label_index")["label"].drop_duplicates().astype(str))
+        return sorted(run.splits["label"].astype(str).unique())
+    return [str(c) for c in ((run.study.get("dataset") or {}).get("classes") or [])]
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def best_backbone_section(run: T.Run) -> Section:
+    s = Section("Best trial per backbone")
+    table = T.best_per_backbone(run)
+    if table.empty:
+        s.text("No trial has a validation score yet.")
+        return s
+    s.text(f"Each backbone's best trial by validation {run.metric}; every metric is taken at that trial's best "
+           "epoch (the checkpointed one). `trials` counts all the backbone's trials, errored included.")
+    s.table(T.pretty(table, run))
+    return s
+
+
+def unfreeze_section(run: T.Run) -> Section:
+    s = Section("Backbone x unfreeze depth")
+    table = T.best_per_backbone_unfreeze(run)
+    if table.empty:
+        s.text("No trial has a validation score yet.")
+        return s
+    s.text("As in the reference studies' tables: the best trial of each backbone at each unfreeze depth "
+           "(0 = frozen backbone, k = top k layers, all; `default` = not set by the study, the trainer's default).")
+    s.table(T.pretty(table, run))
+    return s
+
+
+def published_section(run: T.Run, evaluation: dict | None) -> Section:
+    s = Section("Published results beside ours")
+    try:
+        from analysis import published
+    except ImportError:
+        s.text("analysis/published.py is not available in this installation.")
+        return s
+    try:
+        key, protocol = published.study_key(run.path), published.run_protocol(run.path)
+        s.text(published.reference_note(run.path) + ".")
+    except ValueError as exc:
+        s.text(f"No published comparison: {exc}")
+        return s
+    if key is None:
+        return s
+    ours, prefix, what = _ours_for_published(run, evaluation)
+    if ours.empty:
+        s.text("No result of ours to compare yet.")
+        return s
+    try:
+        table = published.compare(ours, key, protocol, prefix=prefix)
+    except Exception as exc:  # noqa: BLE001 - the rest of the report still matters
+        s.text(f"Comparing with the published rows of {key} failed: {type(exc).__name__}: {exc}")
+        return s
+    s.text(f"Ours: {what}. `delta` = ours minus published, filled only under the same split protocol "
+           f"({protocol}); other rows are published anchors under their own protocol, shown for scale.")
+    s.table(_published_table(table))
+    return s
+
+
+def _ours_for_published(run: T.Run, evaluation: dict | None) -> tuple[pd.DataFrame, str, str]:
+    """Our rows for published.compare: the test evaluation's best trial if there is one, else validation bests."""
+    from analysis.plots import best_evaluated
+
+    best = best_evaluated(evaluation)
+    if best is not None and best.get("metrics"):
+        row = {"trial_name": best.get("trial_name"), "split": evaluation.get("split", "test")}
+        for m, v in best["metrics"].items():
+            row[m] = v
+            low_high = (best.get("ci") or {}).get(m)
+            if low_high:
+                row[f"{m}_ci_low"], row[f"{m}_ci_high"] = low_high
+        return pd.DataFrame([row]), "", f"the best trial on validation, scored on the {row['split']} split (95% CI)"
+    table = T.best_per_backbone(run)
+    table = table.assign(split="val")
+    return table, "best_val_", ("each backbone's best trial on the validation split (no test evaluation yet: "
+                                "published numbers are mostly on test, so read these as optimistic)")
+
+
+def _published_table(table: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({
+        "ours": table["ours"], "split": table["split"], "metric": table["metric"],
+        "ours value": [_ci_text(v, lo, hi) for v, lo, hi in zip(table["ours_value"], table["ours_ci_low"], table["ours_ci_high"])],
+        "published": table["published_value"].map(lambda v: T.format_value(v, "published")),
+        "delta": table["delta"].map(lambda v: "" if pd.isna(v) else f"{v:+.4f}"),
+        "comparison": table["comparison"],
+        "published model": table["published_model"].astype(str) + " (" + table["published_protocol"].astype(str) + ")",
+        "published config": table["published_config"].map(lambda v: _short(v, 70)),
+        "n": table["published_n"].map(lambda v: T.format_value(v, "n")),
+        "citation": table["citation"],
+    })
+    return out
+
+
+def _short(text, width: int) -> str:
+    text = "" if text is None or (isinstance(text, float) and text != text) else str(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _ci_text(value, low, high) -> str:
+    if value is None or pd.isna(value):
+        return ""
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"{value:.4f}"
+    return f"{value:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def test_section(run: T.Run, record: dict | None, evaluation: dict | None, eval_error: str | None) -> Section:
+    s = Section("Held-out test evaluation")
+    if eval_error:
+        s.text(f"The test evaluation requested with --evaluate failed: `{eval_error}`")
+    if evaluation is None:
+        val = read_test_evaluation(run, "val")
+        if record is not None:
+            s.text("test_evaluation.json logs a use of the test split but holds no finished evaluation.")
+        s.text(f"Not run yet: `python -m analysis.evaluate {run.path}` (or `python -m analysis.report {run.path} "
+               "--evaluate`). The search never loads the test split; only this evaluation does.")
+        if latest_evaluation(val) is not None:
+            s.text("A validation-split evaluation (val_evaluation.json) exists; it is not shown here: the trials "
+                   "were chosen on that split, so its scores are optimistic.")
+        _test_log(s, record)
+        return s
+    n = evaluation.get("n")
+    level = evaluation.get("level", 0.95)
+    s.text(f"The top {len(evaluation.get('trials') or [])} trial(s) by validation {evaluation.get('metric', run.metric)}, "
+           f"scored on the held-out {evaluation.get('split', 'test')} split ({n} images), evaluated "
+           f"{evaluation.get('evaluated_at', '?')}; intervals are {int(round(100 * level))}% percentile bootstrap "
+           f"intervals over {evaluation.get('n_boot')} resamples of the images (seed {evaluation.get('seed')}).")
+    for note in evaluation.get("notes") or []:
+        s.text(f"Note: {note}")
+    s.table(evaluation_table(evaluation, run))
+    per_class = per_class_table(evaluation)
+    if per_class is not None:
+        s.sub("Per class, best trial on test (precision, recall, F1)")
+        s.table(per_class)
+    _test_log(s, record)
+    return s
+
+
+def _test_log(s: Section, record: dict | None) -> None:
+    log = (record or {}).get("test_split_log") or []
+    if log:
+        when = ", ".join(str(e.get("test_split_used_at", "?")) for e in log[-5:])
+        s.text(f"The test split has been read {len(log)} time(s) (test_split_log in test_evaluation.json; "
+               f"latest: {when}). Each look at the test set makes it a little less held out.")
+
+
+def evaluation_table(evaluation: dict, run: T.Run) -> pd.DataFrame:
+    """One row per evaluated trial: its validation score, then each test metric as ``value [low, high]``."""
+    classes = (evaluation.get("trials") or [{}])[0].get("class_names") or []
+    positive = evaluation.get("positive_class")
+    recall = [f"recall_{positive}"] if positive else [f"recall_{c}" for c in classes]
+    shown = ["accuracy", "balanced_accuracy", "macro_f1", "auc", *recall]
+    rows = []
+    for t in sorted(evaluation.get("trials") or [], key=lambda t: t.get("rank", 0)):
+        metrics, ci = t.get("metrics") or {}, t.get("ci") or {}
+        row = {"rank": t.get("rank"), "trial": t.get("trial_name"),
+               run.metric: T.format_value(t.get(run.score_column), run.score_column),
+               "best epoch": T.format_value(t.get("best_epoch"), "best_epoch")}
+        for m in shown:
+            low, high = (ci.get(m) or [None, None])[:2]
+            row[m.replace("_", " ")] = _ci_text(metrics.get(m), low, high)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_class_table(evaluation: dict) -> pd.DataFrame | None:
+    """Precision, recall and F1 per class for the best trial, each with its interval, and the support."""
+    from analysis.plots import best_evaluated
+
+    best = best_evaluated(evaluation)
+    if not best or not best.get("class_names"):
+        return None
+    metrics, ci = best.get("metrics") or {}, best.get("ci") or {}
+    report = best.get("classification_report") or {}
+    rows = []
+    for c in best["class_names"]:
+        row = {"class": c}
+        for label, m in (("precision", f"precision_{c}"), ("recall", f"recall_{c}"), ("F1", f"f1_{c}")):
+            low, high = (ci.get(m) or [None, None])[:2]
+            row[label] = _ci_text(metrics.get(m), low, high)
+        support = (report.get(c) or {}).get("support")
+        row["support"] = "" if support is None else str(int(support))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "trial", best.get("trial_name", ""))
+    return frame
+
+
+def plots_section(plots: dict[str, list[Plot]]) -> Section:
+    s = Section("Plots")
+    titles = {"learning_curves": "Learning curves", "hyperparameters": "Hyperparameters",
+              "importance": "Parameter importance", "confusion": "Confusion matrix (test)",
+              "efficiency": "Best so far vs compute"}
+    for group, items in plots.items():
+        s.sub(titles.get(group, group))
+        for p in items:
+            s.plot(p)
+    return s
+
+
+def efficiency_section(run: T.Run) -> Section:
+    s = Section("Search efficiency")
+    b = T.asha_budget(run)
+    curve = T.best_so_far(run)
+    lines = [
+        f"- epochs run: **{b['epochs_run']}** of {b['full_epochs']} ({b['trials']} trials x {b['max_epochs']} epochs)"
+        + (f"; the plan was {b['planned_epochs']} ({b['num_samples']} trials)" if b["planned_epochs"] != b["full_epochs"] else ""),
+        f"- saved by ASHA: **{b['saved_by_asha']} epochs** ({_pct(b['saved_fraction'])} of {b['full_epochs']}), "
+        f"about {b['saved_s_estimate'] / 60:.1f} min of trial time at each stopped trial's own pace",
+        f"- stopped trials by epochs run: " + (", ".join(f"{n} after {e}" for e, n in b["stopped_after_epochs"].items()) or "none"),
+    ]
+    if b["lost_to_errors"]:
+        lines.append(f"- not run because trials errored: {b['lost_to_errors']} epochs")
+    if b["still_running"]:
+        lines.append(f"- still to run for running trials: at most {b['still_running']} epochs")
+    lines.append(f"- compute used: {b['compute_s'] / 60:.1f} min of trial wall time (summed over trials)")
+    found = curve[curve["new_best"]]
+    if len(found):
+        last = found.iloc[-1]
+        total = curve["cumulative_s"].iloc[-1]
+        lines.append(f"- the final best ({T.format_value(last['best_so_far'], run.score_column)}, {last.get('trial_name')}) "
+                     f"was reached after {last['cumulative_s'] / 60:.1f} min, {_pct(last['cumulative_s'] / total if total else float('nan'))} "
+                     f"of the compute; trial {int(curve.index[curve['new_best']][-1]) + 1} of {len(curve)} to end")
+    s.text("\n".join(lines))
+    s.text(f"Best so far, trial by trial, in {T.order_note(curve.attrs.get('order'))}; cumulative compute is the "
+           "sum of trial wall times in that order (trials ran in parallel, so it exceeds the study's wall time):")
+    shown = curve.copy()
+    if len(shown) > LONG_TABLE:  # a long study: the trials that improved the best, and the last one
+        keep = shown["new_best"].copy()
+        keep.iloc[-1] = True
+        s.text(f"({len(shown)} trials: only those that set a new best, and the last, are listed.)")
+        shown = shown[keep]
+    shown["new_best"] = shown["new_best"].map({True: "new best", False: ""})
+    s.table(T.pretty(shown, run))
+    return s
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.0f}%"
+
+
+def all_trials_section(run: T.Run) -> Section:
+    s = Section("All trials")
+    if run.board.empty:
+        s.text("No trial yet.")
+        return s
+    s.text(f"Best first by validation {run.metric} (ties: lower validation loss); unscored trials last.")
+    s.table(T.pretty(T.all_trials(run), run))
+    return s
+
+
+def errored_section(run: T.Run) -> Section:
+    s = Section("Errored trials")
+    errored = T.errored_trials(run)
+    if errored.empty:
+        s.text("None.")
+        return s
+    s.text(f"{len(errored)} trial(s) errored; the line below is the exception from each trial's Ray error file.")
+    s.table(T.pretty(errored, run))
+    return s
+
+
+# ---------------------------------------------------------------- rendering
+
+def render_markdown(header: dict, sections: list[Section], run: T.Run) -> str:
+    out = [f"# {header['title']}", "", state_line(header["state"]), "",
+           f"_Generated {header['generated']} from `{run.path}`._", ""]
+    for section in sections:
+        out += [f"## {section.title}", ""]
+        for kind, value in section.blocks:
+            if kind == "text":
+                out += [value, ""]
+            elif kind == "h3":
+                out += [f"### {value}", ""]
+            elif kind == "table":
+                out += [T.to_markdown(value) if len(value) else "_(none)_", ""]
+            elif kind == "plot":
+                if value.path is not None:
+                    rel = value.path.relative_to(run.path) if value.path.is_relative_to(run.path) else value.path
+                    out += [f"![{value.title}]({rel.as_posix()})", ""]
+                    if value.note:
+                        out += [f"_{value.note}_", ""]
+                else:
+                    out += [f"**{value.title}**: {value.note}", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444;padding-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.15em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em;display:block;overflow-x:auto}
+th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right;white-space:nowrap}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+tbody tr:nth-child(even){background:#fafafa}
+code{background:#f3f3f3;padding:0 .25em;border-radius:3px;font-size:.9em}
+.state{padding:.5em .8em;border-radius:4px;background:#eef7ee;border:1px solid #9c9}
+.state.partial{background:#fff6e0;border-color:#e0b040}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption,.note{color:#555;font-size:.88em}
+.skipped{color:#8a5a00}
+"""
+
+
+def render_html(header: dict, sections: list[Section], run: T.Run) -> str:
+    state = header["state"]
+    body = [f"<h1>{html.escape(header['title'])}</h1>",
+            f"<p class=\"state{' partial' if state['partial'] else ''}\">{_inline(state_line(state))}</p>",
+            f"<p class=\"note\">Generated {html.escape(header['generated'])} from <code>{html.escape(str(run.path))}</code>.</p>",
+            "<nav><ol>" + "".join(f"<li><a href=\"#{_anchor(s.title)}\">{html.escape(s.title)}</a></li>" for s in sections)
+            + "</ol></nav>"]
+    for section in sections:
+        body.append(f"<h2 id=\"{_anchor(section.title)}\">{html.escape(section.title)}</h2>")
+        for kind, value in section.blocks:
+            if kind == "text":
+                body.append(_text_html(value))
+            elif kind == "h3":
+                body.append(f"<h3>{html.escape(value)}</h3>")
+            elif kind == "table":
+                body.append(value.to_html(index=False, border=0, escape=True, na_rep="") if len(value) else "<p><em>(none)</em></p>")
+            elif kind == "plot":
+                if value.path is not None:
+                    data = base64.b64encode(value.path.read_bytes()).decode("ascii")
+                    caption = html.escape(value.note) if value.note else ""
+                    body.append(f"<figure><img alt=\"{html.escape(value.title)}\" src=\"data:image/png;base64,{data}\">"
+                                f"<figcaption>{caption}</figcaption></figure>")
+                else:
+                    body.append(f"<p class=\"skipped\"><strong>{html.escape(value.title)}</strong>: {_inline(value.note)}</p>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(header['title'])}</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _anchor(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def _inline(text: str) -> str:
+    """The little Markdown the report's text uses: `code`, **bold**, _italic_; everything else escaped."""
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    return text
+
+
+def _text_html(text: str) -> str:
+    lines = text.splitlines()
+    if lines and all(line.startswith("- ") for line in lines):
+        return "<ul>" + "".join(f"<li>{_inline(line[2:])}</li>" for line in lines) + "</ul>"
+    return "<p>" + "<br>".join(_inline(line) for line in lines) + "</p>"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,565 @@
+"""Tables from a results folder: best trial per backbone and per backbone x unfreeze depth,
+search efficiency (best-so-far against compute) and the budget ASHA saved.
+
+Pure pandas: no Ray, no TensorFlow. Every function works on a finished study, on
+one that is still running (partial Parquet files, trials with status ``running``)
+and on studies with errored trials (rows without metrics).
+
+``load_run(run_dir)`` reads the folder once; the other functions take the ``Run``.
+Tables keep the leaderboard's own column names (``best_val_auc``, ``wall_time_s``, ...)
+so their numbers can be checked against ``leaderboard.parquet``; ``pretty`` and
+``to_markdown`` turn them into something to read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+# Columns of leaderboard.parquet that are not hyperparameters (search/results.py writes them).
+BOOKKEEPING = frozenset({
+    "trial_id", "trial_number", "trial_name", "status", "error", "checkpoint_path", "epochs", "best_epoch",
+    "wall_time_s", "trainable_params", "total_params", "started_at", "ended_at", "finished_at",
+})
+# trainables/train.py:DEFAULTS, the trial's hyperparameters (copied: importing it imports Keras).
+# Used only to prefer these names when an Optuna parameter duplicates one (``cnn_learning_rate``).
+HPARAM_NAMES = ("backbone", "weights", "unfreeze", "warmup_epochs", "learning_rate", "fine_tune_lr", "dropout",
+                "head_units", "pooling", "augment", "class_weight", "batch_size")
+STALE_S = 1800  # running trials in a leaderboard not written for this long: the driver has probably stopped
+STATUS_ORDER = ("finished", "stopped", "running", "errored")
+# Metric columns of the best-per-group tables, in order; recall columns are added per class.
+METRIC_COLUMNS = ("best_val_accuracy", "best_val_balanced_accuracy", "best_val_macro_f1", "best_val_auc")
+COST_COLUMNS = ("best_epoch", "epochs", "wall_time_s", "trainable_params", "total_params")
+LABELS = {
+    "best_val_accuracy": "accuracy", "best_val_balanced_accuracy": "balanced acc.", "best_val_macro_f1": "macro F1",
+    "best_val_auc": "AUC", "best_val_loss": "val loss", "best_epoch": "best epoch", "wall_time_s": "wall time (s)",
+    "trainable_params": "trainable params", "total_params": "total params", "trial_name": "trial",
+    "trial_number": "trial #", "cumulative_s": "cumulative (s)", "best_so_far": "best so far", "new_best": "",
+}
+
+
+class AnalysisError(ValueError):
+    """The folder is not a results folder, or lacks what an analysis needs."""
+
+
+@dataclasses.dataclass
+class Run:
+    """One results folder, read once."""
+
+    path: Path
+    record: dict  # study.json
+    board: pd.DataFrame  # leaderboard.parquet (empty if not written yet)
+    epochs: pd.DataFrame  # epochs.parquet (empty if not written yet)
+    splits: pd.DataFrame | None  # splits.parquet, if present
+
+    @property
+    def study(self) -> dict:
+        return self.record.get("study", {})
+
+    @property
+    def name(self) -> str:
+        return str(self.study.get("name", self.path.name))
+
+    @property
+    def metric(self) -> str:
+        return str(self.study.get("metric", "val_balanced_accuracy"))
+
+    @property
+    def mode(self) -> str:
+        return str(self.study.get("mode", "max"))
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.study.get("max_epochs", 0) or 0)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.study.get("num_samples", 0) or 0)
+
+    @property
+    def score_column(self) -> str:
+        return f"best_{self.metric}"
+
+    @property
+    def positive_class(self) -> str | None:
+        return (self.study.get("dataset") or {}).get("positive_class")
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read ``study.json``, ``leaderboard.parquet``, ``epochs.parquet`` and ``splits.parquet``."""
+    path = Path(run_dir)
+    meta = path / "study.json"
+    if not meta.is_file():
+        raise AnalysisError(f"{str(path)!r} is not a results folder: it has no study.json "
+                            "(written by python -m search.run STUDY_FILE --storage DIR, as DIR/<study>/)")
+    record = json.loads(meta.read_text())
+    board = _read(path / "leaderboard.parquet")
+    epochs = _read(path / "epochs.parquet")
+    if "status" not in board.columns:
+        board["status"] = pd.Series(dtype="string")
+    for col in ("trial_id", "trial_name"):
+        if col not in board.columns:
+            board[col] = pd.Series(dtype="string")
+    # A trial whose epochs were written but whose leaderboard row was not yet: it is running.
+    if not epochs.empty and "trial_id" in epochs.columns:
+        missing = sorted(set(epochs["trial_id"].dropna()) - set(board["trial_id"].dropna()))
+        if missing:
+            extra = pd.DataFrame({"trial_id": missing, "status": "running"})
+            board = pd.concat([board, extra], ignore_index=True)
+    splits = _read(path / "splits.parquet") if (path / "splits.parquet").exists() else None
+    return Run(path=path, record=record, board=board.reset_index(drop=True), epochs=epochs, splits=splits)
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+
+
+# ---------------------------------------------------------------- the study's state
+
+def status_counts(run: Run) -> dict[str, int]:
+    """Trials by status, every status named (0 when none)."""
+    counts = run.board["status"].fillna("running").value_counts().to_dict()
+    out = {s: int(counts.pop(s, 0)) for s in STATUS_ORDER}
+    out.update({str(k): int(v) for k, v in counts.items()})
+    return out
+
+
+def run_state(run: Run, now: datetime | None = None) -> dict:
+    """Whether the results are partial, and why.
+
+    It uses what the folder shows: ``finished_at`` and ``outcome`` in
+    study.json (run.py writes them when a run ends), trials still
+    ``running`` in the leaderboard, fewer trials than ``num_samples``, and how
+    long ago leaderboard.parquet was last written.
+    """
+    now = now or datetime.now(timezone.utc)
+    counts = status_counts(run)
+    reasons = []
+    if counts["running"]:
+        reasons.append(f"{counts['running']} trial(s) still running (or the driver stopped while they ran)")
+    if len(run.board) < run.num_samples:
+        why = " (the study's time limit may have ended it)" if run.study.get("time_limit_s") else ""
+        reasons.append(f"{len(run.board)} of {run.num_samples} trials in the leaderboard{why}")
+    if run.board.empty:
+        reasons.append("no leaderboard.parquet yet")
+    board_file = run.path / "leaderboard.parquet"
+    updated = datetime.fromtimestamp(board_file.stat().st_mtime, timezone.utc) if board_file.exists() else None
+    finished_at = run.record.get("finished_at")
+    if counts["running"] and updated and (now - updated).total_seconds() > STALE_S:
+        reasons.append(f"the leaderboard was last written {(now - updated).total_seconds() / 3600:.1f} h ago while "
+                       "trials were running: the driver probably stopped (python -m search.run ... --resume continues it)")
+    resumed = [str(r) for r in run.record.get("resumed_at", [])]
+    if finished_at and resumed and max(resumed) > str(finished_at):
+        reasons.append(f"resumed at {max(resumed)}, after the recorded finish ({finished_at})")
+    return {
+        "partial": bool(reasons),
+        "reasons": reasons,
+        "finish_marker": finished_at,
+        "started_at": run.record.get("started_at"),
+        "resumed_at": list(run.record.get("resumed_at", [])),
+        "updated_at": updated.isoformat(timespec="seconds") if updated else None,
+        "updated_ago_s": (now - updated).total_seconds() if updated else None,
+    }
+
+
+def split_counts(run: Run) -> pd.DataFrame | None:
+    """Images per split and class (from splits.parquet), with totals."""
+    if run.splits is None or run.splits.empty or not {"split", "label"} <= set(run.splits.columns):
+        return None
+    table = pd.crosstab(run.splits["split"], run.splits["label"], margins=True, margins_name="total")
+    order = [s for s in ("train", "val", "test", "unused", "total") if s in table.index]
+    table = table.loc[order + [s for s in table.index if s not in order]]
+    table.index.name = "split"
+    table.columns.name = None
+    return table.reset_index()
+
+
+# ---------------------------------------------------------------- hyperparameters
+
+def hyperparameter_columns(run_or_board) -> list[str]:
+    """Leaderboard columns holding hyperparameters (searched, conditional or fixed)."""
+    board = run_or_board.board if isinstance(run_or_board, Run) else run_or_board
+    return [c for c in board.columns
+            if c not in BOOKKEEPING and not c.startswith(("best_", "last_")) and not c.startswith("_")]
+
+
+def searched_parameters(run: Run, statuses=("finished", "stopped", "running")) -> list[str]:
+    """Hyperparameter columns whose value varies across trials, without duplicates.
+
+    Ray's OptunaSearch puts both Optuna's parameter (``cnn_learning_rate``) and
+    the space's output (``learning_rate``) into a trial's config; a column that
+    only repeats another one on the rows where it is set is left out, keeping
+    the hyperparameter's own name.
+    """
+    board = run.board[run.board["status"].isin(statuses)] if statuses else run.board
+    fixed = set((run.study.get("fixed") or {}).keys())
+    cols = [c for c in hyperparameter_columns(board) if c not in fixed and board[c].dropna().nunique() > 1]
+
+    def rank(c):  # keep: hyperparameter names first, then the most rows set, then the shorter name
+        return (c not in HPARAM_NAMES, -int(board[c].notna().sum()), len(c), c)
+
+    kept: list[str] = []
+    for col in sorted(cols, key=rank):
+        if not any(_repeats(board[col], board[k]) for k in kept):
+            kept.append(col)
+    return [c for c in cols if c in kept]  # leaderboard order
+
+
+def _repeats(a: pd.Series, b: pd.Series) -> bool:
+    """``a`` equals ``b`` on every row where ``a`` is set (and ``b`` is set there too)."""
+    rows = a.notna()
+    if not rows.any() or b[rows].isna().any():
+        return False
+    return bool((a[rows].astype(str).values == b[rows].astype(str).values).all()
+                or (_numeric(a[rows]) is not None and _numeric(b[rows]) is not None
+                    and (_numeric(a[rows]) == _numeric(b[rows])).all()))
+
+
+def _numeric(s: pd.Series):
+    try:
+        return pd.to_numeric(s).astype(float).values
+    except (TypeError, ValueError):
+        return None
+
+
+def parameter_kind(values: pd.Series, name: str = "") -> str:
+    """``categorical``, ``int``, ``float`` or ``log`` (a float best read on a log axis)."""
+    values = values.dropna()
+    if values.empty or values.dtype == bool or str(values.dtype) == "boolean" or not pd.api.types.is_numeric_dtype(values):
+        return "categorical"
+    floats = values.astype(float)
+    if (floats == floats.round()).all():
+        return "categorical" if floats.nunique() <= 5 else "int"
+    if _looks_log(name, floats):
+        return "log"
+    return "float"
+
+
+def _looks_log(name: str, floats: pd.Series) -> bool:
+    if (floats <= 0).any():
+        return False
+    if re.search(r"(^|_)(lr|learning_rate|weight_decay|decay|eps)($|_)", name):
+        return True
+    return floats.max() / floats.min() >= 100
+
+
+def category_order(values) -> list:
+    """Categories sorted numbers first (numerically), then the rest (``0, 20, 40, all``)."""
+    def key(v):
+        try:
+            return (0, float(v), "")
+        except (TypeError, ValueError):
+            return (1, 0.0, str(v))
+    return sorted({v for v in values if not _isna(v)}, key=key)
+
+
+def _isna(v) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- best trials
+
+def scored(run: Run) -> pd.DataFrame:
+    """Trials with a score (not errored), best first; ties go to the lower validation loss."""
+    board = run.board
+    score = run.score_column
+    if score not in board.columns or board.empty:
+        return board.iloc[0:0]
+    out = board[(board["status"] != "errored") & board[score].notna()].copy()
+    keys, ascending = [score], [run.mode == "min"]
+    if "best_val_loss" in out.columns and score != "best_val_loss":
+        keys.append("best_val_loss")
+        ascending.append(True)
+    return out.sort_values(keys, ascending=ascending, na_position="last", kind="mergesort")
+
+
+def best_trial(run: Run) -> pd.Series | None:
+    """The study's best trial by its own metric and mode (None if no trial has a score yet)."""
+    ranked = scored(run)
+    return ranked.iloc[0] if len(ranked) else None
+
+
+def recall_columns(run: Run) -> list[str]:
+    """``best_val_recall_<positive class>`` for a binary study with a positive class, else every class's."""
+    cols = [c for c in run.board.columns if c.startswith("best_val_recall_")]
+    positive = run.positive_class
+    if positive and f"best_val_recall_{positive}" in cols:
+        return [f"best_val_recall_{positive}"]
+    return cols
+
+
+def table_columns(run: Run) -> list[str]:
+    cols = ["trial_name", "status", run.score_column]
+    cols += [c for c in (*METRIC_COLUMNS, *recall_columns(run)) if c not in cols]
+    cols += list(COST_COLUMNS)
+    return [c for c in cols if c in run.board.columns]
+
+
+def best_per_group(run: Run, by: list[str]) -> pd.DataFrame:
+    """The best trial of each group of ``by`` columns (a missing or unset column groups as ``default``)."""
+    ranked = scored(run).copy()
+    for col in by:
+        if col not in ranked.columns:
+            ranked[col] = "default"
+        ranked[col] = ranked[col].astype("object").where(ranked[col].notna(), "default").map(_label)
+    columns = list(by) + [c for c in table_columns(run) if c not in by]
+    if ranked.empty:
+        return pd.DataFrame(columns=columns + ["trials"])
+    best = ranked.groupby(by, sort=False, dropna=False).head(1).copy()
+    counts = run.board.copy()
+    for col in by:
+        counts[col] = (counts[col].astype("object").where(counts[col].notna(), "default").map(_label)
+                       if col in counts.columns else "default")
+    sizes = counts.groupby(by, dropna=False).size().rename("trials").reset_index()
+    best = best[columns].merge(sizes, on=by, how="left")
+    best = best.sort_values(run.score_column, ascending=run.mode == "min", kind="mergesort")
+    if len(by) > 1:  # e.g. backbone, then unfreeze depth in numeric order
+        order = {v: i for i, v in enumerate(best[by[0]].drop_duplicates())}
+        depth = {v: i for i, v in enumerate(category_order(best[by[1]]))}
+        best = best.sort_values(by, key=lambda s: s.map(order if s.name == by[0] else depth), kind="mergesort")
+    return best.reset_index(drop=True)
+
+
+def _label(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def best_per_backbone(run: Run) -> pd.DataFrame:
+    """One row per backbone: its best trial's validation metrics, epochs, wall time and parameters."""
+    return best_per_group(run, ["backbone"])
+
+
+def best_per_backbone_unfreeze(run: Run) -> pd.DataFrame:
+    """One row per backbone x unfreeze depth (``default`` when the study does not set it)."""
+    return best_per_group(run, ["backbone", "unfreeze"])
+
+
+# ---------------------------------------------------------------- search efficiency
+
+def completion_order(run: Run) -> pd.DataFrame:
+    """Trials in the order they completed, as well as the folder tells.
+
+    The leaderboard records no end time today. In order of preference: an
+    ``ended_at`` column (if a later results.py writes one); the ``timestamp``
+    of each trial's last result in Ray's ``<trial_name>/result.json`` (present
+    while the folder keeps the trial folders); else ``trial_number`` (the order
+    Optuna proposed the trials). ``attrs["order"]`` names what was used.
+    """
+    board = run.board.copy()
+    number = pd.to_numeric(board["trial_number"], errors="coerce") if "trial_number" in board.columns \
+        else pd.Series(range(len(board)), index=board.index, dtype=float)
+    ended = None
+    if "ended_at" in board.columns and board["ended_at"].notna().any():
+        ended, how = pd.to_datetime(board["ended_at"], errors="coerce", utc=True), "ended_at"
+    else:
+        stamps = ray_end_times(run)
+        if stamps:
+            ended = pd.to_datetime(board["trial_name"].map(stamps), unit="s", utc=True)
+            how = "completion (Ray result.json timestamps)"
+    if ended is None:
+        how = "trial_number" if "trial_number" in board.columns else "leaderboard row"
+        board["_end"], board["_number"] = 0, number
+    else:
+        board["_end"], board["_number"] = ended, number
+    board = board.sort_values(["_end", "_number"], kind="mergesort", na_position="last").drop(columns=["_end", "_number"])
+    board.attrs["order"] = how
+    return board.reset_index(drop=True)
+
+
+def order_note(how: str | None) -> str:
+    """How ``completion_order`` ordered the trials, in words for a report."""
+    if how == "ended_at":
+        return "completion order (leaderboard ended_at)"
+    if how and how.startswith("completion"):
+        return "completion order (each trial's last result time in Ray's trial result.json; the leaderboard records no end time)"
+    return (f"{how or 'trial_number'} order, standing in for completion order (no end times: the leaderboard records "
+            "none and Ray's trial folders are not here)")
+
+
+def ray_end_times(run: Run) -> dict[str, float]:
+    """``trial_name -> unix time`` of each trial's last result, from Ray's ``result.json`` (empty if absent)."""
+    out = {}
+    for name in run.board["trial_name"].dropna().astype(str):
+        path = run.path / name / "result.json"
+        if not path.is_file():
+            continue
+        try:
+            with path.open("rb") as f:
+                f.seek(max(0, path.stat().st_size - 65536))
+                lines = [line for line in f.read().splitlines() if line.strip()]
+            stamp = json.loads(lines[-1]).get("timestamp") if lines else None
+        except (OSError, ValueError):
+            continue
+        if isinstance(stamp, (int, float)):
+            out[name] = float(stamp)
+    return out
+
+
+def best_so_far(run: Run) -> pd.DataFrame:
+    """Best-so-far score against cumulative compute (the sum of trial wall times, in completion order).
+
+    Errored trials count for the compute they used and never improve the best.
+    """
+    board = completion_order(run)
+    score = run.score_column
+    cols = ["trial_number", "trial_name", "status"]
+    out = board[[c for c in cols if c in board.columns]].copy()
+    wall = pd.to_numeric(board.get("wall_time_s", pd.Series(index=board.index, dtype=float)), errors="coerce")
+    out["wall_time_s"] = wall.astype(float)
+    out["cumulative_s"] = wall.fillna(0.0).astype(float).cumsum()
+    value = pd.to_numeric(board.get(score, pd.Series(index=board.index, dtype=float)), errors="coerce")
+    value = value.where(board["status"] != "errored")
+    out[score] = value
+    running = (value.cummax() if run.mode == "max" else value.cummin()).ffill()
+    out["best_so_far"] = running
+    previous = running.shift(1)
+    out["new_best"] = value.notna() & (previous.isna() | (running != previous))
+    out.attrs["order"] = board.attrs.get("order")
+    return out
+
+
+def asha_budget(run: Run) -> dict:
+    """Epochs run against ``trials x max_epochs``, and how much of the difference ASHA saved.
+
+    ``full_epochs`` = trials x max_epochs; ``unused_epochs`` = full - run, split
+    into ``saved_by_asha`` (stopped trials), ``lost_to_errors`` (errored trials)
+    and ``still_running`` (running trials). Seconds saved are estimated from each
+    stopped trial's own time per epoch.
+    """
+    board = run.board
+    max_epochs = run.max_epochs
+    epochs = pd.to_numeric(board.get("epochs", pd.Series(index=board.index, dtype=float)), errors="coerce")
+    if not run.epochs.empty and {"trial_id", "epoch"} <= set(run.epochs.columns):
+        seen = run.epochs.groupby("trial_id")["epoch"].max()
+        epochs = epochs.fillna(board["trial_id"].map(seen))
+    epochs = epochs.fillna(0).astype(int)
+    wall = pd.to_numeric(board.get("wall_time_s", pd.Series(index=board.index, dtype=float)), errors="coerce")
+    left = (max_epochs - epochs).clip(lower=0)
+    status = board["status"].fillna("running")
+
+    def part(name):
+        return int(left[status == name].sum())
+
+    stopped = status == "stopped"
+    per_epoch = (wall / epochs.where(epochs > 0)).where(stopped)
+    saved_s = float((per_epoch * left).where(stopped).sum())
+    trials = len(board)
+    full = trials * max_epochs
+    run_epochs = int(epochs.sum())
+    stopped_at = epochs[stopped].value_counts().sort_index()
+    return {
+        "trials": trials,
+        "num_samples": run.num_samples,
+        "max_epochs": max_epochs,
+        "grace_period": run.study.get("grace_period"),
+        "reduction_factor": run.study.get("reduction_factor"),
+        "epochs_run": run_epochs,
+        "full_epochs": full,
+        "planned_epochs": run.num_samples * max_epochs,
+        "unused_epochs": full - run_epochs,
+        "saved_by_asha": part("stopped"),
+        "lost_to_errors": part("errored"),
+        "still_running": part("running"),
+        "saved_fraction": part("stopped") / full if full else math.nan,
+        "compute_s": float(wall.fillna(0).sum()),
+        "saved_s_estimate": saved_s,
+        "stopped_after_epochs": {int(k): int(v) for k, v in stopped_at.items()},
+    }
+
+
+def errored_trials(run: Run) -> pd.DataFrame:
+    board = run.board[run.board["status"] == "errored"]
+    cols = [c for c in ("trial_name", "trial_number", "backbone", "epochs", "error") if c in board.columns]
+    return board[cols].reset_index(drop=True)
+
+
+def all_trials(run: Run) -> pd.DataFrame:
+    """Every trial, best first (unscored ones last), with its searched hyperparameters."""
+    ranked = scored(run)
+    rest = run.board.drop(index=ranked.index)
+    board = pd.concat([ranked, rest])
+    cols = ["trial_name", "status", run.score_column, *searched_parameters(run, statuses=None), "best_epoch",
+            "epochs", "wall_time_s"]
+    seen: list[str] = []
+    for c in cols:
+        if c in board.columns and c not in seen:
+            seen.append(c)
+    return board[seen].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- display
+
+def pretty(frame: pd.DataFrame, run: Run | None = None) -> pd.DataFrame:
+    """Numbers formatted as text and readable column names, for Markdown and HTML."""
+    out = frame.copy()
+    for col in out.columns:
+        whole = _whole_numbers(out[col]) and not _is_score(str(col))
+        out[col] = out[col].map(lambda v, c=col, w=whole: format_value(v, str(c), whole=w))
+    labels = dict(LABELS)
+    if run is not None and run.score_column not in labels:
+        labels[run.score_column] = f"{run.metric} ({run.mode})"
+    for col in out.columns:
+        if str(col).startswith("best_val_recall_"):
+            labels.setdefault(col, "recall " + str(col)[len("best_val_recall_"):])
+    return out.rename(columns=labels)
+
+
+def _is_score(column: str) -> bool:
+    return column.startswith(("best_", "last_", "val_", "test_", "train_")) or column in ("importance",)
+
+
+def _whole_numbers(values: pd.Series) -> bool:
+    """A float column holding only whole numbers (``head_units`` 0.0, 128.0 beside NaN)."""
+    if not pd.api.types.is_float_dtype(values):
+        return False
+    present = values.dropna()
+    return bool(len(present)) and bool((present == present.round()).all())
+
+
+def format_value(value, column: str = "", whole: bool = False) -> str:
+    if value is None or _isna(value):
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int) or (hasattr(value, "dtype") and getattr(value, "dtype").kind in "iu"):
+        return f"{int(value):,}" if "params" in column else str(int(value))
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value, "dtype").kind == "f"):
+        value = float(value)
+        if column.endswith("params") or column in ("epochs", "best_epoch", "trials", "trial_number"):
+            return f"{int(value):,}" if "params" in column else str(int(value))
+        if whole and not (column.endswith("_s") or "time" in column):
+            return str(int(value))
+        if column.endswith("_s") or "time" in column:
+            return f"{value:.1f}"
+        if re.search(r"(lr|learning_rate)", column) or (value != 0 and abs(value) < 1e-3):
+            return f"{value:.3g}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def to_markdown(frame: pd.DataFrame, index: bool = False) -> str:
+    """A GitHub Markdown table (no tabulate needed); cells are text as given."""
+    if index:
+        frame = frame.reset_index()
+    if frame.empty and not len(frame.columns):
+        return "_(empty)_"
+
+    def cell(v) -> str:
+        text = "" if v is None or _isna(v) else str(v)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])

@@ -1,0 +1,147 @@
+"""analysis.report: report.md and a self-contained report.html with every section, on real and synthetic folders."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import sys
+import types
+
+import pytest
+
+from analysis import report as R
+from fixtures.runs import make_run_dir
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def real_copy(run_dir, tmp_path):
+    """A copy of the real tiny study, so writing the report leaves the shared fixture untouched."""
+    return shutil.copytree(run_dir, tmp_path / "tiny")
+
+
+def _embedded_pngs(html: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def test_report_of_the_real_study_has_every_section_and_embedded_images(real_copy):
+    assert R.main([str(real_copy)]) == 0
+    html = (real_copy / "report.html").read_text()
+    md = (real_copy / "report.md").read_text()
+    for title in R.SECTIONS:
+        assert re.search(rf"<h2 id=\"[a-z0-9-]+\">{re.escape(title)}</h2>", html), title
+        assert f"\n## {title}\n" in md, title
+    images = _embedded_pngs(html)
+    assert len(images) >= 4 and all(img.startswith(PNG) for img in images)
+    # Self-contained: no file or network reference from the HTML.
+    assert not re.search(r'src="(?!data:)', html) and "<link" not in html
+    for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (real_copy / rel).is_file(), rel
+    assert "**Complete**" in md and "Partial results" not in md
+    assert "Not run yet: `python -m analysis.evaluate" in md
+    assert "| backbone | trial | status | balanced acc. |" in md
+
+
+def test_a_running_study_says_partial_results(tmp_path):
+    trials = [(0, "cnn_s3", "all", 1e-3, None, "finished", [0.5, 0.6]), (1, "cnn_s3", "all", 2e-3, None, "running", [0.55])]
+    folder = make_run_dir(tmp_path, trials, max_epochs=2, num_samples=6)
+    md_path, html_path = R.write_report(folder)
+    md, html = md_path.read_text(), html_path.read_text()
+    header = md.split("## Study summary")[0]
+    assert "**Partial results**: 1 trial(s) still running" in header and "2 of 6 trials" in header
+    assert 'class="state partial"' in html and "<strong>Partial results</strong>" in html
+
+
+def test_errored_trials_are_listed_with_their_error_line(tmp_path):
+    md_path, html_path = R.write_report(make_run_dir(tmp_path))
+    errored = md_path.read_text().split("## Errored trials")[1]
+    assert "trial_005_mobilenet_v2" in errored and "ValueError: bad dropout 2" in errored
+    assert "ValueError: bad dropout 2" in html_path.read_text().split('id="errored-trials"')[1]
+
+
+def test_a_study_where_every_trial_errored_still_gets_a_report(tmp_path):
+    trials = [(0, "cnn_s3", "all", 1e-3, None, "errored", []), (1, "cnn_s2", "all", 2e-3, None, "errored", [])]
+    md_path, html_path = R.write_report(make_run_dir(tmp_path, trials))
+    md = md_path.read_text()
+    assert "No trial has a validation score yet." in md and md.count("ValueError: bad dropout 2") == 2
+    assert all(f"<h2 id" in html_path.read_text() for _ in R.SECTIONS)
+
+
+def test_a_folder_that_is_not_a_results_folder(tmp_path, capsys):
+    assert R.main([str(tmp_path)]) == R.EXIT_USAGE
+    assert "no study.json" in capsys.readouterr().err
+
+
+def _fake_evaluation(run_dir, *, k):
+    """What analysis.evaluate.evaluate_top_k writes (its schema), without loading any model."""
+    classes = ["benign", "malignant"]
+    trials = []
+    for rank, name in enumerate(["trial_004_mobilenet_v2", "trial_001_mobilenet_v2"][:k], start=1):
+        metrics = {"loss": 0.4, "accuracy": 0.85, "balanced_accuracy": 0.84, "macro_f1": 0.83, "auc": 0.9,
+                   "recall_benign": 0.9, "recall_malignant": 0.78, "precision_benign": 0.8, "f1_benign": 0.85,
+                   "precision_malignant": 0.88, "f1_malignant": 0.82}
+        trials.append({"rank": rank, "trial_name": name, "checkpoint": "x", "best_val_balanced_accuracy": 0.83,
+                       "best_epoch": 3, "metrics": metrics, "ci": {m: [v - 0.05, v + 0.05] for m, v in metrics.items()},
+                       "classification_report": {"benign": {"support": 10}, "malignant": {"support": 10}},
+                       "confusion_matrix": [[9, 1], [2, 8]], "class_names": classes})
+    record = {"test_split_log": [{"test_split_used_at": "2025-01-02T00:00:00+00:00", "by": "analysis.evaluate",
+                                  "trials": [t["trial_name"] for t in trials], "n_test": 20}],
+              "evaluations": [{"evaluated_at": "2025-01-02T00:00:01+00:00", "split": "test", "n": 20,
+                               "metric": "val_balanced_accuracy", "mode": "max", "k": k, "n_boot": 1000, "seed": 0,
+                               "level": 0.95, "positive_class": "malignant", "notes": [], "trials": trials}]}
+    (run_dir / "test_evaluation.json").write_text(json.dumps(record))
+
+
+def test_evaluate_flag_runs_the_test_evaluation_first(tmp_path, monkeypatch):
+    calls = []
+
+    def evaluate_top_k(run_dir, k=3, n_boot=1000, seed=0):
+        calls.append(k)
+        _fake_evaluation(run_dir, k=k)
+
+    monkeypatch.setitem(sys.modules, "analysis.evaluate", types.SimpleNamespace(evaluate_top_k=evaluate_top_k))
+    folder = make_run_dir(tmp_path)
+    assert R.main([str(folder), "--evaluate", "--top-k", "2"]) == 0
+    assert calls == [2]
+    md = (folder / "report.md").read_text()
+    test = md.split("## Held-out test evaluation")[1].split("## Plots")[0]
+    assert "0.8500 [0.8000, 0.9000]" in test and "trial_001_mobilenet_v2" in test
+    assert "| trial_004_mobilenet_v2 | malignant | 0.8800 [0.8300, 0.9300] | 0.7800 [0.7300, 0.8300] |" in test
+    assert "read 1 time(s)" in test
+    assert "report_files/confusion_test.png" in md and (folder / "report_files" / "confusion_test.png").is_file()
+    assert len(_embedded_pngs((folder / "report.html").read_text())) == len(re.findall(r"!\[", md))
+
+
+def test_a_failed_evaluation_is_reported_and_the_report_still_written(tmp_path, monkeypatch, capsys):
+    def evaluate_top_k(run_dir, k=3, n_boot=1000, seed=0):
+        raise ValueError("the study's split holds no test images")
+
+    monkeypatch.setitem(sys.modules, "analysis.evaluate", types.SimpleNamespace(evaluate_top_k=evaluate_top_k))
+    folder = make_run_dir(tmp_path)
+    assert R.main([str(folder), "--evaluate"]) == R.EXIT_FAILED
+    assert "test evaluation failed" in capsys.readouterr().err
+    assert "failed: `ValueError: the study's split holds no test images`" in (folder / "report.md").read_text()
+
+
+def test_published_rows_beside_ours_under_the_same_protocol(tmp_path):
+    pytest.importorskip("analysis.published")
+    dataset = {"loader": "melanoma", "path": "data/melanoma", "image_size": 224, "classes": None,
+               "positive_class": "malignant", "split": "S1", "split_options": {}, "options": {}, "seed": 0}
+    folder = make_run_dir(tmp_path, dataset=dataset)
+    md = R.write_report(folder)[0].read_text()
+    published = md.split("## Published results beside ours")[1].split("## Held-out test evaluation")[0]
+    assert "study S1" in published and "MobileNetV2 (S1)" in published
+    assert "| trial_004_mobilenet_v2 | val | accuracy | 0.8400 | 0.8805 | -0.0405 |" in published
+
+
+def test_the_module_runs_from_the_command_line(tmp_path):
+    import subprocess
+
+    folder = make_run_dir(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "analysis.report", str(folder)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "report.md" in done.stdout and (folder / "report.html").is_file()
