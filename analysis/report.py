@@ -213,8 +213,9 @@ def summary_section(run: T.Run, state: dict) -> Section:
         s.sub("Images per split")
         s.table(splits)
     if not state["finish_marker"]:
-        s.text("How \"partial\" is decided: run.py writes no finish marker, so the report reads the folder: trials "
-               "still `running` in leaderboard.parquet, or fewer trials than `num_samples`.")
+        s.text("How \"partial\" is decided: study.json has no `finished_at` (the run has not ended, or predates "
+               "the marker), so the report reads the folder: trials still `running` in leaderboard.parquet, or "
+               "fewer trials than `num_samples`.")
     return s
 
 
