@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-trial", type=_non_negative_float,
                         help="GPUs each trial reserves, e.g. 0.25 or 0 for CPU only (overrides the study)")
     parser.add_argument("--max-concurrent", type=_positive_int, help="trials running at once (overrides the study)")
+    parser.add_argument("--no-activation-cache", dest="activation_cache", action="store_false", default=None,
+                        help="run frozen backbones on every image every epoch, instead of training on cached features")
     parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget and data subset, to try a study file quickly")
     parser.add_argument("--skip-corrupt", action="store_true",
@@ -92,7 +94,7 @@ def apply_overrides(study, args):
     if args.smoke:
         changes.update(SMOKE)
     for field in ("num_samples", "max_epochs", "seed", "weights_dir", "cpus_per_trial", "gpus_per_trial",
-                  "max_concurrent"):
+                  "max_concurrent", "activation_cache"):
         value = getattr(args, field)
         if value is not None:
             changes[field] = value
@@ -109,6 +111,8 @@ def resume_command(args) -> str:
     for flag in ("smoke", "skip_corrupt"):
         if getattr(args, flag):
             parts.append(f"--{flag.replace('_', '-')}")
+    if args.activation_cache is False:
+        parts.append("--no-activation-cache")
     return shlex.join(parts)
 
 
@@ -221,6 +225,7 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path], random_i
         cpus=study.cpus_per_trial,
         weights_dir=study.weights_dir,
         random_init=random_init,
+        activation_cache=study.activation_cache,
     )
     env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}}
     context = ray.init(address=args.address, log_to_driver=args.verbose, runtime_env=env,

@@ -60,6 +60,7 @@ class Study:
     gpus_per_trial: float = 0  # a fraction such as 0.25 lets four trials share a GPU
     seed: int = 0  # seeds the sampler and the trials
     weights_dir: str | None = None  # folder of official Keras weight files (offline clusters)
+    activation_cache: bool = True  # frozen pretrained backbones: compute features once, train only the head
     source: str | None = None  # the study file, set by load_study
 
     def __post_init__(self):
@@ -101,6 +102,8 @@ def validate(study: Study) -> None:
     if study.time_limit_s is not None and (not _is_number(study.time_limit_s) or study.time_limit_s <= 0):
         _fail("time_limit_s", study.time_limit_s, "use a positive number of seconds or None")
     _int("seed", study.seed, low=0)
+    if not isinstance(study.activation_cache, bool):
+        _fail("activation_cache", study.activation_cache, "use True or False")
     _check_hparams("fixed", study.fixed)
     dry_run_space(study)
 

@@ -26,19 +26,30 @@ def build_model(
     if hp["pooling"] not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {hp['pooling']!r}")
     backbone = create_backbone(hp["backbone"], input_shape=input_shape, weights=hp["weights"], weights_dir=weights_dir)
+    head = build_head(hp, backbone.output.shape[1:], num_classes=num_classes, seed=seed)
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
     augmentation = make_augmentation(hp["augment"], seed=seed)
     if augmentation is not None:
         x = augmentation(x)
-    x = backbone(x)
-    x = layers.GlobalAveragePooling2D()(x) if hp["pooling"] == "avg" else layers.Flatten()(x)
+    outputs = head(backbone(x))
+    return keras.Model(inputs, outputs, name=f"{hp['backbone']}_classifier"), backbone
+
+
+def build_head(hp: dict, feature_shape, *, num_classes: int, seed: int | None = None) -> keras.Model:
+    """Backbone features -> class probabilities: pooling, optional dense layer, dropout, softmax.
+
+    A model of its own, so a trial can train it on cached backbone features
+    (``trainables.activation_cache``) and still save the whole classifier.
+    """
+    features = keras.Input(shape=tuple(feature_shape), name="features")
+    x = layers.GlobalAveragePooling2D()(features) if hp["pooling"] == "avg" else layers.Flatten()(features)
     if hp["head_units"]:
         x = layers.Dense(int(hp["head_units"]), activation="relu", name="head_dense")(x)
     if hp["dropout"]:
         x = layers.Dropout(float(hp["dropout"]), seed=seed)(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=f"{hp['backbone']}_classifier"), backbone
+    return keras.Model(features, outputs, name="head")
 
 
 def apply_unfreeze(backbone: keras.Model, unfreeze: int | str, *, pretrained: bool) -> int:
@@ -66,4 +77,25 @@ def apply_unfreeze(backbone: keras.Model, unfreeze: int | str, *, pretrained: bo
         for layer in backbone.layers:
             if isinstance(layer, layers.BatchNormalization):
                 layer.trainable = False
+        _frozen_layers_skip_dropout(backbone)
     return len(backbone.trainable_weights)
+
+
+def _frozen_layers_skip_dropout(backbone: keras.Model) -> None:
+    """Stochastic depth (EfficientNet's block Dropout) only where layers train.
+
+    Dropout ignores ``trainable``, so a frozen pretrained block would still drop
+    its residual branch at random under ``fit``. Frozen blocks should compute
+    what they compute at inference, like their BatchNorm layers, which also
+    makes a frozen backbone's output cacheable. A block trains when any of its
+    weighted layers (BatchNorm aside) does.
+    """
+    original = backbone.__dict__.setdefault("_medsearch_drop_rates", {})
+    for layer in backbone.layers:
+        if not isinstance(layer, layers.Dropout):
+            continue
+        original.setdefault(layer.name, layer.rate)
+        block = layer.name.rsplit("_", 1)[0] + "_"  # "block2b_drop" belongs to block "block2b"
+        block_trains = any(other.trainable and other.weights for other in backbone.layers
+                           if other.name.startswith(block) and not isinstance(other, layers.BatchNormalization))
+        layer.rate = original[layer.name] if block_trains else 0.0

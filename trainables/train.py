@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from trainables.activation_cache import cached_features, can_use_cache
 from trainables.weights import unpack_weights
 
 # Hyperparameters a trial understands, with the values used when a study leaves them out.
@@ -48,6 +49,7 @@ class TrialSettings:
     cpus: float = 1
     weights_dir: str | None = None
     random_init: tuple[str, ...] = ()  # smoke runs: backbones whose ImageNet weights were unavailable
+    activation_cache: bool = True  # frozen pretrained backbones: train the head on cached features
 
 
 def resolve_hparams(config: dict) -> dict:
@@ -76,6 +78,12 @@ def train_trial(config: dict, data: dict, settings: TrialSettings, weights_files
     ``weights_files`` are ImageNet weight files shipped from the driver (see
     ``trainables.weights.pack_weights``), so worker nodes need no copy of their own.
     """
+    weights_dir = unpack_weights(weights_files) if weights_files else settings.weights_dir
+    fit_classifier(config, data, settings, weights_dir=weights_dir)
+
+
+def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights_dir=None) -> keras.Model:
+    """Build and train one trial's classifier, reporting every epoch to Tune; returns the classifier."""
     from ray import tune
 
     started = time.monotonic()
@@ -87,7 +95,6 @@ def train_trial(config: dict, data: dict, settings: TrialSettings, weights_files
     from trainables.model import apply_unfreeze, build_model
 
     x_train, y_train, x_val, y_val = (data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
-    weights_dir = unpack_weights(weights_files) if weights_files else settings.weights_dir
     model, backbone = build_model(
         hp,
         input_shape=x_train.shape[1:],
@@ -96,14 +103,19 @@ def train_trial(config: dict, data: dict, settings: TrialSettings, weights_files
         seed=seed,
     )
     start_epoch = restore(model, tune.get_checkpoint())
-    report = ReportEpoch(x_val, y_val, settings, hp, started)
+    fit_model = model
+    if settings.activation_cache and can_use_cache(hp):
+        # The frozen backbone's output is the same every epoch: compute it once (per node), train the head on it.
+        fit_model = model.get_layer("head")
+        x_train, x_val = cached_features(backbone, x_train), cached_features(backbone, x_val)
+    report = ReportEpoch(x_val, y_val, settings, hp, started, model=model)
     class_weight = balanced_class_weight(y_train) if hp["class_weight"] else None
     for first, end, lr, unfreeze in phases(hp, settings.max_epochs):
         if end <= start_epoch:
             continue  # resumed past this phase
         apply_unfreeze(backbone, unfreeze, pretrained=hp["weights"] is not None)
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
-        model.fit(
+        fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
+        fit_model.fit(
             x_train,
             y_train,
             batch_size=int(hp["batch_size"]),
@@ -114,6 +126,7 @@ def train_trial(config: dict, data: dict, settings: TrialSettings, weights_files
             shuffle=True,
             verbose=0,
         )
+    return model
 
 
 def setup_tensorflow(cpus: float, seed: int):
@@ -162,9 +175,10 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
 class ReportEpoch(keras.callbacks.Callback):
     """Once per epoch: validation metrics to Tune, plus a checkpoint when the metric improves."""
 
-    def __init__(self, x_val, y_val, settings: TrialSettings, hp: dict, started: float):
+    def __init__(self, x_val, y_val, settings: TrialSettings, hp: dict, started: float, model):
         super().__init__()
         self.x_val, self.y_val, self.settings, self.hp, self.started = x_val, y_val, settings, hp, started
+        self.classifier = model  # the whole classifier, saved even when only its head is being fit
         self.best: float | None = None
 
     def on_epoch_end(self, epoch, logs=None):
@@ -180,15 +194,15 @@ class ReportEpoch(keras.callbacks.Callback):
             "train_loss": float((logs or {}).get("loss", math.nan)),
             **{f"val_{k}": v for k, v in scores.items()},
             "elapsed_s": time.monotonic() - self.started,
-            "trainable_params": int(sum(np.prod(w.shape) for w in self.model.trainable_weights)),
-            "total_params": int(self.model.count_params()),
+            "trainable_params": int(sum(np.prod(w.shape) for w in self.classifier.trainable_weights)),
+            "total_params": int(self.classifier.count_params()),
         }
         if not is_better(metrics.get(s.metric), self.best, s.mode):
             tune.report(metrics)
             return
         self.best = metrics[s.metric]
         with tempfile.TemporaryDirectory(prefix="medsearch-ckpt-") as folder:
-            self.model.save(Path(folder) / "model.keras")
+            self.classifier.save(Path(folder) / "model.keras")
             state = {"epoch": epoch + 1, s.metric: self.best, "class_names": list(s.class_names), "hparams": self.hp}
             (Path(folder) / "trial.json").write_text(json.dumps(state, default=str))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

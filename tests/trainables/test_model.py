@@ -80,9 +80,23 @@ def test_augmentation_only_in_training(policy):
 
 def test_head_layers_follow_the_hyperparameters():
     model, _ = build_model(hp(backbone="cnn_s3", head_units=16, dropout=0.3), input_shape=SHAPE, num_classes=7)
-    assert model.get_layer("head_dense").units == 16
+    head = model.get_layer("head")
+    assert head.get_layer("head_dense").units == 16
     assert model.output_shape == (None, 7)
-    assert any(isinstance(layer, keras.layers.Dropout) and layer.rate == 0.3 for layer in model.layers)
+    assert any(isinstance(layer, keras.layers.Dropout) and layer.rate == 0.3 for layer in head.layers)
+
+
+def test_frozen_pretrained_blocks_skip_stochastic_depth():
+    model, backbone = build_model(hp(backbone="efficientnet_lite0", weights="imagenet"), input_shape=(32, 32, 3),
+                                  num_classes=2)
+    drops = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Dropout)]
+    apply_unfreeze(backbone, 0, pretrained=True)
+    assert drops and all(layer.rate == 0 for layer in drops)  # a frozen backbone computes what it does at inference
+    apply_unfreeze(backbone, 30, pretrained=True)
+    assert drops[-1].rate > 0 and drops[0].rate == 0  # the unfrozen top block keeps its drop rate
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    apply_unfreeze(backbone, 0, pretrained=True)
+    np.testing.assert_allclose(backbone(x, training=True), backbone(x, training=False), atol=1e-5)
 
 
 def test_two_phase_schedule():

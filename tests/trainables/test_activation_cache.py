@@ -1,0 +1,115 @@
+"""The frozen-backbone activation cache: same results as end to end, invalidated by any change, built once."""
+
+import multiprocessing
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from trainables import activation_cache as cache
+from trainables import create_backbone
+from trainables.train import DEFAULTS, TrialSettings, fit_classifier
+
+SETTINGS = dict(max_epochs=3, metric="val_balanced_accuracy", mode="max", class_names=("benign", "malignant"),
+                positive=1, seed=7)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSEARCH_CACHE", str(tmp_path / "cache"))
+
+
+def small_data(n=48, size=32, seed=0):
+    """Two classes that differ in brightness, so a frozen ImageNet backbone separates them."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n // 2)
+    x = rng.integers(0, 160, (n, size, size, 3)) + 80 * y[:, None, None, None]
+    return x.astype(np.uint8), y
+
+
+def frozen_lite0_config(**extra):
+    return {**DEFAULTS, "backbone": "efficientnet_lite0", "weights": "imagenet", "unfreeze": 0, "augment": "none",
+            "learning_rate": 3e-3, "head_units": 16, "dropout": 0.2, "batch_size": 8, "trial_number": 1, **extra}
+
+
+def train(config, data, *, activation_cache):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tune.report outside a Tuner warns and returns
+        settings = TrialSettings(**SETTINGS, activation_cache=activation_cache)
+        return fit_classifier(config, data, settings)
+
+
+def test_cached_and_end_to_end_training_agree():
+    x, y = small_data()
+    data = {"x_train": x[::2], "y_train": y[::2], "x_val": x[1::2], "y_val": y[1::2]}
+    cached = train(frozen_lite0_config(), data, activation_cache=True)
+    assert len(list(cache.cache_dir().glob("*.npy"))) == 2  # train and val features
+    end_to_end = train(frozen_lite0_config(), data, activation_cache=False)
+
+    p_cached = cached.predict(data["x_val"], verbose=0)
+    p_full = end_to_end.predict(data["x_val"], verbose=0)
+    # float16 features differ from float32 ones by about 1e-3 relative; after 3 epochs that stays small.
+    assert np.abs(p_cached - p_full).max() < 0.02
+    assert (p_cached.argmax(1) == p_full.argmax(1)).mean() >= 0.95
+    assert not np.allclose(p_cached, 0.5, atol=0.05)  # it did learn something
+
+
+def test_only_frozen_pretrained_clean_trials_use_it():
+    assert cache.can_use_cache(frozen_lite0_config())
+    assert not cache.can_use_cache(frozen_lite0_config(augment="light"))
+    assert not cache.can_use_cache(frozen_lite0_config(unfreeze=20))
+    assert not cache.can_use_cache(frozen_lite0_config(weights=None))
+
+
+def test_weights_size_and_data_change_the_entry():
+    x, _ = small_data(n=8)
+    backbone = create_backbone("efficientnet_lite0", input_shape=(32, 32, 3), weights="imagenet")
+    key = cache.entry_key(backbone, x)
+    assert cache.entry_key(backbone, x.copy()) == key
+
+    other_pixels = x.copy()
+    other_pixels[0, 0, 0, 0] ^= 1
+    assert cache.entry_key(backbone, other_pixels) != key
+
+    bigger = create_backbone("efficientnet_lite0", input_shape=(48, 48, 3), weights="imagenet")
+    assert cache.entry_key(bigger, small_data(n=8, size=48)[0]) != key
+
+    backbone.weights[0].assign(backbone.weights[0].numpy() + 1e-3)
+    assert cache.entry_key(backbone, x) != key
+
+
+def _build_in_process(queue):
+    x, _ = small_data(n=16)
+    backbone = create_backbone("efficientnet_lite0", input_shape=(32, 32, 3), weights="imagenet")
+    calls = []
+    original = backbone.predict
+    backbone.predict = lambda *a, **k: calls.append(1) or original(*a, **k)
+    features = cache.cached_features(backbone, x)
+    queue.put((len(calls), features.shape))
+
+
+def test_concurrent_trials_build_an_entry_once():
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_build_in_process, args=(queue,)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert sorted(calls for calls, _ in results) == [0, 1]  # one builder, one reader
+    assert results[0][1] == results[1][1]
+    assert len(list(cache.cache_dir().glob("*.npy"))) == 1
+
+
+def test_eviction_removes_least_recently_used_first(tmp_path):
+    folder = cache.cache_dir()
+    folder.mkdir(parents=True)
+    for i, name in enumerate(["old", "mid", "new"]):
+        np.save(folder / f"{name}.npy", np.zeros(1000, dtype=np.float16))
+        os.utime(folder / f"{name}.npy", (1000 + i, 1000 + i))
+    size = (folder / "old.npy").stat().st_size
+    deleted = cache.evict(limit=2 * size)
+    assert [p.stem for p in deleted] == ["old"]
+    assert sorted(p.stem for p in folder.glob("*.npy")) == ["mid", "new"]
