@@ -1,11 +1,13 @@
 """Frozen-backbone activation cache: push each image through a frozen backbone once.
 
-A pretrained backbone that stays frozen (``unfreeze=0``) is deterministic: its
-BatchNorm layers are frozen and in inference mode (``model.apply_unfreeze``),
-and with ``augment="none"`` every epoch feeds it the same pixels. So its output
-is computed once per (backbone weights, input size, images) and stored as a
-float16 ``.npy`` on the node's disk; every later trial memory-maps it and trains
-only the head. Entries are named by a hash of everything that determines them,
+The frozen part of a pretrained backbone is deterministic: its BatchNorm and
+stochastic-depth layers act as at inference (``model.apply_unfreeze``), and
+with ``augment="none"`` every epoch feeds it the same pixels. So its output is
+computed once per (weights, cut, input size, images) and stored as an ``.npy``
+on the node's disk (float16 when only the head trains on it, else float32); every later trial memory-maps it and trains only
+the unfrozen top and the head. The cut is the whole backbone for
+``unfreeze=0``, else the layer below the top ``unfreeze`` layers when no skip
+connection crosses it (``cache_depths``); other depths run the full network. Entries are named by a hash of everything that determines them,
 so changed weights, images, size or preprocessing make a new entry, never a
 stale hit. Building is under a file lock: concurrent trials wait for one builder.
 
@@ -19,11 +21,14 @@ import hashlib
 import os
 from pathlib import Path
 
+import keras
 import numpy as np
 from filelock import FileLock
 
 CACHE_VERSION = 1  # bump when what an entry holds changes
-DTYPE = np.float16  # halves disk and page cache; features are post-activation values, far below float16's max
+# Features for a head alone are stored as float16 (half the disk; the head's predictions move by ~1e-3).
+# Features that feed layers being fine-tuned stay float32: small rounding there grows over epochs.
+HEAD_ONLY_DTYPE, FINE_TUNE_DTYPE = np.float16, np.float32
 _DEFAULT_LIMIT_GB = 20.0
 
 
@@ -33,8 +38,34 @@ def cache_dir() -> Path:
 
 
 def can_use_cache(hp: dict) -> bool:
-    """Whether a trial's backbone is frozen, pretrained and fed clean images, so its features can be cached."""
-    return hp["weights"] is not None and hp["augment"] == "none" and hp["unfreeze"] in (0, "0")
+    """Whether a trial has a frozen pretrained part fed clean images, whose output can be cached."""
+    return hp["weights"] is not None and hp["augment"] == "none" and hp["unfreeze"] != "all"
+
+
+def split_backbone(backbone, unfreeze) -> tuple[keras.Model, keras.Model | None, str] | None:
+    """``(frozen prefix, trainable suffix, cut layer)`` for ``unfreeze`` top layers, or None if no clean cut.
+
+    The cut is the layer below the top ``unfreeze`` layers (counted like the
+    studies' ``base.layers[-k:]``). It serves the cache only if the suffix
+    needs nothing but that layer's output, i.e. no residual connection crosses
+    it; ``cache_depths`` lists the depths that qualify.
+    """
+    depth = int(unfreeze)
+    if depth == 0:
+        return backbone, None, backbone.layers[-1].name
+    if depth >= len(backbone.layers) - 1:
+        return None
+    cut = backbone.layers[-depth - 1]
+    try:
+        suffix = keras.Model(cut.output, backbone.output, name=f"{backbone.name}_top{depth}")
+    except ValueError:  # "not connected": a skip connection crosses the cut
+        return None
+    return keras.Model(backbone.input, cut.output, name=f"{backbone.name}_to_{cut.name}"), suffix, cut.name
+
+
+def cache_depths(backbone) -> list[int]:
+    """Unfreeze depths whose frozen part the cache can serve (0 = the whole backbone frozen)."""
+    return [k for k in range(len(backbone.layers) - 1) if split_backbone(backbone, k) is not None]
 
 
 def weights_digest(model) -> str:
@@ -53,22 +84,25 @@ def data_digest(x: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def entry_key(backbone, x: np.ndarray) -> str:
-    """The cache entry for ``backbone`` applied to ``x``: its name, weights (preprocessing included), input shape
-    and the images themselves."""
-    parts = [f"v{CACHE_VERSION}", backbone.name, str(backbone.input.shape), weights_digest(backbone),
-             data_digest(x), np.dtype(DTYPE).name]
+def entry_key(model, x: np.ndarray, dtype=HEAD_ONLY_DTYPE) -> str:
+    """The cache entry for ``model`` (a backbone, or a backbone's prefix) applied to ``x``: its name (the
+    backbone and the cut), weights (preprocessing included), input shape and the images themselves."""
+    parts = [f"v{CACHE_VERSION}", model.name, str(model.input.shape), weights_digest(model),
+             data_digest(x), np.dtype(dtype).name]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def cached_features(backbone, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-    """``backbone(x)`` in inference mode, from the cache or computed once and stored; memory-mapped."""
+def cached_features(backbone, x: np.ndarray, *, dtype=HEAD_ONLY_DTYPE, batch_size: int = 64) -> np.ndarray:
+    """``backbone(x)`` in inference mode, from the cache or computed once and stored; memory-mapped.
+
+    ``backbone`` may be a prefix from ``split_backbone``.
+    """
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{entry_key(backbone, x)}.npy"
+    path = folder / f"{entry_key(backbone, x, dtype)}.npy"
     with FileLock(str(path) + ".lock"):
         if not path.exists():
-            features = backbone.predict(x, batch_size=batch_size, verbose=0).astype(DTYPE)
+            features = backbone.predict(x, batch_size=batch_size, verbose=0).astype(dtype)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, features)
             os.replace(tmp, path)  # atomic: a reader never sees half an entry

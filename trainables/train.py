@@ -16,7 +16,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from trainables.activation_cache import cached_features, can_use_cache
+from trainables.activation_cache import (
+    FINE_TUNE_DTYPE,
+    HEAD_ONLY_DTYPE,
+    cached_features,
+    can_use_cache,
+    split_backbone,
+)
 from trainables.weights import unpack_weights
 
 # Hyperparameters a trial understands, with the values used when a study leaves them out.
@@ -104,10 +110,13 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
     )
     start_epoch = restore(model, tune.get_checkpoint())
     fit_model = model
-    if settings.activation_cache and can_use_cache(hp):
-        # The frozen backbone's output is the same every epoch: compute it once (per node), train the head on it.
-        fit_model = model.get_layer("head")
-        x_train, x_val = cached_features(backbone, x_train), cached_features(backbone, x_val)
+    split = split_backbone(backbone, hp["unfreeze"]) if settings.activation_cache and can_use_cache(hp) else None
+    if split is not None:
+        # The frozen part's output is the same every epoch: compute it once (per node), train the rest on it.
+        prefix, suffix, _ = split
+        fit_model = cached_top(suffix, model.get_layer("head"), prefix.output.shape[1:])
+        dtype = HEAD_ONLY_DTYPE if suffix is None else FINE_TUNE_DTYPE
+        x_train, x_val = (cached_features(prefix, x, dtype=dtype) for x in (x_train, x_val))
     report = ReportEpoch(x_val, y_val, settings, hp, started, model=model)
     class_weight = balanced_class_weight(y_train) if hp["class_weight"] else None
     for first, end, lr, unfreeze in phases(hp, settings.max_epochs):
@@ -127,6 +136,14 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
             verbose=0,
         )
     return model
+
+
+def cached_top(suffix, head, feature_shape) -> keras.Model:
+    """Cached features -> probabilities, sharing layers (and so weights) with the whole classifier."""
+    if suffix is None:
+        return head
+    features = keras.Input(shape=tuple(feature_shape), name="cached_features")
+    return keras.Model(features, head(suffix(features)), name="cached_top")
 
 
 def setup_tensorflow(cpus: float, seed: int):

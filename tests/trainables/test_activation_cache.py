@@ -55,11 +55,35 @@ def test_cached_and_end_to_end_training_agree():
     assert not np.allclose(p_cached, 0.5, atol=0.05)  # it did learn something
 
 
-def test_only_frozen_pretrained_clean_trials_use_it():
+def test_partly_unfrozen_trial_from_the_cache_agrees_too():
+    # The top 11 layers of efficientnet_lite0 are its last block: cut below it, warm up the head, then fine-tune.
+    x, y = small_data()
+    data = {"x_train": x[::2], "y_train": y[::2], "x_val": x[1::2], "y_val": y[1::2]}
+    config = frozen_lite0_config(unfreeze=11, warmup_epochs=1, fine_tune_lr=1e-3)
+    cached = train(config, data, activation_cache=True)
+    assert [p.name for p in cache.cache_dir().glob("*.npy")]  # served from the cache
+    end_to_end = train(config, data, activation_cache=False)
+    p_cached, p_full = (m.predict(data["x_val"], verbose=0) for m in (cached, end_to_end))
+    assert np.abs(p_cached - p_full).max() < 1e-4  # float32 features for fine-tuning: the same computation
+
+
+def test_only_clean_pretrained_trials_with_a_frozen_part_use_it():
     assert cache.can_use_cache(frozen_lite0_config())
+    assert cache.can_use_cache(frozen_lite0_config(unfreeze=20))
     assert not cache.can_use_cache(frozen_lite0_config(augment="light"))
-    assert not cache.can_use_cache(frozen_lite0_config(unfreeze=20))
+    assert not cache.can_use_cache(frozen_lite0_config(unfreeze="all"))
     assert not cache.can_use_cache(frozen_lite0_config(weights=None))
+
+
+def test_cache_depths_are_clean_cuts():
+    mobilenet = create_backbone("mobilenet_v2", input_shape=(32, 32, 3))
+    depths = cache.cache_depths(mobilenet)
+    assert 0 in depths and 30 in depths  # S1's "last 30 layers" is served
+    assert 12 not in depths  # inside a residual block: a skip connection crosses the cut
+    prefix, suffix, cut = cache.split_backbone(mobilenet, 30)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(suffix(prefix(x)), mobilenet(x), atol=1e-5)
+    assert cache.split_backbone(mobilenet, 12) is None
 
 
 def test_weights_size_and_data_change_the_entry():
