@@ -89,7 +89,8 @@ class LeaderboardWriter(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": {}})
         entry["config"] = dict(trial.config)
-        entry["row"].update(status="running", trial_name=str(trial))
+        entry["row"].update(status="running", trial_name=str(trial), ended_at=None)
+        entry["row"].setdefault("started_at", _now())  # a resumed trial keeps its first start
         self._write(force=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -122,6 +123,7 @@ class LeaderboardWriter(tune.Callback):
             error=error,
             trial_name=str(trial),
             checkpoint_path=checkpoint.path if checkpoint is not None else None,
+            ended_at=_now(),
         )
         self._write(force=True)
 
@@ -150,8 +152,17 @@ class LeaderboardWriter(tune.Callback):
         write_parquet(self.leaderboard(), self.folder / "leaderboard.parquet")
 
 
+def _now() -> pd.Timestamp:
+    """When the driver saw a trial start or end: with the trials' own timings, this shows Ray's overhead."""
+    return pd.Timestamp.now(tz="UTC")
+
+
+_TIMINGS = ("setup_s", "epoch_s", "checkpoint_s")  # reported every epoch by trainables.train.ReportEpoch
+
+
 def _is_metric(key: str, value) -> bool:
-    wanted = key.startswith(("val_", "train_")) or key in ("epoch", "elapsed_s", "trainable_params", "total_params")
+    wanted = key.startswith(("val_", "train_")) or key in (
+        "epoch", "elapsed_s", "trainable_params", "total_params", *_TIMINGS)
     return wanted and isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -165,6 +176,9 @@ def _summarise(epochs: pd.DataFrame, metric: str, mode: str) -> dict:
     for col in ("trainable_params", "total_params"):
         if col in epochs:
             out[col] = int(epochs[col].max())
+    if "epoch_s" in epochs:  # a trial's time: set-up once, then epochs and checkpoint saves
+        out.update(setup_s=float(epochs["setup_s"].iloc[0]), train_s=float(epochs["epoch_s"].sum()),
+                   checkpoint_s=float(epochs["checkpoint_s"].sum()))
     scores = epochs[metric] if metric in epochs else None
     best_row = None
     if scores is not None and scores.notna().any():

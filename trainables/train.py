@@ -197,6 +197,12 @@ class ReportEpoch(keras.callbacks.Callback):
         self.x_val, self.y_val, self.settings, self.hp, self.started = x_val, y_val, settings, hp, started
         self.classifier = model  # the whole classifier, saved even when only its head is being fit
         self.best: float | None = None
+        self.setup_s = self.epoch_started = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.monotonic()
+        if self.setup_s is None:  # TF set-up, model build, weights, restore, activation cache: before epoch 1
+            self.setup_s = self.epoch_started - self.started
 
     def on_epoch_end(self, epoch, logs=None):
         from ray import tune
@@ -213,13 +219,19 @@ class ReportEpoch(keras.callbacks.Callback):
             "elapsed_s": time.monotonic() - self.started,
             "trainable_params": int(sum(np.prod(w.shape) for w in self.classifier.trainable_weights)),
             "total_params": int(self.classifier.count_params()),
+            # Where the time goes: set-up before epoch 1, this epoch (fit + validation), saving a checkpoint.
+            "setup_s": self.setup_s,
+            "epoch_s": time.monotonic() - self.epoch_started,
+            "checkpoint_s": 0.0,
         }
         if not is_better(metrics.get(s.metric), self.best, s.mode):
             tune.report(metrics)
             return
         self.best = metrics[s.metric]
         with tempfile.TemporaryDirectory(prefix="medsearch-ckpt-") as folder:
+            saving = time.monotonic()
             self.classifier.save(Path(folder) / "model.keras")
             state = {"epoch": epoch + 1, s.metric: self.best, "class_names": list(s.class_names), "hparams": self.hp}
             (Path(folder) / "trial.json").write_text(json.dumps(state, default=str))
+            metrics["checkpoint_s"] = time.monotonic() - saving
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

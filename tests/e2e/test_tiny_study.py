@@ -67,6 +67,9 @@ def test_leaderboard_has_one_row_per_trial_with_documented_columns(finished_run)
     assert board["best_val_balanced_accuracy"].is_monotonic_decreasing
     for path in board["checkpoint_path"]:
         assert (Path(path) / "model.keras").is_file()
+    # Where each trial's time went adds up to no more than its wall time.
+    parts = board["setup_s"] + board["train_s"] + board["checkpoint_s"]
+    assert (board["setup_s"] > 0).all() and (parts <= board["wall_time_s"] + 1e-6).all()
 
 
 def test_epochs_file_has_every_epoch_of_every_trial(finished_run):
