@@ -226,6 +226,7 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path], random_i
         weights_dir=study.weights_dir,
         random_init=random_init,
         activation_cache=study.activation_cache,
+        augment_views=study.augment_views,
     )
     env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}}
     context = ray.init(address=args.address, log_to_driver=args.verbose, runtime_env=env,

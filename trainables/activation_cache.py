@@ -37,9 +37,14 @@ def cache_dir() -> Path:
     return Path(base) / "activations"
 
 
-def can_use_cache(hp: dict) -> bool:
-    """Whether a trial has a frozen pretrained part fed clean images, whose output can be cached."""
-    return hp["weights"] is not None and hp["augment"] == "none" and hp["unfreeze"] != "all"
+def can_use_cache(hp: dict, augment_views: int = 0) -> bool:
+    """Whether a trial has a frozen pretrained part whose output can be cached.
+
+    Augmented images differ every epoch, so an augmented trial qualifies only
+    with a bank of ``augment_views`` precomputed views (see ``cached_views``).
+    """
+    clean = hp["augment"] == "none" or augment_views > 0
+    return hp["weights"] is not None and clean and hp["unfreeze"] != "all"
 
 
 def split_backbone(backbone, unfreeze) -> tuple[keras.Model, keras.Model | None, str] | None:
@@ -109,6 +114,37 @@ def cached_features(backbone, x: np.ndarray, *, dtype=HEAD_ONLY_DTYPE, batch_siz
             evict(keep=path)
         else:
             os.utime(path)  # last use, for eviction
+    return np.load(path, mmap_mode="r")
+
+
+def cached_views(prefix, x: np.ndarray, augmentation, *, views: int, policy: str, seed: int,
+                 dtype=HEAD_ONLY_DTYPE, batch_size: int = 64) -> np.ndarray:
+    """``views`` augmented copies of ``x`` through the frozen ``prefix``: an array (views, N, ...).
+
+    Epoch e trains on view ``e % views``. A trial then sees ``views`` fixed
+    random variants of each image instead of a fresh one every epoch: less
+    variety for the same disk, in exchange for never running the frozen part
+    again. The bank depends on the policy and the seed, so trials share it.
+    """
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{entry_key(prefix, x, dtype)}|{policy}|{views}|{seed}".encode()).hexdigest()[:32]
+    path = folder / f"{key}.npy"
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            bank = np.lib.format.open_memmap(
+                path.with_name(f".{key}.{os.getpid()}.tmp.npy"), mode="w+", dtype=dtype,
+                shape=(views, len(x), *prefix.output.shape[1:]))
+            for view in range(views):
+                for start in range(0, len(x), batch_size):
+                    images = augmentation(x[start:start + batch_size].astype("float32"), training=True)
+                    bank[view, start:start + batch_size] = prefix.predict_on_batch(images)
+            bank.flush()
+            os.replace(bank.filename, path)
+            del bank
+            evict(keep=path)
+        else:
+            os.utime(path)
     return np.load(path, mmap_mode="r")
 
 

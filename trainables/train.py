@@ -20,9 +20,11 @@ from trainables.activation_cache import (
     FINE_TUNE_DTYPE,
     HEAD_ONLY_DTYPE,
     cached_features,
+    cached_views,
     can_use_cache,
     split_backbone,
 )
+from trainables.augment import make_augmentation
 from trainables.weights import unpack_weights
 
 # Hyperparameters a trial understands, with the values used when a study leaves them out.
@@ -56,6 +58,7 @@ class TrialSettings:
     weights_dir: str | None = None
     random_init: tuple[str, ...] = ()  # smoke runs: backbones whose ImageNet weights were unavailable
     activation_cache: bool = True  # frozen pretrained backbones: train the head on cached features
+    augment_views: int = 0  # with augmentation: a cached bank of this many views per image (0: run the network)
 
 
 def resolve_hparams(config: dict) -> dict:
@@ -110,12 +113,18 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
     )
     start_epoch = restore(model, tune.get_checkpoint())
     fit_model = model
-    split = split_backbone(backbone, hp["unfreeze"]) if settings.activation_cache and can_use_cache(hp) else None
+    views = None  # per-epoch training inputs, for a bank of augmented views
+    cacheable = settings.activation_cache and can_use_cache(hp, settings.augment_views)
+    split = split_backbone(backbone, hp["unfreeze"]) if cacheable else None
     if split is not None:
         # The frozen part's output is the same every epoch: compute it once (per node), train the rest on it.
         prefix, suffix, _ = split
         fit_model = cached_top(suffix, model.get_layer("head"), prefix.output.shape[1:])
         dtype = HEAD_ONLY_DTYPE if suffix is None else FINE_TUNE_DTYPE
+        if hp["augment"] != "none":
+            augmentation = make_augmentation(hp["augment"], seed=settings.seed)
+            views = cached_views(prefix, x_train, augmentation, views=settings.augment_views, policy=hp["augment"],
+                                 seed=settings.seed, dtype=dtype)
         x_train, x_val = (cached_features(prefix, x, dtype=dtype) for x in (x_train, x_val))
     report = ReportEpoch(x_val, y_val, settings, hp, started, model=model)
     class_weight = balanced_class_weight(y_train) if hp["class_weight"] else None
@@ -124,17 +133,21 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
             continue  # resumed past this phase
         apply_unfreeze(backbone, unfreeze, pretrained=hp["weights"] is not None)
         fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
-        fit_model.fit(
-            x_train,
-            y_train,
-            batch_size=int(hp["batch_size"]),
-            epochs=end,
-            initial_epoch=max(first, start_epoch),
-            class_weight=class_weight,
-            callbacks=[report],
-            shuffle=True,
-            verbose=0,
-        )
+        # With a bank of views, each epoch is its own fit() on view (epoch % views).
+        spans = [(e, e + 1) for e in range(max(first, start_epoch), end)] if views is not None else \
+            [(max(first, start_epoch), end)]
+        for begin, stop in spans:
+            fit_model.fit(
+                views[begin % len(views)] if views is not None else x_train,
+                y_train,
+                batch_size=int(hp["batch_size"]),
+                epochs=stop,
+                initial_epoch=begin,
+                class_weight=class_weight,
+                callbacks=[report],
+                shuffle=True,
+                verbose=0,
+            )
     return model
 
 

@@ -137,3 +137,19 @@ def test_eviction_removes_least_recently_used_first(tmp_path):
     deleted = cache.evict(limit=2 * size)
     assert [p.stem for p in deleted] == ["old"]
     assert sorted(p.stem for p in folder.glob("*.npy")) == ["mid", "new"]
+
+
+def test_augmented_trials_train_on_a_bank_of_views():
+    x, y = small_data()
+    data = {"x_train": x[::2], "y_train": y[::2], "x_val": x[1::2], "y_val": y[1::2]}
+    config = frozen_lite0_config(augment="light")
+    assert not cache.can_use_cache(config) and cache.can_use_cache(config, augment_views=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        settings = TrialSettings(**SETTINGS, augment_views=2)
+        model = fit_classifier(config, data, settings)
+    banks = [np.load(p, mmap_mode="r") for p in cache.cache_dir().glob("*.npy")]
+    bank = next(b for b in banks if b.ndim == 5)  # (views, images, h, w, channels)
+    assert bank.shape[:2] == (2, len(data["x_train"]))
+    assert not np.array_equal(bank[0], bank[1])  # two different random views
+    assert model.predict(data["x_val"], verbose=0).shape == (len(data["x_val"]), 2)
