@@ -87,11 +87,27 @@ class LeaderboardWriter(tune.Callback):
                 self.trials[row["trial_id"]] = {"row": row, "config": {}}
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._drop_lost_twin(trial)
         entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": {}})
         entry["config"] = dict(trial.config)
         entry["row"].update(status="running", trial_name=str(trial), ended_at=None)
         entry["row"].setdefault("started_at", _now())  # a resumed trial keeps its first start
         self._write(force=True)
+
+    def _drop_lost_twin(self, trial) -> None:
+        """Forget a row left ``running`` by a killed driver whose trial the resumed search proposes again.
+
+        Ray's experiment state is saved every few seconds; a trial started after
+        the last save is unknown to the restored search, which proposes the same
+        Optuna trial number again under a new trial id. Its old row would count twice.
+        """
+        number = trial.config.get("trial_number")
+        lost = [tid for tid, entry in self.trials.items()
+                if tid != trial.trial_id and entry["row"].get("status") == "running"
+                and entry["row"].get("trial_number", entry["config"].get("trial_number")) == number]
+        for tid in lost:
+            del self.trials[tid]
+        self.epochs = [e for e in self.epochs if e["trial_id"] not in lost]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = {"trial_id": trial.trial_id, "trial_number": trial.config.get("trial_number")}

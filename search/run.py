@@ -246,10 +246,14 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path], random_i
             print(f"shipping ImageNet weights to the trials: {', '.join(p.name for p in weights)}", flush=True)
         tuner = make_tuner(study, storage=folder.parent, data=prepared.arrays, settings=settings,
                            weights_files=pack_weights(weights), resume=args.resume)
+        fit_started = time.monotonic()
         results = tuner.fit()
+        if was_interrupted(study, results, time.monotonic() - fit_started):
+            raise KeyboardInterrupt  # Ray Tune caught Ctrl+C, saved its state and returned early
     except KeyboardInterrupt:
         record_outcome(folder, "interrupted")
-        print(f"\ninterrupted. Resume with:\n  {resume_command(args)}", file=sys.stderr)
+        print(f"\ninterrupted; finished trials are kept in {folder}. Resume with:\n  {resume_command(args)}",
+              file=sys.stderr)
         return 130
     except Exception as exc:
         record_outcome(folder, "failed")
@@ -260,6 +264,13 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path], random_i
             ray.shutdown()
     record_outcome(folder, "completed")
     return summarise(study, folder, results)
+
+
+def was_interrupted(study, results, elapsed_s: float) -> bool:
+    """Whether ``Tuner.fit`` returned before the study ended: on SIGINT Ray Tune stops and returns normally."""
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    out_of_time = study.time_limit_s is not None and elapsed_s >= study.time_limit_s
+    return unfinished > 0 or (len(results) < study.num_samples and not out_of_time)
 
 
 def record_outcome(folder: Path, outcome: str) -> None:
