@@ -17,7 +17,7 @@ class ProgressPrinter(tune.Callback):
     def __init__(self, *, metric: str, mode: str, max_epochs: int):
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.started = time.monotonic()
-        self.counts = {"running": 0, "finished": 0, "stopped": 0, "errored": 0}
+        self.counts = {"running": 0, "finished": 0, "stopped": 0, "diverged": 0, "errored": 0}
         self.best: tuple[float, str] | None = None
         self.last_epoch: dict[str, int] = {}
         self._last_status = 0.0
@@ -41,7 +41,7 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epoch = self.last_epoch.get(trial.trial_id, 0)
-        outcome = trial_status(epoch, self.max_epochs)
+        outcome = trial_status(epoch, self.max_epochs, diverged=bool((trial.last_result or {}).get("diverged")))
         self._end(trial, outcome, f"after epoch {epoch}/{self.max_epochs}" + (" by ASHA" if outcome == "stopped" else ""))
 
     def on_trial_error(self, iteration, trials, trial, **info):

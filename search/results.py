@@ -48,10 +48,12 @@ def tidy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def trial_status(epochs_run: int, max_epochs: int, error: str | None = None) -> str:
-    """``errored``, ``finished`` (ran every epoch) or ``stopped`` (by ASHA, before max_epochs)."""
+def trial_status(epochs_run: int, max_epochs: int, error: str | None = None, diverged: bool = False) -> str:
+    """``errored``, ``diverged`` (NaN or inf loss), ``finished`` (ran every epoch) or ``stopped`` (by ASHA)."""
     if error is not None:
         return "errored"
+    if diverged:
+        return "diverged"
     return "finished" if epochs_run >= max_epochs else "stopped"
 
 
@@ -132,7 +134,8 @@ class LeaderboardWriter(tune.Callback):
     def _finish(self, trial, *, error: str | None) -> None:
         entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": dict(trial.config)})
         epochs_run = max((e.get("epoch", 0) for e in self.epochs if e["trial_id"] == trial.trial_id), default=0)
-        status = trial_status(epochs_run, self.max_epochs, error)
+        diverged = any(e.get("diverged") for e in self.epochs if e["trial_id"] == trial.trial_id)
+        status = trial_status(epochs_run, self.max_epochs, error, diverged)
         checkpoint = trial.checkpoint
         entry["row"].update(
             status=status,
@@ -173,7 +176,7 @@ def _now() -> pd.Timestamp:
     return pd.Timestamp.now(tz="UTC")
 
 
-_TIMINGS = ("setup_s", "epoch_s", "checkpoint_s")  # reported every epoch by trainables.train.ReportEpoch
+_TIMINGS = ("setup_s", "epoch_s", "checkpoint_s", "diverged")  # reported every epoch by trainables.train.ReportEpoch
 
 
 def _is_metric(key: str, value) -> bool:

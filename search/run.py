@@ -321,8 +321,10 @@ def summarise(study, folder: Path, results) -> int:
     print()
     print(format_leaderboard(board, study.metric))
     print(f"\nresults: {folder}\n  leaderboard.parquet  epochs.parquet  splits.parquet  study.json")
-    if board.empty or (board["status"] == "errored").all():
-        errors = board.get("error", pd.Series(dtype=str)).value_counts()
+    if board.empty or board["status"].isin(["errored", "diverged"]).all():
+        reasons = board.get("error", pd.Series(index=board.index, dtype=object)).astype(object)
+        reasons[board["status"] == "diverged"] = "diverged: the training loss became NaN or inf"
+        errors = reasons.value_counts()
         print("\nevery trial failed:", file=sys.stderr)
         for error, count in errors.items():
             print(f"  {count} x {error}", file=sys.stderr)

@@ -61,6 +61,7 @@ class Study:
     seed: int = 0  # seeds the sampler and the trials
     weights_dir: str | None = None  # folder of official Keras weight files (offline clusters)
     activation_cache: bool = True  # frozen pretrained backbones: compute features once, train only the head
+    max_failures: int = 1  # retries of a trial that raised (Ray's FailureConfig); then it is recorded as errored
     augment_views: int = 0  # augmented trials: cache this many augmented views per image (0: run the network)
     source: str | None = None  # the study file, set by load_study
 
@@ -104,6 +105,7 @@ def validate(study: Study) -> None:
         _fail("time_limit_s", study.time_limit_s, "use a positive number of seconds or None")
     _int("seed", study.seed, low=0)
     _int("augment_views", study.augment_views, low=0)
+    _int("max_failures", study.max_failures, low=0)
     if not isinstance(study.activation_cache, bool):
         _fail("activation_cache", study.activation_cache, "use True or False")
     _check_hparams("fixed", study.fixed)

@@ -112,6 +112,6 @@ def make_run_config(study: Study, storage: Path, callbacks: list) -> tune.RunCon
             checkpoint_score_attribute=study.metric,
             checkpoint_score_order=study.mode,
         ),
-        failure_config=tune.FailureConfig(max_failures=1),
+        failure_config=tune.FailureConfig(max_failures=study.max_failures),
         verbose=0,  # ProgressPrinter speaks instead
     )

@@ -137,6 +137,8 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
         spans = [(e, e + 1) for e in range(max(first, start_epoch), end)] if views is not None else \
             [(max(first, start_epoch), end)]
         for begin, stop in spans:
+            if report.stopped:
+                return model
             fit_model.fit(
                 views[begin % len(views)] if views is not None else x_train,
                 y_train,
@@ -211,6 +213,7 @@ class ReportEpoch(keras.callbacks.Callback):
         self.classifier = model  # the whole classifier, saved even when only its head is being fit
         self.best: float | None = None
         self.setup_s = self.epoch_started = None
+        self.stopped = False  # the loss diverged
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.monotonic()
@@ -236,7 +239,10 @@ class ReportEpoch(keras.callbacks.Callback):
             "setup_s": self.setup_s,
             "epoch_s": time.monotonic() - self.epoch_started,
             "checkpoint_s": 0.0,
+            "diverged": int(not math.isfinite(float((logs or {}).get("loss", 0.0)))),
         }
+        if metrics["diverged"]:  # a NaN or inf loss never recovers: end the trial now
+            self.model.stop_training = self.stopped = True
         if not is_better(metrics.get(s.metric), self.best, s.mode):
             tune.report(metrics)
             return

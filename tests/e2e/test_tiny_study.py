@@ -112,3 +112,37 @@ def test_starting_again_without_resume_is_refused(finished_run, capsys):
     study = folder.parent.parent / "tiny.py"
     assert main([str(study), "--storage", str(folder.parent)]) == 2
     assert "add --resume" in capsys.readouterr().err
+
+
+def test_failing_trials_do_not_sink_the_study(tmp_path, capsys):
+    """A trial that raises is recorded as errored with its first line; the others run; all-failed exits 1."""
+    body = '''from search import Dataset, Study
+
+def space(trial):
+    backbone = trial.suggest_categorical("backbone", ["cnn_s3", "efficientnet_lite0"])
+    # efficientnet_lite0 needs 32 px or more: at 16 px its trials raise inside Ray.
+    return {"backbone": backbone, "weights": "imagenet" if backbone != "cnn_s3" else None,
+            "learning_rate": 1e-3}
+
+STUDY = Study(name="NAME", dataset=Dataset(image_size=16, options={"n_per_class": 20, "image_size": 32}),
+              space=SPACE, num_samples=4, max_epochs=2, max_concurrent=2, max_failures=0, fixed={"batch_size": 8})
+'''
+    mixed = tmp_path / "mixed.py"
+    mixed.write_text(body.replace("NAME", "mixed").replace("SPACE", "space"))
+    code = main([str(mixed), "--storage", str(tmp_path / "runs"), "--seed", "0"])
+    board = pd.read_parquet(tmp_path / "runs" / "mixed" / "leaderboard.parquet")
+    assert len(board) == 4 and set(board["backbone"]) == {"cnn_s3", "efficientnet_lite0"}
+    for backbone, status, error in zip(board["backbone"], board["status"], board["error"]):
+        if backbone == "efficientnet_lite0":
+            assert status == "errored" and "needs images of at least 32 px" in error
+        else:
+            assert status in ("finished", "stopped") and pd.isna(error)
+    assert code == 0
+
+    broken = tmp_path / "broken.py"
+    broken.write_text(body.replace("NAME", "broken").replace("SPACE", "lambda trial: {'backbone': 'efficientnet_lite0',"
+                                                                      " 'weights': 'imagenet'}"))
+    capsys.readouterr()
+    assert main([str(broken), "--storage", str(tmp_path / "runs"), "--num-samples", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "every trial failed" in err and "2 x " in err and "needs images of at least 32 px" in err

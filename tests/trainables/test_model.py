@@ -109,3 +109,24 @@ def test_two_phase_schedule():
     assert phases(resolve_hparams({"weights": None, "unfreeze": "all", "warmup_epochs": 2, "learning_rate": 1e-3}), 5) == [
         (0, 5, 1e-3, "all")
     ]
+
+
+def test_a_nan_loss_ends_the_trial_as_diverged():
+    import math
+    import warnings
+
+    from search.results import trial_status
+    from trainables.train import ReportEpoch, TrialSettings
+
+    model, _ = build_model(hp(backbone="cnn_s3"), input_shape=SHAPE, num_classes=2)
+    settings = TrialSettings(max_epochs=5, metric="val_balanced_accuracy", mode="max", class_names=("a", "b"))
+    report = ReportEpoch(np.zeros((4, *SHAPE), "uint8"), np.array([0, 1, 0, 1]), settings, hp(backbone="cnn_s3"),
+                         0.0, model=model)
+    report.set_model(model)
+    report.on_epoch_begin(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tune.report outside a Tuner
+        report.on_epoch_end(0, {"loss": math.nan})
+    assert report.stopped and model.stop_training
+    assert trial_status(1, 5, diverged=True) == "diverged"
+    assert trial_status(1, 5) == "stopped" and trial_status(5, 5) == "finished"
