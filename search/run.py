@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-activation-cache", dest="activation_cache", action="store_false", default=None,
                         help="run frozen backbones on every image every epoch, instead of training on cached features")
     parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
+    parser.add_argument("--force", action="store_true", help="with --resume: resume even if the study file changed")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget and data subset, to try a study file quickly")
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="leave unreadable images out (they are counted and listed) instead of stopping")
@@ -127,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         study = apply_overrides(load_study(args.study_file), args)
         folder = Path(args.storage).resolve() / study.name
         check_folder(folder, resume=args.resume)
+        if args.resume and not args.force:
+            check_study_unchanged(folder, Path(args.study_file))
+        check_storage(folder)
+        if args.address:
+            check_address(args.address)
         weights, random_init = study_weight_files(study, smoke=args.smoke)
         prepared = prepare(study, args, folder)
     except (StudyError, DatasetError, WeightsUnavailableError) as exc:
@@ -145,6 +152,62 @@ def check_folder(folder: Path, *, resume: bool) -> None:
                          "or use another --storage")
     if resume and not (folder / "tuner.pkl").exists():
         raise StudyError(f"nothing to resume in {str(folder)!r}; run without --resume to start the study")
+
+
+def check_study_unchanged(folder: Path, study_file: Path) -> None:
+    """A resumed search must be the search that started: refuse an edited study file, showing the edit."""
+    import difflib
+
+    from search.study import StudyError, file_hash
+
+    record = json.loads((folder / "study.json").read_text())
+    if record.get("study_file_sha256") in (None, file_hash(study_file)):
+        return
+    saved = folder / "study_file.py"
+    old = saved.read_text().splitlines() if saved.exists() else []
+    diff = "\n".join(difflib.unified_diff(old, study_file.read_text().splitlines(), "study file at the start",
+                                          str(study_file), lineterm="", n=1))
+    raise StudyError(f"{study_file} changed since this study started, so resuming would mix two searches:\n"
+                     f"{diff or '(the original text was not saved)'}\n"
+                     "Undo the change, start a new study (another name or --storage), or add --force to resume anyway.")
+
+
+def check_storage(folder: Path, min_free_bytes: int = 200_000_000) -> None:
+    """Fail now, not hours in, if results cannot be written: the folder must be writable with room to spare."""
+    from search.study import StudyError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StudyError(f"cannot write results to {str(folder)!r}: {exc.strerror or exc}; "
+                         "choose a writable --storage") from exc
+    free = shutil.disk_usage(folder).free
+    if free < min_free_bytes:
+        raise StudyError(f"only {free / 1e6:.0f} MB free under {str(folder)!r}; checkpoints need more. "
+                         "Free some space or choose another --storage")
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """An unreachable cluster fails in seconds with its address, instead of Ray retrying for minutes."""
+    import socket
+
+    from search.study import StudyError
+
+    if address == "auto":
+        return  # Ray finds a local cluster's address itself, and says at once when there is none
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise StudyError(f"--address {address!r} is not HOST:PORT, ray://HOST:PORT or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise StudyError(f"cannot reach the Ray cluster at --address {address!r} ({exc.strerror or exc}) "
+                         f"within {timeout_s:g} s. Check that the head node is up (ray status there) and that "
+                         "this machine may connect to that port; omit --address to run on a local Ray.") from exc
 
 
 def prepare(study, args, folder: Path):
@@ -200,6 +263,8 @@ def write_study_json(study, args, folder: Path, study_hash: str, skipped=()) -> 
         "versions": versions,
     }
     path = folder / "study.json"
+    if not (folder / "study_file.py").exists():  # the text a resume is compared with
+        shutil.copyfile(args.study_file, folder / "study_file.py")
     if path.exists():  # a resume keeps the original record and notes the restart
         old = json.loads(path.read_text())
         old.setdefault("resumed_at", []).append(record["started_at"])

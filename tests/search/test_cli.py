@@ -96,3 +96,41 @@ def load_study_text(body):
     scope = {"Study": Study, "Dataset": Dataset}
     exec(body, scope)
     return scope["STUDY"]
+
+
+def test_unreachable_address_fails_fast_naming_it(write_study, tmp_path, capsys):
+    import time
+
+    path = write_study("STUDY = Study(name='x', space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    started = time.monotonic()
+    assert main([str(path), "--storage", str(tmp_path / "runs"), "--address", "ray://127.0.0.1:9"]) == 2
+    assert time.monotonic() - started < 30
+    assert "cannot reach the Ray cluster at --address 'ray://127.0.0.1:9'" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_storage_that_cannot_be_written_is_refused(write_study, tmp_path, capsys):
+    path = write_study("STUDY = Study(name='x', space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main([str(path), "--storage", str(blocker)]) == 2
+    assert "cannot write results to" in capsys.readouterr().err
+
+
+def test_resume_refuses_an_edited_study_file_and_shows_the_edit(write_study, tmp_path, capsys):
+    import json
+
+    from search.run import check_study_unchanged
+    from search.study import StudyError, file_hash
+
+    path = write_study("STUDY = Study(name='x', num_samples=4, space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    folder = tmp_path / "runs" / "x"
+    folder.mkdir(parents=True)
+    (folder / "study_file.py").write_text(path.read_text())
+    (folder / "study.json").write_text(json.dumps({"study_file_sha256": file_hash(path)}))
+    check_study_unchanged(folder, path)  # unchanged: fine
+    path.write_text(path.read_text().replace("num_samples=4", "num_samples=40"))
+    with pytest.raises(StudyError, match=r"(?s)changed since this study started.*-STUDY.*num_samples=4,.*"
+                                         r"\+STUDY.*num_samples=40.*--force"):
+        check_study_unchanged(folder, path)
+    assert parse_args([str(path), "--resume", "--force"]).force
