@@ -198,6 +198,16 @@ def restore(model, checkpoint) -> int:
         return int(json.loads((Path(folder) / "trial.json").read_text())["epoch"])
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Refuse to report a checkpoint that would not load: a ``.keras`` file is a zip of config and weights."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        if not {"config.json", "model.weights.h5"} <= names or archive.testzip() is not None:
+            raise OSError(f"checkpoint {path} is incomplete or corrupt (holds {sorted(names)})")
+
+
 def is_better(value: float, best: float | None, mode: str) -> bool:
     if value is None or math.isnan(value):
         return False
@@ -250,6 +260,7 @@ class ReportEpoch(keras.callbacks.Callback):
         with tempfile.TemporaryDirectory(prefix="medsearch-ckpt-") as folder:
             saving = time.monotonic()
             self.classifier.save(Path(folder) / "model.keras")
+            verify_checkpoint(Path(folder) / "model.keras")
             state = {"epoch": epoch + 1, s.metric: self.best, "class_names": list(s.class_names), "hparams": self.hp}
             (Path(folder) / "trial.json").write_text(json.dumps(state, default=str))
             metrics["checkpoint_s"] = time.monotonic() - saving

@@ -130,3 +130,15 @@ def test_a_nan_loss_ends_the_trial_as_diverged():
     assert report.stopped and model.stop_training
     assert trial_status(1, 5, diverged=True) == "diverged"
     assert trial_status(1, 5) == "stopped" and trial_status(5, 5) == "finished"
+
+
+def test_checkpoints_are_verified_before_they_are_reported(tmp_path):
+    from trainables.train import verify_checkpoint
+
+    model, _ = build_model(hp(backbone="cnn_s3"), input_shape=SHAPE, num_classes=2)
+    model.save(tmp_path / "model.keras")
+    verify_checkpoint(tmp_path / "model.keras")
+    data = (tmp_path / "model.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception):
+        verify_checkpoint(tmp_path / "cut.keras")
