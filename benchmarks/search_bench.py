@@ -1,0 +1,477 @@
+"""Side-by-side search benchmark: the same data, space and wall-clock budget for five searchers.
+
+    python benchmarks/search_bench.py                  # full: 3 seeds x 5 contenders, ~40 min on 2 CPU cores
+    python benchmarks/search_bench.py --quick          # CI-sized: 1 seed, a small budget, a few minutes
+    python benchmarks/search_bench.py --data embedded  # the generated dataset instead of melanoma10k
+
+Contenders (implemented in ``benchmarks/_contenders.py``), each run alone in a
+fresh process, one after another, on the same machine:
+
+- ``ours``: ``python -m search.run`` (Optuna TPE + ASHA on Ray Tune), activation cache on;
+- ``ours_nocache``: the same with ``--no-activation-cache``;
+- ``random_fifo``: Ray Tune with random search (``OptunaSearch`` + ``RandomSampler``, since the
+  space is conditional) and ``FIFOScheduler`` (no early stopping), the same trainable, no cache;
+- ``keras_tuner_hyperband``: keras-tuner's ``Hyperband``; its ``HyperModel.build`` calls our ``build_model``;
+- ``optuna_hyperband``: standalone Optuna (TPE) with ``HyperbandPruner`` and optuna-integration's
+  ``KerasPruningCallback``.
+
+Data: a class-balanced subset of ``melanoma10k`` (default 300 + 100 images per
+class, 600 train / 200 validation) at 64 px, written once as PNGs (lossless) and
+read by every contender through ``search.prepare.prepare_data``, so all get the
+same arrays. Space: backbone in {efficientnet_lite0 (ImageNet), cnn_s3 (from
+scratch)}; learning rate log-uniform [3e-4, 1e-2]; dropout [0, 0.5]; for lite0
+unfreeze in {0, 20} and head_units in {0, 128}; augment "none".
+
+Budget: ``--budget-s`` seconds of wall time per contender and seed, counted from
+the start of the contender's process (so Python, TensorFlow and Ray start-up
+count). A contender launches no trial after it; results reported after it are
+not counted. Resources: the Ray contenders run 2 trials at once with 1 CPU (1 TF
+thread) each; keras-tuner and Optuna run one trial at a time in-process with 2 TF
+threads. All use ``max_epochs`` (6) epochs at most per configuration.
+
+Per contender and seed: ``best_val_balanced_acc`` within the budget;
+``time_to_target_s``, the time its best-so-far first reached the target, the
+median over seeds of ``random_fifo``'s final best (null if never);
+``trials_per_hour`` (a trial is one ASHA/FIFO trial, one Optuna trial pruned or
+not, or one keras-tuner Hyperband trial, i.e. one round of a configuration);
+``epochs_per_hour``. Plus one ``cache_speedup`` row per seed: the median over a few
+frozen-lite0 configurations of (trial time uncached) / (trial time cached, cache
+already built), measured directly with ``trainables.train.fit_classifier``
+(``speedup``; per epoch in ``speedup_epoch``; the one-off build in ``cache_build_s``).
+
+Writes ``--out`` (default ``benchmarks/results/search_bench/``; ``--quick``:
+``benchmarks/results/search_bench_quick/``): ``bench.parquet``, ``bench.md``,
+``best_so_far.png``, ``best_so_far.parquet`` (every run's best-so-far steps) and
+``work/<contender>_s<seed>/`` (each run's spec, events and log; with
+``--keep-work`` also its Ray results, checkpoints and caches). The melanoma10k
+subset's PNGs are written once under ``$MEDSEARCH_CACHE/search_bench/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CONTENDERS = ("ours", "ours_nocache", "random_fifo", "keras_tuner_hyperband", "optuna_hyperband")
+REFERENCE = "random_fifo"  # its median final best across seeds is the target
+BASELINE = "ours"  # ratios are against it
+
+FULL = {"budget_s": 120.0, "seeds": [0, 1, 2], "train_per_class": 300, "val_per_class": 100,
+        "speedup_configs": 3, "speedup_epochs": 3}
+QUICK = {"budget_s": 45.0, "seeds": [0], "train_per_class": 100, "val_per_class": 50,
+         "speedup_configs": 2, "speedup_epochs": 2}
+COLUMNS = ["contender", "seed", "budget_s", "best_val_balanced_acc", "time_to_target_s", "target",
+           "trials_completed", "trials_errored", "trials_per_hour", "epochs_completed", "epochs_per_hour",
+           "time_to_first_result_s", "process_s", "exit_code", "speedup", "speedup_epoch", "cache_build_s",
+           "trial_s_cached", "trial_s_uncached", "epoch_s_cached", "epoch_s_uncached", "note"]
+INT_COLUMNS = ("seed", "trials_completed", "trials_errored", "epochs_completed", "exit_code")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python benchmarks/search_bench.py", allow_abbrev=False,
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="results folder (default benchmarks/results/search_bench/, "
+                                      "with --quick benchmarks/results/search_bench_quick/)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, a small budget and data set (a few minutes)")
+    parser.add_argument("--budget-s", type=float, help=f"wall-clock seconds per contender and seed "
+                                                        f"(default {FULL['budget_s']:g}; --quick {QUICK['budget_s']:g})")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick 0)")
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument("--data", choices=["melanoma10k", "embedded"], default="melanoma10k")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/datasets/melanoma10k"))
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--train-per-class", type=int)
+    parser.add_argument("--val-per-class", type=int)
+    parser.add_argument("--max-epochs", type=int, default=6)
+    parser.add_argument("--speedup-configs", type=int, help="frozen-lite0 configurations timed with the cache on "
+                                                            "and off, per seed (0: skip)")
+    parser.add_argument("--speedup-epochs", type=int)
+    parser.add_argument("--grace-s", type=float, default=300.0,
+                        help="a contender still running this long after its budget is killed")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep each run's Ray results, checkpoints and caches under OUT/work/ "
+                             "(default: only its spec, events and log)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks/results" / ("search_bench_quick" if args.quick else "search_bench"))
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# --- Data ------------------------------------------------------------------------------------------------------------
+
+
+def prepare_dataset(args, work: Path) -> dict:
+    """The ``search.Dataset`` fields every contender loads: the same images, the same split."""
+    n = args.train_per_class + args.val_per_class
+    split = {"split": "stratified", "split_options": {"val": args.val_per_class / n, "test": 0.0}, "seed": 0}
+    if args.data == "embedded":
+        from trainables.datasets import load_table
+
+        options = {"n_per_class": n, "image_size": args.image_size}
+        load_table("embedded", None, **options)  # generated here once, so the contenders only read it
+        return {"loader": "embedded", "image_size": args.image_size, "positive_class": "malignant",
+                "options": options, **split}
+    cache = Path(os.environ.get("MEDSEARCH_CACHE") or Path.home() / ".cache" / "medsearch")
+    folder = materialise_melanoma(Path(args.data_dir), cache / "search_bench", args)
+    return {"loader": "folder", "path": str(folder), "image_size": args.image_size, "positive_class": "malignant",
+            **split}
+
+
+def materialise_melanoma(data_dir: Path, parent: Path, args) -> Path:
+    """A balanced melanoma10k subset (``transfer_gain.load_subset``, seed 0) as PNGs at the study's size.
+
+    PNG is lossless and the images are already at the study's size, so
+    ``prepare_data`` decodes exactly the subset's pixels. The system's own
+    stratified split then deals them into train and validation (per class:
+    ``train_per_class`` and ``val_per_class``).
+    """
+    from PIL import Image
+
+    from benchmarks.transfer_gain import load_subset
+
+    if not (data_dir / "train").is_dir():
+        raise SystemExit(f"error: melanoma10k not found at {data_dir} (expected train/benign, train/malignant); "
+                         "pass --data-dir, or --data embedded")
+    manifest = {"source": str(data_dir.resolve()), "image_size": args.image_size, "seed": 0,
+                "train_per_class": args.train_per_class, "val_per_class": args.val_per_class}
+    folder = parent / f"melanoma10k_{args.train_per_class}+{args.val_per_class}x2_{args.image_size}px"
+    record = folder / "manifest.json"
+    if record.exists() and json.loads(record.read_text()) == manifest:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    data, classes = load_subset(str(data_dir), args.image_size, args.train_per_class, args.val_per_class, seed=0)
+    for split in ("train", "val"):
+        for i, (image, label) in enumerate(zip(data[f"x_{split}"], data[f"y_{split}"])):
+            path = folder / classes[label] / f"{split}_{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+    record.write_text(json.dumps(manifest))
+    return folder
+
+
+# --- Running one contender ------------------------------------------------------------------------------------------
+
+
+def run_contender(contender: str, seed: int, args, dataset: dict, work: Path, **extra) -> dict:
+    """Run one contender in a fresh process; returns its spec with ``t0``, ``exit_code`` and ``process_s``."""
+    run_dir = work / f"{contender}_s{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    spec = {"contender": contender, "seed": seed, "budget_s": args.budget_s, "max_epochs": args.max_epochs,
+            "dataset": dataset, "workdir": str(run_dir), "events": str(run_dir / "events.jsonl"), **extra}
+    env = {**os.environ, "MEDSEARCH_CACHE": str(run_dir / "cache"),  # a cold activation cache for every run
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
+    timeout = None if contender == "cache_speedup" else args.budget_s + args.grace_s
+    with open(run_dir / "log.txt", "w") as log:
+        spec["t0"] = time.time()
+        (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks._contenders", str(run_dir / "spec.json")],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = _kill(proc)
+            spec["note"] = f"killed {args.grace_s:g} s after its budget"
+    spec.update(exit_code=code, process_s=time.time() - spec["t0"])
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    if not args.keep_work:  # checkpoints, Ray results and activation caches: large, and not needed for the report
+        for path in run_dir.iterdir():
+            if path.name not in ("spec.json", "events.jsonl", "log.txt"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return spec
+
+
+def _kill(proc) -> int:
+    """End the contender's process group (the contender and what it started, e.g. Ray's processes)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            return proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
+
+
+def read_events(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# --- Metrics ------------------------------------------------------------------------------------------------------
+
+
+def best_so_far(events: list[dict], t0: float, budget_s: float) -> list[tuple[float, float]]:
+    """``(elapsed_s, best)`` at each improvement of the best validation balanced accuracy within the budget."""
+    points = sorted((e["t"] - t0, e["value"]) for e in events
+                    if e["kind"] == "epoch" and 0 <= e["t"] - t0 <= budget_s and e["value"] == e["value"])
+    steps, best = [], None
+    for elapsed, value in points:
+        if best is None or value > best:
+            best = value
+            steps.append((elapsed, value))
+    return steps
+
+
+def time_to_target(steps: list[tuple[float, float]], target: float | None) -> float | None:
+    if target is None:
+        return None
+    for elapsed, value in steps:
+        if value >= target - 1e-12:
+            return elapsed
+    return None
+
+
+def summarise_run(spec: dict, events: list[dict]) -> dict:
+    t0, budget = spec["t0"], spec["budget_s"]
+    within = [e for e in events if 0 <= e["t"] - t0 <= budget]
+    ends = [e for e in within if e["kind"] == "trial_end"]
+    epochs = [e for e in within if e["kind"] == "epoch"]
+    steps = best_so_far(events, t0, budget)
+    notes = [e["text"] for e in events if e["kind"] == "note" and "no activation-cache switch" in e["text"]]
+    if spec.get("note"):
+        notes.append(spec["note"])
+    completed = sum(e.get("status") != "errored" for e in ends)
+    return {
+        "contender": spec["contender"], "seed": spec["seed"], "budget_s": budget,
+        "best_val_balanced_acc": steps[-1][1] if steps else float("nan"),
+        "trials_completed": completed, "trials_errored": len(ends) - completed,
+        "trials_per_hour": completed / budget * 3600, "epochs_completed": len(epochs),
+        "epochs_per_hour": len(epochs) / budget * 3600,
+        "time_to_first_result_s": steps[0][0] if steps else float("nan"),
+        "process_s": spec["process_s"], "exit_code": spec["exit_code"], "note": "; ".join(notes) or None,
+        "_steps": steps,
+    }
+
+
+def summarise_speedup(spec: dict, events: list[dict]) -> dict:
+    found = [e for e in events if e["kind"] == "speedup"]
+    row = {"contender": "cache_speedup", "seed": spec["seed"], "process_s": spec["process_s"],
+           "exit_code": spec["exit_code"]}
+    if not found:
+        return {**row, "speedup": float("nan"), "note": "the measurement failed; see its log.txt"}
+    keys = ("speedup", "speedup_epoch", "cache_build_s", "trial_s_cached", "trial_s_uncached", "epoch_s_cached",
+            "epoch_s_uncached")
+    note = (f"{found[0]['speedup_configs']} frozen-lite0 configs x {found[0]['speedup_epochs']} epochs; "
+            "speedup = median trial-time ratio, uncached / cached (cache already built)")
+    if not found[0].get("cache_flag_supported", True):
+        note += "; no activation-cache switch in this checkout"
+    return {**row, **{k: found[0][k] for k in keys}, "note": note}
+
+
+def build_table(rows: list[dict]):
+    """bench.parquet's frame: the target and each run's time to it, from the runs' best-so-far steps."""
+    import numpy as np
+    import pandas as pd
+
+    runs = [r for r in rows if r["contender"] != "cache_speedup"]
+    reference = [r["best_val_balanced_acc"] for r in runs if r["contender"] == REFERENCE]
+    reference = [v for v in reference if v == v]
+    target = float(np.median(reference)) if reference else None
+    for r in runs:
+        r["target"] = target
+        r["time_to_target_s"] = time_to_target(r["_steps"], target)
+    frame = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    for col in COLUMNS:
+        if col not in frame.columns:
+            frame[col] = None
+    frame = frame[COLUMNS]
+    for col in COLUMNS:
+        if col in ("contender", "note"):
+            frame[col] = frame[col].astype("string")
+        else:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64" if col in INT_COLUMNS else "float64")
+    return frame, target
+
+
+def steps_frame(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame([{"contender": r["contender"], "seed": r["seed"], "elapsed_s": t, "best_val_balanced_acc": v}
+                         for r in rows if "_steps" in r for t, v in r["_steps"]],
+                        columns=["contender", "seed", "elapsed_s", "best_val_balanced_acc"])
+
+
+# --- Report -----------------------------------------------------------------------------------------------------
+
+
+def median_time_to_target(values) -> float | None:
+    """Median over seeds with a miss counted as infinitely slow; None when at least half missed."""
+    import numpy as np
+
+    times = sorted(np.inf if v is None or v != v else float(v) for v in values)
+    if not times:
+        return None
+    median = float(np.median(times)) if len(times) % 2 else (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2
+    return None if not np.isfinite(median) else median
+
+
+def summary_rows(frame) -> list[dict]:
+    """Medians across seeds per contender, with ratios against ours."""
+    import numpy as np
+
+    runs = frame[frame["contender"] != "cache_speedup"]
+    out = []
+    for name in [c for c in CONTENDERS if c in set(runs["contender"])]:
+        part = runs[runs["contender"] == name]
+        ttt = [None if v is None or v != v else v for v in part["time_to_target_s"].astype("object")]
+        out.append({"contender": name, "seeds": len(part),
+                    "best": float(np.nanmedian(part["best_val_balanced_acc"])) if part["best_val_balanced_acc"].notna().any() else float("nan"),
+                    "ttt": median_time_to_target(ttt), "reached": sum(v is not None for v in ttt),
+                    "trials_per_hour": float(part["trials_per_hour"].median()),
+                    "epochs_per_hour": float(part["epochs_per_hour"].median())})
+    ours = next((r for r in out if r["contender"] == BASELINE), None)
+    for r in out:
+        r["best_diff"] = r["best"] - ours["best"] if ours else float("nan")
+        r["ttt_ratio"] = (r["ttt"] / ours["ttt"] if ours and r["ttt"] is not None and ours["ttt"] else None)
+    return out
+
+
+def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
+    rows = summary_rows(frame)
+    fmt = lambda v, f="{:.3f}": "n/a" if v is None or v != v else f.format(v)  # noqa: E731
+    n_train = args.train_per_class * 2
+    n_val = args.val_per_class * 2
+    data = (f"melanoma10k, class-balanced subset ({n_train} train / {n_val} val)" if args.data == "melanoma10k"
+            else f"embedded (generated) dataset ({n_train} train / {n_val} val)")
+    lines = [
+        "# Search benchmark: same data, space and wall-clock budget", "",
+        f"- data: {data}, {args.image_size} px; space: backbone in {{efficientnet_lite0 (ImageNet), cnn_s3}}, "
+        "learning rate, dropout, lite0 unfreeze {0, 20} and head units {0, 128}; augment none",
+        f"- budget: {args.budget_s:g} s wall time per contender and seed (from process start); "
+        f"max {args.max_epochs} epochs per configuration; seeds {args.seeds}; {os.cpu_count()} CPU cores",
+        f"- target: {fmt(target)} val balanced accuracy = median over seeds of {REFERENCE}'s final best",
+        f"- benchmark wall time {elapsed_s / 60:.1f} min", "",
+        "Medians across seeds. *time to target*: a seed that never reached it counts as infinitely slow "
+        "(n/a when half or more missed). *ratio vs ours*: the contender's median time to target / ours' "
+        "(> 1: ours got there sooner). *Δ best vs ours*: contender minus ours.", "",
+        "| contender | seeds | best val bal. acc | Δ best vs ours | time to target (s) | reached | ratio vs ours "
+        "| trials/h | epochs/h |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['contender']} | {r['seeds']} | {fmt(r['best'])} | {fmt(r['best_diff'], '{:+.3f}')} | "
+                     f"{fmt(r['ttt'], '{:.0f}')} | {r['reached']}/{r['seeds']} | {fmt(r['ttt_ratio'], '{:.2f}')} | "
+                     f"{fmt(r['trials_per_hour'], '{:.0f}')} | {fmt(r['epochs_per_hour'], '{:.0f}')} |")
+    speed = frame[frame["contender"] == "cache_speedup"]
+    if len(speed) and speed["speedup"].notna().any():
+        med = speed.median(numeric_only=True)
+        lines += ["", f"**Activation cache:** a frozen efficientnet_lite0 trial runs {med['speedup']:.2f}x faster "
+                      f"with the cache (median over seeds of the median over configurations; "
+                      f"{fmt(med['trial_s_uncached'], '{:.1f}')} s uncached vs {fmt(med['trial_s_cached'], '{:.1f}')} s "
+                      f"cached per trial); per epoch {med['speedup_epoch']:.2f}x "
+                      f"({fmt(med['epoch_s_uncached'], '{:.2f}')} s vs {fmt(med['epoch_s_cached'], '{:.2f}')} s); "
+                      f"building the cache once took {fmt(med['cache_build_s'], '{:.1f}')} s. "
+                      f"({speed['note'].iloc[0]})"]
+    notes = frame[(frame["contender"] != "cache_speedup") & frame["note"].notna()]
+    if len(notes):
+        lines += ["", "Notes:"] + [f"- {r.contender} seed {r.seed}: {r.note}" for r in notes.itertuples()]
+    lines += ["", "Per run: `bench.parquet`; best-so-far curves: `best_so_far.png`, `best_so_far.parquet`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(steps, target, budget_s: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    grid = np.linspace(0, budget_s, 400)
+    colours = dict(zip(CONTENDERS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for name in [c for c in CONTENDERS if c in set(steps["contender"])]:
+        curves = []
+        for _, part in steps[steps["contender"] == name].groupby("seed"):
+            t = np.r_[part["elapsed_s"].to_numpy(), budget_s]
+            v = np.r_[part["best_val_balanced_acc"].to_numpy(), part["best_val_balanced_acc"].iloc[-1]]
+            ax.step(t, v, where="post", color=colours[name], alpha=0.25, linewidth=1)
+            index = np.searchsorted(t, grid, side="right") - 1
+            curves.append(np.where(index >= 0, v[np.clip(index, 0, None)], np.nan))
+        curves = np.array(curves)
+        enough = np.sum(~np.isnan(curves), axis=0) * 2 > len(curves)  # most seeds have a result
+        median = np.where(enough, np.nanmedian(np.where(np.isnan(curves), -np.inf, curves), axis=0), np.nan)
+        ax.plot(grid, median, color=colours[name], linewidth=2.2, label=f"{name} (median of {len(curves)})",
+                drawstyle="steps-post")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    ax.set_xlim(0, budget_s)
+    ax.set_xlabel("wall time since the contender started (s)")
+    ax.set_ylabel("best validation balanced accuracy so far")
+    ax.set_title("Best so far under the same wall-clock budget")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- Main -------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    out = Path(args.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = prepare_dataset(args, work)
+    n_runs = len(args.seeds) * len(args.contenders)
+    print(f"search_bench: {len(args.contenders)} contenders x {len(args.seeds)} seed(s), {args.budget_s:g} s each "
+          f"(at least {n_runs * args.budget_s / 60:.0f} min), data {args.data} "
+          f"{2 * args.train_per_class}+{2 * args.val_per_class} at {args.image_size} px", flush=True)
+    rows = []
+    for i, seed in enumerate(args.seeds):
+        # Rotate the order per seed, so no contender always runs first (or last) on a warming machine.
+        order = args.contenders[i % len(args.contenders):] + args.contenders[:i % len(args.contenders)]
+        for contender in order:
+            spec = run_contender(contender, seed, args, dataset, work)
+            row = summarise_run(spec, read_events(spec["events"]))
+            rows.append(row)
+            print(f"[seed {seed}] {contender:>22}: best {row['best_val_balanced_acc']:.3f}, "
+                  f"{row['trials_completed']} trials, {row['epochs_completed']} epochs in {args.budget_s:g} s "
+                  f"(process {spec['process_s']:.0f} s, exit {spec['exit_code']})", flush=True)
+        if args.speedup_configs > 0:
+            spec = run_contender("cache_speedup", seed, args, dataset, work, configs=args.speedup_configs,
+                                 epochs=args.speedup_epochs)
+            row = summarise_speedup(spec, read_events(spec["events"]))
+            rows.append(row)
+            print(f"[seed {seed}] {'cache_speedup':>22}: {row['speedup']:.2f}x per trial "
+                  f"({spec['process_s']:.0f} s)", flush=True)
+    frame, target = build_table(rows)
+    frame.to_parquet(out / "bench.parquet", index=False)
+    steps = steps_frame(rows)
+    steps.to_parquet(out / "best_so_far.parquet", index=False)
+    plot(steps, target, args.budget_s, out / "best_so_far.png")
+    report = markdown(frame, target, args, dataset, time.time() - started)
+    (out / "bench.md").write_text(report)
+    print()
+    print(report)
+    print(f"written to {out}: bench.parquet, bench.md, best_so_far.png, best_so_far.parquet")
+    failed = frame[(frame["exit_code"].fillna(0) != 0)]
+    if len(failed):
+        print(f"warning: {len(failed)} run(s) exited non-zero; see {work}/<contender>_s<seed>/log.txt", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""benchmarks/search_bench.py: its metrics (fast), the shared space, and a tiny end-to-end run (e2e)."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from benchmarks import search_bench as bench
+
+E2E_BUDGET_S = 25
+
+
+def _events(t0, points, ends=()):
+    return ([{"kind": "epoch", "t": t0 + t, "trial": "a", "epoch": 1, "value": v} for t, v in points]
+            + [{"kind": "trial_end", "t": t0 + t, "trial": "a", "status": s} for t, s in ends])
+
+
+def test_best_so_far_keeps_improvements_within_the_budget():
+    events = _events(100.0, [(5, 0.6), (3, 0.5), (8, 0.55), (9, 0.7), (31, 0.9), (-1, 0.99)])
+    assert bench.best_so_far(events, 100.0, 30) == [(3, 0.5), (5, 0.6), (9, 0.7)]
+    assert bench.time_to_target([(3, 0.5), (5, 0.6), (9, 0.7)], 0.6) == 5
+    assert bench.time_to_target([(3, 0.5)], 0.6) is None and bench.time_to_target([(3, 0.5)], None) is None
+
+
+def test_summary_counts_only_what_happened_within_the_budget():
+    spec = {"contender": "ours", "seed": 0, "t0": 0.0, "budget_s": 30.0, "process_s": 40.0, "exit_code": 0}
+    events = _events(0.0, [(5, 0.6), (10, 0.7), (35, 0.9)], ends=[(11, "completed"), (20, "errored"), (36, "completed")])
+    row = bench.summarise_run(spec, events)
+    assert row["best_val_balanced_acc"] == 0.7 and row["epochs_completed"] == 2
+    assert row["trials_completed"] == 1 and row["trials_errored"] == 1
+    assert row["trials_per_hour"] == pytest.approx(120) and row["time_to_first_result_s"] == 5
+
+
+def test_target_is_the_median_of_random_fifo_and_misses_count_as_slow():
+    rows = []
+    for contender, seed, steps in [("random_fifo", 0, [(10, 0.6)]), ("random_fifo", 1, [(20, 0.8)]),
+                                   ("random_fifo", 2, [(5, 0.7)]), ("ours", 0, [(4, 0.75)])]:
+        rows.append({"contender": contender, "seed": seed, "budget_s": 30, "best_val_balanced_acc": steps[-1][1],
+                     "_steps": steps})
+    rows.append({"contender": "cache_speedup", "seed": 0, "speedup": 3.0})
+    frame, target = bench.build_table(rows)
+    assert target == 0.7
+    ttt = frame.set_index(["contender", "seed"])["time_to_target_s"]
+    assert ttt[("ours", 0)] == 4 and ttt[("random_fifo", 1)] == 20 and pd.isna(ttt[("random_fifo", 0)])
+    assert bench.median_time_to_target([10, None, 20]) == 20
+    assert bench.median_time_to_target([10, None, None]) is None
+    summary = {r["contender"]: r for r in bench.summary_rows(frame)}
+    assert summary["random_fifo"]["ttt_ratio"] == pytest.approx(20 / 4)
+    assert summary["random_fifo"]["best_diff"] == pytest.approx(0.7 - 0.75)
+
+
+@pytest.mark.e2e
+def test_keras_tuner_space_is_the_optuna_space():
+    """Same names, ranges, choices and condition in both spellings of the space."""
+    kt = pytest.importorskip("keras_tuner")
+    optuna = pytest.importorskip("optuna")
+    from benchmarks._contenders import kt_space, space
+
+    hp = kt.HyperParameters()
+    kt_space(hp)
+    by_name = {p.name: p for p in hp.space}
+    assert by_name["backbone"].values == ["efficientnet_lite0", "cnn_s3"]
+    assert (by_name["learning_rate"].min_value, by_name["learning_rate"].max_value,
+            by_name["learning_rate"].sampling) == (3e-4, 1e-2, "log")
+    assert (by_name["dropout"].min_value, by_name["dropout"].max_value) == (0.0, 0.5)
+    assert by_name["unfreeze"].values == [0, 20] and by_name["head_units"].values == [0, 128]
+    assert by_name["unfreeze"].conditions and by_name["head_units"].conditions
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(40):
+        trial = study.ask()
+        out = space(trial)
+        seen.setdefault(out["backbone"], set()).update(trial.params)
+        study.tell(trial, 0.0)
+    assert seen["efficientnet_lite0"] == {"backbone", "learning_rate", "dropout", "unfreeze", "head_units"}
+    assert seen["cnn_s3"] == {"backbone", "learning_rate", "dropout"}
+    dists = study.trials[0].distributions
+    assert dists["learning_rate"].log and (dists["learning_rate"].low, dists["learning_rate"].high) == (3e-4, 1e-2)
+
+
+@pytest.mark.e2e
+def test_tiny_benchmark_end_to_end(tmp_path):
+    """ours (real search.run on Ray) and optuna_hyperband on a tiny embedded set, plus the cache timing."""
+    pytest.importorskip("optuna_integration")
+    out = tmp_path / "bench"
+    code = bench.main(["--out", str(out), "--data", "embedded", "--train-per-class", "24", "--val-per-class", "8",
+                       "--budget-s", str(E2E_BUDGET_S), "--seeds", "0", "--contenders", "ours", "optuna_hyperband",
+                       "--speedup-configs", "1", "--speedup-epochs", "1", "--grace-s", "90"])
+    assert code == 0
+    for name in ("bench.parquet", "bench.md", "best_so_far.png", "best_so_far.parquet"):
+        assert (out / name).is_file(), name
+    frame = pd.read_parquet(out / "bench.parquet")
+    assert set(bench.COLUMNS) <= set(frame.columns)
+    assert sorted(frame["contender"]) == ["cache_speedup", "optuna_hyperband", "ours"]
+    runs = frame[frame["contender"] != "cache_speedup"].set_index("contender")
+    assert (runs["budget_s"] == E2E_BUDGET_S).all() and (runs["seed"] == 0).all()
+    assert (runs["exit_code"] == 0).all(), runs["exit_code"]
+    # Without random_fifo there is no target, so no time to it.
+    assert runs["target"].isna().all() and runs["time_to_target_s"].isna().all()
+    # The in-process contender gets going within the budget; Ray's start-up may eat a tiny budget, so ours may not.
+    assert runs.loc["optuna_hyperband", "trials_completed"] >= 1
+    for contender, row in runs.iterrows():
+        best = row["best_val_balanced_acc"]
+        assert math.isnan(best) or 0.0 <= best <= 1.0, (contender, best)
+        assert row["trials_per_hour"] == pytest.approx(row["trials_completed"] / E2E_BUDGET_S * 3600)
+        assert row["process_s"] >= E2E_BUDGET_S * 0.5
+    speed = frame[frame["contender"] == "cache_speedup"].iloc[0]
+    assert speed["speedup"] > 0 and speed["trial_s_cached"] > 0 and speed["trial_s_uncached"] > 0
+    steps = pd.read_parquet(out / "best_so_far.parquet")
+    assert (steps["elapsed_s"] <= E2E_BUDGET_S).all() and steps["best_val_balanced_acc"].between(0, 1).all()
+    assert "| optuna_hyperband |" in (out / "bench.md").read_text()
