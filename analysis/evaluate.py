@@ -155,9 +155,9 @@ def _append(path: Path, key: str, item: dict) -> None:
                 raise EvaluateError(f"{str(path)!r} is not valid JSON ({exc}); move it aside and keep it, "
                                     "then run again") from None
         record.setdefault(key, []).append(_jsonable(item))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
+        from search.storage import write_atomic  # search/ imports TensorFlow: only when writing
+
+        write_atomic(path, (json.dumps(record, indent=1, allow_nan=False) + "\n").encode())
 
 
 def _now() -> str:
@@ -377,7 +377,9 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
             "class_names": class_names,
         })
 
-    _write_parquet(pd.concat(predictions, ignore_index=True), run_dir / f"{split}_predictions.parquet")
+    from search.storage import write_parquet
+
+    write_parquet(pd.concat(predictions, ignore_index=True), run_dir / f"{split}_predictions.parquet")
     _append(run_dir / f"{split}_evaluation.json", "evaluations", {
         "evaluated_at": _now(), "split": split, "n": len(rows), "metric": study.get("metric"),
         "mode": study.get("mode"), "k": k, "n_boot": n_boot, "seed": seed, "level": level,
@@ -392,12 +394,6 @@ def _prediction_rows(name: str, rows: pd.DataFrame, y, probs, class_names: list[
     for c, cls in enumerate(class_names):
         out[f"prob_{cls}"] = probs[:, c]
     return out
-
-
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------

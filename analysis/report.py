@@ -458,7 +458,7 @@ def efficiency_section(run: T.Run) -> Section:
         + (f"; the plan was {b['planned_epochs']} ({b['num_samples']} trials)" if b["planned_epochs"] != b["full_epochs"] else ""),
         f"- saved by ASHA: **{b['saved_by_asha']} epochs** ({_pct(b['saved_fraction'])} of {b['full_epochs']}), "
         f"about {b['saved_s_estimate'] / 60:.1f} min of trial time at each stopped trial's own pace",
-        f"- stopped trials by epochs run: " + (", ".join(f"{n} after {e}" for e, n in b["stopped_after_epochs"].items()) or "none"),
+        "- stopped trials by epochs run: " + (", ".join(f"{n} after {e}" for e, n in b["stopped_after_epochs"].items()) or "none"),
     ]
     if b["lost_to_errors"]:
         lines.append(f"- not run because trials errored: {b['lost_to_errors']} epochs")

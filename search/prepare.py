@@ -7,7 +7,6 @@ search cannot read what it was never given.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -92,10 +91,9 @@ def _check_metric_reported(study: Study, class_names: list[str]) -> None:
         raise StudyError("metric: " + unknown_name_message("metric", study.metric, reported) + " (trials never report it)")
 
 
-def write_splits(splits: pd.DataFrame, folder: Path) -> Path:
-    from search.results import write_parquet
-
+def write_splits(splits: pd.DataFrame, folder) -> str:
+    """``splits.parquet`` in a ``search.storage.StudyFolder``: every image with its split, written out."""
     out = splits[["path", "label", "label_index", "group", "origin", "split"]].copy()
     for col in ("path", "label", "group", "origin", "split"):
         out[col] = out[col].astype("string")
-    return write_parquet(out, folder / "splits.parquet")
+    return folder.write_parquet("splits.parquet", out)

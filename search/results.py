@@ -17,19 +17,11 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
+from search.storage import StudyFolder, write_parquet  # noqa: F401 (write_parquet: re-exported)
+
 _WRITE_EVERY_S = 5.0  # throttle for per-epoch rewrites; trial ends always write
 
 STATUSES = ("running", "finished", "stopped", "errored")
-
-
-def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
-    """Write ``frame`` to ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
 
 
 def tidy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
@@ -71,8 +63,10 @@ def first_error_line(text: str | None) -> str:
 class LeaderboardWriter(tune.Callback):
     """Keeps one row per trial and one row per trial epoch, on disk, as the study runs."""
 
-    def __init__(self, folder: str | Path, *, metric: str, mode: str, max_epochs: int):
-        self.folder = Path(folder)
+    def __init__(self, folder: StudyFolder | str | Path, *, metric: str, mode: str, max_epochs: int):
+        if not isinstance(folder, StudyFolder):
+            folder = StudyFolder(Path(folder).parent, Path(folder).name)
+        self.folder = folder
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.trials: dict[str, dict] = {}
         self.epochs: list[dict] = []
@@ -81,11 +75,10 @@ class LeaderboardWriter(tune.Callback):
 
     # Resuming reads back what an earlier driver wrote, so nothing is lost.
     def _load_existing(self) -> None:
-        board, epochs = self.folder / "leaderboard.parquet", self.folder / "epochs.parquet"
-        if epochs.exists():
-            self.epochs = pd.read_parquet(epochs).to_dict("records")
-        if board.exists():
-            for row in pd.read_parquet(board).to_dict("records"):
+        if self.folder.exists("epochs.parquet"):
+            self.epochs = self.folder.read_parquet("epochs.parquet").to_dict("records")
+        if self.folder.exists("leaderboard.parquet"):
+            for row in self.folder.read_parquet("leaderboard.parquet").to_dict("records"):
                 self.trials[row["trial_id"]] = {"row": row, "config": {}}
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -117,6 +110,9 @@ class LeaderboardWriter(tune.Callback):
         # A resumed trial re-reports epochs it had already run; keep the newest.
         self.epochs = [e for e in self.epochs if (e["trial_id"], e.get("epoch")) != (trial.trial_id, epoch.get("epoch"))]
         self.epochs.append(epoch)
+        # Where it ran (the latest attempt's node, after a retry on another node): from trainables.train.PLACEMENT.
+        entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": dict(trial.config)})
+        entry["row"].update({k: result[k] for k in ("node_id", "gpu", "precision") if k in result})
         self._write()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -141,7 +137,7 @@ class LeaderboardWriter(tune.Callback):
             status=status,
             error=error,
             trial_name=str(trial),
-            checkpoint_path=checkpoint.path if checkpoint is not None else None,
+            checkpoint_path=self.folder.uri_of(checkpoint.path) if checkpoint is not None else None,
             ended_at=_now(),
         )
         self._write(force=True)
@@ -167,8 +163,8 @@ class LeaderboardWriter(tune.Callback):
         if not force and now - self._last_write < _WRITE_EVERY_S:
             return
         self._last_write = now
-        write_parquet(tidy_dtypes(pd.DataFrame(self.epochs)), self.folder / "epochs.parquet")
-        write_parquet(self.leaderboard(), self.folder / "leaderboard.parquet")
+        self.folder.write_parquet("epochs.parquet", tidy_dtypes(pd.DataFrame(self.epochs)))
+        self.folder.write_parquet("leaderboard.parquet", self.leaderboard())
 
 
 def _now() -> pd.Timestamp:

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -120,6 +119,7 @@ def resume_command(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from search.storage import StorageError, StudyFolder
     from search.study import StudyError, file_hash, load_study
     from search.weights import study_weight_files
     from trainables.datasets import DatasetError
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         study = apply_overrides(load_study(args.study_file), args)
-        folder = Path(args.storage).resolve() / study.name
+        folder = StudyFolder(args.storage, study.name)
         check_folder(folder, resume=args.resume)
         if args.resume and not args.force:
             check_study_unchanged(folder, Path(args.study_file))
@@ -136,35 +136,34 @@ def main(argv: list[str] | None = None) -> int:
             check_address(args.address)
         weights, random_init = study_weight_files(study, smoke=args.smoke)
         prepared = prepare(study, args, folder)
-    except (StudyError, DatasetError, WeightsUnavailableError) as exc:
+    except (StudyError, StorageError, DatasetError, WeightsUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     write_study_json(study, args, folder, file_hash(args.study_file), skipped=prepared.skipped)
     return run_study(study, args, folder, prepared, weights, random_init)
 
 
-def check_folder(folder: Path, *, resume: bool) -> None:
+def check_folder(folder, *, resume: bool) -> None:
     from search.study import StudyError
 
-    started = (folder / "study.json").exists()
+    started = folder.exists("study.json")
     if started and not resume:
         raise StudyError(f"results folder {str(folder)!r} already holds this study; add --resume to continue it, "
                          "or use another --storage")
-    if resume and not (folder / "tuner.pkl").exists():
+    if resume and not folder.exists("tuner.pkl"):
         raise StudyError(f"nothing to resume in {str(folder)!r}; run without --resume to start the study")
 
 
-def check_study_unchanged(folder: Path, study_file: Path) -> None:
+def check_study_unchanged(folder, study_file: Path) -> None:
     """A resumed search must be the search that started: refuse an edited study file, showing the edit."""
     import difflib
 
     from search.study import StudyError, file_hash
 
-    record = json.loads((folder / "study.json").read_text())
+    record = json.loads(folder.read_text("study.json"))
     if record.get("study_file_sha256") in (None, file_hash(study_file)):
         return
-    saved = folder / "study_file.py"
-    old = saved.read_text().splitlines() if saved.exists() else []
+    old = folder.read_text("study_file.py").splitlines() if folder.exists("study_file.py") else []
     diff = "\n".join(difflib.unified_diff(old, study_file.read_text().splitlines(), "study file at the start",
                                           str(study_file), lineterm="", n=1))
     raise StudyError(f"{study_file} changed since this study started, so resuming would mix two searches:\n"
@@ -172,20 +171,21 @@ def check_study_unchanged(folder: Path, study_file: Path) -> None:
                      "Undo the change, start a new study (another name or --storage), or add --force to resume anyway.")
 
 
-def check_storage(folder: Path, min_free_bytes: int = 200_000_000) -> None:
+def check_storage(folder, min_free_bytes: int = 200_000_000) -> None:
     """Fail now, not hours in, if results cannot be written: the folder must be writable with room to spare."""
     from search.study import StudyError
 
+    probe = f".write-test-{os.getpid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise StudyError(f"cannot write results to {str(folder)!r}: {exc.strerror or exc}; "
-                         "choose a writable --storage") from exc
-    free = shutil.disk_usage(folder).free
-    if free < min_free_bytes:
+        folder.mkdir()
+        folder.write_bytes(probe, b"ok")
+        folder.delete(probe)
+    except OSError as exc:  # pyarrow raises OSError too: no bucket, no credentials, access denied
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise StudyError(f"cannot write results to {str(folder)!r}: {reason}; choose a writable --storage"
+                         + ("" if folder.is_local else " (and check the bucket exists and your credentials)")) from exc
+    free = folder.free_bytes()
+    if free is not None and free < min_free_bytes:
         raise StudyError(f"only {free / 1e6:.0f} MB free under {str(folder)!r}; checkpoints need more. "
                          "Free some space or choose another --storage")
 
@@ -210,7 +210,7 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
                          "this machine may connect to that port; omit --address to run on a local Ray.") from exc
 
 
-def prepare(study, args, folder: Path):
+def prepare(study, args, folder):
     from search.prepare import prepare_data, write_splits
 
     started = time.monotonic()
@@ -229,20 +229,18 @@ def prepare(study, args, folder: Path):
     return prepared
 
 
-def report_duplicates(pairs, folder: Path) -> None:
+def report_duplicates(pairs, folder) -> None:
     """Byte-identical images inflate scores when copies land in different splits: say so, and list them."""
-    from search.results import write_parquet
-
     if pairs is None or pairs.empty:
         return
-    write_parquet(pairs, folder / "duplicates.parquet")
+    folder.write_parquet("duplicates.parquet", pairs)
     crossing = int(pairs["cross_split"].sum())
     conflicting = int((~pairs["same_label"]).sum())
     print(f"  warning: {len(pairs)} pair(s) of identical image files, {crossing} across splits, "
           f"{conflicting} with different labels; listed in duplicates.parquet", flush=True)
 
 
-def write_study_json(study, args, folder: Path, study_hash: str, skipped=()) -> None:
+def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
     from importlib import metadata
 
     versions = {}
@@ -262,17 +260,16 @@ def write_study_json(study, args, folder: Path, study_hash: str, skipped=()) -> 
         "python": platform.python_version(),
         "versions": versions,
     }
-    path = folder / "study.json"
-    if not (folder / "study_file.py").exists():  # the text a resume is compared with
-        shutil.copyfile(args.study_file, folder / "study_file.py")
-    if path.exists():  # a resume keeps the original record and notes the restart
-        old = json.loads(path.read_text())
+    if not folder.exists("study_file.py"):  # the text a resume is compared with
+        folder.write_bytes("study_file.py", Path(args.study_file).read_bytes())
+    if folder.exists("study.json"):  # a resume keeps the original record and notes the restart
+        old = json.loads(folder.read_text("study.json"))
         old.setdefault("resumed_at", []).append(record["started_at"])
         record = old
-    _write_json(path, record)
+    _write_json(folder, record)
 
 
-def run_study(study, args, folder: Path, prepared, weights: list[Path], random_init: tuple[str, ...] = ()) -> int:
+def run_study(study, args, folder, prepared, weights: list[Path], random_init: tuple[str, ...] = ()) -> int:
     import ray
 
     from search.study import StudyError
@@ -292,6 +289,7 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path], random_i
         random_init=random_init,
         activation_cache=study.activation_cache,
         augment_views=study.augment_views,
+        mixed_precision=study.mixed_precision,
     )
     env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}}
     context = ray.init(address=args.address, log_to_driver=args.verbose, runtime_env=env,
@@ -309,7 +307,7 @@ def run_study(study, args, folder: Path, prepared, weights: list[Path], random_i
     try:
         if weights:
             print(f"shipping ImageNet weights to the trials: {', '.join(p.name for p in weights)}", flush=True)
-        tuner = make_tuner(study, storage=folder.parent, data=prepared.arrays, settings=settings,
+        tuner = make_tuner(study, folder=folder, data=prepared.arrays, settings=settings,
                            weights_files=pack_weights(weights), resume=args.resume)
         fit_started = time.monotonic()
         results = tuner.fit()
@@ -338,18 +336,15 @@ def was_interrupted(study, results, elapsed_s: float) -> bool:
     return unfinished > 0 or (len(results) < study.num_samples and not out_of_time)
 
 
-def record_outcome(folder: Path, outcome: str) -> None:
+def record_outcome(folder, outcome: str) -> None:
     """``finished_at`` and ``outcome`` in study.json: how a report tells finished results from partial ones."""
-    path = folder / "study.json"
-    record = json.loads(path.read_text())
+    record = json.loads(folder.read_text("study.json"))
     record.update(finished_at=datetime.now(timezone.utc).isoformat(), outcome=outcome)
-    _write_json(path, record)
+    _write_json(folder, record)
 
 
-def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+def _write_json(folder, record: dict) -> None:
+    folder.write_text("study.json", json.dumps(record, indent=2, default=str))  # atomic: see search.storage
 
 
 def fit_resources(study, available: dict, *, local: bool, smoke: bool):
@@ -379,13 +374,13 @@ def fit_resources(study, available: dict, *, local: bool, smoke: bool):
     raise StudyError(f"{message} Override as shown in brackets, or run on a cluster with --address.")
 
 
-def summarise(study, folder: Path, results) -> int:
+def summarise(study, folder, results) -> int:
     import pandas as pd
 
-    board = pd.read_parquet(folder / "leaderboard.parquet")
+    board = folder.read_parquet("leaderboard.parquet")
     print()
     print(format_leaderboard(board, study.metric))
-    print(f"\nresults: {folder}\n  leaderboard.parquet  epochs.parquet  splits.parquet  study.json")
+    print(f"\nresults: {folder}\n  leaderboard: {folder.uri('leaderboard.parquet')}\n  leaderboard.parquet  epochs.parquet  splits.parquet  study.json")
     if board.empty or board["status"].isin(["errored", "diverged"]).all():
         reasons = board.get("error", pd.Series(index=board.index, dtype=object)).astype(object)
         reasons[board["status"] == "diverged"] = "diverged: the training loss became NaN or inf"

@@ -63,6 +63,7 @@ class Study:
     activation_cache: bool = True  # frozen pretrained backbones: compute features once, train only the head
     max_failures: int = 1  # retries of a trial that raised (Ray's FailureConfig); then it is recorded as errored
     augment_views: int = 0  # augmented trials: cache this many augmented views per image (0: run the network)
+    mixed_precision: bool | str = "auto"  # mixed_float16; "auto": on GPUs with float16 tensor cores (compute >= 7.0)
     source: str | None = None  # the study file, set by load_study
 
     def __post_init__(self):
@@ -108,6 +109,8 @@ def validate(study: Study) -> None:
     _int("max_failures", study.max_failures, low=0)
     if not isinstance(study.activation_cache, bool):
         _fail("activation_cache", study.activation_cache, "use True or False")
+    if study.mixed_precision not in (True, False, "auto"):
+        _fail("mixed_precision", study.mixed_precision, "use True, False or 'auto'")
     _check_hparams("fixed", study.fixed)
     dry_run_space(study)
 
@@ -256,7 +259,7 @@ def load_study(path: str | Path) -> Study:
     studies = [v for v in vars(module).values() if isinstance(v, Study)]
     study = getattr(module, "STUDY", None)
     if not isinstance(study, Study):
-        found = f" (found a Study in another name)" if studies else ""
+        found = " (found a Study in another name)" if studies else ""
         raise StudyError(f"{path}: no study object; define `STUDY = Study(...)`{found}")
     return dataclasses.replace(study, source=str(path.resolve()))
 

@@ -5,7 +5,6 @@ What to search lives in ``TuneConfig``, how to run it in ``RunConfig``, as in Ra
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import optuna
 from ray import tune
@@ -15,6 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.progress import ProgressPrinter
 from search.results import LeaderboardWriter
+from search.storage import StudyFolder
 from search.study import Study
 from trainables.train import TrialSettings, train_trial
 
@@ -71,10 +71,9 @@ def trial_name(trial) -> str:
     return f"trial_{trial.config.get('trial_number', 0):03d}_{trial.config.get('backbone', 'model')}"
 
 
-def make_tuner(study: Study, *, storage: Path, data: dict, settings: TrialSettings,
+def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: TrialSettings,
                weights_files: dict | None = None, resume: bool = False) -> tune.Tuner:
-    """A Tuner for ``study`` writing to ``storage/study.name``; ``resume`` restores it from there."""
-    folder = Path(storage) / study.name
+    """A Tuner for ``study`` writing to ``folder`` (local or a bucket); ``resume`` restores it from there."""
     callbacks = [
         LeaderboardWriter(folder, metric=study.metric, mode=study.mode, max_epochs=study.max_epochs),
         ProgressPrinter(metric=study.metric, mode=study.mode, max_epochs=study.max_epochs),
@@ -82,7 +81,7 @@ def make_tuner(study: Study, *, storage: Path, data: dict, settings: TrialSettin
     trainable = make_trainable(study, data, settings, weights_files)
     if resume:
         # Restoring brings back the searcher, scheduler and trials; callbacks are not saved.
-        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(folder.uri(), trainable=trainable, resume_unfinished=True, resume_errored=True)
         tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001 (see make_run_config)
         return tuner
     return tune.Tuner(
@@ -98,14 +97,15 @@ def make_tuner(study: Study, *, storage: Path, data: dict, settings: TrialSettin
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=make_run_config(study, storage, callbacks),
+        run_config=make_run_config(study, folder.storage, callbacks),
     )
 
 
-def make_run_config(study: Study, storage: Path, callbacks: list) -> tune.RunConfig:
+def make_run_config(study: Study, storage: str, callbacks: list) -> tune.RunConfig:
+    """``storage``: a local path or a pyarrow URI; Ray Tune writes the trials' checkpoints there from each node."""
     return tune.RunConfig(
         name=study.name,
-        storage_path=str(Path(storage).resolve()),
+        storage_path=storage,
         callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1,  # trials checkpoint only on improvement, so the newest is the best

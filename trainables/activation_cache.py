@@ -93,7 +93,7 @@ def entry_key(model, x: np.ndarray, dtype=HEAD_ONLY_DTYPE) -> str:
     """The cache entry for ``model`` (a backbone, or a backbone's prefix) applied to ``x``: its name (the
     backbone and the cut), weights (preprocessing included), input shape and the images themselves."""
     parts = [f"v{CACHE_VERSION}", model.name, str(model.input.shape), weights_digest(model),
-             data_digest(x), np.dtype(dtype).name]
+             data_digest(x), np.dtype(dtype).name, model.dtype_policy.name]  # mixed_float16 computes other values
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 

@@ -59,6 +59,7 @@ class TrialSettings:
     random_init: tuple[str, ...] = ()  # smoke runs: backbones whose ImageNet weights were unavailable
     activation_cache: bool = True  # frozen pretrained backbones: train the head on cached features
     augment_views: int = 0  # with augmentation: a cached bank of this many views per image (0: run the network)
+    mixed_precision: bool | str = "auto"  # "auto": mixed_float16 on a GPU with compute capability >= 7.0
 
 
 def resolve_hparams(config: dict) -> dict:
@@ -100,7 +101,7 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
         config = {**config, "weights": None}
     hp = resolve_hparams(config)
     seed = (settings.seed * 100_003 + int(config.get("trial_number", 0))) % (2**31 - 1)
-    setup_tensorflow(settings.cpus, seed)
+    device = setup_tensorflow(settings.cpus, seed, mixed_precision=settings.mixed_precision)
     from trainables.model import apply_unfreeze, build_model
 
     x_train, y_train, x_val, y_val = (data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
@@ -126,7 +127,7 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
             views = cached_views(prefix, x_train, augmentation, views=settings.augment_views, policy=hp["augment"],
                                  seed=settings.seed, dtype=dtype)
         x_train, x_val = (cached_features(prefix, x, dtype=dtype) for x in (x_train, x_val))
-    report = ReportEpoch(x_val, y_val, settings, hp, started, model=model)
+    report = ReportEpoch(x_val, y_val, settings, hp, started, model=model, device=device)
     class_weight = balanced_class_weight(y_train) if hp["class_weight"] else None
     for first, end, lr, unfreeze in phases(hp, settings.max_epochs):
         if end <= start_epoch:
@@ -161,15 +162,26 @@ def cached_top(suffix, head, feature_shape) -> keras.Model:
     return keras.Model(features, head(suffix(features)), name="cached_top")
 
 
-def setup_tensorflow(cpus: float, seed: int):
-    """GPU memory growth, a thread count that matches the trial's CPUs, seeds."""
+def setup_tensorflow(cpus: float, seed: int, *, mixed_precision: bool | str = "auto") -> dict:
+    """GPU memory growth, mixed precision, a thread count that matches the trial's CPUs, seeds.
+
+    Returns where the trial runs: Ray node, GPU (``"none"`` on CPU) and dtype policy, which every epoch reports.
+    """
     import tensorflow as tf
 
-    for gpu in tf.config.list_physical_devices("GPU"):
+    gpus = tf.config.list_physical_devices("GPU")  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
+    for gpu in gpus:
         try:
-            tf.config.experimental.set_memory_growth(gpu, True)  # lets fractional-GPU trials share a card
+            # Grow on demand instead of taking the whole card, so fractional-GPU trials can share it.
+            tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
             pass  # already initialised by an earlier trial in this reused worker
+    device = describe_device(gpus)
+    if mixed_precision == "auto":
+        mixed_precision = device["compute_capability"] >= 7.0
+    policy = "mixed_float16" if mixed_precision else "float32"
+    keras.mixed_precision.set_global_policy(policy)  # reset every trial: workers are reused
+    device["precision"] = policy
     threads = max(1, int(cpus))
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -178,6 +190,24 @@ def setup_tensorflow(cpus: float, seed: int):
         pass
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
+    return device
+
+
+def describe_device(gpus) -> dict:
+    """The Ray node and GPU a trial runs on, for the leaderboard and the logs."""
+    import os
+
+    import ray
+    import tensorflow as tf
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    if not gpus:
+        return {"node_id": node, "gpu": "none", "compute_capability": 0.0}
+    details = tf.config.experimental.get_device_details(gpus[0])
+    major, minor = details.get("compute_capability", (0, 0))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "?")
+    return {"node_id": node, "gpu": f"{visible}: {details.get('device_name', 'GPU')}",
+            "compute_capability": float(f"{major}.{minor}")}
 
 
 def balanced_class_weight(y: np.ndarray) -> dict[int, float]:
@@ -208,6 +238,9 @@ def verify_checkpoint(path: Path) -> None:
             raise OSError(f"checkpoint {path} is incomplete or corrupt (holds {sorted(names)})")
 
 
+PLACEMENT = ("node_id", "gpu", "precision")  # reported every epoch, kept in the leaderboard
+
+
 def is_better(value: float, best: float | None, mode: str) -> bool:
     if value is None or math.isnan(value):
         return False
@@ -217,8 +250,9 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
 class ReportEpoch(keras.callbacks.Callback):
     """Once per epoch: validation metrics to Tune, plus a checkpoint when the metric improves."""
 
-    def __init__(self, x_val, y_val, settings: TrialSettings, hp: dict, started: float, model):
+    def __init__(self, x_val, y_val, settings: TrialSettings, hp: dict, started: float, model, device=None):
         super().__init__()
+        self.device = {k: v for k, v in (device or {}).items() if k in PLACEMENT}
         self.x_val, self.y_val, self.settings, self.hp, self.started = x_val, y_val, settings, hp, started
         self.classifier = model  # the whole classifier, saved even when only its head is being fit
         self.best: float | None = None
@@ -250,6 +284,7 @@ class ReportEpoch(keras.callbacks.Callback):
             "epoch_s": time.monotonic() - self.epoch_started,
             "checkpoint_s": 0.0,
             "diverged": int(not math.isfinite(float((logs or {}).get("loss", 0.0)))),
+            **self.device,  # node_id, gpu, precision: where this epoch ran
         }
         if metrics["diverged"]:  # a NaN or inf loss never recovers: end the trial now
             self.model.stop_training = self.stopped = True

@@ -121,6 +121,7 @@ def test_resume_refuses_an_edited_study_file_and_shows_the_edit(write_study, tmp
     import json
 
     from search.run import check_study_unchanged
+    from search.storage import StudyFolder
     from search.study import StudyError, file_hash
 
     path = write_study("STUDY = Study(name='x', num_samples=4, space=lambda trial: {'backbone': 'cnn_s3'})\n")
@@ -128,9 +129,9 @@ def test_resume_refuses_an_edited_study_file_and_shows_the_edit(write_study, tmp
     folder.mkdir(parents=True)
     (folder / "study_file.py").write_text(path.read_text())
     (folder / "study.json").write_text(json.dumps({"study_file_sha256": file_hash(path)}))
-    check_study_unchanged(folder, path)  # unchanged: fine
+    check_study_unchanged(StudyFolder(tmp_path / "runs", "x"), path)  # unchanged: fine
     path.write_text(path.read_text().replace("num_samples=4", "num_samples=40"))
     with pytest.raises(StudyError, match=r"(?s)changed since this study started.*-STUDY.*num_samples=4,.*"
                                          r"\+STUDY.*num_samples=40.*--force"):
-        check_study_unchanged(folder, path)
+        check_study_unchanged(StudyFolder(tmp_path / "runs", "x"), path)
     assert parse_args([str(path), "--resume", "--force"]).force

@@ -7,6 +7,7 @@ import ray
 from fixtures.datasets import copy_file, make_folder, write_garbage, write_truncated_jpeg
 from search.prepare import prepare_data
 from search.run import main, report_duplicates
+from search.storage import StudyFolder
 from search.study import Dataset, Study
 from trainables.datasets import DatasetError
 
@@ -49,7 +50,7 @@ def test_duplicates_are_found_and_written(tmp_path, capsys):
     pairs = prepared.duplicates
     assert len(pairs) == 1 and not pairs["same_label"].iloc[0]
 
-    report_duplicates(pairs, tmp_path / "run")
+    report_duplicates(pairs, StudyFolder(tmp_path, "run"))
     assert "1 pair(s) of identical image files" in capsys.readouterr().out
     assert len(pd.read_parquet(tmp_path / "run" / "duplicates.parquet")) == 1
 
