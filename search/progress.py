@@ -7,7 +7,7 @@ import time
 
 from ray import tune
 
-from search.results import trial_status
+from search.results import trial_error_line, trial_status
 from trainables.train import is_better
 
 _STATUS_EVERY_S = 20.0
@@ -43,6 +43,11 @@ class ProgressPrinter(tune.Callback):
         epoch = self.last_epoch.get(trial.trial_id, 0)
         outcome = trial_status(epoch, self.max_epochs, diverged=bool((trial.last_result or {}).get("diverged")))
         self._end(trial, outcome, f"after epoch {epoch}/{self.max_epochs}" + (" by ASHA" if outcome == "stopped" else ""))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A failed attempt that Ray retries (``Study.max_failures``): from its last checkpoint, maybe elsewhere."""
+        self.counts["running"] = max(0, self.counts["running"] - 1)
+        self._say(f"retry    {trial}  attempt {trial.num_failures} failed: {trial_error_line(trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "errored", f"(see {trial.error_file})" if trial.error_file else "")

@@ -60,6 +60,12 @@ def first_error_line(text: str | None) -> str:
     return lines[-1][:500] if lines else "unknown error"
 
 
+def trial_error_line(trial) -> str:
+    """The first line of the error a Ray trial last failed with."""
+    path = trial.error_file
+    return first_error_line(Path(path).read_text(errors="replace") if path and os.path.exists(path) else None)
+
+
 class LeaderboardWriter(tune.Callback):
     """Keeps one row per trial and one row per trial epoch, on disk, as the study runs."""
 
@@ -119,10 +125,7 @@ class LeaderboardWriter(tune.Callback):
         self._finish(trial, error=None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        text = None
-        if trial.error_file and os.path.exists(trial.error_file):
-            text = Path(trial.error_file).read_text(errors="replace")
-        self._finish(trial, error=first_error_line(text))
+        self._finish(trial, error=trial_error_line(trial))
 
     def on_experiment_end(self, trials, **info):
         self._write(force=True)
@@ -138,6 +141,7 @@ class LeaderboardWriter(tune.Callback):
             error=error,
             trial_name=str(trial),
             checkpoint_path=self.folder.uri_of(checkpoint.path) if checkpoint is not None else None,
+            failures=trial.num_failures,  # attempts that raised or lost their node before this end
             ended_at=_now(),
         )
         self._write(force=True)

@@ -67,7 +67,7 @@ def test_a_study_where_every_trial_errored_still_gets_a_report(tmp_path):
     md_path, html_path = R.write_report(make_run_dir(tmp_path, trials))
     md = md_path.read_text()
     assert "No trial has a validation score yet." in md and md.count("ValueError: bad dropout 2") == 2
-    assert all(f"<h2 id" in html_path.read_text() for _ in R.SECTIONS)
+    assert all("<h2 id" in html_path.read_text() for _ in R.SECTIONS)
 
 
 def test_a_folder_that_is_not_a_results_folder(tmp_path, capsys):

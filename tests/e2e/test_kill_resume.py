@@ -2,34 +2,22 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from fixtures.driver import Driver, read_board
 from fixtures.studies import TINY_STUDY
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 TRIALS = 6
 
 
-def start(study: Path, storage: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "search.run", str(study), "--storage", str(storage), "--seed", "5", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # its own process group: Ray's processes can be cleaned up after a SIGKILL
-    )
-
-
-def read_board(folder: Path) -> pd.DataFrame:
-    """The leaderboard, which must be readable at every moment (atomic writes)."""
-    path = folder / "leaderboard.parquet"
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["status", "trial_id"])
+def start(study: Path, storage: Path, *extra: str) -> Driver:
+    return Driver(study, storage, "--seed", "5", *extra)
 
 
 def wait_for_finished(proc, folder: Path, n: int, timeout: float = 240) -> pd.DataFrame:
@@ -38,7 +26,7 @@ def wait_for_finished(proc, folder: Path, n: int, timeout: float = 240) -> pd.Da
         board = read_board(folder)
         if board["status"].isin(["finished", "stopped"]).sum() >= n:
             return board
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, proc.output
         time.sleep(0.5)
     raise AssertionError(f"fewer than {n} trials ended within {timeout} s")
 
@@ -55,22 +43,22 @@ def test_killed_driver_resumes_without_losing_or_repeating_trials(tmp_path, sig)
     try:
         before = wait_for_finished(first, folder, 2)
         os.kill(first.pid, sig)
-        output = first.communicate(timeout=120)[0]
+        first.wait(timeout=120)
+        output = first.output
     finally:
         try:
             os.killpg(first.pid, signal.SIGKILL)  # Ray processes a SIGKILLed driver left behind
         except ProcessLookupError:
             pass
     if sig == signal.SIGINT:
-        assert first.returncode == 130 and "--resume" in output, output
+        assert first.proc.returncode == 130 and "--resume" in output, output
     ended_before = set(before.loc[before["status"].isin(["finished", "stopped"]), "trial_id"])
 
     again = start(study, storage)  # without --resume: refused, nothing touched
-    assert again.wait(timeout=120) == 2 and "--resume" in again.stdout.read()
+    assert again.wait(timeout=120) == 2 and "--resume" in again.output
 
     resumed = start(study, storage, "--resume")
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output
+    assert resumed.wait(timeout=600) == 0, resumed.output
 
     board = read_board(folder)
     assert board["trial_id"].is_unique and board["trial_number"].is_unique

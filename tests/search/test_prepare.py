@@ -9,7 +9,6 @@ from search.prepare import prepare_data
 from search.run import main, report_duplicates
 from search.storage import StudyFolder
 from search.study import Dataset, Study
-from trainables.datasets import DatasetError
 
 
 def folder_study(root, **dataset):
