@@ -14,6 +14,7 @@ import platform
 import shlex
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -320,6 +321,8 @@ def run_study(study, args, folder, prepared, weights: list[Path], random_init: t
         return 130
     except Exception as exc:
         record_outcome(folder, "failed")
+        if args.verbose:
+            traceback.print_exc()
         print(f"\nthe study failed: {type(exc).__name__}: {exc}\nResume with:\n  {resume_command(args)}", file=sys.stderr)
         return EXIT_FAILED
     finally:

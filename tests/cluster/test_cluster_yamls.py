@@ -21,7 +21,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
-VERSION = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+VERSION = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
 RAY_PORTS = (8265, 6379, 10001)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Where intra-cluster CIDR rules may come from: private ranges only (a VPC's own CIDR).
