@@ -179,9 +179,7 @@ def setup_tensorflow(cpus: float, seed: int, *, mixed_precision: bool | str = "a
     device = describe_device(gpus)
     if mixed_precision == "auto":
         mixed_precision = device["compute_capability"] >= 7.0
-    policy = "mixed_float16" if mixed_precision else "float32"
-    keras.mixed_precision.set_global_policy(policy)  # reset every trial: workers are reused
-    device["precision"] = policy
+    device["precision"] = "mixed_float16" if mixed_precision else "float32"
     threads = max(1, int(cpus))
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -189,6 +187,7 @@ def setup_tensorflow(cpus: float, seed: int, *, mixed_precision: bool | str = "a
     except RuntimeError:
         pass
     keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy(device["precision"])  # after clear_session, which resets it
     keras.utils.set_random_seed(seed)
     return device
 

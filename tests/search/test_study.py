@@ -36,6 +36,7 @@ def test_defaults_are_valid():
         ({"num_samples": 0}, "num_samples: bad value 0"),
         ({"reduction_factor": 1}, "reduction_factor: bad value 1"),
         ({"gpus_per_trial": -0.5}, "gpus_per_trial: bad value -0.5"),
+        ({"mixed_precision": "yes"}, "mixed_precision: bad value 'yes'; use True, False or 'auto'"),
         ({"name": "bad name/"}, "name: bad value 'bad name/'"),
         ({"dataset": Dataset(loader="ham1000")}, "did you mean 'ham10000'"),
         ({"dataset": Dataset(split="stratifed")}, "did you mean 'stratified'"),
