@@ -1,5 +1,6 @@
-"""Every cluster/*.yaml is a valid Ray cluster config, installs this project pinned, and keeps Ray's
-unauthenticated ports (dashboard and Jobs API 8265, GCS 6379, Ray Client 10001) off the internet.
+"""Every cluster/*.yaml is a valid Ray cluster config, installs this project pinned, keeps Ray's
+ports (dashboard and Jobs API 8265, GCS 6379, Ray Client 10001) off the internet, and runs every
+node's Ray with token authentication, the token shipped from the user's machine.
 
 Validation is Ray's own, the path `ray up` takes before it calls any cloud API:
 ``ray.autoscaler._private.util.prepare_config`` merges the file with the provider's defaults.yaml,
@@ -11,6 +12,7 @@ firewalls) is not checked here; cluster/README.md marks those steps.
 import copy
 import ipaddress
 import re
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -24,6 +26,9 @@ YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
 VERSION = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
 RAY_PORTS = (8265, 6379, 10001)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# Ray's token: `ray get-auth-token --generate` writes it here, and Ray's token loader (after
+# RAY_AUTH_TOKEN and RAY_AUTH_TOKEN_PATH, which these configs do not use) reads it from here.
+TOKEN_FILE = "~/.ray/auth_token"
 # Where intra-cluster CIDR rules may come from: private ranges only (a VPC's own CIDR).
 INTERNAL = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
 
@@ -124,6 +129,75 @@ def exposures(config: dict) -> list[str]:
     return found
 
 
+# --- token authentication -------------------------------------------------------------------
+
+def ray_start_auth_modes(command: str) -> list:
+    """The RAY_AUTH_MODE each `ray start` in the shell line ``command`` runs with (None: not set there).
+
+    Understands ``RAY_AUTH_MODE=x ray start``, ``env RAY_AUTH_MODE=x ray start`` and an earlier
+    ``export RAY_AUTH_MODE=x`` in the same line; anything subtler counts as not set.
+    """
+    modes, exported = [], None
+    for segment in re.split(r"&&|\|\||;|\n", command):
+        try:
+            words = shlex.split(segment)
+        except ValueError:  # a quote split by the separators above: not a command we look into
+            words = segment.split()
+        if words[:1] == ["export"]:
+            for word in words[1:]:
+                if word.startswith("RAY_AUTH_MODE="):
+                    exported = word.split("=", 1)[1]
+            continue
+        i = 1 if words[:1] == ["env"] else 0
+        env = {}
+        while i < len(words) and re.fullmatch(r"[A-Za-z_]\w*=.*", words[i]):
+            name, value = words[i].split("=", 1)
+            env[name] = value
+            i += 1
+        if words[i:i + 2] == ["ray", "start"]:
+            modes.append(env.get("RAY_AUTH_MODE", exported))
+    return modes
+
+
+def token_auth_problems(config: dict) -> list[str]:
+    """Why a node of ``config`` could run Ray without the user's token; [] when none can."""
+    prepared = prepare_config(copy.deepcopy(config))  # Ray's default start commands have no auth
+    found = []
+    for node, key in (("head", "head_start_ray_commands"), ("worker", "worker_start_ray_commands")):
+        modes = [mode for command in prepared[key] for mode in ray_start_auth_modes(command)]
+        if not modes:
+            found.append(f"{key}: no `ray start`")
+        found += [f"{key}: the {node}'s `ray start` runs with RAY_AUTH_MODE={mode}" for mode in modes
+                  if mode != "token"]
+
+    # The token reaches the nodes as a file from the user's machine, the one `ray job submit` there
+    # reads too; Ray's launcher copies file_mounts to the head and the head's autoscaler to workers.
+    mounts = prepared.get("file_mounts") or {}
+    if mounts.get(TOKEN_FILE) != TOKEN_FILE:
+        found.append(f"file_mounts does not copy {TOKEN_FILE} from the user's machine to {TOKEN_FILE}: {mounts}")
+
+    # Never the token itself in the YAML.
+    for where, value in strings(config):
+        if re.search(r"\bRAY_AUTH_TOKEN\s*=", value) or re.search(r"\b[0-9a-f]{64}\b", value):
+            found.append(f"{where} holds a token: {value!r}")
+    return found
+
+
+def container_auth_mode(config: dict) -> dict[str, str | None]:
+    """RAY_AUTH_MODE in each kind of node's container environment (docker run -e), None if unset."""
+    docker = config.get("docker", {})
+    per_node = {"head": docker.get("run_options", []) + docker.get("head_run_options", []),
+                "workers": docker.get("run_options", []) + docker.get("worker_run_options", [])}
+    for name, node_type in config.get("available_node_types", {}).items():
+        if name != config.get("head_node_type") and "worker_run_options" in node_type.get("docker", {}):
+            per_node[name] = docker.get("run_options", []) + node_type["docker"]["worker_run_options"]
+    modes = {}
+    for node, options in per_node.items():
+        found = [m.group(1) for o in options for m in [re.search(r"(?:-e|--env)[=\s]+RAY_AUTH_MODE=(\S+)", o)] if m]
+        modes[node] = found[-1] if found else None
+    return modes
+
+
 # --- tests ----------------------------------------------------------------------------------
 
 def test_the_three_cluster_files_are_found():
@@ -161,6 +235,19 @@ def test_image_and_pip_pin_the_ray_of_this_project(path):
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
 def test_rays_ports_are_not_opened_to_the_internet(path):
     assert exposures(load(path)) == []
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_every_node_runs_ray_with_the_users_token(path):
+    """RAY_AUTH_MODE=token on the head's and the workers' `ray start`, as Ray merges them, and the
+    token a file copied from the user's machine, never in the YAML."""
+    assert token_auth_problems(load(path)) == []
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_commands_in_the_containers_use_the_token_too(path):
+    """`ray exec`/`ray attach` commands and job drivers see RAY_AUTH_MODE=token."""
+    assert set(container_auth_mode(load(path)).values()) == {"token"}
 
 
 # --- the checks can fail ----------------------------------------------------------------------
@@ -208,6 +295,69 @@ def _gcp_worker(change):
 ])
 def test_exposures_are_caught(config):
     assert exposures(config)
+
+
+def _without_token_auth(path):
+    """``path`` as it was before token authentication: no RAY_AUTH_MODE, nothing in file_mounts."""
+    config = load(path)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        config[key] = [c.replace("RAY_AUTH_MODE=token ", "") for c in config[key]]
+    config["file_mounts"] = {}
+    return config
+
+
+def _aws_with(change):
+    config = _aws()
+    change(config)
+    return config
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_a_config_without_token_auth_is_caught(path):
+    problems = token_auth_problems(_without_token_auth(path))
+    assert any("head_start_ray_commands" in p for p in problems), problems
+    assert any("worker_start_ray_commands" in p for p in problems), problems
+    assert any("file_mounts" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(_aws_with(lambda c: c.update(worker_start_ray_commands=[
+        "ray stop", "ray start --address=$RAY_HEAD_IP:6379"])), id="workers-without-auth"),
+    pytest.param(_aws_with(lambda c: c.pop("head_start_ray_commands")), id="rays-default-head-start"),
+    pytest.param(_aws_with(lambda c: c.pop("worker_start_ray_commands")), id="rays-default-worker-start"),
+    pytest.param(_aws_with(lambda c: c.update(head_start_ray_commands=[
+        "ray stop", "RAY_AUTH_MODE=disabled ray start --head --dashboard-host=127.0.0.1"])), id="head-auth-disabled"),
+    pytest.param(_aws_with(lambda c: c.update(worker_start_ray_commands=[
+        "export RAY_AUTH_MODE=token; RAY_AUTH_MODE=disabled ray start --address=$RAY_HEAD_IP:6379"])),
+        id="export-then-override"),
+    pytest.param(_aws_with(lambda c: c.update(file_mounts={})), id="no-token-file"),
+    pytest.param(_aws_with(lambda c: c.update(file_mounts={TOKEN_FILE: "/tmp/auth_token"})), id="another-local-file"),
+    pytest.param(_aws_with(lambda c: c["setup_commands"].append(
+        "mkdir -p ~/.ray && echo " + "ab12" * 16 + " > ~/.ray/auth_token")), id="token-inline-in-setup"),
+    pytest.param(_aws_with(lambda c: c["head_start_ray_commands"].__setitem__(1, "RAY_AUTH_TOKEN=secret "
+        + c["head_start_ray_commands"][1])), id="token-inline-in-env"),
+])
+def test_token_auth_gaps_are_caught(config):
+    assert token_auth_problems(config)
+
+
+@pytest.mark.parametrize("line, modes", [
+    ("ulimit -n 65536; RAY_AUTH_MODE=token ray start --head", ["token"]),
+    ("export RAY_AUTH_MODE=token && ray start --address=$RAY_HEAD_IP:6379", ["token"]),
+    ("env RAY_AUTH_MODE=token ray start --head", ["token"]),
+    ("ray start --head", [None]),
+    ("echo RAY_AUTH_MODE=token; ray start --head", [None]),
+    ("RAY_AUTH_MODE=token ray stop; ray start --head", [None]),
+    ("ray stop", []),
+])
+def test_auth_mode_of_ray_start_is_read_from_the_shell_line(line, modes):
+    assert ray_start_auth_modes(line) == modes
+
+
+def test_container_env_without_auth_mode_is_caught():
+    config = _aws()
+    config["docker"]["run_options"] = []
+    assert container_auth_mode(config)["head"] is None
 
 
 def test_intra_cluster_rules_are_allowed():
