@@ -207,11 +207,13 @@ def locate_checkpoint(run_dir: Path, recorded: str) -> tuple[Path, bool]:
     Checkpoints live at ``<storage>/<study>/<trial>/checkpoint_NNNNNN``, so a
     moved results folder still holds them under its last two path parts.
     """
+    from trainables.checkpoint import has_model
+
     path = Path(recorded)
-    if (path / "model.keras").is_file():
+    if has_model(path):
         return path, False
     moved = run_dir / path.parent.name / path.name
-    if (moved / "model.keras").is_file():
+    if has_model(moved):
         return moved, True
     raise PredictError(
         f"the checkpoint folder {recorded!r} is missing (nor is it at {str(moved)!r}): was the run moved or copied "
@@ -221,15 +223,17 @@ def locate_checkpoint(run_dir: Path, recorded: str) -> tuple[Path, bool]:
 
 
 def load_trial_model(trial: ChosenTrial, run_dir: Path, study: dict):
-    """``(model, class_names, image_size)`` for the chosen trial's checkpoint."""
-    import keras
+    """``(model, class_names, image_size)`` for the chosen trial's checkpoint.
 
-    import trainables.model  # noqa: F401  (registers the custom layers a saved model refers to)
+    The model is the whole classifier, also for a trial that trained on cached
+    features and saved its frozen part and its top apart (``trainables.checkpoint``).
+    """
+    from trainables.checkpoint import load_classifier
 
     try:
-        model = keras.saving.load_model(trial.checkpoint / "model.keras", compile=False)
+        model = load_classifier(trial.checkpoint)
     except Exception as exc:  # a truncated or foreign file raises many types
-        raise PredictError(f"cannot load {str(trial.checkpoint / 'model.keras')!r}: {type(exc).__name__}: {exc}") from None
+        raise PredictError(f"cannot load the model in {str(trial.checkpoint)!r}: {type(exc).__name__}: {exc}") from None
     class_names = read_class_names(trial.checkpoint, run_dir, study)
     outputs = model.output_shape[-1]
     if outputs != len(class_names):

@@ -13,10 +13,19 @@ stale hit. Building is under a file lock: concurrent trials wait for one builder
 
 Disk use is bounded by ``$MEDSEARCH_ACTIVATION_CACHE_GB`` (default 20): after
 each build, the least recently used entries are deleted until the cache fits.
+
+Within a worker process, a trial whose whole backbone stays frozen also skips
+building it: ``shared_backbone`` keeps the last few pretrained backbones built
+(keyed by name, weights, input size, weights folder and dtype policy) with their
+``model_identity``, so such a trial pays neither the build nor the weight hashing
+again, and checkpoints serialise its frozen part only once
+(``trainables.checkpoint``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -30,6 +39,7 @@ CACHE_VERSION = 1  # bump when what an entry holds changes
 # Features that feed layers being fine-tuned stay float32: small rounding there grows over epochs.
 HEAD_ONLY_DTYPE, FINE_TUNE_DTYPE = np.float16, np.float32
 _DEFAULT_LIMIT_GB = 20.0
+SHARED_BACKBONES = 2  # kept per process, each with its weights in memory
 
 
 def cache_dir() -> Path:
@@ -89,22 +99,70 @@ def data_digest(x: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def entry_key(model, x: np.ndarray, dtype=HEAD_ONLY_DTYPE) -> str:
-    """The cache entry for ``model`` (a backbone, or a backbone's prefix) applied to ``x``: its name (the
-    backbone and the cut), weights (preprocessing included), input shape and the images themselves."""
-    parts = [f"v{CACHE_VERSION}", model.name, str(model.input.shape), weights_digest(model),
-             data_digest(x), np.dtype(dtype).name, model.dtype_policy.name]  # mixed_float16 computes other values
+def model_identity(model) -> str:
+    """A hash of what fixes ``model``'s output for a given input: its name (the backbone and the cut), input
+    shape, every weight (preprocessing included) and dtype policy (mixed_float16 computes other values)."""
+    parts = [f"v{CACHE_VERSION}", model.name, str(model.input.shape), weights_digest(model), model.dtype_policy.name]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def cached_features(backbone, x: np.ndarray, *, dtype=HEAD_ONLY_DTYPE, batch_size: int = 64) -> np.ndarray:
+def entry_key(model, x: np.ndarray, dtype=HEAD_ONLY_DTYPE, *, identity: str | None = None) -> str:
+    """The cache entry for ``model`` (a backbone, or a backbone's prefix) applied to ``x``: the model's
+    ``identity`` (computed if not given), the images themselves and the stored dtype."""
+    identity = identity or model_identity(model)
+    return hashlib.sha256(f"{identity}|{data_digest(x)}|{np.dtype(dtype).name}".encode()).hexdigest()[:32]
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """A trial's frozen part with its ``model_identity``; equal (and hashed) by identity alone, so a memo keyed
+    by it serves every trial whose frozen part computes the same thing."""
+
+    identity: str
+    model: keras.Model = dataclasses.field(compare=False, repr=False)
+
+
+def frozen_part(model) -> Frozen:
+    return Frozen(model_identity(model), model)
+
+
+def shared_backbone(name: str, *, weights, input_shape, weights_dir=None) -> Frozen:
+    """Pretrained backbone ``name`` for a trial that never trains it, built once per process.
+
+    A reused Ray worker runs trial after trial; for a frozen backbone, building
+    it, loading its weights and hashing them cost more than the epochs on cached
+    features. The last ``SHARED_BACKBONES`` are kept, keyed by name, weights (a
+    weights file also by its size and modification time), input shape, weights
+    folder and the dtype policy in force, so any of these changing builds anew.
+    Only trials whose whole backbone stays frozen may use it: it is shared by
+    them all, so nothing must train it.
+    """
+    stamp = None
+    if weights not in (None, "imagenet"):
+        stat = os.stat(weights)
+        stamp = (stat.st_size, stat.st_mtime_ns)  # a replaced file is loaded again
+    return _build_shared(name, weights, tuple(input_shape), None if weights_dir is None else str(weights_dir),
+                         keras.mixed_precision.global_policy().name, stamp)
+
+
+@functools.lru_cache(maxsize=SHARED_BACKBONES)
+def _build_shared(name, weights, input_shape, weights_dir, policy, stamp) -> Frozen:
+    """``shared_backbone``'s memo; ``policy`` and ``stamp`` only key it (the layers take the global policy)."""
+    from trainables.backbones import create_backbone
+
+    return frozen_part(create_backbone(name, input_shape=input_shape, weights=weights, weights_dir=weights_dir))
+
+
+def cached_features(backbone, x: np.ndarray, *, dtype=HEAD_ONLY_DTYPE, batch_size: int = 64,
+                    identity: str | None = None) -> np.ndarray:
     """``backbone(x)`` in inference mode, from the cache or computed once and stored; memory-mapped.
 
-    ``backbone`` may be a prefix from ``split_backbone``.
+    ``backbone`` may be a prefix from ``split_backbone``; ``identity``, its
+    ``model_identity`` if already known.
     """
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{entry_key(backbone, x, dtype)}.npy"
+    path = folder / f"{entry_key(backbone, x, dtype, identity=identity)}.npy"
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             features = backbone.predict(x, batch_size=batch_size, verbose=0).astype(dtype)
@@ -118,7 +176,7 @@ def cached_features(backbone, x: np.ndarray, *, dtype=HEAD_ONLY_DTYPE, batch_siz
 
 
 def cached_views(prefix, x: np.ndarray, augmentation, *, views: int, policy: str, seed: int,
-                 dtype=HEAD_ONLY_DTYPE, batch_size: int = 64) -> np.ndarray:
+                 dtype=HEAD_ONLY_DTYPE, batch_size: int = 64, identity: str | None = None) -> np.ndarray:
     """``views`` augmented copies of ``x`` through the frozen ``prefix``: an array (views, N, ...).
 
     Epoch e trains on view ``e % views``. A trial then sees ``views`` fixed
@@ -128,7 +186,8 @@ def cached_views(prefix, x: np.ndarray, augmentation, *, views: int, policy: str
     """
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{entry_key(prefix, x, dtype)}|{policy}|{views}|{seed}".encode()).hexdigest()[:32]
+    key = entry_key(prefix, x, dtype, identity=identity)
+    key = hashlib.sha256(f"{key}|{policy}|{views}|{seed}".encode()).hexdigest()[:32]
     path = folder / f"{key}.npy"
     with FileLock(str(path) + ".lock"):
         if not path.exists():

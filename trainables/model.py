@@ -18,14 +18,23 @@ def build_model(
     num_classes: int,
     weights_dir: str | None = None,
     seed: int | None = None,
+    backbone: keras.Model | None = None,
 ) -> tuple[keras.Model, keras.Model]:
     """Return ``(model, backbone)`` for the hyperparameters ``hp``.
 
-    The model maps raw [0, 255] RGB to class probabilities.
+    The model maps raw [0, 255] RGB to class probabilities. ``backbone``, if
+    given, is used instead of building one (``activation_cache.shared_backbone``).
+    With a ``seed``, the global RNG is seeded again once the backbone is there,
+    so the head's initial weights, and all randomness after them, are the same
+    whether the backbone was built here or before (building draws from that RNG).
     """
     if hp["pooling"] not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {hp['pooling']!r}")
-    backbone = create_backbone(hp["backbone"], input_shape=input_shape, weights=hp["weights"], weights_dir=weights_dir)
+    if backbone is None:
+        backbone = create_backbone(hp["backbone"], input_shape=input_shape, weights=hp["weights"],
+                                   weights_dir=weights_dir)
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     head = build_head(hp, backbone.output.shape[1:], num_classes=num_classes, seed=seed)
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs

@@ -1,12 +1,14 @@
 """``train_trial(config, data, settings)``: one Ray Tune trial trains one Keras model.
 
 Every epoch it reports real validation metrics through ``ray.tune.report``,
-with a checkpoint whenever the study's metric improves.
+with a checkpoint whenever the study's metric improves (``trainables.checkpoint``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import json
 import math
 import tempfile
@@ -22,9 +24,12 @@ from trainables.activation_cache import (
     cached_features,
     cached_views,
     can_use_cache,
+    frozen_part,
+    shared_backbone,
     split_backbone,
 )
 from trainables.augment import make_augmentation
+from trainables.checkpoint import MODEL_FILE, TOP_FILE, save_classifier
 from trainables.weights import unpack_weights
 
 # Hyperparameters a trial understands, with the values used when a study leaves them out.
@@ -93,7 +98,13 @@ def train_trial(config: dict, data: dict, settings: TrialSettings, weights_files
 
 
 def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights_dir=None) -> keras.Model:
-    """Build and train one trial's classifier, reporting every epoch to Tune; returns the classifier."""
+    """Build and train one trial's classifier, reporting every epoch to Tune; returns the classifier.
+
+    A trial whose whole pretrained backbone stays frozen, with the activation
+    cache on, trains only its head on cached features, and its backbone is the
+    one this process built for an earlier such trial (``shared_backbone``): the
+    returned classifier shares it, so it must not be trained further.
+    """
     from ray import tune
 
     started = time.monotonic()
@@ -105,35 +116,43 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
     from trainables.model import apply_unfreeze, build_model
 
     x_train, y_train, x_val, y_val = (data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
+    cacheable = settings.activation_cache and can_use_cache(hp, settings.augment_views)
+    frozen = None  # the frozen part whose cached output the trial trains on: its model and identity
+    if cacheable and str(hp["unfreeze"]) == "0":  # nothing trains the backbone: this process's copy serves
+        frozen = shared_backbone(hp["backbone"], weights=hp["weights"], input_shape=x_train.shape[1:],
+                                 weights_dir=weights_dir)
     model, backbone = build_model(
         hp,
         input_shape=x_train.shape[1:],
         num_classes=len(settings.class_names),
         weights_dir=weights_dir,
         seed=seed,
+        backbone=frozen.model if frozen is not None else None,
     )
-    start_epoch = restore(model, tune.get_checkpoint())
-    fit_model = model
+    fit_model, top = model, None
     views = None  # per-epoch training inputs, for a bank of augmented views
-    cacheable = settings.activation_cache and can_use_cache(hp, settings.augment_views)
     split = split_backbone(backbone, hp["unfreeze"]) if cacheable else None
     if split is not None:
         # The frozen part's output is the same every epoch: compute it once (per node), train the rest on it.
         prefix, suffix, _ = split
-        fit_model = cached_top(suffix, model.get_layer("head"), prefix.output.shape[1:])
+        frozen = frozen if frozen is not None else frozen_part(prefix)
+        fit_model = top = cached_top(suffix, model.get_layer("head"), prefix.output.shape[1:])
         dtype = HEAD_ONLY_DTYPE if suffix is None else FINE_TUNE_DTYPE
         if hp["augment"] != "none":
             augmentation = make_augmentation(hp["augment"], seed=settings.seed)
             views = cached_views(prefix, x_train, augmentation, views=settings.augment_views, policy=hp["augment"],
-                                 seed=settings.seed, dtype=dtype)
-        x_train, x_val = (cached_features(prefix, x, dtype=dtype) for x in (x_train, x_val))
-    report = ReportEpoch(x_val, y_val, settings, hp, started, model=model, device=device)
+                                 seed=settings.seed, dtype=dtype, identity=frozen.identity)
+        x_train, x_val = (cached_features(prefix, x, dtype=dtype, identity=frozen.identity) for x in (x_train, x_val))
+    start_epoch = restore(model, tune.get_checkpoint(), top=top)
+    report = ReportEpoch(x_val, y_val, settings, hp, started, model=model, device=device, frozen=frozen, top=top)
     class_weight = balanced_class_weight(y_train) if hp["class_weight"] else None
     for first, end, lr, unfreeze in phases(hp, settings.max_epochs):
         if end <= start_epoch:
             continue  # resumed past this phase
         apply_unfreeze(backbone, unfreeze, pretrained=hp["weights"] is not None)
         fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
+        # Its slots now, not in the first training step: variables made while tracing make TF trace it twice.
+        fit_model.optimizer.build(fit_model.trainable_variables)
         # With a bank of views, each epoch is its own fit() on view (epoch % views).
         spans = [(e, e + 1) for e in range(max(first, start_epoch), end)] if views is not None else \
             [(max(first, start_epoch), end)]
@@ -187,9 +206,22 @@ def setup_tensorflow(cpus: float, seed: int, *, mixed_precision: bool | str = "a
     except RuntimeError:
         pass
     keras.backend.clear_session()
+    _freeze_long_lived_objects()
     keras.mixed_precision.set_global_policy(device["precision"])  # after clear_session, which resets it
     keras.utils.set_random_seed(seed)
     return device
+
+
+@functools.cache
+def _freeze_long_lived_objects() -> None:
+    """Once per process: leave the objects alive now out of later garbage collections.
+
+    clear_session's gc.collect() walks every object, TensorFlow's, Keras's and
+    Ray's included: ~0.3 s, as long as a cached trial's training. Those live as
+    long as the worker, so later collections need only walk what trials made.
+    (Reference counting still frees a frozen object that is no longer used.)
+    """
+    gc.freeze()
 
 
 def describe_device(gpus) -> dict:
@@ -217,24 +249,33 @@ def balanced_class_weight(y: np.ndarray) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(classes, weights)}
 
 
-def restore(model, checkpoint) -> int:
-    """Load weights from a Tune checkpoint; return the epoch to continue from."""
+def restore(model, checkpoint, *, top=None) -> int:
+    """Load weights from a Tune checkpoint; return the epoch to continue from.
+
+    A whole classifier's weights go into ``model``. A cached trial's checkpoint
+    holds only what trains (``top.keras``, see ``trainables.checkpoint``): that
+    goes into ``top``, the part the resumed trial fits, while its frozen part
+    comes from the same pretrained weights as before.
+    """
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
-        saved = keras.saving.load_model(Path(folder) / "model.keras", compile=False)
-        model.set_weights(saved.get_weights())
-        return int(json.loads((Path(folder) / "trial.json").read_text())["epoch"])
+        folder = Path(folder)
+        if (folder / MODEL_FILE).is_file():
+            target, saved = model, folder / MODEL_FILE
+        elif top is not None:
+            target, saved = top, folder / TOP_FILE
+        else:
+            raise ValueError(f"checkpoint {folder} holds a model trained on cached features; "
+                             "resume it with the activation cache on")
+        target.set_weights(keras.saving.load_model(saved, compile=False).get_weights())
+        return int(json.loads((folder / "trial.json").read_text())["epoch"])
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Refuse to report a checkpoint that would not load: a ``.keras`` file is a zip of config and weights."""
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        names = set(archive.namelist())
-        if not {"config.json", "model.weights.h5"} <= names or archive.testzip() is not None:
-            raise OSError(f"checkpoint {path} is incomplete or corrupt (holds {sorted(names)})")
+def predict_in_batches(model, x, batch_size: int) -> np.ndarray:
+    """``model.predict(x)``, the same outputs, without its set-up on every call (a tf.data pipeline:
+    ~0.1 s, more than a whole epoch of a head on cached features)."""
+    return np.concatenate([model.predict_on_batch(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 PLACEMENT = ("node_id", "gpu", "precision")  # reported every epoch, kept in the leaderboard
@@ -247,13 +288,19 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
 
 
 class ReportEpoch(keras.callbacks.Callback):
-    """Once per epoch: validation metrics to Tune, plus a checkpoint when the metric improves."""
+    """Once per epoch: validation metrics to Tune, plus a checkpoint when the metric improves.
 
-    def __init__(self, x_val, y_val, settings: TrialSettings, hp: dict, started: float, model, device=None):
+    The checkpoint holds the whole classifier, or for a trial on cached
+    features its ``frozen`` part and the ``top`` it fits (``save_classifier``).
+    """
+
+    def __init__(self, x_val, y_val, settings: TrialSettings, hp: dict, started: float, model, device=None,
+                 frozen=None, top=None):
         super().__init__()
         self.device = {k: v for k, v in (device or {}).items() if k in PLACEMENT}
         self.x_val, self.y_val, self.settings, self.hp, self.started = x_val, y_val, settings, hp, started
-        self.classifier = model  # the whole classifier, saved even when only its head is being fit
+        self.classifier = model  # the whole classifier, even when only its head is being fit
+        self.frozen, self.top = frozen, top
         self.best: float | None = None
         self.setup_s = self.epoch_started = None
         self.stopped = False  # the loss diverged
@@ -269,7 +316,7 @@ class ReportEpoch(keras.callbacks.Callback):
         from trainables.metrics import classification_metrics
 
         s = self.settings
-        probs = self.model.predict(self.x_val, batch_size=max(64, int(self.hp["batch_size"])), verbose=0)
+        probs = predict_in_batches(self.model, self.x_val, max(64, int(self.hp["batch_size"])))
         scores = classification_metrics(self.y_val, probs, list(s.class_names), positive=s.positive)
         metrics = {
             "epoch": epoch + 1,
@@ -293,8 +340,7 @@ class ReportEpoch(keras.callbacks.Callback):
         self.best = metrics[s.metric]
         with tempfile.TemporaryDirectory(prefix="medsearch-ckpt-") as folder:
             saving = time.monotonic()
-            self.classifier.save(Path(folder) / "model.keras")
-            verify_checkpoint(Path(folder) / "model.keras")
+            save_classifier(Path(folder), self.classifier, frozen=self.frozen, top=self.top)
             state = {"epoch": epoch + 1, s.metric: self.best, "class_names": list(s.class_names), "hparams": self.hp}
             (Path(folder) / "trial.json").write_text(json.dumps(state, default=str))
             metrics["checkpoint_s"] = time.monotonic() - saving

@@ -195,6 +195,35 @@ def test_a_moved_results_folder_finds_its_checkpoints(tmp_path):
     assert chosen.relocated_from == str(old / "trial_000_a" / "checkpoint_000001")
 
 
+def test_a_cached_trials_checkpoint_predicts_like_its_classifier(tmp_path, capsys):
+    """A trial on cached features saves its frozen backbone and head apart; predict joins them again."""
+    from trainables.activation_cache import shared_backbone
+    from trainables.checkpoint import save_classifier
+    from trainables.data import decode_image
+    from trainables.model import build_model
+    from trainables.train import DEFAULTS
+
+    hp = {**DEFAULTS, "backbone": "efficientnet_lite0", "weights": "imagenet", "unfreeze": 0, "head_units": 8}
+    frozen = shared_backbone("efficientnet_lite0", weights="imagenet", input_shape=(32, 32, 3))
+    model, _ = build_model(hp, input_shape=(32, 32, 3), num_classes=2, seed=3, backbone=frozen.model)
+    head = model.get_layer("head")
+    head.set_weights([w * 4 for w in head.get_weights()])  # probabilities well apart from 0.5, yet not saturated
+    folder = fake_run(tmp_path / "run", [trial_row(tmp_path / "run", "trial_000_efficientnet_lite0", 0.8)],
+                      checkpoints=False)
+    checkpoint = folder / "trial_000_efficientnet_lite0" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    save_classifier(checkpoint, model, frozen=frozen, top=head)
+    (checkpoint / "trial.json").write_text(json.dumps({"epoch": 1, "class_names": CLASSES}))
+    images = tmp_path / "images"
+    write_images(images)
+
+    code, _, err = run([folder, images, "--out", tmp_path / "preds.csv"], capsys)
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "preds.csv")
+    expected = model.predict(np.stack([decode_image(str(images / f), 32) for f in table["file"]]), verbose=0)
+    np.testing.assert_allclose(table[["prob_benign", "prob_malignant"]].to_numpy(), expected, atol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # end to end: a real tiny study, real checkpoints
 # --------------------------------------------------------------------------

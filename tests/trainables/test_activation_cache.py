@@ -153,3 +153,105 @@ def test_augmented_trials_train_on_a_bank_of_views():
     assert bank.shape[:2] == (2, len(data["x_train"]))
     assert not np.array_equal(bank[0], bank[1])  # two different random views
     assert model.predict(data["x_val"], verbose=0).shape == (len(data["x_val"]), 2)
+
+
+def train_capturing_checkpoints(config, data, tmp_path, monkeypatch, *, activation_cache=True, resume_from=None,
+                                **settings):
+    """A trial whose checkpoints are kept (copied out of Tune's report), one per epoch; returns (model, folders)."""
+    import shutil
+
+    import ray.tune
+
+    folders = []
+
+    def report(metrics, checkpoint=None):
+        if checkpoint is not None:
+            folders.append(shutil.copytree(checkpoint.path, tmp_path / f"checkpoint_{len(folders)}"))
+
+    monkeypatch.setattr(ray.tune, "report", report)
+    monkeypatch.setattr(ray.tune, "get_checkpoint",
+                        lambda: resume_from and ray.tune.Checkpoint.from_directory(str(resume_from)))
+    # elapsed_s always grows, so every epoch "improves" and the last checkpoint holds the returned model.
+    options = {**SETTINGS, "metric": "elapsed_s", "activation_cache": activation_cache, **settings}
+    return fit_classifier(config, data, TrialSettings(**options)), folders
+
+
+@pytest.mark.parametrize("unfreeze", [0, 11])
+def test_a_cached_trials_checkpoint_holds_its_frozen_part_and_top_and_loads_whole(unfreeze, tmp_path, monkeypatch):
+    from trainables.checkpoint import load_classifier
+
+    x, y = small_data()
+    data = {"x_train": x[::2], "y_train": y[::2], "x_val": x[1::2], "y_val": y[1::2]}
+    config = frozen_lite0_config(unfreeze=unfreeze, warmup_epochs=1, fine_tune_lr=1e-3)
+    model, folders = train_capturing_checkpoints(config, data, tmp_path / "cached", monkeypatch)
+    assert sorted(p.name for p in folders[-1].iterdir()) == ["frozen.keras", "top.keras", "trial.json"]
+    loaded = load_classifier(folders[-1])
+    p_loaded, p_model = (m.predict(data["x_val"], verbose=0) for m in (loaded, model))
+    np.testing.assert_allclose(p_loaded, p_model, atol=1e-5)
+
+    end_to_end, folders = train_capturing_checkpoints(config, data, tmp_path / "full", monkeypatch,
+                                                      activation_cache=False)
+    assert sorted(p.name for p in folders[-1].iterdir()) == ["model.keras", "trial.json"]
+    p_full = end_to_end.predict(data["x_val"], verbose=0)
+    # float32 features for fine-tuning compute the same as end to end; float16 ones for a head alone are close.
+    assert np.abs(p_loaded - p_full).max() < (1e-4 if unfreeze else 0.02)
+
+
+@pytest.mark.parametrize("activation_cache", [True, False])
+def test_a_resumed_trial_restores_what_it_saved(activation_cache, tmp_path, monkeypatch):
+    from ray import tune
+
+    from trainables.train import restore
+
+    x, y = small_data()
+    data = {"x_train": x[::2], "y_train": y[::2], "x_val": x[1::2], "y_val": y[1::2]}
+    config = frozen_lite0_config()
+    trained, folders = train_capturing_checkpoints(config, data, tmp_path / "first", monkeypatch, max_epochs=2,
+                                                   activation_cache=activation_cache)
+    # Resumed at its last epoch, the trial trains no further: it must predict what it did when it saved.
+    resumed, _ = train_capturing_checkpoints({**config, "trial_number": 2}, data, tmp_path / "again", monkeypatch,
+                                             max_epochs=2, resume_from=folders[-1], activation_cache=activation_cache)
+    np.testing.assert_allclose(resumed.predict(data["x_val"], verbose=0), trained.predict(data["x_val"], verbose=0),
+                               atol=1e-6)
+    if activation_cache:  # its checkpoint holds the head alone, which only a trial that fits the head can take
+        with pytest.raises(ValueError, match="activation cache on"):
+            restore(trained, tune.Checkpoint.from_directory(str(folders[-1])))
+
+
+def test_a_reused_backbone_trains_the_same_as_a_freshly_built_one():
+    x, y = small_data()
+    data = {"x_train": x[::2], "y_train": y[::2], "x_val": x[1::2], "y_val": y[1::2]}
+    cache._build_shared.cache_clear()
+    first = train(frozen_lite0_config(), data, activation_cache=True)  # builds the process's backbone
+    second = train(frozen_lite0_config(), data, activation_cache=True)  # reuses it
+    assert second.get_layer("efficientnet_lite0") is first.get_layer("efficientnet_lite0")
+    # The same head initialisation and shuffling: building a backbone must not shift the trial's randomness.
+    np.testing.assert_array_equal(second.predict(data["x_val"], verbose=0), first.predict(data["x_val"], verbose=0))
+
+
+def test_the_shared_backbone_is_rebuilt_for_other_weights_size_or_precision(tmp_path):
+    import keras
+
+    def shared(name="efficientnet_lite0", weights="imagenet", size=32):
+        return cache.shared_backbone(name, weights=weights, input_shape=(size, size, 3))
+
+    lite0 = shared()
+    assert shared() is lite0 and lite0.identity == cache.model_identity(lite0.model)
+    assert shared(weights=None).identity != lite0.identity
+    assert shared(size=48).identity != lite0.identity
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        assert shared().identity != lite0.identity
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+    # A weights file replaced on disk is loaded again.
+    path = tmp_path / "b0.weights.h5"
+    create_backbone("efficientnet_b0", input_shape=(32, 32, 3)).save_weights(path)
+    before = shared("efficientnet_b0", weights=str(path))
+    assert shared("efficientnet_b0", weights=str(path)) is before
+    other = create_backbone("efficientnet_b0", input_shape=(32, 32, 3))
+    other.weights[0].assign(other.weights[0].numpy() + 1.0)
+    other.save_weights(path)
+    after = shared("efficientnet_b0", weights=str(path))
+    assert after is not before and after.identity != before.identity

@@ -133,7 +133,7 @@ def test_a_nan_loss_ends_the_trial_as_diverged():
 
 
 def test_checkpoints_are_verified_before_they_are_reported(tmp_path):
-    from trainables.train import verify_checkpoint
+    from trainables.checkpoint import verify_checkpoint
 
     model, _ = build_model(hp(backbone="cnn_s3"), input_shape=SHAPE, num_classes=2)
     model.save(tmp_path / "model.keras")
