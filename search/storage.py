@@ -53,10 +53,6 @@ class StudyFolder:
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
-    @property
-    def local_path(self) -> Path | None:
-        return Path(self.path) if self.is_local else None
-
     def uri(self, *parts: str) -> str:
         """How a user names a file here: a plain path locally, else ``scheme://bucket/...``."""
         return self.uri_of(posixpath.join(self.path, *parts))
