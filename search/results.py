@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from search.storage import StudyFolder, write_parquet  # noqa: F401 (write_parquet: re-exported)
+from search.storage import StudyFolder
+from trainables.train import PLACEMENT
 
 _WRITE_EVERY_S = 5.0  # throttle for per-epoch rewrites; trial ends always write
 
@@ -69,9 +70,7 @@ def trial_error_line(trial) -> str:
 class LeaderboardWriter(tune.Callback):
     """Keeps one row per trial and one row per trial epoch, on disk, as the study runs."""
 
-    def __init__(self, folder: StudyFolder | str | Path, *, metric: str, mode: str, max_epochs: int):
-        if not isinstance(folder, StudyFolder):
-            folder = StudyFolder(Path(folder).parent, Path(folder).name)
+    def __init__(self, folder: StudyFolder, *, metric: str, mode: str, max_epochs: int):
         self.folder = folder
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.trials: dict[str, dict] = {}
@@ -116,9 +115,9 @@ class LeaderboardWriter(tune.Callback):
         # A resumed trial re-reports epochs it had already run; keep the newest.
         self.epochs = [e for e in self.epochs if (e["trial_id"], e.get("epoch")) != (trial.trial_id, epoch.get("epoch"))]
         self.epochs.append(epoch)
-        # Where it ran (the latest attempt's node, after a retry on another node): from trainables.train.PLACEMENT.
+        # Where it ran: the latest attempt's node, after a retry on another node.
         entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": dict(trial.config)})
-        entry["row"].update({k: result[k] for k in ("node_id", "gpu", "precision") if k in result})
+        entry["row"].update({k: result[k] for k in PLACEMENT if k in result})
         self._write()
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -3,7 +3,8 @@
 import pandas as pd
 import pytest
 
-from search.results import _summarise, first_error_line, tidy_dtypes, write_parquet
+from search.results import _summarise, first_error_line, tidy_dtypes
+from search.storage import write_parquet
 
 
 def test_best_values_come_from_the_best_epoch():
