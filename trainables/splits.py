@@ -13,6 +13,7 @@ own random seed, as the studies did, and ignore ``seed``.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import numpy as np
@@ -47,20 +48,55 @@ def assign_splits(table: pd.DataFrame, protocol: str, *, seed: int, **options) -
     missing = {"train", "val"} - set(split)
     if missing:
         raise ValueError(f"split protocol {protocol!r} produced no {sorted(missing)} rows")
+    for warning in classes_missing_from_splits(table["label"], split, protocol):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     return split
 
 
-def three_way(labels: pd.Series, *, val: float, test: float, seed: int) -> pd.Series:
-    """Stratified train/val/test split of an index by label."""
+def classes_missing_from_splits(labels: pd.Series, split: pd.Series, protocol: str) -> list[str]:
+    """One line per class that has no images in a split the protocol filled (S4's empty test split is no gap).
+
+    Such a class cannot be learnt (no train images) or scored (no val or test images) there, and
+    stratification rounds a class of a few images down to none in a small split, so this is said aloud.
+    """
+    filled = [name for name in SPLITS if (split == name).any()]
+    present = pd.crosstab(labels, split).reindex(columns=filled, fill_value=0)
+    counts = labels.value_counts()
+    lines = []
+    for name, row in present.iterrows():
+        gaps = [s for s in filled if row[s] == 0]
+        if gaps:
+            lines.append(
+                f"split protocol {protocol!r}: class {name!r} ({int(counts[name])} image(s)) has no "
+                f"{' or '.join(gaps)} images; add images of this class or leave it out of the dataset"
+            )
+    return lines
+
+
+def three_way(labels: pd.Series, *, val: float, test: float, seed: int, protocol: str = "stratified") -> pd.Series:
+    """Stratified train/val/test split of an index by label.
+
+    Every class needs an image for each split it is cut into (3, or 2 without a test split);
+    fewer is a ``DatasetError`` naming the class, before scikit-learn fails on it.
+    """
+    needs, parts = (3, "train, val and test") if test > 0 else (2, "train and val")
+    _check_class_sizes(labels, needs, protocol, why=f"one each for {parts}")
     index = labels.index.to_numpy()
     split = pd.Series("train", index=labels.index)
     # Whole-image counts rounded up like scikit-learn's test_size, minus float drift
     # (0.15 * 100 must be 15, not 16; 0.16 * 4032 = 645.12 becomes S3's 646).
     n_test, n_val = (math.ceil(f * len(index) - 1e-9) for f in (test, val))
-    rest, test_idx = (index, []) if n_test == 0 else train_test_split(
-        index, test_size=n_test, stratify=labels, random_state=seed
-    )
-    _, val_idx = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
+    try:
+        rest, test_idx = (index, []) if n_test == 0 else train_test_split(
+            index, test_size=n_test, stratify=labels, random_state=seed
+        )
+        _, val_idx = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
+    except ValueError as exc:  # still too few images for these fractions (say 6 images, 2 classes, test=0.15)
+        counts = {str(k): int(v) for k, v in labels.value_counts().items()}
+        raise DatasetError(
+            f"split protocol {protocol!r} cannot stratify {len(index)} images {counts} into val={val}, test={test} "
+            f"({n_val} val and {n_test} test images): {exc} Add images or change the fractions."
+        ) from None
     split[test_idx] = "test"
     split[val_idx] = "val"
     return split
@@ -71,7 +107,7 @@ def stratified(table: pd.DataFrame, *, seed: int, val: float = 0.15, test: float
     """Image-level stratified train/val/test; fractions of the whole table."""
     if not (0 < val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"split fractions must satisfy 0 < val, 0 <= test, val + test < 1; got val={val}, test={test}")
-    return three_way(table["label"], val=val, test=test, seed=seed)
+    return three_way(table["label"], val=val, test=test, seed=seed, protocol="stratified")
 
 
 def subsample(split: pd.Series, labels: pd.Series, *, per_split: int, seed: int) -> pd.Series:
@@ -99,13 +135,22 @@ def _unused(table: pd.DataFrame) -> pd.Series:
     return pd.Series("unused", index=table.index, dtype=object)
 
 
-def _check_class_sizes(labels: pd.Series, need: int, protocol: str) -> None:
+def _check_class_sizes(labels: pd.Series, need: int, protocol: str, *, why: str = "") -> None:
+    """A class with fewer than ``need`` images is a DatasetError naming it, its count and ``need``."""
     counts = labels.value_counts()
     short = {str(k): int(v) for k, v in counts[counts < need].items()}
-    if short:
+    if not short:
+        return
+    if why:  # a minimum for the split to work at all
+        named = "; ".join(f"class {k!r} has {v} image(s)" for k, v in short.items())
         raise DatasetError(
-            f"split protocol {protocol!r} samples {need} images per class, but these classes have fewer: {short}"
+            f"{named}; split protocol {protocol!r} needs at least {need} per class ({why}). "
+            "Add images of the class or leave it out of the dataset"
+            + (", or split without a test set (S4, or split_options test=0), which needs 2" if need > 2 else "")
         )
+    raise DatasetError(
+        f"split protocol {protocol!r} samples {need} images per class, but these classes have fewer: {short}"
+    )
 
 
 @register_protocol("S1")
@@ -191,7 +236,7 @@ def s3(
     _check_class_sizes(labels, per_class, "S3")
     sampled = table.groupby("label", sort=True).sample(n=per_class, random_state=random_state).index.sort_values()
     split = _unused(table)
-    split[sampled] = three_way(labels[sampled], val=val, test=test, seed=random_state)
+    split[sampled] = three_way(labels[sampled], val=val, test=test, seed=random_state, protocol="S3")
     return split
 
 
@@ -201,7 +246,7 @@ def s4(table: pd.DataFrame, *, seed: int, val: float = 0.20) -> pd.Series:
 
     sklearn rounds val up: 50 images give 40 / 10, the study's 10 validation images.
     """
-    return three_way(table["label"], val=val, test=0, seed=seed)
+    return three_way(table["label"], val=val, test=0, seed=seed, protocol="S4")
 
 
 @register_protocol("S5")
@@ -211,7 +256,7 @@ def s5(table: pd.DataFrame, *, seed: int, val: float = 0.20) -> pd.Series:
     ceil(0.2 * 10,015) = 2,003 val and 8,012 train, the study's sizes. The
     split is image-level, so lesions leak across it; report ``grouped`` too.
     """
-    return three_way(table["label"], val=val, test=0, seed=seed)
+    return three_way(table["label"], val=val, test=0, seed=seed, protocol="S5")
 
 
 @register_protocol("grouped")

@@ -18,6 +18,7 @@ from fixtures.datasets import (
     make_ham10000,
     make_melanoma,
     shared_dataset,
+    symlink,
     write_garbage,
     write_image,
     write_truncated_jpeg,
@@ -216,7 +217,7 @@ def test_covid_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"unknown class\(es\) \['Pneumonia'\]"):
         load_table("covid", root, classes=["COVID", "Pneumonia"])
     (root / "Viral Pneumonia" / "images").mkdir(parents=True)
-    with pytest.raises(DatasetError, match=r"Viral Pneumonia/images' holds no .png/.jpg images"):
+    with pytest.raises(DatasetError, match=r"Viral Pneumonia/images' holds no .jpg/.jpeg/.png images"):
         load_table("covid", root)
     with pytest.raises(DatasetError, match=r"single class \{'COVID': 2\}"):
         load_table("covid", root, classes=["COVID"])
@@ -259,6 +260,78 @@ def test_missing_path_errors(tmp_path):
         load_table("covid", None)
     with pytest.raises(DatasetError, match=r"unknown dataset loader 'ham1000'; did you mean 'ham10000'\?"):
         load_table("ham1000", tmp_path)
+
+
+# --- One listing rule for every loader: hidden entries, nested and linked folders ----------------------------------
+
+
+def test_folder_hidden_and_system_folders_are_not_classes(tmp_path, capsys):
+    root = make_folder(tmp_path / "histo", n=2)
+    write_image(root / ".thumbs" / "t.png")  # was a third class
+    (root / ".ipynb_checkpoints").mkdir()  # was "class folder holds no images"
+    (root / "__MACOSX" / "benign").mkdir(parents=True)
+    write_image(root / "benign" / ".thumbs" / "small.png")  # hidden inside a class folder too
+    write_image(root / "benign" / "__MACOSX" / "benign_0.png")
+    (root / "benign" / "._benign_0.png").write_bytes(b"macOS resource fork")
+    (root / "benign" / "notes.txt").write_text("not an image")
+    table = load_table("folder", root)
+    assert _counts(table) == {"benign": 2, "malignant": 2}
+    err = capsys.readouterr().err
+    assert "note: folder: left out 1 file(s) that are not .jpg/.jpeg/.png (benign/notes.txt); 6 hidden" in err
+
+    shutil.rmtree(root / "malignant")
+    write_image(root / "malignant" / ".thumbs" / "m.png")
+    with pytest.raises(DatasetError, match=r"malignant' holds no .jpg/.jpeg/.png images \(left out: 1 hidden"):
+        load_table("folder", root)
+
+
+def test_folder_reads_nested_subfolders(tmp_path, capsys):
+    root = make_folder(tmp_path / "histo", n=2)
+    for i in range(10):
+        write_image(root / "malignant" / "batch 2" / "deeper" / f"m{i}.png")
+    table = load_table("folder", root)
+    assert _counts(table) == {"benign": 2, "malignant": 12}
+    assert capsys.readouterr().err == ""  # nothing left out, nothing said
+
+
+def test_folder_follows_linked_folders_once(tmp_path, capsys):
+    root = make_folder(tmp_path / "histo", n=2)
+    elsewhere = make_folder(tmp_path / "elsewhere", classes=("more",), n=3)
+    symlink(root / "benign" / "linked", elsewhere / "more")  # followed: its 3 images join benign
+    symlink(root / "benign" / "loop", root / "benign")  # a loop: its folder is listed once
+    symlink(root / "malignant" / "gone.png", tmp_path / "deleted.png")  # a broken link
+    table = load_table("folder", root)
+    assert _counts(table) == {"benign": 5, "malignant": 2}
+    assert table["path"].is_unique
+    err = capsys.readouterr().err
+    assert "1 linked folder(s) already listed (benign/loop)" in err
+    assert "1 broken link(s) or special file(s) (malignant/gone.png)" in err
+
+
+@pytest.mark.parametrize(
+    "loader, build, class_dir",
+    [
+        ("folder", lambda root: make_folder(root, n=2), "benign"),
+        ("melanoma", lambda root: make_melanoma(root, variant="10k", n=2), "train/benign"),
+        ("covid", lambda root: make_covid(root, n=2), "COVID/images"),
+        ("ham10000", lambda root: make_ham10000(root, layout="images"), "images"),
+    ],
+)
+def test_every_loader_reads_nested_folders_and_skips_hidden_ones(tmp_path, capsys, loader, build, class_dir):
+    root = build(tmp_path / loader)
+    before = _counts(load_table(loader, root))
+    folder = root / class_dir
+    moved = sorted(p for p in folder.iterdir() if p.is_file())[0]
+    nested = folder / "batch 2" / "scans"
+    nested.mkdir(parents=True)
+    moved.rename(nested / moved.name)
+    write_image(folder / ".thumbs" / moved.name)  # a viewer's thumbnail cache, not an image of the dataset
+    write_image(folder / "__MACOSX" / moved.name)
+    capsys.readouterr()
+    after = load_table(loader, root)
+    assert _counts(after) == before
+    assert str(nested / moved.name) in set(after["path"])
+    assert f"note: {loader}: left out 2 hidden or __MACOSX file(s)/folder(s)" in capsys.readouterr().err
 
 
 # --- Integrity: corrupt files and duplicates ------------------------------------------------------------------------

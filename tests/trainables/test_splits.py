@@ -167,3 +167,42 @@ def test_protocol_contract(protocol, shape, options):
     assert split.index.equals(table.index)
     assert set(split) <= {"train", "val", "test", "unused"}
     assert split.notna().all()
+
+
+# --- Classes too small for a protocol ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_class_too_small_for_a_three_way_split_is_named(count):
+    """1 image used to end in a scikit-learn traceback; 2 images left the class out of test without a word."""
+    table = fake_table({"common": 60, "rare": count})
+    with pytest.raises(DatasetError, match=rf"class 'rare' has {count} image\(s\); split protocol 'stratified' "
+                                           r"needs at least 3 per class \(one each for train, val and test\)"):
+        assign_splits(table, "stratified", seed=0)
+
+
+def test_a_class_too_small_for_a_two_way_split_is_named():
+    with pytest.raises(DatasetError, match=r"class 'rare' has 1 image\(s\); split protocol 'S4' needs at least 2 "
+                                           r"per class \(one each for train and val\)"):
+        assign_splits(fake_table({"common": 40, "rare": 1}), "S4", seed=0)
+    assert set(assign_splits(fake_table({"common": 40, "rare": 2}), "S4", seed=0)) == {"train", "val"}
+
+
+def test_too_few_images_for_the_fractions_is_named():
+    with pytest.raises(DatasetError, match=r"'stratified' cannot stratify 6 images \{'a': 3, 'b': 3\} into "
+                                           r"val=0.15, test=0.15 \(1 val and 1 test images\).*Add images"):
+        assign_splits(fake_table({"a": 3, "b": 3}), "stratified", seed=0)
+
+
+def test_a_class_missing_from_a_split_is_warned(capsys):
+    table = fake_table({"common": 200, "rare": 3})
+    split = assign_splits(table, "stratified", seed=0)
+    assert "test" not in set(split[table["label"] == "rare"])  # stratification rounds 0.45 test images down to 0
+    err = capsys.readouterr().err
+    assert "warning: split protocol 'stratified': class 'rare' (3 image(s)) has no test images" in err
+
+    # Protocols that do not stratify warn too: S1 shuffles a 1-image class into one split.
+    assign_splits(fake_table({"a": 100, "b": 1}), "S1", seed=0)
+    assert "class 'b' (1 image(s)) has no val or test images" in capsys.readouterr().err
+    assign_splits(fake_table({"a": 100, "b": 100}), "S1", seed=0)
+    assert capsys.readouterr().err == ""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +13,7 @@ import pandas as pd
 
 TABLE_COLUMNS = ("path", "label", "group", "origin")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_LEFT_OUT = "medsearch_left_out"  # table.attrs key: (root, LeftOut) from a loader to load_table, removed there
 
 
 class DatasetError(ValueError):
@@ -62,7 +65,18 @@ def load_table(name: str, path: str | Path | None, **options) -> pd.DataFrame:
             where = f"\nDownload it from {spec.url}." if spec.url else ""
             raise DatasetError(f"dataset folder {str(path)!r} {what}. Expected layout:\n{spec.layout}{where}")
     table = spec.load(path, **options)
+    _report_left_out(table, name)
     return check_table(table, name, layout=spec.layout)
+
+
+def _report_left_out(table: pd.DataFrame, name: str) -> None:
+    """Print what the loader's listing skipped (hidden entries, other files), so nothing is dropped unsaid.
+
+    Printed before the table is checked: when a class comes out empty, this says where its files went.
+    """
+    root, left_out = table.attrs.pop(_LEFT_OUT, (None, LeftOut()))
+    if left_out:
+        print(f"note: {name}: left out {left_out.describe(root)} under {str(root)!r}", file=sys.stderr, flush=True)
 
 
 def _check_options(spec: LoaderSpec, options: dict) -> None:
@@ -94,12 +108,145 @@ def check_table(table: pd.DataFrame, name: str, *, layout: str = "") -> pd.DataF
     return table.reset_index(drop=True)
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted, so tables are reproducible.
+# --- Which files a dataset folder holds: one rule for every loader and for search.predict --------------------------
 
-    Hidden files are skipped: archives made on macOS carry ``._name.jpg``
-    resource forks that look like images but are not.
+# Archive tools and viewers leave these beside the images: macOS ``._x.jpg`` resource forks and ``__MACOSX/``,
+# ``.ipynb_checkpoints/``, thumbnail caches (``.thumbs/``), ``.DS_Store``. They are never images of the dataset.
+SYSTEM_NAMES = ("__MACOSX",)
+
+# Why an entry was left out, in the order ``LeftOut.describe`` lists them.
+NOT_IMAGE = "file(s) that are not .jpg/.jpeg/.png"
+HIDDEN = "hidden or __MACOSX file(s)/folder(s)"
+LINKED_TWICE = "linked folder(s) already listed"
+BROKEN = "broken link(s) or special file(s)"
+UNREADABLE = "unreadable folder(s)"
+_SHOWN = 3  # example paths per reason in a note
+
+
+def is_hidden(name: str) -> bool:
+    """Names that are never a class or an image: dot-names and ``__MACOSX``, at any depth."""
+    return name.startswith(".") or name in SYSTEM_NAMES
+
+
+@dataclasses.dataclass
+class LeftOut:
+    """Entries a listing skipped, by reason, so callers can say how many and which."""
+
+    by_reason: dict[str, list[Path]] = dataclasses.field(default_factory=dict)
+
+    def add(self, path: Path, reason: str) -> None:
+        self.by_reason.setdefault(reason, []).append(path)
+
+    def update(self, other: "LeftOut") -> None:
+        for reason, paths in other.by_reason.items():
+            self.by_reason.setdefault(reason, []).extend(paths)
+
+    def __len__(self) -> int:
+        return sum(len(paths) for paths in self.by_reason.values())
+
+    def under(self, folder: Path) -> "LeftOut":
+        """Only the entries at or inside ``folder``."""
+        inside = {r: [p for p in ps if p == folder or folder in p.parents] for r, ps in self.by_reason.items()}
+        return LeftOut(inside)
+
+    def describe(self, root: Path) -> str:
+        """``"2 file(s) that are not .jpg/.jpeg/.png (a/notes.txt, b.csv); 1 hidden ..."`` (paths under ``root``)."""
+        parts = []
+        for reason in (NOT_IMAGE, HIDDEN, LINKED_TWICE, BROKEN, UNREADABLE):
+            paths = sorted(self.by_reason.get(reason, []))
+            if paths:
+                shown = ", ".join(_relative(p, root) for p in paths[:_SHOWN])
+                more = f", ... ({len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else ""
+                parts.append(f"{len(paths)} {reason} ({shown}{more})")
+        return "; ".join(parts)
+
+
+@dataclasses.dataclass
+class ImageListing:
+    """What ``scan_images`` found under a folder."""
+
+    images: list[Path]  # sorted, so tables are reproducible
+    left_out: LeftOut
+
+
+def scan_images(folder: Path, *, recursive: bool = True) -> ImageListing:
+    """The image files under ``folder``, subfolders included unless ``recursive=False``.
+
+    Hidden entries (``is_hidden``) are left out at every depth. Symlinks are
+    followed, files and folders alike, so a dataset assembled from links reads
+    like a copy; a folder already being listed (a link back up the tree, or a
+    second link to the same folder) is left out, so loops end and no image is
+    listed twice. With ``recursive=False`` subfolders are not entered and, as
+    asked for, not reported.
     """
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    listing = ImageListing([], LeftOut())
+    _scan(Path(folder), recursive, {os.path.realpath(folder)}, listing)
+    listing.images.sort()
+    return listing
+
+
+def _scan(folder: Path, recursive: bool, seen: set[str], listing: ImageListing) -> None:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        listing.left_out.add(folder, UNREADABLE)
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        if is_hidden(entry.name):
+            listing.left_out.add(path, HIDDEN)
+        elif entry.is_dir():  # follows links
+            if not recursive:
+                continue
+            real = os.path.realpath(path)
+            if real in seen:
+                listing.left_out.add(path, LINKED_TWICE)
+                continue
+            seen.add(real)
+            _scan(path, recursive, seen, listing)
+        elif entry.is_file():  # follows links
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                listing.images.append(path)
+            else:
+                listing.left_out.add(path, NOT_IMAGE)
+        else:  # a link to nothing, a socket, a FIFO
+            listing.left_out.add(path, BROKEN)
+
+
+def list_images(folder: Path, left_out: LeftOut) -> list[Path]:
+    """The image files under ``folder`` by ``scan_images``; what it skipped is added to ``left_out``."""
+    listing = scan_images(folder)
+    left_out.update(listing.left_out)
+    return listing.images
+
+
+def class_folders(folder: Path, left_out: LeftOut) -> list[Path]:
+    """The folders directly inside ``folder`` that may be classes, sorted; hidden ones go to ``left_out``."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.is_dir() and is_hidden(path.name):
+            left_out.add(path, HIDDEN)
+        elif path.is_dir():
+            found.append(path)
+    return found
+
+
+def no_images_message(folder: Path, left_out: LeftOut, loader: str = "") -> str:
+    """The error for a class folder without images, saying what it held instead."""
+    held = left_out.under(folder).describe(folder)
+    prefix = f"{loader}: " if loader else ""
+    held = f" (left out: {held})" if held else ""
+    return f"{prefix}class folder {str(folder)!r} holds no .jpg/.jpeg/.png images{held}"
+
+
+def with_left_out(table: pd.DataFrame, root: Path, left_out: LeftOut) -> pd.DataFrame:
+    """A loader's table carrying what its listing skipped under ``root``, for ``load_table`` to report."""
+    table.attrs[_LEFT_OUT] = (root, left_out)
+    return table
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)

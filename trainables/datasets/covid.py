@@ -26,13 +26,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from trainables.datasets._registry import DatasetError, list_images, register_loader
+from trainables.datasets._registry import (
+    DatasetError,
+    LeftOut,
+    class_folders,
+    list_images,
+    no_images_message,
+    register_loader,
+    with_left_out,
+)
 
 CLASSES = ("COVID", "Normal", "Viral Pneumonia", "Lung_Opacity")
 REQUIRED = ("COVID", "Normal", "Viral Pneumonia")  # Lung_Opacity came with a later release
 URL = "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database"
 _LAYOUT = """  ROOT/
-    COVID/            images/*.png (masks/ is ignored), or the PNGs directly (older releases)
+    COVID/            images/*.png (masks/ is ignored), or the PNGs directly (older releases); subfolders included
     Normal/           ...
     Viral Pneumonia/  ...
     Lung_Opacity/     (optional)"""
@@ -49,16 +57,17 @@ _CANONICAL = {_key(c): c for c in CLASSES}
 @register_loader("covid", layout=_LAYOUT, url=URL)
 def load_covid(path: Path, *, classes: list[str] | None = None) -> pd.DataFrame:
     """One row per X-ray. ``classes`` picks classes (default: every class folder found)."""
-    found = {_CANONICAL[_key(p.name)]: p for p in sorted(path.iterdir()) if p.is_dir() and _key(p.name) in _CANONICAL}
+    left_out = LeftOut()
+    found = {_CANONICAL[_key(p.name)]: p for p in class_folders(path, left_out) if _key(p.name) in _CANONICAL}
     wanted = _wanted(classes, found, path)
     rows = []
     for label in wanted:
         folder = _image_folder(found[label])
-        images = list_images(folder)
+        images = list_images(folder, left_out)
         if not images:
-            raise DatasetError(f"covid: class folder {str(folder)!r} holds no .png/.jpg images")
+            raise DatasetError(no_images_message(folder, left_out, "covid"))
         rows += [(str(p), label, None, "") for p in images]
-    return pd.DataFrame(rows, columns=["path", "label", "group", "origin"])
+    return with_left_out(pd.DataFrame(rows, columns=["path", "label", "group", "origin"]), path, left_out)
 
 
 def _wanted(classes: list[str] | None, found: dict[str, Path], root: Path) -> list[str]:

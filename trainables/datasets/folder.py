@@ -7,10 +7,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from trainables.datasets._registry import DatasetError, list_images, register_loader
+from trainables.datasets._registry import (
+    DatasetError,
+    LeftOut,
+    class_folders,
+    list_images,
+    no_images_message,
+    register_loader,
+    with_left_out,
+)
 
 _LAYOUT = """  ROOT/
-    <class A>/  image files (.jpg, .jpeg, .png)
+    <class A>/  image files (.jpg, .jpeg, .png), subfolders included
     <class B>/  ...
     prediction/ (optional, unlabelled images; never used for training)"""
 
@@ -19,19 +27,24 @@ UNLABELLED_FOLDER = "prediction"
 
 @register_loader("folder", layout=_LAYOUT)
 def load_folder(path: Path, *, classes: list[str] | None = None) -> pd.DataFrame:
-    """One folder per class. ``classes`` picks and orders the class folders."""
-    found = {p.name: p for p in sorted(path.iterdir()) if p.is_dir() and p.name != UNLABELLED_FOLDER}
+    """One folder per class, images at any depth inside it. ``classes`` picks and orders the class folders.
+
+    Files beside the class folders (a README, EMBEDDED.json) are no class's and are not reported;
+    hidden folders there (``.thumbs/``, ``__MACOSX/``) are left out and reported.
+    """
+    left_out = LeftOut()
+    found = {p.name: p for p in class_folders(path, left_out) if p.name != UNLABELLED_FOLDER}
     if classes is None:
         classes = sorted(found)
     rows = []
     for name in classes:
         if name not in found:
             raise DatasetError(f"class folder {name!r} not found in {str(path)!r}; found: {sorted(found)}")
-        images = list_images(found[name])
+        images = list_images(found[name], left_out)
         if not images:
-            raise DatasetError(f"class folder {str(found[name])!r} holds no .jpg/.jpeg/.png images")
+            raise DatasetError(no_images_message(found[name], left_out))
         rows += [(str(p), name, None, "") for p in images]
-    return pd.DataFrame(rows, columns=["path", "label", "group", "origin"])
+    return with_left_out(pd.DataFrame(rows, columns=["path", "label", "group", "origin"]), path, left_out)
 
 
 def embedded_root() -> Path:

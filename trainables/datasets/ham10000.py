@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from trainables.datasets._registry import DatasetError, list_images, register_loader
+from trainables.datasets._registry import (
+    HIDDEN,
+    DatasetError,
+    LeftOut,
+    is_hidden,
+    list_images,
+    register_loader,
+    scan_images,
+    with_left_out,
+)
 
 METADATA = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
@@ -46,10 +55,11 @@ def load_ham10000(path: Path, *, target: str = "dx", strict: bool = True) -> pd.
     if target not in TARGETS:
         raise DatasetError(f"ham10000: target must be one of {list(TARGETS)}, got {target!r}")
     meta = _read_metadata(path)
-    files = _find_images(path)
+    left_out = LeftOut()
+    files = _find_images(path, left_out)
     meta = _match_files(meta, files, path, strict=strict)
     labels = meta["dx"] if target == "dx" else meta["dx"].map(lambda dx: "malignant" if dx in MALIGNANT else "benign")
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "path": meta["image_id"].map(lambda i: str(files[i])),
             "label": labels.astype(str),
@@ -57,6 +67,7 @@ def load_ham10000(path: Path, *, target: str = "dx", strict: bool = True) -> pd.
             "origin": "",
         }
     ).reset_index(drop=True)
+    return with_left_out(table, path, left_out)
 
 
 def _read_metadata(root: Path) -> pd.DataFrame:
@@ -91,21 +102,29 @@ def _read_metadata(root: Path) -> pd.DataFrame:
     return meta.sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
-def _find_images(root: Path) -> dict[str, Path]:
-    """image_id -> file, from the part folders, an ``images/`` folder and the root itself.
+def _find_images(root: Path, left_out: LeftOut) -> dict[str, Path]:
+    """image_id -> file, from the part folders and an ``images/`` folder (subfolders included) and the root itself.
 
     The Kaggle download also ships lower-case copies of the part folders
     (``ham10000_images_part_1/``); a file whose id was already found is a
-    copy and is skipped, so upper-case names (sorted first) win.
+    copy and is skipped, so upper-case names (sorted first) win. Files at the
+    root other than images (the metadata and Kaggle's ``hmnist_*.csv``) are
+    expected there and not reported; hidden ones are.
     """
     folders = sorted(
         p for p in root.iterdir()
-        if p.is_dir() and (p.name.lower().startswith("ham10000_images_part") or p.name.lower() == "images")
+        if p.is_dir() and not is_hidden(p.name)
+        and (p.name.lower().startswith("ham10000_images_part") or p.name.lower() == "images")
     )
     files: dict[str, Path] = {}
-    for folder in [*folders, root]:
-        for image in list_images(folder):
+    for folder in folders:
+        for image in list_images(folder, left_out):
             files.setdefault(image.stem, image)
+    at_root = scan_images(root, recursive=False)
+    for path in at_root.left_out.by_reason.get(HIDDEN, []):
+        left_out.add(path, HIDDEN)
+    for image in at_root.images:
+        files.setdefault(image.stem, image)
     return files
 
 

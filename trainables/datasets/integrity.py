@@ -26,7 +26,11 @@ def check_image(path: str | Path) -> str | None:
     ``Image.verify`` checks the container (PNG chunk CRCs up to IEND) but not
     JPEG data, so a truncated JPEG passes it; decoding in draft mode (DCT
     scaling, a fraction of a full decode) catches truncation and garbage.
+    The decoder's own bit-depth step then refuses what it cannot scale to 8
+    bits (a float image outside 0..1), so this check and the decoder agree.
     """
+    from trainables.data import eight_bit
+
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
@@ -36,6 +40,7 @@ def check_image(path: str | Path) -> str | None:
             if image.format == "JPEG":
                 image.draft("RGB", _JPEG_DRAFT)
             image.load()
+            eight_bit(image, str(path))
     except FileNotFoundError:
         return "file not found"
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files

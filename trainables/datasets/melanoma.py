@@ -25,7 +25,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from trainables.datasets._registry import DatasetError, list_images, register_loader
+from trainables.datasets._registry import (
+    DatasetError,
+    LeftOut,
+    class_folders,
+    is_hidden,
+    list_images,
+    no_images_message,
+    register_loader,
+    with_left_out,
+)
 
 CLASSES = ("benign", "malignant")
 URL = (
@@ -34,7 +43,7 @@ URL = (
 )
 _LAYOUT = """  ROOT/
     train/
-      benign/     image files (.jpg, .jpeg, .png); folder names in any case (Benign/)
+      benign/     image files (.jpg, .jpeg, .png), subfolders included; folder names in any case (Benign/)
       malignant/
     test/         (optional: without it, val and test are carved out of train/)
       benign/
@@ -44,24 +53,24 @@ _LAYOUT = """  ROOT/
 @register_loader("melanoma", layout=_LAYOUT, url=URL)
 def load_melanoma(path: Path) -> pd.DataFrame:
     """Read ``train/`` and, when present, ``test/`` into an image table."""
-    origins = {p.name.lower(): p for p in path.iterdir() if p.is_dir()}
+    origins = {p.name.lower(): p for p in path.iterdir() if p.is_dir() and not is_hidden(p.name)}
     if "train" not in origins:
         raise DatasetError(_no_train_message(path))
+    left_out = LeftOut()
     rows = []
     for origin in ("train", "test"):
         if origin in origins:
-            for label, folder in _class_folders(origins[origin]).items():
-                images = list_images(folder)
+            for label, folder in _class_folders(origins[origin], left_out).items():
+                images = list_images(folder, left_out)
                 if not images:
-                    raise DatasetError(f"melanoma: class folder {str(folder)!r} holds no .jpg/.jpeg/.png images")
+                    raise DatasetError(no_images_message(folder, left_out, "melanoma"))
                 rows += [(str(p), label, None, origin) for p in images]
-    return pd.DataFrame(rows, columns=["path", "label", "group", "origin"])
+    return with_left_out(pd.DataFrame(rows, columns=["path", "label", "group", "origin"]), path, left_out)
 
 
-def _class_folders(split_dir: Path) -> dict[str, Path]:
+def _class_folders(split_dir: Path, left_out: LeftOut) -> dict[str, Path]:
     """``benign`` / ``malignant`` -> folder, matched case-insensitively; anything else is an error."""
-    # Skip hidden and archive-tool folders (.DS_Store dirs, __MACOSX) that unzipping leaves behind.
-    folders = [p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.startswith((".", "__"))]
+    folders = class_folders(split_dir, left_out)
     found: dict[str, Path] = {}
     for folder in folders:
         key = folder.name.lower()
