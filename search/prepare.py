@@ -7,6 +7,8 @@ search cannot read what it was never given.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -49,6 +51,7 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
     positive = _positive_index(study, class_names)
     _check_metric_reported(study, class_names)
     table["label_index"] = table["label"].map({c: i for i, c in enumerate(class_names)}).astype("int64")
+    check_fits_in_memory(int(table["split"].isin(["train", "val"]).sum()), ds.image_size)
     arrays = {}
     for split in ("train", "val"):
         rows = table[table["split"] == split]
@@ -56,6 +59,49 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
         arrays[f"y_{split}"] = rows["label_index"].to_numpy()
     duplicates = find_duplicates(table[table["split"] != "unused"])
     return Prepared(table, class_names, positive, arrays, skipped, duplicates)
+
+
+def check_fits_in_memory(n_images: int, image_size: int, available: tuple[int, str] | None = None) -> None:
+    """Refuse, before decoding, train and val images whose arrays cannot fit in memory.
+
+    Decoded, they take ``n_images x image_size x image_size x 3`` bytes (uint8
+    RGB), held by this process for the whole run; Ray's object store then holds
+    a second copy for the trials (spilling to disk when it must), and each
+    trial's TensorFlow needs memory of its own. Only the first is certain, so
+    only that is refused here. ``available``: ``(bytes, how they were counted)``.
+    """
+    memory, counted = available_memory() if available is None else available
+    needed = n_images * image_size * image_size * 3
+    if memory is None or needed <= memory:
+        return
+    fits = int(math.sqrt(memory / (n_images * 3)))  # the largest size whose arrays would fit
+    raise StudyError(f"dataset.image_size: bad value {image_size}; its {n_images} train and val images decode to "
+                     f"{_size(needed)} ({n_images} x {image_size} x {image_size} x 3 bytes), but this machine has "
+                     f"{_size(memory)} of memory {counted}. Use a smaller image_size (at most {fits} fits, "
+                     "less leaves room for training), or fewer images")
+
+
+def available_memory() -> tuple[int | None, str]:
+    """Bytes of memory this machine can give now, and how they were counted (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:  # Linux: MemAvailable counts the page cache it can drop
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available"
+    except OSError:
+        pass
+    try:  # elsewhere, the arrays can at least never exceed the total
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in all"
+    except (AttributeError, ValueError, OSError):
+        return None, "unknown"
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:.4g} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.4g} TiB"
 
 
 def drop_corrupt(table: pd.DataFrame, *, skip: bool) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -77,7 +123,10 @@ def _positive_index(study: Study, class_names: list[str]) -> int | None:
     if positive is None:
         return None
     if positive not in class_names:
-        raise StudyError(f"dataset.positive_class: {positive!r} is not a class; classes: {class_names}")
+        from trainables.backbones import unknown_name_message
+
+        raise StudyError("dataset.positive_class: " + unknown_name_message("class", positive, class_names)
+                         + " (the dataset's classes)")
     return class_names.index(positive)
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import inspect
+import math
+import os
 import re
 import time
 import warnings
@@ -18,12 +21,40 @@ from trainables.backbones import unknown_name_message
 _DRY_RUN_SAMPLES = 32
 _SPACE_TIME_LIMIT_S = 1.0  # Ray warns past this; OptunaSearch calls space() on the driver
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A sanity bound, far above the 224-600 px ImageNet backbones train at; search.prepare also
+# refuses, before decoding, train and val images that would not fit in memory at the size asked.
+MAX_IMAGE_SIZE = 4096
 
 
 class StudyError(ValueError):
     """A study file is wrong. The message names the field, the bad value and the fix."""
 
 
+def _named_fields(cls):
+    """Class decorator: a misspelt or missing field is a ``StudyError`` with a did-you-mean,
+    like every other bad field, instead of Python's ``TypeError`` from the dataclass ``__init__``."""
+    init = cls.__init__
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        for key in kwargs:
+            if key not in fields:
+                raise StudyError(f"{cls.__name__}(...): " + unknown_name_message("field", key, fields))
+        given = set(fields[:len(args)]) | set(kwargs)
+        missing = [name for name in required if name not in given]
+        if missing:
+            raise StudyError(f"{cls.__name__}(...): missing required field(s) {', '.join(missing)}; "
+                             f"give them, e.g. {cls.__name__}({', '.join(f'{m}=...' for m in missing)}, ...)")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init
+    return cls
+
+
+@_named_fields
 @dataclasses.dataclass
 class Dataset:
     """Which images, at what size, split how."""
@@ -39,6 +70,7 @@ class Dataset:
     seed: int = 0  # the split's seed
 
 
+@_named_fields
 @dataclasses.dataclass
 class Study:
     """One hyperparameter search. A study file defines exactly one, named ``STUDY``."""
@@ -80,14 +112,7 @@ def validate(study: Study) -> None:
         _fail("name", study.name, "use letters, digits, '_', '-' or '.' (it names the results folder)")
     if not isinstance(study.dataset, Dataset):
         _fail("dataset", study.dataset, "use Dataset(...) from search")
-    ds = study.dataset
-    _choice("dataset.loader", ds.loader, list_loaders())
-    _choice("dataset.split", ds.split, list_protocols())
-    _int("dataset.image_size", ds.image_size, low=16)
-    if ds.classes is not None and len(ds.classes) < 2:
-        _fail("dataset.classes", ds.classes, "list at least two classes")
-    if ds.positive_class is not None and ds.classes is not None and ds.positive_class not in ds.classes:
-        raise StudyError(unknown_name_message("dataset.positive_class", ds.positive_class, ds.classes))
+    _check_dataset(study.dataset, loaders=list_loaders(), protocols=list_protocols())
 
     _check_metric(study.metric, BASE_METRICS)
     _choice("mode", study.mode, ["max", "min"])
@@ -98,21 +123,45 @@ def validate(study: Study) -> None:
         _fail("grace_period", study.grace_period, f"it must be <= max_epochs ({study.max_epochs})")
     _int("reduction_factor", study.reduction_factor, low=2)
     _int("max_concurrent", study.max_concurrent, low=1)
-    if not _is_number(study.cpus_per_trial) or study.cpus_per_trial <= 0:
-        _fail("cpus_per_trial", study.cpus_per_trial, "use a positive number")
-    if not _is_number(study.gpus_per_trial) or not 0 <= study.gpus_per_trial:
-        _fail("gpus_per_trial", study.gpus_per_trial, "use 0, a fraction such as 0.25, or a whole number")
-    if study.time_limit_s is not None and (not _is_number(study.time_limit_s) or study.time_limit_s <= 0):
-        _fail("time_limit_s", study.time_limit_s, "use a positive number of seconds or None")
+    _check_resource("cpus_per_trial", study.cpus_per_trial, zero_ok=False, fix="use a positive number")
+    _check_resource("gpus_per_trial", study.gpus_per_trial, zero_ok=True,
+                    fix="use 0, a fraction such as 0.25, or a whole number")
+    if study.time_limit_s is not None and not (_is_finite(study.time_limit_s) and study.time_limit_s > 0):
+        _fail("time_limit_s", study.time_limit_s, "use a positive number of seconds, or None for no limit")
     _int("seed", study.seed, low=0)
     _int("augment_views", study.augment_views, low=0)
     _int("max_failures", study.max_failures, low=0)
     if not isinstance(study.activation_cache, bool):
         _fail("activation_cache", study.activation_cache, "use True or False")
-    if study.mixed_precision not in (True, False, "auto"):
+    if not _is_one_of(study.mixed_precision, (True, False, "auto")):
         _fail("mixed_precision", study.mixed_precision, "use True, False or 'auto'")
+    _check_path("weights_dir", study.weights_dir)
+    if not isinstance(study.fixed, dict):
+        _fail("fixed", study.fixed, "use a dict of hyperparameters, e.g. {'batch_size': 16}")
     _check_hparams("fixed", study.fixed)
     dry_run_space(study)
+
+
+def _check_dataset(ds: Dataset, *, loaders: list[str], protocols: list[str]) -> None:
+    _choice("dataset.loader", ds.loader, loaders)
+    _check_path("dataset.path", ds.path)
+    _choice("dataset.split", ds.split, protocols)
+    _int("dataset.image_size", ds.image_size, low=16, high=MAX_IMAGE_SIZE)
+    if ds.classes is not None:
+        if not isinstance(ds.classes, (list, tuple)) or not all(isinstance(c, str) for c in ds.classes):
+            _fail("dataset.classes", ds.classes, "use a list of class names, e.g. ['benign', 'malignant'], or None")
+        if len(ds.classes) < 2:
+            _fail("dataset.classes", ds.classes, "list at least two classes")
+        repeated = sorted({c for c in ds.classes if ds.classes.count(c) > 1})
+        if repeated:
+            _fail("dataset.classes", ds.classes, f"list each class once (repeated: {', '.join(repeated)})")
+    # Without classes, the loader's class names are known only once the data is listed: search.prepare checks then.
+    if ds.positive_class is not None and ds.classes is not None and ds.positive_class not in ds.classes:
+        raise StudyError("dataset.positive_class: " + unknown_name_message("class", ds.positive_class, ds.classes))
+    for field in ("split_options", "options"):
+        if not isinstance(getattr(ds, field), dict):
+            _fail(f"dataset.{field}", getattr(ds, field), "use a dict of keyword arguments, or leave it out")
+    _int("dataset.seed", ds.seed, low=0)
 
 
 def dry_run_space(study: Study) -> None:
@@ -155,8 +204,10 @@ def _sample_once(study: Study, dry) -> dict:
         _fail("space", f"{took:.2f} s per call", "a space only suggests values; load data and models in trainables/")
     if not isinstance(hparams, dict):
         _fail("space", f"returned {type(hparams).__name__}", "return a dict of hyperparameters")
+    from_space = hparams
     hparams = {**study.fixed, **hparams}
     _check_hparams("space", hparams)
+    _check_unfreeze_depth("space" if "unfreeze" in from_space else "fixed", hparams)
     dry.tell(trial, 0.0)
     return hparams
 
@@ -201,16 +252,31 @@ def _check_hparams(where: str, hparams: dict) -> None:
     for key, value in hparams.items():
         if key not in DEFAULTS:
             raise StudyError(f"{where}: " + unknown_name_message("hyperparameter", key, DEFAULTS))
-        if key in _CHOICES and value not in _CHOICES[key]():
+        if key in _CHOICES and not _is_one_of(value, _CHOICES[key]()):
             raise StudyError(f"{where}: " + unknown_name_message(key, value, [str(v) for v in _CHOICES[key]()]))
-        if key == "unfreeze" and value != "all" and not (isinstance(value, int) and value >= 0):
+        if key == "unfreeze" and value != "all" and not _is_int(value, low=0):
             _fail(f"{where}: unfreeze", value, "use 0 (frozen), a layer count k > 0, or 'all'")
         if key in ("learning_rate", "fine_tune_lr") and not (_is_number(value) and 0 < value < 1):
             _fail(f"{where}: {key}", value, "use a number in (0, 1)")
         if key == "dropout" and not (_is_number(value) and 0 <= value < 1):
             _fail(f"{where}: dropout", value, "use a number in [0, 1)")
-        if key in ("batch_size", "head_units", "warmup_epochs") and not (isinstance(value, int) and value >= 0):
+        if key in ("head_units", "warmup_epochs") and not _is_int(value, low=0):
             _fail(f"{where}: {key}", value, "use a non-negative integer")
+        if key == "batch_size" and not _is_int(value, low=1):
+            _fail(f"{where}: batch_size", value, "use a positive integer, e.g. 16 or 32")
+
+
+def _check_unfreeze_depth(where: str, hparams: dict) -> None:
+    """An ``unfreeze`` depth the trial's backbone has: past its layer count, Keras
+    would train every layer while the leaderboard recorded the depth asked for."""
+    from trainables.backbones import get_backbone_spec
+    from trainables.train import DEFAULTS
+
+    hp = {**DEFAULTS, **hparams}
+    spec = get_backbone_spec(hp["backbone"])
+    if hp["unfreeze"] != "all" and hp["unfreeze"] > spec.layers:
+        _fail(f"{where}: unfreeze", hp["unfreeze"],
+              f"backbone {spec.name!r} has {spec.layers} layers; use at most {spec.layers}, or 'all'")
 
 
 def _check_metric(metric: str, base: tuple[str, ...]) -> None:
@@ -225,13 +291,43 @@ def _choice(field: str, value, valid) -> None:
         raise StudyError(f"{field}: " + unknown_name_message(field.rsplit(".", 1)[-1], value, valid))
 
 
-def _int(field: str, value, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(field, value, f"use an integer >= {low}")
+def _int(field: str, value, *, low: int, high: int | None = None) -> None:
+    if not _is_int(value, low=low) or (high is not None and value > high):
+        _fail(field, value, f"use an integer >= {low}" if high is None else f"use an integer from {low} to {high}")
+
+
+def _is_int(value, *, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low  # True is an int to Python
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _is_one_of(value, choices) -> bool:
+    """``value in choices``, except that 1 is not True and 0.0 is not False (Python says they are equal)."""
+    return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices)
+
+
+# Ray counts resources in steps of 1/10000 and refuses a request that rounds to none of them.
+_RESOURCE_STEP = 0.0001
+
+
+def _check_resource(field: str, value, *, zero_ok: bool, fix: str) -> None:
+    """A per-trial CPU or GPU request Ray can schedule, refused here rather than after Ray starts."""
+    if not _is_finite(value) or value < 0 or (value == 0 and not zero_ok):
+        _fail(field, value, fix)
+    if 0 < value < _RESOURCE_STEP:
+        _fail(field, value, f"Ray cannot schedule less than {_RESOURCE_STEP} of a resource; {fix}")
+
+
+def _check_path(field: str, value) -> None:
+    if value is not None and not (isinstance(value, (str, os.PathLike)) and str(value).strip()):
+        _fail(field, value, "use a folder path (a string), or None")
 
 
 def _fail(field: str, value, fix: str):
@@ -241,6 +337,10 @@ def _fail(field: str, value, fix: str):
 def load_study(path: str | Path) -> Study:
     """Import a study file and return its ``STUDY``; errors become ``StudyError``."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(p.name for p in path.glob("*.py") if not p.name.startswith("_"))[:5]
+        example = f"e.g. {path / files[0]} (it holds {', '.join(files)})" if files else "such as spaces/quickstart.py"
+        raise StudyError(f"study file {str(path)!r} is a folder; pass one study file in it, {example}")
     if not path.is_file():
         raise StudyError(f"study file {str(path)!r} not found; pass a file such as spaces/quickstart.py")
     module_name = f"_study_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}"
@@ -256,12 +356,22 @@ def load_study(path: str | Path) -> Study:
         raise StudyError(f"{path}: {exc}") from exc
     except Exception as exc:
         raise StudyError(f"{path}: importing the study file raised {type(exc).__name__}: {exc}") from exc
-    studies = [v for v in vars(module).values() if isinstance(v, Study)]
+    return dataclasses.replace(_the_study(module, path), source=str(path.resolve()))
+
+
+def _the_study(module, path: Path) -> Study:
+    """The file's one ``STUDY``; a second Study object would leave which one runs to a naming accident."""
+    names = sorted(name for name, value in vars(module).items() if isinstance(value, Study))
     study = getattr(module, "STUDY", None)
     if not isinstance(study, Study):
-        found = " (found a Study in another name)" if studies else ""
+        found = f" (found a Study named {', '.join(names)}; rename it STUDY)" if names else ""
         raise StudyError(f"{path}: no study object; define `STUDY = Study(...)`{found}")
-    return dataclasses.replace(study, source=str(path.resolve()))
+    others = [name for name in names if vars(module)[name] is not study]
+    if others:
+        raise StudyError(f"{path}: defines {len(others) + 1} Study objects ({', '.join(sorted(others + ['STUDY']))}); "
+                         f"a study file defines exactly one, STUDY. Delete the others, or `del {others[0]}` "
+                         "once STUDY is built from it")
+    return study
 
 
 def file_hash(path: str | Path) -> str:

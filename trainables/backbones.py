@@ -27,19 +27,26 @@ class BackboneSpec:
     build: Builder  # build(inputs, preprocessed, *, weights, include_top, name) -> Model
     preprocess: str  # a Preprocess mode; "none" when the model normalises itself
     imagenet: bool  # whether ImageNet weights exist for it
+    layers: int  # layers below the input, as built without weights: the deepest ``unfreeze`` that means anything
     min_size: int = 32
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(name: str, *, preprocess: str, imagenet: bool = True, min_size: int = 32):
-    """Decorator: register ``build`` under ``name``."""
+def register_backbone(name: str, *, preprocess: str, layers: int, imagenet: bool = True, min_size: int = 32):
+    """Decorator: register ``build`` under ``name``.
+
+    ``layers`` is how many layers the built backbone has below its input
+    (``len(model.layers) - 1``, the same at every input size): studies are
+    checked against it before Ray starts, without building the model there.
+    tests/trainables/test_backbones.py checks it against the built model.
+    """
 
     def wrap(build: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = BackboneSpec(name, build, preprocess, imagenet, min_size)
+        _REGISTRY[name] = BackboneSpec(name, build, preprocess, imagenet, layers, min_size)
         return build
 
     return wrap
@@ -102,7 +109,7 @@ def _keras_app(app: Callable, **extra) -> Builder:
     return build
 
 
-register_backbone("mobilenet_v2", preprocess="tf")(_keras_app(keras.applications.MobileNetV2))
+register_backbone("mobilenet_v2", preprocess="tf", layers=154)(_keras_app(keras.applications.MobileNetV2))
 def _efficientnet(app: Callable) -> Builder:
     """Keras's EfficientNet, which normalises its own inputs.
 
@@ -124,11 +131,11 @@ def _efficientnet(app: Callable) -> Builder:
 
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-register_backbone("efficientnet_b0", preprocess="none")(_efficientnet(keras.applications.EfficientNetB0))
-register_backbone("efficientnet_b1", preprocess="none")(_efficientnet(keras.applications.EfficientNetB1))
-register_backbone("vgg16", preprocess="caffe")(_keras_app(keras.applications.VGG16))
-register_backbone("resnet50", preprocess="caffe")(_keras_app(keras.applications.ResNet50))
-register_backbone("densenet121", preprocess="torch")(_keras_app(keras.applications.DenseNet121))
+register_backbone("efficientnet_b0", preprocess="none", layers=236)(_efficientnet(keras.applications.EfficientNetB0))
+register_backbone("efficientnet_b1", preprocess="none", layers=338)(_efficientnet(keras.applications.EfficientNetB1))
+register_backbone("vgg16", preprocess="caffe", layers=19)(_keras_app(keras.applications.VGG16))
+register_backbone("resnet50", preprocess="caffe", layers=175)(_keras_app(keras.applications.ResNet50))
+register_backbone("densenet121", preprocess="torch", layers=427)(_keras_app(keras.applications.DenseNet121))
 
 
 def _no_top(features: Callable) -> Builder:
@@ -142,7 +149,7 @@ def _no_top(features: Callable) -> Builder:
     return build
 
 
-@register_backbone("cnn_s2", preprocess="unit", imagenet=False, min_size=16)
+@register_backbone("cnn_s2", preprocess="unit", layers=12, imagenet=False, min_size=16)
 @_no_top
 def _cnn_s2(x):
     """S2's custom CNN up to Flatten: Conv32-BN-Pool, Conv64-BN-Pool-Drop.3, Conv128-BN-Pool-Drop.4."""
@@ -155,7 +162,7 @@ def _cnn_s2(x):
     return x
 
 
-@register_backbone("cnn_s3", preprocess="unit", imagenet=False, min_size=16)
+@register_backbone("cnn_s3", preprocess="unit", layers=5, imagenet=False, min_size=16)
 @_no_top
 def _cnn_s3(x):
     """S3's baseline CNN up to Flatten: Conv32-Pool-Conv64-Pool."""
@@ -166,4 +173,4 @@ def _cnn_s3(x):
 
 
 from trainables.efficientnet_lite import build_efficientnet_lite0  # noqa: E402
-register_backbone("efficientnet_lite0", preprocess="none")(build_efficientnet_lite0)
+register_backbone("efficientnet_lite0", preprocess="none", layers=150)(build_efficientnet_lite0)

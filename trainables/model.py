@@ -76,8 +76,12 @@ def apply_unfreeze(backbone: keras.Model, unfreeze: int | str, *, pretrained: bo
         backbone.trainable = True
     else:
         depth = int(unfreeze)
+        below_input = len(backbone.layers) - 1
         if depth < 0:
             raise ValueError(f"unfreeze must be >= 0 or 'all', got {unfreeze!r}")
+        if depth > below_input:  # it would train the whole backbone while the leaderboard records the depth
+            raise ValueError(f"unfreeze {depth} is deeper than backbone {backbone.name!r}, which has "
+                             f"{below_input} layers; use at most {below_input}, or 'all'")
         backbone.trainable = depth > 0
         if depth:
             for layer in backbone.layers[:-depth]:

@@ -22,6 +22,15 @@ def test_help_lists_the_flags(capsys):
         (["spaces/quickstart.py", "--num-samples", "-2"], "must not be negative, got '-2'"),
         (["spaces/quickstart.py", "--num-samples", "0"], "must be a positive integer"),
         (["spaces/quickstart.py", "--max-epochs", "three"], "must be an integer, got 'three'"),
+        # float() reads these; NaN was called negative and inf reached Ray before it was refused.
+        (["spaces/quickstart.py", "--gpus-per-trial", "nan"], "argument --gpus-per-trial: must be a finite number, got 'nan'"),
+        (["spaces/quickstart.py", "--cpus-per-trial", "inf"], "argument --cpus-per-trial: must be a finite number, got 'inf'"),
+        (["spaces/quickstart.py", "--gpus-per-trial=-inf"], "argument --gpus-per-trial: must be a finite number"),
+        # An empty path was the current folder (--storage) or the study's own setting (--data-dir, --weights-dir).
+        (["spaces/quickstart.py", "--storage", ""], "argument --storage: must not be empty, got ''"),
+        (["spaces/quickstart.py", "--data-dir", " "], "argument --data-dir: must not be empty"),
+        (["spaces/quickstart.py", "--weights-dir", ""], "argument --weights-dir: must not be empty"),
+        (["spaces/quickstart.py", "--address", ""], "argument --address: must not be empty"),
     ],
 )
 def test_bad_flags_exit_2_with_message(argv, expected, capsys):
@@ -36,6 +45,12 @@ def test_bad_study_fails_before_ray_starts(write_study, tmp_path, capsys):
     assert main([str(path), "--storage", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert "unknown backbone 'resnet'" in err and "did you mean 'resnet50'" in err
+    assert not ray.is_initialized()
+
+
+def test_a_folder_as_the_study_file_fails_before_ray_starts_naming_it(tmp_path, capsys):
+    assert main([str(tmp_path), "--storage", str(tmp_path / "runs")]) == 2
+    assert f"study file {str(tmp_path)!r} is a folder" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 

@@ -5,10 +5,10 @@ import pytest
 import ray
 
 from fixtures.datasets import copy_file, make_folder, write_garbage, write_truncated_jpeg
-from search.prepare import prepare_data
+from search.prepare import available_memory, check_fits_in_memory, prepare_data
 from search.run import main, report_duplicates
 from search.storage import StudyFolder
-from search.study import Dataset, Study
+from search.study import Dataset, Study, StudyError
 
 
 def folder_study(root, **dataset):
@@ -57,3 +57,35 @@ def test_duplicates_are_found_and_written(tmp_path, capsys):
 def test_clean_data_has_no_duplicates_or_skips(tmp_path):
     prepared = prepare_data(folder_study(make_folder(tmp_path / "data", n=8)))
     assert prepared.skipped == [] and prepared.duplicates.empty
+
+
+def test_images_too_large_for_memory_are_refused_before_decoding(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data", n=8)  # 16 images: 8 train, 4 val, 4 test
+    needed = 12 * 16 * 16 * 3  # train and val, decoded to uint8 RGB at image_size 16
+    monkeypatch.setattr("search.prepare.available_memory", lambda: (needed - 1, "available"))  # one byte short
+    with pytest.raises(StudyError, match=r"dataset.image_size: bad value 16; its 12 train and val images decode to "
+                                         r"9 KiB \(12 x 16 x 16 x 3 bytes\), but this machine has 8.999 KiB of memory "
+                                         r"available. Use a smaller image_size \(at most 15 fits"):
+        prepare_data(folder_study(root))  # decoding these would work: only the estimate refuses
+    monkeypatch.setattr("search.prepare.available_memory", lambda: (needed, "available"))
+    arrays = prepare_data(folder_study(root)).arrays
+    assert arrays["x_train"].nbytes + arrays["x_val"].nbytes == needed  # the estimate is the arrays' real size
+
+
+def test_the_estimate_names_the_size_and_the_memory_available():
+    # The issue's case: 16 images at image_size 100000 crashed allocating 447 GiB.
+    with pytest.raises(StudyError, match=r"decode to 447 GiB \(16 x 100000 x 100000 x 3 bytes\), but this machine "
+                                         r"has 8 GiB of memory available. Use a smaller image_size \(at most 13377 fits"):
+        check_fits_in_memory(16, 100000, available=(8 * 2**30, "available"))
+
+
+def test_this_machines_memory_is_read_and_small_images_fit():
+    memory, counted = available_memory()
+    assert counted in ("available", "in all") and 2**26 < memory  # read without extra packages: more than 64 MiB
+    check_fits_in_memory(1000, 64)  # 12 MiB of arrays: no refusal
+
+
+def test_a_misspelt_positive_class_gets_a_did_you_mean(tmp_path):
+    study = folder_study(make_folder(tmp_path / "data", n=4), positive_class="malignent")  # classes come from the folder
+    with pytest.raises(StudyError, match="dataset.positive_class: unknown class 'malignent'; did you mean 'malignant'"):
+        prepare_data(study)

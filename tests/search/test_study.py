@@ -1,5 +1,6 @@
 """Study files are validated when they load, before Ray starts, with did-you-mean errors."""
 
+import re
 import time
 
 import pytest
@@ -44,11 +45,82 @@ def test_defaults_are_valid():
         ({"fixed": {"augment": "heavvy"}}, "unknown augment 'heavvy'; did you mean 'heavy'"),
         ({"fixed": {"unfreeze": -3}}, "unfreeze: bad value -3"),
         ({"fixed": {"learning_rate": 3}}, "learning_rate: bad value 3"),
+        # Accepted before, then trained differently from what the leaderboard records:
+        ({"fixed": {"batch_size": 0}}, "fixed: batch_size: bad value 0; use a positive integer"),  # Keras used 32
+        ({"fixed": {"unfreeze": True}}, "fixed: unfreeze: bad value True"),  # ran as unfreeze=1
+        ({"fixed": {"head_units": True}}, "fixed: head_units: bad value True"),  # ran as 1 unit
+        ({"fixed": {"warmup_epochs": True}}, "fixed: warmup_epochs: bad value True"),
+        ({"fixed": {"class_weight": 1}}, "fixed: unknown class_weight 1"),  # 1 == True to Python
+        ({"mixed_precision": 1}, "mixed_precision: bad value 1; use True, False or 'auto'"),
+        ({"fixed": [("dropout", 0.1)]}, "fixed: bad value [('dropout', 0.1)]; use a dict"),  # was AttributeError
+        # NaN compares False with everything, so `nan <= 0` let these through:
+        ({"time_limit_s": float("nan")}, "time_limit_s: bad value nan; use a positive number of seconds, or None"),
+        ({"time_limit_s": float("inf")}, "time_limit_s: bad value inf"),
+        ({"cpus_per_trial": float("nan")}, "cpus_per_trial: bad value nan; use a positive number"),
+        ({"cpus_per_trial": float("inf")}, "cpus_per_trial: bad value inf"),  # refused only once Ray had started
+        ({"gpus_per_trial": float("inf")}, "gpus_per_trial: bad value inf"),
+        ({"cpus_per_trial": 0.00001}, "cpus_per_trial: bad value 1e-05; Ray cannot schedule less than 0.0001"),
+        ({"weights_dir": 3}, "weights_dir: bad value 3; use a folder path"),
+        ({"dataset": Dataset(image_size=100000)}, "dataset.image_size: bad value 100000; use an integer from 16 to 4096"),
+        ({"dataset": Dataset(classes=["a", "b", "a"])}, "dataset.classes: bad value ['a', 'b', 'a']; list each class once (repeated: a)"),
+        ({"dataset": Dataset(classes="ab")}, "dataset.classes: bad value 'ab'; use a list of class names"),
+        ({"dataset": Dataset(classes=["benign", "malignant"], positive_class="malignent")},
+         "dataset.positive_class: unknown class 'malignent'; did you mean 'malignant'"),
+        ({"dataset": Dataset(seed=True)}, "dataset.seed: bad value True"),  # was never checked
+        ({"dataset": Dataset(seed=-1)}, "dataset.seed: bad value -1"),
+        ({"dataset": Dataset(split_options=None)}, "dataset.split_options: bad value None; use a dict"),
+        ({"dataset": Dataset(path=3)}, "dataset.path: bad value 3; use a folder path"),
     ],
 )
 def test_bad_fields_name_field_value_and_fix(changes, expected):
-    with pytest.raises(StudyError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(StudyError, match=re.escape(expected)):
         make(**changes)
+
+
+def test_floats_and_nan_learning_rates_where_ints_are_meant_stay_refused():
+    for fixed, expected in [({"batch_size": 16.0}, "batch_size: bad value 16.0"),
+                            ({"unfreeze": 30.0}, "unfreeze: bad value 30.0"),
+                            ({"learning_rate": float("nan")}, "learning_rate: bad value nan"),
+                            ({"fine_tune_lr": -1e-5}, "fine_tune_lr: bad value -1e-05")]:
+        with pytest.raises(StudyError, match=re.escape(expected)):
+            make(fixed=fixed)
+    for changes in ({"num_samples": True}, {"seed": True}, {"reduction_factor": 2.5}, {"name": 3}):
+        with pytest.raises(StudyError, match=f"{next(iter(changes))}: bad value"):
+            make(**changes)
+
+
+def test_unfreeze_deeper_than_the_backbone_names_its_layer_count():
+    """Keras would train every layer of a 154-layer MobileNetV2 for unfreeze=100000, recorded as 100000."""
+    def deep(trial):
+        return {"backbone": trial.suggest_categorical("backbone", ["cnn_s3", "mobilenet_v2"]), "unfreeze": 100000}
+
+    with pytest.raises(StudyError, match=r"space: unfreeze: bad value 100000; backbone '(cnn_s3|mobilenet_v2)' "
+                                         r"has (5|154) layers; use at most \2, or 'all'"):
+        make(space=deep)
+    # A depth in fixed is checked against the backbone the space picks, and named as fixed.
+    with pytest.raises(StudyError, match="fixed: unfreeze: bad value 6; backbone 'cnn_s3' has 5 layers"):
+        make(space=lambda trial: {"backbone": "cnn_s3"}, fixed={"unfreeze": 6})
+    # The whole backbone by count is allowed (the same as "all").
+    make(space=lambda trial: {"backbone": "mobilenet_v2", "unfreeze": 154})
+
+
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        (lambda: make(num_sample=3), "Study(...): unknown field 'num_sample'; did you mean 'num_samples'?"),
+        (lambda: make(dataset=Dataset(image_sise=64)), "Dataset(...): unknown field 'image_sise'; did you mean 'image_size'?"),
+        (lambda: Study(name="s"), "Study(...): missing required field(s) space"),
+    ],
+)
+def test_misspelt_or_missing_keyword_gets_a_did_you_mean_not_a_type_error(build, expected):
+    with pytest.raises(StudyError, match=re.escape(expected)):
+        build()
+
+
+def test_misspelt_keyword_in_a_study_file_names_the_file(write_study):
+    path = write_study("STUDY = Study(name='x', max_epoch=3, space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    with pytest.raises(StudyError, match=r"study.py: Study\(\.\.\.\): unknown field 'max_epoch'; did you mean 'max_epochs'"):
+        load_study(path)
 
 
 def test_unknown_backbone_in_space_gets_did_you_mean():
@@ -96,6 +168,28 @@ def test_missing_study_object(write_study):
 def test_missing_file():
     with pytest.raises(StudyError, match="not found"):
         load_study("spaces/nope.py")
+
+
+def test_a_folder_given_as_the_study_file_is_named_as_a_folder(tmp_path):
+    (tmp_path / "melanoma.py").write_text("")
+    with pytest.raises(StudyError, match=re.escape(f"study file {str(tmp_path)!r} is a folder; pass one study file "
+                                                   f"in it, e.g. {tmp_path / 'melanoma.py'}")):
+        load_study(tmp_path)
+
+
+def test_a_second_study_object_is_refused_naming_both(write_study):
+    path = write_study("BASE = Study(name='a', space=lambda trial: {'backbone': 'cnn_s3'})\n"
+                       "STUDY = Study(name='b', space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    with pytest.raises(StudyError, match=r"study.py: defines 2 Study objects \(BASE, STUDY\); .*`del BASE`"):
+        load_study(path)
+    alias = write_study("STUDY = Study(name='b', space=lambda trial: {'backbone': 'cnn_s3'})\nSAME = STUDY\n", "alias.py")
+    assert load_study(alias).name == "b"  # one object under two names is still one study
+
+
+def test_a_study_under_another_name_is_named(write_study):
+    path = write_study("MINE = Study(name='a', space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    with pytest.raises(StudyError, match="no study object; define `STUDY = Study\\(...\\)` \\(found a Study named MINE"):
+        load_study(path)
 
 
 def test_error_inside_study_file_names_the_file(write_study):

@@ -5,20 +5,25 @@ import numpy as np
 import pytest
 
 from trainables import WeightsUnavailableError, create_backbone, list_backbones
+from trainables.backbones import get_backbone_spec
 from trainables.preprocess import Preprocess
 
 SMALL = (32, 32, 3)
 
 
 @pytest.mark.parametrize("name", list_backbones())
-def test_forward_pass_at_small_size(name):
-    shape = SMALL if create_backbone.__globals__["get_backbone_spec"](name).min_size <= 32 else (64, 64, 3)
+def test_forward_pass_and_layer_count_at_small_size(name):
+    spec = get_backbone_spec(name)
+    shape = SMALL if spec.min_size <= 32 else (64, 64, 3)
     model = create_backbone(name, input_shape=shape, weights=None)
     x = np.random.default_rng(0).uniform(0, 255, size=(2, *shape)).astype("float32")
     features = keras.ops.convert_to_numpy(model(x, training=False))
     assert features.ndim == 4 and features.shape[0] == 2
     assert np.isfinite(features).all()
     assert model.input_shape == (None, *shape)
+    # The registry's count is what studies' unfreeze depths are checked against before Ray starts.
+    below_input = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    assert spec.layers == len(below_input) == len(model.layers) - 1
 
 
 def test_registry_covers_the_reference_studies():

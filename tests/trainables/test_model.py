@@ -33,6 +33,15 @@ def test_unfreeze_depth_freezes_exactly_the_bottom_layers(depth):
     assert any(w.path.startswith("probabilities") for w in model.trainable_weights)
 
 
+def test_unfreeze_deeper_than_the_backbone_is_refused_not_run_as_all():
+    _, backbone = build_model(hp(backbone="cnn_s3", pooling="flatten"), input_shape=SHAPE, num_classes=2)
+    apply_unfreeze(backbone, 5, pretrained=False)  # every layer below the input: allowed
+    assert len(backbone.trainable_weights) == len(backbone.weights) > 0
+    with pytest.raises(ValueError, match="unfreeze 100000 is deeper than backbone 'cnn_s3', which has 5 layers; "
+                                         "use at most 5, or 'all'"):
+        apply_unfreeze(backbone, 100000, pretrained=False)
+
+
 def test_pretrained_backbone_keeps_batchnorm_in_inference_mode():
     # efficientnet_lite0's ImageNet weights ship with pip, so this runs offline.
     model, backbone = build_model(hp(backbone="efficientnet_lite0", weights="imagenet"), input_shape=(64, 64, 3), num_classes=2)
