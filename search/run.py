@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -36,10 +37,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("study_file", help="a study file, e.g. spaces/quickstart.py")
     parser.add_argument("--num-samples", type=_positive_int, help="number of trials (overrides the study)")
     parser.add_argument("--max-epochs", type=_positive_int, help="epochs per trial at most (overrides the study)")
-    parser.add_argument("--storage", default="runs", help="results folder; one subfolder per study (default: ./runs)")
-    parser.add_argument("--address", help="an existing Ray cluster, e.g. 'auto' or 'ray://head:10001' (default: start local Ray)")
-    parser.add_argument("--data-dir", help="dataset location (overrides the study's dataset path)")
-    parser.add_argument("--weights-dir", help="folder of official Keras ImageNet weight files, for offline machines")
+    parser.add_argument("--storage", type=_non_empty, default="runs",
+                        help="results folder; one subfolder per study (default: ./runs)")
+    parser.add_argument("--address", type=_non_empty,
+                        help="an existing Ray cluster, e.g. 'auto' or 'ray://head:10001' (default: start local Ray)")
+    parser.add_argument("--data-dir", type=_non_empty, help="dataset location (overrides the study's dataset path)")
+    parser.add_argument("--weights-dir", type=_non_empty,
+                        help="folder of official Keras ImageNet weight files, for offline machines")
     parser.add_argument("--seed", type=_non_negative_int, help="seed for the sampler and trials (overrides the study)")
     parser.add_argument("--cpus-per-trial", type=_positive_float, help="CPUs each trial reserves (overrides the study)")
     parser.add_argument("--gpus-per-trial", type=_non_negative_float,
@@ -68,7 +72,9 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0:
+    if not math.isfinite(value):  # float() reads "nan" and "inf"; neither is a resource request
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
     return value
 
@@ -78,6 +84,13 @@ def _positive_float(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
     return value
+
+
+def _non_empty(text: str) -> str:
+    """A path or address: an empty one would silently mean the current folder, or no flag at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}; leave the flag out for its default")
+    return text
 
 
 def _non_negative_int(text: str) -> int:
@@ -273,6 +286,7 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
 def run_study(study, args, folder, prepared, weights: list[Path], random_init: tuple[str, ...] = ()) -> int:
     import ray
 
+    from search.local_ray import local_ray_options
     from search.study import StudyError
     from search.tuner import make_tuner
     from trainables.train import TrialSettings
@@ -293,8 +307,9 @@ def run_study(study, args, folder, prepared, weights: list[Path], random_init: t
         mixed_precision=study.mixed_precision,
     )
     env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}}
-    context = ray.init(address=args.address, log_to_driver=args.verbose, runtime_env=env,
-                       configure_logging=args.verbose, logging_level="INFO" if args.verbose else "ERROR")
+    with local_ray_options(args.address) as local:  # a local Ray listens on 127.0.0.1 only
+        context = ray.init(address=args.address, log_to_driver=args.verbose, runtime_env=env,
+                           configure_logging=args.verbose, logging_level="INFO" if args.verbose else "ERROR", **local)
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)
