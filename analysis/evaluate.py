@@ -333,7 +333,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
         try:
             trial = choose_trial(run_dir, study, str(row["trial_name"]))
             model, class_names, size = load_trial_model(trial, run_dir, study)
-        except PredictError as exc:
+        except PredictError as exc:  # a lost checkpoint; one leading out of the folder (OutsideFolderError) stops all
             notes.append(f"{row['trial_name']}: skipped ({exc})")
             continue
         if row.get("status") == "running":
@@ -366,7 +366,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
                       **{f"{m}_ci_{end}": ci[m][j] for m in values for j, end in enumerate(("low", "high"))}})
         predictions.append(_prediction_rows(trial.name, rows, y, probs, class_names))
         records.append({
-            "rank": rank, "trial_name": trial.name, "checkpoint": str(trial.checkpoint),
+            "rank": rank, "trial_name": trial.name, "checkpoint": trial.checkpoint.relative_to(run_dir).as_posix(),
             metric_column: trial.value, "best_epoch": trial.epoch, "metrics": values,
             "ci": {m: list(ci[m]) for m in values},
             "classification_report": classification_report(
@@ -443,13 +443,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from search.storage import OutsideFolderError
     from trainables.datasets import DatasetError
 
     run_dir = Path(args.run_dir).expanduser().resolve()
     try:
         table = evaluate_top_k(run_dir, args.top_k, args.bootstrap, args.seed, split=args.split,
                                batch_size=args.batch_size, log=lambda line: print(line, file=sys.stderr))
-    except (EvaluateError, DatasetError) as exc:
+    except (EvaluateError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     record = json.loads((run_dir / f"{args.split}_evaluation.json").read_text())["evaluations"][-1]

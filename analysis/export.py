@@ -79,6 +79,13 @@ class Verification:
 
 
 def default_out(run_dir: Path, trial: str, fmt: str) -> Path:
+    """``RUN_DIR/export/<trial>.<ext>``; a trial name that would put the file elsewhere is refused."""
+    from search.storage import OutsideFolderError, file_name
+
+    try:
+        trial = file_name(trial, "trial_name")
+    except OutsideFolderError as exc:
+        raise ExportError(f"{exc}; it comes from leaderboard.parquet: name the file to write with --out") from None
     name = {"keras": f"{trial}.keras", "tflite": f"{trial}.tflite", "savedmodel": f"{trial}_savedmodel"}[fmt]
     return run_dir / "export" / name
 
@@ -242,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from analysis.evaluate import EvaluateError, decode_split, log_test_use, read_split
     from search.predict import PredictError, choose_trial, load_trial_model, read_study
+    from search.storage import OutsideFolderError
     from trainables.datasets import DatasetError
 
     try:
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("warning: not verified (--verify-on none)", file=sys.stderr)
         _write_sidecar(out, run_dir, trial, args.format, class_names, size, check)
-    except (PredictError, EvaluateError, ExportError, DatasetError) as exc:
+    except (PredictError, EvaluateError, ExportError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if check is None:
@@ -298,14 +306,16 @@ def _write_sidecar(out: Path, run_dir: Path, trial, fmt: str, class_names: list[
     """What a deployment needs beside the file: class order and input size, and how it was checked."""
     record = {
         "format": fmt, "trial": trial.name, "backbone": trial.backbone, "run_dir": str(run_dir),
-        "checkpoint": str(trial.checkpoint), "validation": {trial.metric: trial.value},
+        "checkpoint": trial.checkpoint.relative_to(run_dir).as_posix(), "validation": {trial.metric: trial.value},
         "class_names": class_names, "image_size": size,
         "input": f"float32 (N, {size}, {size}, 3) raw RGB in [0, 255], decoded and resized like "
                  "trainables.data.decode_image (bilinear)",
         "output": "softmax probabilities, one per class, in class_names order",
         "verification": None if check is None else {**asdict(check), "ok": check.ok},
     }
-    (out.parent / f"{out.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    from search.storage import write_atomic
+
+    write_atomic(out.parent / f"{out.name}.json", (json.dumps(record, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

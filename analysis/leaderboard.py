@@ -15,6 +15,7 @@ and split protocol.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -91,21 +92,18 @@ def to_markdown(board: pd.DataFrame) -> str:
 
 
 def write(board: pd.DataFrame, out: str | Path) -> tuple[Path, Path]:
-    """``out`` as Parquet and the Markdown beside it; each written atomically (temporary file, then rename)."""
+    """``out`` as Parquet and the Markdown beside it; each written whole or not at all (``tables.write_file``)."""
     out = Path(out)
     parquet = out if out.suffix == ".parquet" else out.with_suffix(".parquet")
     md = parquet.with_suffix(".md")
-    parquet.parent.mkdir(parents=True, exist_ok=True)
     frame = board.copy()
     for col in frame.columns:  # one Parquet type per column (e.g. positive_class None for some studies)
         if frame[col].dtype == object:
             frame[col] = frame[col].map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
-    tmp = parquet.with_name(f".{parquet.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(parquet)
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(to_markdown(board) + "\n", encoding="utf-8")
-    tmp.replace(md)
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    T.write_file(parquet, buffer.getvalue())
+    T.write_file(md, (to_markdown(board) + "\n").encode("utf-8"))
     return parquet, md
 
 
@@ -120,10 +118,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         board = merge(args.run_dirs)
-    except T.AnalysisError as exc:
+        parquet, md = write(board, args.out)
+    except T.AnalysisError as exc:  # a damaged input, or an output that cannot be written (nothing partial left)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    parquet, md = write(board, args.out)
     print(to_markdown(board))
     print(f"\n{len(board)} rows from {len(args.run_dirs)} studies: {parquet}  {md}")
     return EXIT_OK

@@ -10,12 +10,14 @@
 - ``best_so_far_plot``: the best score so far against cumulative compute.
 
 Each returns a ``Plot``: its file, title and a note; a plot that cannot be drawn
-returns ``path=None`` and a note saying why, instead of raising.
+returns ``path=None`` and a note saying why, instead of raising. A PNG that
+cannot be written (a full disk) raises ``AnalysisError``, leaving no partial file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import warnings
@@ -25,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.tables import (Run, asha_budget, best_so_far, category_order, parameter_kind,
-                             order_note, scored, searched_parameters)
+                             order_note, scored, searched_parameters, write_file)
 
 FIGSIZE = (7.0, 4.2)
 DPI = 100
@@ -49,10 +51,10 @@ def _figure(figsize=FIGSIZE):
 
 
 def _save(fig, out_dir: Path, name: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, format="png")
-    return path
+    """Render in memory, then write whole: a full disk leaves no half PNG (``AnalysisError`` instead)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return write_file(out_dir / f"{name}.png", buffer.getvalue())
 
 
 def _colours(values) -> dict:

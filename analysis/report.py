@@ -98,7 +98,11 @@ def main(argv=None) -> int:
         if eval_error:
             print(f"warning: test evaluation failed: {eval_error}", file=sys.stderr)
             code = EXIT_FAILED
-    md, html_path = write_report(run_dir, eval_error=eval_error)
+    try:
+        md, html_path = write_report(run_dir, eval_error=eval_error)
+    except T.AnalysisError as exc:  # a file that cannot be written (a full disk): nothing partial is left
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"report: {md}\n        {html_path}")
     return code
 
@@ -121,15 +125,9 @@ def write_report(run_dir: str | Path, eval_error: str | None = None) -> tuple[Pa
     run = T.load_run(run_dir)
     sections, header = build(run, eval_error=eval_error)
     md_path, html_path = run.path / "report.md", run.path / "report.html"
-    _atomic_write(md_path, render_markdown(header, sections, run))
-    _atomic_write(html_path, render_html(header, sections, run))
+    T.write_file(md_path, render_markdown(header, sections, run).encode("utf-8"))
+    T.write_file(html_path, render_html(header, sections, run).encode("utf-8"))
     return md_path, html_path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- content

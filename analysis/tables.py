@@ -13,9 +13,11 @@ so their numbers can be checked against ``leaderboard.parquet``; ``pretty`` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,13 +95,16 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read ``study.json``, ``leaderboard.parquet``, ``epochs.parquet`` and ``splits.parquet``."""
+    """Read ``study.json``, ``leaderboard.parquet``, ``epochs.parquet`` and ``splits.parquet``.
+
+    A damaged file (cut short by a crash, a full disk or an interrupted copy) is an ``AnalysisError`` naming it.
+    """
     path = Path(run_dir)
     meta = path / "study.json"
     if not meta.is_file():
         raise AnalysisError(f"{str(path)!r} is not a results folder: it has no study.json "
                             "(written by python -m search.run STUDY_FILE --storage DIR, as DIR/<study>/)")
-    record = json.loads(meta.read_text())
+    record = _read_study(meta)
     board = _read(path / "leaderboard.parquet")
     epochs = _read(path / "epochs.parquet")
     if "status" not in board.columns:
@@ -117,8 +122,51 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path=path, record=record, board=board.reset_index(drop=True), epochs=epochs, splits=splits)
 
 
+_DAMAGED = "was it cut short (a crash, a full disk, an interrupted copy)? Restore it from the original folder"
+
+
+def _read_study(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise AnalysisError(f"{str(path)!r} is unreadable ({type(exc).__name__}: {exc}); {_DAMAGED}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("study", {}), dict):
+        raise AnalysisError(f"{str(path)!r} holds no study record (a JSON object with a 'study' object); {_DAMAGED}")
+    return record
+
+
 def _read(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+        raise AnalysisError(f"{str(path)!r} is unreadable ({type(exc).__name__}: {exc}); {_DAMAGED}; "
+                            "while a study runs, the driver rewrites it whole every few seconds") from None
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    """Write a report's or leaderboard's file whole or not at all; a failure is an ``AnalysisError`` naming it.
+
+    A temporary file beside ``path``, then a rename; on failure (a full disk)
+    the temporary file is removed, so no partial file is left. The same rule as
+    ``search.storage.write_atomic``, kept here because importing ``search``
+    imports TensorFlow, which analysis does not need.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):  # gone after the rename; half written after a failure
+                tmp.unlink()
+    except OSError as exc:
+        raise AnalysisError(f"cannot write {str(path)!r} ({exc.strerror or exc}); free some space, or make the "
+                            "folder writable, and run again") from None
+    return path
 
 
 # ---------------------------------------------------------------- the study's state

@@ -81,6 +81,7 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from search.storage import OutsideFolderError
     from trainables.datasets import DatasetError
 
     started = time.monotonic()
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / DEFAULT_OUT)!r}")
         model, class_names, size = load_trial_model(trial, run_dir, study)
         if ignored:
-            print(f"note: ignored {ignored} file(s) in {str(images_dir)!r} that are not .jpg/.jpeg/.png", file=sys.stderr)
+            print(f"note: in {str(images_dir)!r}, ignored {ignored.describe(images_dir)}", file=sys.stderr)
         probs, bad = predict_files(model, files, size, batch_size=args.batch_size, stop_on_bad=not args.skip_corrupt)
         if len(bad) == len(files):
             raise PredictError(f"none of the {len(files)} image(s) in {str(images_dir)!r} could be read:\n"
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         table = prediction_table(files, images_dir, probs, class_names, bad)
         write_csv(table, out)
-    except (PredictError, DatasetError) as exc:
+    except (PredictError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if bad:
@@ -176,7 +177,7 @@ def choose_trial(run_dir: Path, study: dict, name: str | None) -> ChosenTrial:
             raise PredictError(f"no trial in {str(run_dir)!r} has a checkpoint (trials by status: {statuses}); {fix}")
         row = best_row(usable, column, mode)
     recorded = str(row["checkpoint_path"])
-    checkpoint, relocated = locate_checkpoint(run_dir, recorded)
+    checkpoint, relocated = locate_checkpoint(run_dir, recorded, str(row["trial_name"]), study.get("name"))
     value = row[column]
     epoch = row.get("best_epoch")
     backbone = row.get("backbone")
@@ -201,25 +202,28 @@ def best_row(board, column: str, mode: str):
     return board.sort_values(keys, ascending=ascending, na_position="last", kind="stable").iloc[0]
 
 
-def locate_checkpoint(run_dir: Path, recorded: str) -> tuple[Path, bool]:
-    """The checkpoint folder: where the leaderboard says, or, if the run folder moved, inside ``run_dir``.
+def locate_checkpoint(run_dir: Path, recorded: str, trial: str, study_name: str | None = None) -> tuple[Path, bool]:
+    """The checkpoint folder a leaderboard row records, inside ``run_dir`` only; and whether it was re-rooted there.
 
-    Checkpoints live at ``<storage>/<study>/<trial>/checkpoint_NNNNNN``, so a
-    moved results folder still holds them under its last two path parts.
+    The leaderboard records it relative to the results folder. An absolute
+    path, from a folder written by an earlier version, is re-rooted into
+    ``run_dir`` and never read where it points: a later study under the same
+    name may have replaced those models. ``StudyFolder.resolve`` owns that
+    rule and refuses a path that leads out of the folder (``OutsideFolderError``).
     """
+    from search.storage import StudyFolder, is_uri
     from trainables.checkpoint import has_model
 
-    path = Path(recorded)
-    if has_model(path):
-        return path, False
-    moved = run_dir / path.parent.name / path.name
-    if has_model(moved):
-        return moved, True
-    raise PredictError(
-        f"the checkpoint folder {recorded!r} is missing (nor is it at {str(moved)!r}): was the run moved or copied "
-        "without its trial_* folders? Copy the whole results folder, including trial_*/checkpoint_*, "
-        "or pick a trial whose checkpoint is there with --trial"
-    )
+    folder = StudyFolder(run_dir.parent, run_dir.name)
+    path = Path(folder.resolve(recorded, study_name=study_name, what=f"checkpoint_path of {trial} in leaderboard.parquet"))
+    if not has_model(path):
+        raise PredictError(
+            f"the checkpoint folder {recorded!r} of {trial} is not in the results folder {str(run_dir)!r} (no model "
+            f"in {str(path)!r}): was the run moved or copied without its trial_* folders? Copy the whole results "
+            "folder, including trial_*/checkpoint_*, or pick a trial whose checkpoint is there with --trial"
+        )
+    absolute = is_uri(recorded) or Path(recorded).is_absolute()
+    return path, absolute and str(path) != recorded
 
 
 def load_trial_model(trial: ChosenTrial, run_dir: Path, study: dict):
@@ -284,32 +288,25 @@ def _error_note(row) -> str:
 # --------------------------------------------------------------------------
 
 
-def find_images(folder: Path, *, recursive: bool = True) -> tuple[list[Path], int]:
-    """Image files under ``folder`` (sorted) and how many other files were ignored.
+def find_images(folder: Path, *, recursive: bool = True):
+    """``(files, left_out)``: the image files under ``folder`` (sorted) and a ``LeftOut`` of what was skipped.
 
-    Hidden files and folders are skipped (macOS ``._x.jpg`` forks, ``.ipynb_checkpoints``).
+    The loaders' rule (``trainables.datasets._registry.scan_images``), so a
+    folder predicted holds the files it would hold as a class folder in
+    training: hidden entries (``._x.jpg`` forks, ``.ipynb_checkpoints``,
+    ``__MACOSX``) skipped, symlinked folders followed once.
     """
-    from trainables.datasets._registry import IMAGE_SUFFIXES
+    from trainables.datasets._registry import scan_images
 
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise PredictError(f"images folder {str(folder)!r} {what}; give a folder of .jpg/.jpeg/.png images")
-    images, ignored = [], 0
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if not recursive:
-            dirs[:] = []
-        for name in names:
-            if name.startswith("."):
-                continue
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                images.append(Path(root) / name)
-            else:
-                ignored += 1
-    if not images:
+    listing = scan_images(folder, recursive=recursive)
+    if not listing.images:
         where = "in it or its subfolders" if recursive else "directly in it (subfolders not searched: --no-recursive)"
-        raise PredictError(f"images folder {str(folder)!r} holds no .jpg/.jpeg/.png images {where}")
-    return sorted(images), ignored
+        left = f" (left out: {listing.left_out.describe(folder)})" if listing.left_out else ""
+        raise PredictError(f"images folder {str(folder)!r} holds no .jpg/.jpeg/.png images {where}{left}")
+    return listing.images, listing.left_out
 
 
 def predict_files(model, files: list[Path], size: int, *, batch_size: int, stop_on_bad: bool):

@@ -139,7 +139,8 @@ class LeaderboardWriter(tune.Callback):
             status=status,
             error=error,
             trial_name=str(trial),
-            checkpoint_path=self.folder.uri_of(checkpoint.path) if checkpoint is not None else None,
+            # Relative to the results folder, so a moved or copied folder reads its own checkpoints.
+            checkpoint_path=self.folder.relative(checkpoint.path) if checkpoint is not None else None,
             failures=trial.num_failures,  # attempts that raised or lost their node before this end
             ended_at=_now(),
         )

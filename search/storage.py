@@ -8,6 +8,10 @@ through the same layer. No Ray import here: ``analysis/`` uses it too.
 Writes never leave half a file for a reader: on a local or shared filesystem
 they go to a temporary file that is renamed into place; on an object store a
 single PUT replaces the object whole.
+
+A results folder is sealed: the paths recorded in it (a trial's checkpoint)
+are relative to it, and ``StudyFolder.resolve`` is the one place that turns
+such a path into a file to read, never one outside the folder.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ import pyarrow.fs as pafs
 
 class StorageError(ValueError):
     """``--storage`` cannot hold results: raised before Ray starts."""
+
+
+class OutsideFolderError(ValueError):
+    """A path recorded in a results folder, or a file name made from one of its values, leads out of the folder."""
 
 
 def is_uri(storage: str) -> bool:
@@ -63,6 +71,62 @@ class StudyFolder:
 
     def __str__(self) -> str:
         return self.uri()
+
+    def relative(self, path: str) -> str:
+        """A path on this folder's filesystem (as Ray's checkpoints give it) relative to the folder, as recorded."""
+        path = posixpath.normpath(path)
+        if not path.startswith(self.path + "/"):
+            raise OutsideFolderError(f"{self.uri_of(path)!r} is not inside the results folder {self.uri()!r}; "
+                                     "Ray writes every checkpoint under STORAGE/<study name>/, so this is a bug")
+        return path[len(self.path) + 1:]
+
+    def resolve(self, recorded: str, *, study_name: str | None = None, what: str = "path") -> str:
+        """The file or folder that ``recorded``, a path written into this folder, names: always inside the folder.
+
+        ``recorded`` is relative to the folder. Folders written by earlier
+        versions record absolute paths or URIs instead; only their part after
+        ``<study name>/`` is kept, re-rooted here, so a moved or copied folder
+        reads its own files, never those where it was made (which a later
+        study under the same name may have replaced). Anything that leads out
+        (``..``, a path with no ``<study name>/`` in it, a link to outside)
+        raises ``OutsideFolderError`` naming ``what``, the path and the folder.
+        """
+        relative = recorded
+        if is_uri(recorded) or posixpath.isabs(recorded):
+            relative = self._rerooted(recorded, study_name or self.name, what)
+        relative = posixpath.normpath(relative)
+        if relative == ".." or relative.startswith(("../", "/")):
+            raise OutsideFolderError(f"{what} {recorded!r} leads out of the results folder {self.uri()!r}; paths "
+                                     "recorded in a results folder are relative to it and stay inside it")
+        full = posixpath.join(self.path, relative)
+        if self.is_local:
+            self._refuse_links_out(full, recorded, what)
+        return full
+
+    def _rerooted(self, recorded: str, study_name: str, what: str) -> str:
+        """The part of an absolute path or URI after its last ``<study name>/``: where Ray put it in the folder."""
+        parts = posixpath.normpath(recorded.split("://", 1)[-1]).split("/")
+        if study_name not in parts[:-1]:
+            raise OutsideFolderError(
+                f"{what} {recorded!r} is outside the results folder {self.uri()!r} (no {study_name}/ folder in it "
+                "to find it again here); a results folder is read only inside itself: restore its own file, or "
+                "copy what the path names into the folder")
+        last = len(parts) - 1 - parts[::-1].index(study_name)
+        return "/".join(parts[last + 1:])
+
+    def _refuse_links_out(self, full: str, recorded: str, what: str) -> None:
+        """A link anywhere on the way to ``full``, or inside it, must not lead out of the folder."""
+        root = Path(self.path).resolve()
+        entries = [full]
+        if os.path.isdir(full):
+            for folder, dirs, files in os.walk(full):  # a checkpoint holds a few files
+                entries += [os.path.join(folder, n) for n in dirs + files]
+        for entry in entries:
+            target = Path(entry).resolve()
+            if not target.is_relative_to(root):
+                raise OutsideFolderError(
+                    f"{what} {recorded!r} leads out of the results folder {self.uri()!r} through a link: {entry!r} "
+                    f"points to {str(target)!r}; copy the files themselves into the folder")
 
     def _full(self, name: str) -> str:
         return posixpath.join(self.path, name)
@@ -107,11 +171,29 @@ class StudyFolder:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """A local file written whole or not at all: a temporary file, then a rename (atomic on POSIX, NFS too)."""
+    """A local file written whole or not at all: a temporary file, then a rename (atomic on POSIX, NFS too).
+
+    A failed write (a full disk) removes its temporary file, so nothing partial is left.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def file_name(name: str, what: str) -> str:
+    """``name`` (a value from a results folder, such as a trial name) as one file name, or ``OutsideFolderError``.
+
+    A name with a path separator, ``.``/``..`` or a NUL would put the file somewhere else than the folder meant.
+    """
+    if name in ("", ".", "..") or any(ch in name for ch in "/\\\0"):
+        raise OutsideFolderError(f"{what} {name!r} cannot be a file name: it would leave the folder it is written "
+                                 "to (or is empty); a name without '/', '\\' or '..' is needed")
+    return name
 
 
 def parquet_bytes(frame: pd.DataFrame) -> bytes:

@@ -7,7 +7,7 @@ import pytest
 
 from analysis import leaderboard as L
 from analysis import tables as T
-from fixtures.runs import make_run_dir
+from fixtures.runs import DAMAGES, damage, files_under, make_run_dir, run_with_file_size_limit
 
 
 def test_one_row_per_study_and_backbone(run_dir, tmp_path):
@@ -63,3 +63,26 @@ def test_partial_and_unscored_studies(tmp_path):
 def test_a_folder_that_is_not_a_results_folder(tmp_path, capsys):
     assert L.main([str(tmp_path), "--out", str(tmp_path / "x.parquet")]) == L.EXIT_USAGE
     assert "no study.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", DAMAGES)
+def test_a_damaged_file_is_named_and_nothing_is_written(tmp_path, capsys, what):
+    good, bad = make_run_dir(tmp_path, name="good"), make_run_dir(tmp_path, name="bad")
+    name = damage(bad, what)
+    out = tmp_path / "out" / "all.parquet"
+    assert L.main([str(good), str(bad), "--out", str(out)]) == L.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and repr(str(bad / name)) in err and "Traceback" not in err
+    assert not out.parent.exists()
+
+
+def test_a_full_disk_is_a_named_error_and_leaves_no_partial_file(tmp_path):
+    """Files capped at 1 kB (RLIMIT_FSIZE): the Parquet write fails part way, as on a full disk."""
+    folder = make_run_dir(tmp_path, name="a")
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run_with_file_size_limit(["-m", "analysis.leaderboard", folder, "--out", out / "all.parquet"], 1024)
+    assert done.returncode == L.EXIT_USAGE, done.stderr
+    assert done.stderr.startswith("error: cannot write ") and "all.parquet" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert files_under(out) == {}  # neither a half file nor a temporary one

@@ -12,7 +12,7 @@ import types
 import pytest
 
 from analysis import report as R
-from fixtures.runs import make_run_dir
+from fixtures.runs import DAMAGES, damage, files_under, make_run_dir, run_with_file_size_limit
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -73,6 +73,38 @@ def test_a_study_where_every_trial_errored_still_gets_a_report(tmp_path):
 def test_a_folder_that_is_not_a_results_folder(tmp_path, capsys):
     assert R.main([str(tmp_path)]) == R.EXIT_USAGE
     assert "no study.json" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("what", DAMAGES)
+def test_a_damaged_file_is_named_and_nothing_is_written(tmp_path, capsys, what):
+    folder = make_run_dir(tmp_path)
+    name = damage(folder, what)
+    before = files_under(folder)
+    assert R.main([str(folder)]) == R.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and repr(str(folder / name)) in err and "Traceback" not in err
+    assert files_under(folder) == before
+
+
+def test_a_full_disk_is_a_named_error_and_leaves_no_partial_png(tmp_path):
+    """Files capped at 2 kB (RLIMIT_FSIZE) fail the first plot's write part way, as a full disk would."""
+    folder = make_run_dir(tmp_path)
+    before = files_under(folder)
+    done = run_with_file_size_limit(["-m", "analysis.report", folder], 2048)
+    assert done.returncode == R.EXIT_USAGE, done.stderr
+    assert done.stderr.startswith("error: cannot write ") and "learning_curves.png" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert files_under(folder) == before  # no 0-byte or half PNG, no temporary file
+
+
+def test_a_report_that_cannot_replace_its_file_leaves_no_temporary_file(tmp_path, capsys):
+    folder = make_run_dir(tmp_path)
+    (folder / "report.md").mkdir()  # a real failure of the final rename: the target is a folder
+    assert R.main([str(folder)]) == R.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and repr(str(folder / "report.md")) in err
+    assert not [p.name for p in folder.rglob(".*")]  # no .report.md.tmp left behind
 
 
 def _fake_evaluation(run_dir, *, k):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from search.predict import choose_trial, main, parse_args
+from search.predict import PredictError, choose_trial, main, parse_args
 
 CLASSES = ["benign", "malignant"]
 
@@ -23,22 +23,30 @@ CLASSES = ["benign", "malignant"]
 # --------------------------------------------------------------------------
 
 
-def fake_run(folder: Path, rows: list[dict], *, metric="val_balanced_accuracy", mode="max", checkpoints=True) -> Path:
+def fake_run(folder: Path, rows: list[dict], *, metric="val_balanced_accuracy", mode="max", checkpoints=True,
+             name: str | None = None) -> Path:
     """A results folder with study.json and a leaderboard; ``checkpoints`` makes each row's checkpoint folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "study.json").write_text(json.dumps({"study": {"metric": metric, "mode": mode, "dataset": {"image_size": 32}}}))
+    study = {"metric": metric, "mode": mode, "dataset": {"image_size": 32}, **({"name": name} if name else {})}
+    (folder / "study.json").write_text(json.dumps({"study": study}))
     for row in rows:
         if checkpoints and row.get("checkpoint_path"):
-            Path(row["checkpoint_path"]).mkdir(parents=True, exist_ok=True)
-            (Path(row["checkpoint_path"]) / "model.keras").write_bytes(b"placeholder")
+            checkpoint = folder / row["checkpoint_path"]  # an absolute path stays itself
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            (checkpoint / "model.keras").write_bytes(b"placeholder")
     pd.DataFrame(rows).to_parquet(folder / "leaderboard.parquet", index=False)
     return folder
 
 
-def trial_row(folder: Path, name: str, value: float, loss: float = 0.5, checkpoint: bool = True, **extra) -> dict:
-    path = str(folder / name / "checkpoint_000001") if checkpoint else None
+def trial_row(name: str, value: float, loss: float = 0.5, checkpoint: bool = True, recorded_in: Path | None = None,
+              **extra) -> dict:
+    """A leaderboard row; its checkpoint path relative to the results folder, as recorded now, or, with
+    ``recorded_in``, the absolute path into that folder that earlier versions recorded."""
+    path = f"{name}/checkpoint_000001"
+    if recorded_in is not None:
+        path = str(recorded_in / path)
     return {"trial_id": name[-5:], "trial_name": name, "status": "finished", "best_val_balanced_accuracy": value,
-            "best_val_loss": loss, "checkpoint_path": path, **extra}
+            "best_val_loss": loss, "checkpoint_path": path if checkpoint else None, **extra}
 
 
 def write_images(folder: Path) -> dict[str, str]:
@@ -112,7 +120,7 @@ def test_a_folder_without_results_is_refused(tmp_path, capsys):
 
 
 def test_images_folder_missing_or_without_images(tmp_path, capsys):
-    folder = fake_run(tmp_path / "run", [trial_row(tmp_path / "run", "trial_000_cnn_s3", 0.8)])
+    folder = fake_run(tmp_path / "run", [trial_row("trial_000_cnn_s3", 0.8)])
     code, _, err = run([folder, tmp_path / "missing"], capsys)
     assert code == 2 and f"images folder {str(tmp_path / 'missing')!r} does not exist" in err
 
@@ -130,7 +138,7 @@ def test_images_folder_missing_or_without_images(tmp_path, capsys):
 
 def test_unknown_trial_gets_a_did_you_mean(tmp_path, capsys):
     folder = tmp_path / "run"
-    fake_run(folder, [trial_row(folder, "trial_000_cnn_s3", 0.8), trial_row(folder, "trial_001_cnn_s2", 0.7)])
+    fake_run(folder, [trial_row("trial_000_cnn_s3", 0.8), trial_row("trial_001_cnn_s2", 0.7)])
     images = tmp_path / "images"
     write_images(images)
     code, _, err = run([folder, images, "--trial", "trial_001_cnn_s"], capsys)
@@ -141,7 +149,7 @@ def test_unknown_trial_gets_a_did_you_mean(tmp_path, capsys):
 
 def test_no_trial_with_a_checkpoint(tmp_path, capsys):
     folder = tmp_path / "run"
-    rows = [trial_row(folder, "trial_000_cnn_s3", float("nan"), checkpoint=False, status="errored", error="ValueError: x")]
+    rows = [trial_row("trial_000_cnn_s3", float("nan"), checkpoint=False, status="errored", error="ValueError: x")]
     fake_run(folder, rows)
     images = tmp_path / "images"
     write_images(images)
@@ -153,22 +161,24 @@ def test_no_trial_with_a_checkpoint(tmp_path, capsys):
 
 def test_missing_checkpoint_folder_says_the_run_may_have_moved(tmp_path, capsys):
     folder = tmp_path / "run"
-    fake_run(folder, [trial_row(folder, "trial_000_cnn_s3", 0.8)], checkpoints=False)
+    fake_run(folder, [trial_row("trial_000_cnn_s3", 0.8)], checkpoints=False)
     images = tmp_path / "images"
     write_images(images)
     code, _, err = run([folder, images], capsys)
     assert code == 2
-    assert "checkpoint folder" in err and "is missing" in err and "was the run moved" in err
+    assert ("the checkpoint folder 'trial_000_cnn_s3/checkpoint_000001' of trial_000_cnn_s3 is not in the results "
+            f"folder {str(folder)!r}") in err
+    assert "was the run moved" in err
 
 
 def test_best_trial_by_metric_and_mode_with_ties_to_lower_loss(tmp_path):
     folder = tmp_path / "run"
     rows = [
-        trial_row(folder, "trial_000_a", 0.70, loss=0.40),
-        trial_row(folder, "trial_001_b", 0.90, loss=0.60),
-        trial_row(folder, "trial_002_c", 0.90, loss=0.30),  # ties on the metric, lower loss wins
-        trial_row(folder, "trial_003_d", 0.95, checkpoint=False),  # best, but nothing to load
-        trial_row(folder, "trial_004_e", float("nan")),
+        trial_row("trial_000_a", 0.70, loss=0.40),
+        trial_row("trial_001_b", 0.90, loss=0.60),
+        trial_row("trial_002_c", 0.90, loss=0.30),  # ties on the metric, lower loss wins
+        trial_row("trial_003_d", 0.95, checkpoint=False),  # best, but nothing to load
+        trial_row("trial_004_e", float("nan")),
     ]
     fake_run(folder, rows)
     study = {"metric": "val_balanced_accuracy", "mode": "max"}
@@ -186,13 +196,69 @@ def test_best_trial_by_metric_and_mode_with_ties_to_lower_loss(tmp_path):
 
 def test_a_moved_results_folder_finds_its_checkpoints(tmp_path):
     old = tmp_path / "old" / "run"
-    rows = [trial_row(old, "trial_000_a", 0.7)]
+    rows = [trial_row("trial_000_a", 0.7, recorded_in=old)]  # written by an earlier version: absolute
     new = fake_run(tmp_path / "new" / "run", rows, checkpoints=False)
     (new / "trial_000_a" / "checkpoint_000001").mkdir(parents=True)
     (new / "trial_000_a" / "checkpoint_000001" / "model.keras").write_bytes(b"placeholder")
     chosen = choose_trial(new, {"metric": "val_balanced_accuracy", "mode": "max"}, None)
     assert chosen.checkpoint == new / "trial_000_a" / "checkpoint_000001"
     assert chosen.relocated_from == str(old / "trial_000_a" / "checkpoint_000001")
+
+
+@pytest.mark.parametrize("copy_name", ["tiny", "tiny-backup"])
+def test_a_copy_reads_its_own_checkpoints_never_those_at_the_recorded_place(tmp_path, copy_name):
+    """Copy runs/tiny away, run a new study under the old name: the copy still holds, and uses, its own models."""
+    first = tmp_path / "runs" / "tiny"
+    fake_run(first, [trial_row("trial_000_a", 0.7, recorded_in=first)], name="tiny")  # an earlier version's record
+    copy = shutil.copytree(first, tmp_path / "backup" / copy_name)
+    study = {"metric": "val_balanced_accuracy", "mode": "max", "name": "tiny"}
+    chosen = choose_trial(copy, study, None)
+    assert chosen.checkpoint == copy / "trial_000_a" / "checkpoint_000001"
+    assert chosen.relocated_from == str(first / "trial_000_a" / "checkpoint_000001")
+
+    shutil.rmtree(copy / "trial_000_a")  # lost in the copy: the first place still has it, and is not read
+    with pytest.raises(PredictError, match=f"is not in the results folder {str(copy)!r}"):
+        choose_trial(copy, study, None)
+
+
+def test_a_relative_checkpoint_path_is_read_inside_the_folder(tmp_path, monkeypatch):
+    folder = fake_run(tmp_path / "tiny", [trial_row("trial_000_a", 0.7)], name="tiny")
+    assert pd.read_parquet(folder / "leaderboard.parquet")["checkpoint_path"].tolist() == ["trial_000_a/checkpoint_000001"]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # relative to the folder, not to where the command runs
+    chosen = choose_trial(folder, {"metric": "val_balanced_accuracy", "mode": "max", "name": "tiny"}, None)
+    assert chosen.checkpoint == folder / "trial_000_a" / "checkpoint_000001" and chosen.relocated_from is None
+
+
+def _outside_checkpoint(tmp_path: Path) -> Path:
+    """A model outside the results folder, in a folder not named after the study."""
+    outside = tmp_path / "elsewhere" / "trial_000_a" / "checkpoint_000001"
+    outside.mkdir(parents=True)
+    (outside / "model.keras").write_bytes(b"placeholder")
+    return outside
+
+
+@pytest.mark.parametrize("escape", ["dot-dot", "absolute elsewhere", "uri elsewhere", "linked trial folder",
+                                    "linked model file"])
+def test_a_checkpoint_path_that_leaves_the_folder_is_refused(tmp_path, escape):
+    from search.storage import OutsideFolderError
+
+    outside = _outside_checkpoint(tmp_path)
+    folder = tmp_path / "runs" / "tiny"
+    recorded = {"dot-dot": "../../elsewhere/trial_000_a/checkpoint_000001", "absolute elsewhere": str(outside),
+                "uri elsewhere": f"file://{outside}"}.get(escape, "trial_000_a/checkpoint_000001")
+    row = trial_row("trial_000_a", 0.7)
+    row["checkpoint_path"] = recorded
+    fake_run(folder, [row], checkpoints=False, name="tiny")
+    if escape == "linked trial folder":
+        (folder / "trial_000_a").symlink_to(outside.parent, target_is_directory=True)
+    elif escape == "linked model file":
+        (folder / "trial_000_a" / "checkpoint_000001").mkdir(parents=True)
+        (folder / "trial_000_a" / "checkpoint_000001" / "model.keras").symlink_to(outside / "model.keras")
+    with pytest.raises(OutsideFolderError) as info:
+        choose_trial(folder, {"metric": "val_balanced_accuracy", "mode": "max", "name": "tiny"}, None)
+    message = str(info.value)
+    assert repr(recorded) in message and repr(str(folder)) in message and "trial_000_a" in message
 
 
 def test_a_cached_trials_checkpoint_predicts_like_its_classifier(tmp_path, capsys):
@@ -208,7 +274,7 @@ def test_a_cached_trials_checkpoint_predicts_like_its_classifier(tmp_path, capsy
     model, _ = build_model(hp, input_shape=(32, 32, 3), num_classes=2, seed=3, backbone=frozen.model)
     head = model.get_layer("head")
     head.set_weights([w * 4 for w in head.get_weights()])  # probabilities well apart from 0.5, yet not saturated
-    folder = fake_run(tmp_path / "run", [trial_row(tmp_path / "run", "trial_000_efficientnet_lite0", 0.8)],
+    folder = fake_run(tmp_path / "run", [trial_row("trial_000_efficientnet_lite0", 0.8)],
                       checkpoints=False)
     checkpoint = folder / "trial_000_efficientnet_lite0" / "checkpoint_000001"
     checkpoint.mkdir(parents=True)

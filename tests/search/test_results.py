@@ -49,3 +49,42 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
 )
 def test_first_error_line(text, expected):
     assert first_error_line(text) == expected
+
+
+# --------------------------------------------------------------------------
+# where a checkpoint is recorded: relative to the results folder
+# --------------------------------------------------------------------------
+
+
+def test_a_checkpoint_is_recorded_relative_to_the_results_folder(tmp_path):
+    from search.storage import OutsideFolderError, StudyFolder
+
+    folder = StudyFolder(tmp_path / "runs", "tiny")
+    ray_path = f"{tmp_path.resolve()}/runs/tiny/trial_000_cnn_s3/checkpoint_000002"  # as Ray's Checkpoint.path gives it
+    assert folder.relative(ray_path) == "trial_000_cnn_s3/checkpoint_000002"
+    assert folder.resolve("trial_000_cnn_s3/checkpoint_000002") == ray_path
+    with pytest.raises(OutsideFolderError, match="tiny2/trial_000.* is not inside the results folder"):
+        folder.relative(f"{tmp_path.resolve()}/runs/tiny2/trial_000/checkpoint_000002")
+
+
+def test_a_bucket_folder_records_and_resolves_under_its_own_uri():
+    from search.storage import OutsideFolderError, StudyFolder
+
+    folder = StudyFolder("mock:///bucket/runs", "tiny")  # pyarrow's in-memory filesystem, named by a URI like s3://
+    assert folder.relative("bucket/runs/tiny/trial_001_cnn_s2/checkpoint_000001") == "trial_001_cnn_s2/checkpoint_000001"
+    assert folder.resolve("trial_001_cnn_s2/checkpoint_000001") == "bucket/runs/tiny/trial_001_cnn_s2/checkpoint_000001"
+    # An earlier version's URI, from another bucket: re-rooted into this folder, never read where it points.
+    assert folder.resolve("s3://old-bucket/x/tiny/trial_001_cnn_s2/checkpoint_000001") \
+        == "bucket/runs/tiny/trial_001_cnn_s2/checkpoint_000001"
+    for escape in ("../other/trial_001/checkpoint_000001", "s3://old-bucket/x/other/trial_001/checkpoint_000001"):
+        with pytest.raises(OutsideFolderError, match="mock://bucket/runs/tiny"):
+            folder.resolve(escape)
+
+
+@pytest.mark.parametrize("name", ["../../pwned", "a/b", "..", ".", "", "a\\b", "x\x00"])
+def test_a_file_name_that_would_leave_its_folder_is_refused(name):
+    from search.storage import OutsideFolderError, file_name
+
+    with pytest.raises(OutsideFolderError, match="trial_name"):
+        file_name(name, "trial_name")
+    assert file_name("trial_003_mobilenet_v2", "trial_name") == "trial_003_mobilenet_v2"
