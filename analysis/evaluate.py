@@ -336,8 +336,8 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
         except PredictError as exc:  # a lost checkpoint; one leading out of the folder (OutsideFolderError) stops all
             notes.append(f"{row['trial_name']}: skipped ({exc})")
             continue
-        if row.get("status") == "running":
-            notes.append(f"{row['trial_name']}: still running; its best checkpoint so far is evaluated")
+        if row.get("status") in ("running", "interrupted"):
+            notes.append(f"{row['trial_name']}: {row['status']}; its best checkpoint so far is evaluated")
         models.append((row, trial, model, class_names, size))
     if 0 < len(models) < k:
         notes.append(f"only {len(models)} trial(s) with a usable checkpoint; evaluated {len(models)} of the {k} asked for")

@@ -31,7 +31,7 @@ from analysis.tables import (Run, asha_budget, best_so_far, category_order, para
 
 FIGSIZE = (7.0, 4.2)
 DPI = 100
-STATUS_MARKERS = {"finished": "o", "stopped": "x", "running": "s", "errored": "v"}
+STATUS_MARKERS = {"finished": "o", "stopped": "x", "running": "s", "interrupted": "s", "errored": "v"}
 EDGE_FRACTION = 0.1  # a best value in the outer 10% of the sampled range is "at the edge"
 
 

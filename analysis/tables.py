@@ -35,7 +35,7 @@ BOOKKEEPING = frozenset({
 HPARAM_NAMES = ("backbone", "weights", "unfreeze", "warmup_epochs", "learning_rate", "fine_tune_lr", "dropout",
                 "head_units", "pooling", "augment", "class_weight", "batch_size")
 STALE_S = 1800  # running trials in a leaderboard not written for this long: the driver has probably stopped
-STATUS_ORDER = ("finished", "stopped", "running", "errored")
+STATUS_ORDER = ("finished", "stopped", "running", "interrupted", "errored")
 # Metric columns of the best-per-group tables, in order; recall columns are added per class.
 METRIC_COLUMNS = ("best_val_accuracy", "best_val_balanced_accuracy", "best_val_macro_f1", "best_val_auc")
 COST_COLUMNS = ("best_epoch", "epochs", "wall_time_s", "trainable_params", "total_params")
@@ -192,6 +192,9 @@ def run_state(run: Run, now: datetime | None = None) -> dict:
     reasons = []
     if counts["running"]:
         reasons.append(f"{counts['running']} trial(s) still running (or the driver stopped while they ran)")
+    if counts["interrupted"]:
+        reasons.append(f"{counts['interrupted']} trial(s) interrupted when the run ended "
+                       "(python -m search.run ... --resume continues them)")
     if len(run.board) < run.num_samples:
         why = " (the study's time limit may have ended it)" if run.study.get("time_limit_s") else ""
         reasons.append(f"{len(run.board)} of {run.num_samples} trials in the leaderboard{why}")

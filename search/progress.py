@@ -20,6 +20,7 @@ class ProgressPrinter(tune.Callback):
         self.counts = {"running": 0, "finished": 0, "stopped": 0, "diverged": 0, "errored": 0}
         self.best: tuple[float, str] | None = None
         self.last_epoch: dict[str, int] = {}
+        self.started_ids: set[str] = set()  # running now; a trial lost before it started never was
         self._last_status = 0.0
 
     def _say(self, text: str) -> None:
@@ -28,7 +29,8 @@ class ProgressPrinter(tune.Callback):
         print(f"[{elapsed:6.0f}s] {text}", file=sys.stdout, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.counts["running"] += 1
+        self.counts["running"] += trial.trial_id not in self.started_ids
+        self.started_ids.add(trial.trial_id)
         self._say(f"start    {trial}  {_short_config(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -46,14 +48,20 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A failed attempt that Ray retries (``Study.max_failures``): from its last checkpoint, maybe elsewhere."""
-        self.counts["running"] = max(0, self.counts["running"] - 1)
+        self._stop_running(trial)
         self._say(f"retry    {trial}  attempt {trial.num_failures} failed: {trial_error_line(trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "errored", f"(see {trial.error_file})" if trial.error_file else "")
+        before = "" if trial.trial_id in self.last_epoch else " before its first report"
+        self._end(trial, "errored", f"{trial_error_line(trial)}{before}" + (f" (see {trial.error_file})" if trial.error_file else ""))
+
+    def _stop_running(self, trial) -> None:
+        if trial.trial_id in self.started_ids:
+            self.started_ids.discard(trial.trial_id)
+            self.counts["running"] -= 1
 
     def _end(self, trial, outcome: str, detail: str) -> None:
-        self.counts["running"] = max(0, self.counts["running"] - 1)
+        self._stop_running(trial)
         self.counts[outcome] += 1
         score = trial.last_result.get(self.metric) if trial.last_result else None
         shown = f"  {self.metric}={score:.4f}" if isinstance(score, (int, float)) else ""

@@ -18,11 +18,12 @@ import pandas as pd
 from ray import tune
 
 from search.storage import StudyFolder
-from trainables.train import PLACEMENT
+from trainables.train import PLACEMENT, effective_hparams
 
 _WRITE_EVERY_S = 5.0  # throttle for per-epoch rewrites; trial ends always write
 
-STATUSES = ("running", "finished", "stopped", "errored")
+# interrupted: still running when the run ended (Ctrl+C, the study's time limit); --resume continues it.
+STATUSES = ("running", "finished", "stopped", "diverged", "errored", "interrupted")
 
 
 def tidy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
@@ -70,9 +71,11 @@ def trial_error_line(trial) -> str:
 class LeaderboardWriter(tune.Callback):
     """Keeps one row per trial and one row per trial epoch, on disk, as the study runs."""
 
-    def __init__(self, folder: StudyFolder, *, metric: str, mode: str, max_epochs: int):
+    def __init__(self, folder: StudyFolder, *, metric: str, mode: str, max_epochs: int,
+                 random_init: tuple[str, ...] = ()):
         self.folder = folder
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.random_init = random_init  # --smoke: backbones trained without their unavailable ImageNet weights
         self.trials: dict[str, dict] = {}
         self.epochs: list[dict] = []
         self._last_write = 0.0
@@ -89,10 +92,17 @@ class LeaderboardWriter(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._drop_lost_twin(trial)
         entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": {}})
-        entry["config"] = dict(trial.config)
+        entry["config"] = self._config(trial)
         entry["row"].update(status="running", trial_name=str(trial), ended_at=None)
         entry["row"].setdefault("started_at", _now())  # a resumed trial keeps its first start
         self._write(force=True)
+
+    def _config(self, trial) -> dict:
+        """The hyperparameters the trial really trains with, and ``adjusted``: how they differ from its config."""
+        hp, notes = effective_hparams(trial.config, self.max_epochs, self.random_init)
+        config = {k: hp.get(k, v) for k, v in trial.config.items()}
+        config.update({note.split(" ", 1)[0]: hp[note.split(" ", 1)[0]] for note in notes})
+        return {**config, "adjusted": "; ".join(notes) or None}
 
     def _drop_lost_twin(self, trial) -> None:
         """Forget a row left ``running`` by a killed driver whose trial the resumed search proposes again.
@@ -116,7 +126,7 @@ class LeaderboardWriter(tune.Callback):
         self.epochs = [e for e in self.epochs if (e["trial_id"], e.get("epoch")) != (trial.trial_id, epoch.get("epoch"))]
         self.epochs.append(epoch)
         # Where it ran: the latest attempt's node, after a retry on another node.
-        entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": dict(trial.config)})
+        entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": self._config(trial)})
         entry["row"].update({k: result[k] for k in PLACEMENT if k in result})
         self._write()
 
@@ -127,10 +137,14 @@ class LeaderboardWriter(tune.Callback):
         self._finish(trial, error=trial_error_line(trial))
 
     def on_experiment_end(self, trials, **info):
+        # Ray stops the trials still running without a callback (and its ResultGrid then calls them TERMINATED).
+        for entry in self.trials.values():
+            if entry["row"].get("status") == "running":
+                entry["row"].update(status="interrupted", ended_at=_now())
         self._write(force=True)
 
     def _finish(self, trial, *, error: str | None) -> None:
-        entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": dict(trial.config)})
+        entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": self._config(trial)})
         epochs_run = max((e.get("epoch", 0) for e in self.epochs if e["trial_id"] == trial.trial_id), default=0)
         diverged = any(e.get("diverged") for e in self.epochs if e["trial_id"] == trial.trial_id)
         status = trial_status(epochs_run, self.max_epochs, error, diverged)

@@ -103,6 +103,51 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+# Flags that define the search. Recorded in study.json when a study starts and re-applied by --resume;
+# giving one again with another value is refused, since the restored searcher and ASHA keep the old one.
+SEARCH_FLAGS = ("num_samples", "max_epochs", "seed", "data_dir", "smoke", "skip_corrupt", "activation_cache")
+# Flags that say where and with what it runs: recorded and re-applied too, but a resume may change them.
+RESOURCE_FLAGS = ("weights_dir", "cpus_per_trial", "gpus_per_trial", "max_concurrent")
+
+
+def given_flags(args) -> dict:
+    """The recordable flags given on this command line (a switch only when it is on)."""
+    given = {}
+    for name in SEARCH_FLAGS + RESOURCE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value is not False or (name == "activation_cache" and value is False):
+            given[name] = value
+    return given
+
+
+def with_recorded_flags(args, record: dict):
+    """``args`` for --resume: the flags the study started with, unless this command gives them again.
+
+    A search flag given with another value than it started with is refused, showing the difference.
+    """
+    from search.study import StudyError
+
+    recorded = record.get("flags")
+    if recorded is None:  # a folder written before flags were recorded: the command line is all there is
+        return args
+    given = given_flags(args)
+    conflicts = [f"--{name.replace('_', '-')}: the study started with {_shown(recorded.get(name))}, "
+                 f"this command gives {_shown(given[name])}"
+                 for name in SEARCH_FLAGS if name in given and given[name] != recorded.get(name)]
+    if conflicts:
+        raise StudyError("--resume continues the study as it started, and these flags would change it:\n  "
+                         + "\n  ".join(conflicts)
+                         + "\nLeave them out (the resume re-applies the flags recorded in study.json), "
+                         "or start a new study (another --storage).")
+    merged = dict(vars(args))
+    merged.update({name: value for name, value in recorded.items() if name not in given})
+    return argparse.Namespace(**merged)
+
+
+def _shown(value) -> str:
+    return "no such flag" if value is None else repr(value)
+
+
 def apply_overrides(study, args):
     """The study with the command line's overrides, validated again."""
     changes = {}
@@ -119,15 +164,11 @@ def apply_overrides(study, args):
 
 
 def resume_command(args) -> str:
+    """The command that continues this run. The search's flags are in study.json, so only where it runs is given."""
     parts = ["python", "-m", "search.run", args.study_file, "--storage", args.storage, "--resume"]
-    for flag in ("address", "data_dir", "weights_dir", "cpus_per_trial", "gpus_per_trial", "max_concurrent"):
+    for flag in ("address", "data_dir"):  # data_dir: the data may sit elsewhere on the machine that resumes
         if getattr(args, flag, None) is not None:
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    for flag in ("smoke", "skip_corrupt"):
-        if getattr(args, flag):
-            parts.append(f"--{flag.replace('_', '-')}")
-    if args.activation_cache is False:
-        parts.append("--no-activation-cache")
     return shlex.join(parts)
 
 
@@ -140,11 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     from trainables.weights import WeightsUnavailableError
 
     try:
-        study = apply_overrides(load_study(args.study_file), args)
+        study = load_study(args.study_file)
         folder = StudyFolder(args.storage, study.name)
-        check_folder(folder, resume=args.resume)
-        if args.resume and not args.force:
-            check_study_unchanged(folder, Path(args.study_file))
+        args = check_folder(folder, args)
+        if args.resume:
+            if not args.force:
+                check_study_unchanged(folder, Path(args.study_file))
+            args = with_recorded_flags(args, json.loads(folder.read_text("study.json")))
+        study = apply_overrides(study, args)
         check_storage(folder)
         if args.address:
             check_address(args.address)
@@ -157,15 +201,25 @@ def main(argv: list[str] | None = None) -> int:
     return run_study(study, args, folder, prepared, weights, random_init)
 
 
-def check_folder(folder, *, resume: bool) -> None:
+def check_folder(folder, args):
+    """``args``, after checking that the folder holds what ``--resume`` says (or nothing, without it).
+
+    A run that stopped after writing study.json but before Ray Tune saved any state ran no trial:
+    ``--resume`` then starts it again from the beginning, so that folder is never stuck.
+    """
     from search.study import StudyError
 
     started = folder.exists("study.json")
-    if started and not resume:
+    if started and not args.resume:
         raise StudyError(f"results folder {str(folder)!r} already holds this study; add --resume to continue it, "
                          "or use another --storage")
-    if resume and not folder.exists("tuner.pkl"):
-        raise StudyError(f"nothing to resume in {str(folder)!r}; run without --resume to start the study")
+    if args.resume and not folder.exists("tuner.pkl"):
+        if not started:
+            raise StudyError(f"nothing to resume in {str(folder)!r}; run without --resume to start the study")
+        print(f"note: the earlier run in {folder} stopped before its first trial; starting the study again", flush=True)
+        return argparse.Namespace(**{**vars(with_recorded_flags(args, json.loads(folder.read_text("study.json")))),
+                                     "resume": False, "restarted": True})
+    return args
 
 
 def check_study_unchanged(folder, study_file: Path) -> None:
@@ -269,14 +323,15 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
         "study_file_sha256": study_hash,
         "command": shlex.join([sys.executable, "-m", "search.run", *sys.argv[1:]]),
         "smoke": args.smoke,
+        "flags": given_flags(args),  # what --resume re-applies
         "skipped_images": [{"path": p, "reason": why} for p, why in skipped],
         "started_at": datetime.now(timezone.utc).isoformat(),
         "python": platform.python_version(),
         "versions": versions,
     }
-    if not folder.exists("study_file.py"):  # the text a resume is compared with
+    if not folder.exists("study_file.py") or getattr(args, "restarted", False):  # the text a resume is compared with
         folder.write_bytes("study_file.py", Path(args.study_file).read_bytes())
-    if folder.exists("study.json"):  # a resume keeps the original record and notes the restart
+    if folder.exists("study.json") and not getattr(args, "restarted", False):  # a resume keeps the original record
         old = json.loads(folder.read_text("study.json"))
         old.setdefault("resumed_at", []).append(record["started_at"])
         record = old
@@ -284,11 +339,12 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
 
 
 def run_study(study, args, folder, prepared, weights: list[Path], random_init: tuple[str, ...] = ()) -> int:
+    import pandas as pd
     import ray
 
     from search.local_ray import local_ray_options
     from search.study import StudyError
-    from search.tuner import make_tuner
+    from search.tuner import make_tuner, worker_env
     from trainables.train import TrialSettings
     from trainables.weights import pack_weights
 
@@ -306,7 +362,7 @@ def run_study(study, args, folder, prepared, weights: list[Path], random_init: t
         augment_views=study.augment_views,
         mixed_precision=study.mixed_precision,
     )
-    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}}
+    env = {"env_vars": worker_env()}
     with local_ray_options(args.address) as local:  # a local Ray listens on 127.0.0.1 only
         context = ray.init(address=args.address, log_to_driver=args.verbose, runtime_env=env,
                            configure_logging=args.verbose, logging_level="INFO" if args.verbose else "ERROR", **local)
@@ -327,7 +383,8 @@ def run_study(study, args, folder, prepared, weights: list[Path], random_init: t
                            weights_files=pack_weights(weights), resume=args.resume)
         fit_started = time.monotonic()
         results = tuner.fit()
-        if was_interrupted(study, results, time.monotonic() - fit_started):
+        board = folder.read_parquet("leaderboard.parquet") if folder.exists("leaderboard.parquet") else pd.DataFrame()
+        if was_interrupted(study, board, time.monotonic() - fit_started):
             raise KeyboardInterrupt  # Ray Tune caught Ctrl+C, saved its state and returned early
     except KeyboardInterrupt:
         record_outcome(folder, "interrupted")
@@ -347,11 +404,16 @@ def run_study(study, args, folder, prepared, weights: list[Path], random_init: t
     return summarise(study, folder, results)
 
 
-def was_interrupted(study, results, elapsed_s: float) -> bool:
-    """Whether ``Tuner.fit`` returned before the study ended: on SIGINT Ray Tune stops and returns normally."""
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    out_of_time = study.time_limit_s is not None and elapsed_s >= study.time_limit_s
-    return unfinished > 0 or (len(results) < study.num_samples and not out_of_time)
+def was_interrupted(study, board, elapsed_s: float) -> bool:
+    """Whether ``Tuner.fit`` returned before the study ended, judged by the leaderboard ``board``.
+
+    On SIGINT Ray Tune stops its trials and returns normally; its ResultGrid then
+    calls the stopped trials TERMINATED, but the leaderboard marks them ``interrupted``.
+    """
+    if study.time_limit_s is not None and elapsed_s >= study.time_limit_s:
+        return False  # the study's own budget ended it
+    cut_off = "status" in board.columns and bool((board["status"] == "interrupted").any())
+    return cut_off or len(board) < study.num_samples
 
 
 def record_outcome(folder, outcome: str) -> None:
@@ -399,6 +461,7 @@ def summarise(study, folder, results) -> int:
     print()
     print(format_leaderboard(board, study.metric))
     print(f"\nresults: {folder}\n  leaderboard: {folder.uri('leaderboard.parquet')}\n  leaderboard.parquet  epochs.parquet  splits.parquet  study.json")
+    report_unreported(board)
     if board.empty or board["status"].isin(["errored", "diverged"]).all():
         reasons = board.get("error", pd.Series(index=board.index, dtype=object)).astype(object)
         reasons[board["status"] == "diverged"] = "diverged: the training loss became NaN or inf"
@@ -408,6 +471,19 @@ def summarise(study, folder, results) -> int:
             print(f"  {count} x {error}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def report_unreported(board) -> None:
+    """Trials that ended before reporting an epoch hold no result: count and name them, never leave them out."""
+    if board.empty or "status" not in board.columns:
+        return
+    epochs = board["epochs"] if "epochs" in board.columns else None
+    never = board[(board["status"] == "errored") & (epochs.isna() | (epochs == 0) if epochs is not None else True)]
+    if never.empty:
+        return
+    print(f"\nnote: {len(never)} trial(s) ended before their first report (status errored, no epochs):", file=sys.stderr)
+    for row in never.itertuples():
+        print(f"  {row.trial_name}: {getattr(row, 'error', None) or 'unknown error'}", file=sys.stderr)
 
 
 def format_leaderboard(board, metric: str, top: int = 20) -> str:

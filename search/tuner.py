@@ -5,6 +5,7 @@ What to search lives in ``TuneConfig``, how to run it in ``RunConfig``, as in Ra
 
 from __future__ import annotations
 
+import os
 
 import optuna
 from ray import tune
@@ -12,6 +13,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from search.accounting import TrialAccountant
 from search.progress import ProgressPrinter
 from search.results import LeaderboardWriter
 from search.storage import StudyFolder
@@ -24,24 +26,52 @@ class StudySpace:
 
     Ray pickles the searcher to checkpoint the experiment, and a function from a
     study file cannot be pickled by reference, so this pickles the file's path
-    and loads the function again when unpickled.
+    and loads the function again when unpickled. A resumed run first binds the
+    study it loaded and checked (``bind_resumed``): the restored searcher then
+    calls that, not whatever the recorded path holds by now.
     """
 
     def __init__(self, study: Study):
-        self.source, self.fixed, self._space = study.source, dict(study.fixed), study.space
+        self.name, self.source, self.fixed, self._space = study.name, study.source, dict(study.fixed), study.space
 
     def __call__(self, trial) -> dict:
         if self._space is None:
-            from search.study import load_study
+            study = _RESUMED.get(getattr(self, "name", None))
+            if study is None:
+                from search.study import load_study
 
-            self._space = load_study(self.source).space
+                study = load_study(self.source)
+            self.fixed, self._space = dict(study.fixed), study.space
         # Optuna's trial number names the trial and seeds it, reproducibly.
         return {**self.fixed, **self._space(trial), "trial_number": trial.number}
 
     def __getstate__(self):
         if self.source is None:
             return self.__dict__  # built in code, not from a file: pickle the function itself
-        return {"source": self.source, "fixed": self.fixed, "_space": None}
+        return {**self.__dict__, "_space": None}
+
+
+_RESUMED: dict[str, Study] = {}  # study name -> the study a resume in this process loaded and checked
+
+
+def bind_resumed(study: Study) -> None:
+    """The study that restored searchers in this process call (see ``StudySpace``)."""
+    _RESUMED[study.name] = study
+
+
+# How long a reused actor waits for its stopped trial's thread to unwind. Ray's default, 2 s, is shorter
+# than a large model's unwind on a busy machine, and a reset that gives up loses the next trial.
+REUSE_WAIT_S = 300
+
+
+def worker_env() -> dict:
+    """Environment variables of every trial process (``ray.init(runtime_env={"env_vars": ...})``)."""
+    return {
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONWARNINGS": "ignore",
+        # Ray reads it in the trial's process; a value the user set in Ray's own variable wins.
+        "TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S)),
+    }
 
 
 def make_searcher(study: Study) -> ConcurrencyLimiter:
@@ -74,22 +104,26 @@ def trial_name(trial) -> str:
 def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: TrialSettings,
                weights_files: dict | None = None, resume: bool = False) -> tune.Tuner:
     """A Tuner for ``study`` writing to ``folder`` (local or a bucket); ``resume`` restores it from there."""
-    callbacks = [
-        LeaderboardWriter(folder, metric=study.metric, mode=study.mode, max_epochs=study.max_epochs),
+    reporters = [
+        LeaderboardWriter(folder, metric=study.metric, mode=study.mode, max_epochs=study.max_epochs,
+                          random_init=settings.random_init),
         ProgressPrinter(metric=study.metric, mode=study.mode, max_epochs=study.max_epochs),
     ]
     trainable = make_trainable(study, data, settings, weights_files)
     if resume:
+        bind_resumed(study)
         # Restoring brings back the searcher, scheduler and trials; callbacks are not saved.
         tuner = tune.Tuner.restore(folder.uri(), trainable=trainable, resume_unfinished=True, resume_errored=True)
-        tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001 (see make_run_config)
+        searcher = tuner._local_tuner._tune_config.search_alg  # noqa: SLF001 (the restored one, which Tune runs)
+        tuner._local_tuner._run_config.callbacks = with_accountant(reporters, searcher, study)  # noqa: SLF001
         return tuner
+    searcher = make_searcher(study)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             metric=study.metric,
             mode=study.mode,
-            search_alg=make_searcher(study),
+            search_alg=searcher,
             scheduler=make_scheduler(study),
             num_samples=study.num_samples,
             time_budget_s=study.time_limit_s,
@@ -97,8 +131,13 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=make_run_config(study, folder.storage, callbacks),
+        run_config=make_run_config(study, folder.storage, with_accountant(reporters, searcher, study)),
     )
+
+
+def with_accountant(reporters: list, searcher, study: Study) -> list:
+    """The reporters, and last the accountant that tells them of trials Ray ended without a word."""
+    return [*reporters, TrialAccountant(searcher, reporters, num_samples=study.num_samples)]
 
 
 def make_run_config(study: Study, storage: str, callbacks: list) -> tune.RunConfig:

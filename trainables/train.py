@@ -67,12 +67,32 @@ class TrialSettings:
     mixed_precision: bool | str = "auto"  # "auto": mixed_float16 on a GPU with compute capability >= 7.0
 
 
-def resolve_hparams(config: dict) -> dict:
+def resolve_hparams(config: dict, max_epochs: int | None = None, random_init: tuple[str, ...] = ()) -> dict:
     """Defaults overlaid with the trial's config; unknown keys are kept but unused."""
-    hp = {**DEFAULTS, **config}
-    if hp["weights"] is None and hp["warmup_epochs"]:
-        hp["warmup_epochs"] = 0  # nothing pretrained to protect from a cold head
-    return hp
+    return effective_hparams(config, max_epochs, random_init)[0]
+
+
+def effective_hparams(config: dict, max_epochs: int | None = None,
+                      random_init: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """What a trial given ``config`` really trains with, and a note for each value that differs from it.
+
+    The one place these adjustments are made: the trial trains with the values, and the
+    leaderboard records them (``search.results``), so it never shows what did not run.
+    """
+    hp, notes = {**DEFAULTS, **config}, []
+
+    def adjust(key: str, value, why: str) -> None:
+        if hp[key] != value:
+            notes.append(f"{key} {hp[key]!r} -> {value!r}: {why}")
+            hp[key] = value
+
+    if hp["backbone"] in random_init:
+        adjust("weights", None, "its ImageNet weights were unavailable (--smoke)")
+    if hp["weights"] is None:
+        adjust("warmup_epochs", 0, "nothing pretrained to protect from a cold head")
+    if max_epochs is not None and hp["warmup_epochs"] >= max_epochs and hp["unfreeze"] not in (0, "0"):
+        adjust("unfreeze", 0, f"the warm-up ({hp['warmup_epochs']} epochs) fills max_epochs ({max_epochs})")
+    return hp, notes
 
 
 def phases(hp: dict, max_epochs: int) -> list[tuple[int, int, float, object]]:
@@ -108,9 +128,7 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
     from ray import tune
 
     started = time.monotonic()
-    if config.get("backbone") in settings.random_init:
-        config = {**config, "weights": None}
-    hp = resolve_hparams(config)
+    hp = resolve_hparams(config, settings.max_epochs, settings.random_init)
     seed = (settings.seed * 100_003 + int(config.get("trial_number", 0))) % (2**31 - 1)
     device = setup_tensorflow(settings.cpus, seed, mixed_precision=settings.mixed_precision)
     from trainables.model import apply_unfreeze, build_model

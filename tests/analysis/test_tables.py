@@ -84,7 +84,7 @@ def test_errored_trials_are_counted_but_never_best(mixed):
     assert list(table["trial_name"]) == ["trial_004_mobilenet_v2", "trial_000_cnn_s3"]
     assert table["best_val_balanced_accuracy"].tolist() == [0.83, 0.62]
     assert table["trials"].tolist() == [4, 2]  # the errored mobilenet trial counts as a trial
-    assert T.status_counts(mixed) == {"finished": 3, "stopped": 2, "running": 0, "errored": 1}
+    assert T.status_counts(mixed) == {"finished": 3, "stopped": 2, "running": 0, "interrupted": 0, "errored": 1}
     errored = T.errored_trials(mixed)
     assert errored["trial_name"].tolist() == ["trial_005_mobilenet_v2"]
     assert errored["error"].tolist() == ["ValueError: bad dropout 2"]

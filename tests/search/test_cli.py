@@ -1,9 +1,11 @@
 """The command line: flags, and errors raised before Ray starts."""
 
+import re
+
 import pytest
 import ray
 
-from search.run import main, parse_args, resume_command
+from search.run import given_flags, main, parse_args, resume_command, with_recorded_flags
 
 
 def test_help_lists_the_flags(capsys):
@@ -75,9 +77,30 @@ def test_metric_never_reported_is_refused(write_study, tmp_path, capsys):
     assert not ray.is_initialized()
 
 
-def test_resume_command_repeats_the_flags():
-    args = parse_args(["spaces/quickstart.py", "--storage", "out dir", "--data-dir", "/data", "--smoke"])
-    assert resume_command(args) == "python -m search.run spaces/quickstart.py --storage 'out dir' --resume --data-dir /data --smoke"
+def test_resume_command_gives_where_the_study_runs_and_study_json_the_rest():
+    args = parse_args(["spaces/quickstart.py", "--storage", "out dir", "--data-dir", "/data", "--smoke",
+                       "--num-samples", "3", "--address", "auto"])
+    assert resume_command(args) == ("python -m search.run spaces/quickstart.py --storage 'out dir' --resume "
+                                    "--address auto --data-dir /data")
+    assert given_flags(args) == {"num_samples": 3, "data_dir": "/data", "smoke": True}
+
+
+def test_resume_reapplies_the_recorded_flags_and_refuses_a_changed_search():
+    from search.study import StudyError
+
+    record = {"flags": {"num_samples": 3, "max_epochs": 2, "smoke": True, "max_concurrent": 2}}
+    resumed = with_recorded_flags(parse_args(["s.py", "--resume", "--max-concurrent", "1"]), record)
+    assert (resumed.num_samples, resumed.max_epochs, resumed.smoke) == (3, 2, True)
+    assert resumed.max_concurrent == 1  # resources may change on resume
+    again = with_recorded_flags(parse_args(["s.py", "--resume", "--num-samples", "3"]), record)
+    assert again.num_samples == 3  # the same value is fine
+    for argv, said in ((["--num-samples", "5"], "--num-samples: the study started with 3, this command gives 5"),
+                       (["--seed", "1"], "--seed: the study started with no such flag, this command gives 1"),
+                       (["--no-activation-cache"], "--activation-cache: the study started with no such flag")):
+        with pytest.raises(StudyError, match=re.escape(said)):
+            with_recorded_flags(parse_args(["s.py", "--resume", *argv]), record)
+    old_folder = parse_args(["s.py", "--resume", "--num-samples", "9"])
+    assert with_recorded_flags(old_folder, {}) is old_folder  # written before flags were recorded
 
 
 def test_a_request_no_node_can_meet_is_refused():
@@ -102,7 +125,7 @@ def test_resource_flags_override_the_study(write_study):
     args = parse_args([str(path), "--gpus-per-trial", "0", "--cpus-per-trial", "1.5", "--max-concurrent", "3"])
     study = apply_overrides(load_study(path), args)
     assert (study.gpus_per_trial, study.cpus_per_trial, study.max_concurrent) == (0, 1.5, 3)
-    assert "--gpus-per-trial 0.0" in resume_command(args)
+    assert given_flags(args) == {"gpus_per_trial": 0.0, "cpus_per_trial": 1.5, "max_concurrent": 3}  # in study.json
 
 
 def load_study_text(body):

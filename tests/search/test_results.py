@@ -88,3 +88,38 @@ def test_a_file_name_that_would_leave_its_folder_is_refused(name):
     with pytest.raises(OutsideFolderError, match="trial_name"):
         file_name(name, "trial_name")
     assert file_name("trial_003_mobilenet_v2", "trial_name") == "trial_003_mobilenet_v2"
+
+
+# --------------------------------------------------------------------------
+# what the leaderboard records is what ran
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config, max_epochs, random_init, expected, note", [
+    ({"backbone": "cnn_s3", "weights": None, "warmup_epochs": 2}, 5, (), {"warmup_epochs": 0}, "warmup_epochs 2 -> 0"),
+    ({"backbone": "mobilenet_v2", "weights": "imagenet", "warmup_epochs": 3, "unfreeze": 30}, 3, (),
+     {"unfreeze": 0, "warmup_epochs": 3}, "unfreeze 30 -> 0"),
+    ({"backbone": "mobilenet_v2", "weights": "imagenet", "warmup_epochs": 2, "unfreeze": 30}, 2, ("mobilenet_v2",),
+     {"weights": None, "warmup_epochs": 0, "unfreeze": 30}, "weights 'imagenet' -> None"),
+    ({"backbone": "mobilenet_v2", "weights": "imagenet", "warmup_epochs": 2, "unfreeze": 30}, 5, (),
+     {"weights": "imagenet", "warmup_epochs": 2, "unfreeze": 30}, None),
+])
+def test_the_leaderboard_records_the_hyperparameters_that_ran(tmp_path, config, max_epochs, random_init, expected, note):
+    from ray.tune.experiment import Trial
+
+    from search.results import LeaderboardWriter
+    from search.storage import StudyFolder
+    from trainables.train import effective_hparams
+
+    hp, notes = effective_hparams(config, max_epochs, random_init)
+    assert {k: hp[k] for k in expected} == expected
+    assert (note is None and notes == []) or (note is not None and any(n.startswith(note) for n in notes))
+
+    writer = LeaderboardWriter(StudyFolder(str(tmp_path), "s"), metric="val_loss", mode="min",
+                               max_epochs=max_epochs, random_init=random_init)
+    trial = Trial("__fake", config=config, stub=True)
+    writer.on_trial_start(0, [trial], trial)
+    row = pd.read_parquet(tmp_path / "s" / "leaderboard.parquet").iloc[0]
+    for key, value in expected.items():
+        assert (pd.isna(row[key]) if value is None else str(row[key]) == str(value)), (key, row[key])
+    assert (pd.isna(row["adjusted"]) if note is None else note in row["adjusted"])
