@@ -28,7 +28,7 @@ import pandas as pd
 BOOKKEEPING = frozenset({
     "trial_id", "trial_number", "trial_name", "status", "error", "checkpoint_path", "epochs", "best_epoch",
     "wall_time_s", "trainable_params", "total_params", "started_at", "ended_at", "finished_at",
-    "setup_s", "train_s", "checkpoint_s",
+    "setup_s", "train_s", "checkpoint_s", "adjusted", "failures", "node_id", "gpu", "precision",
 })
 # trainables/train.py:DEFAULTS, the trial's hyperparameters (copied: importing it imports Keras).
 # Used only to prefer these names when an Optuna parameter duplicates one (``cnn_learning_rate``).

@@ -165,6 +165,9 @@ def apply_overrides(study, args):
 
 def resume_command(args) -> str:
     """The command that continues this run. The search's flags are in study.json, so only where it runs is given."""
+    if args.study_file is None:  # a Study built in code, run through search.run_study
+        where = "".join(f", {flag}={getattr(args, flag)!r}" for flag in ("address", "data_dir") if getattr(args, flag, None))
+        return f"run_study(<the same Study>, storage={args.storage!r}, resume=True{where})"
     parts = ["python", "-m", "search.run", args.study_file, "--storage", args.storage, "--resume"]
     for flag in ("address", "data_dir"):  # data_dir: the data may sit elsewhere on the machine that resumes
         if getattr(args, flag, None) is not None:
@@ -172,33 +175,68 @@ def resume_command(args) -> str:
     return shlex.join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from search.storage import StorageError, StudyFolder
-    from search.study import StudyError, file_hash, load_study
-    from search.weights import study_weight_files
+class StudyInterrupted(Exception):
+    """The run stopped before the study ended (Ctrl+C, a signal); the message says how to resume it."""
+
+
+class StudyFailed(Exception):
+    """Ray Tune failed, or every trial failed; the message says why (and how to resume, where that helps)."""
+
+
+def usage_errors() -> tuple[type[Exception], ...]:
+    """What is wrong with the study, its data, its storage or its weights: found before Ray starts."""
+    from search.storage import StorageError
+    from search.study import StudyError
     from trainables.datasets import DatasetError
     from trainables.weights import WeightsUnavailableError
 
+    return StudyError, StorageError, DatasetError, WeightsUnavailableError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``execute`` with its exceptions turned into messages and exit codes."""
+    args = parse_args(argv)
     try:
-        study = load_study(args.study_file)
-        folder = StudyFolder(args.storage, study.name)
-        args = check_folder(folder, args)
-        if args.resume:
-            if not args.force:
-                check_study_unchanged(folder, Path(args.study_file))
-            args = with_recorded_flags(args, json.loads(folder.read_text("study.json")))
-        study = apply_overrides(study, args)
-        check_storage(folder)
-        if args.address:
-            check_address(args.address)
-        weights, random_init = study_weight_files(study, smoke=args.smoke)
-        prepared = prepare(study, args, folder)
-    except (StudyError, StorageError, DatasetError, WeightsUnavailableError) as exc:
+        execute(args)
+    except usage_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    write_study_json(study, args, folder, file_hash(args.study_file), skipped=prepared.skipped)
-    return run_study(study, args, folder, prepared, weights, random_init)
+    except StudyInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+    except StudyFailed as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def execute(args, study=None, callbacks: tuple = ()):
+    """Run (or resume) the study that ``args`` names, or ``study`` if given; return its ``StudyFolder``.
+
+    Raises the ``usage_errors()`` before Ray starts, ``StudyInterrupted`` or ``StudyFailed`` after.
+    ``callbacks`` are extra Ray Tune callbacks (the Python API's seam, e.g. for benchmarks).
+    """
+    from search.storage import StudyFolder
+    from search.study import file_hash, load_study
+    from search.weights import study_weight_files
+
+    study = study if study is not None else load_study(args.study_file)
+    folder = StudyFolder(args.storage, study.name)
+    args = check_folder(folder, args)
+    if args.resume:
+        if not args.force and args.study_file is not None:
+            check_study_unchanged(folder, Path(args.study_file))
+        args = with_recorded_flags(args, json.loads(folder.read_text("study.json")))
+    study = apply_overrides(study, args)
+    check_storage(folder)
+    if args.address:
+        check_address(args.address)
+    weights, random_init = study_weight_files(study, smoke=args.smoke)
+    prepared = prepare(study, args, folder)
+    study_hash = file_hash(args.study_file) if args.study_file is not None else None
+    write_study_json(study, args, folder, study_hash, skipped=prepared.skipped)
+    run_tuner(study, args, folder, prepared, weights, random_init, callbacks=callbacks)
+    return folder
 
 
 def check_folder(folder, args):
@@ -319,7 +357,7 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
             versions[package] = None
     record = {
         "study": {k: v for k, v in dataclasses.asdict(study).items() if k != "space"},
-        "study_file": str(Path(args.study_file).resolve()),
+        "study_file": str(Path(args.study_file).resolve()) if args.study_file is not None else None,
         "study_file_sha256": study_hash,
         "command": shlex.join([sys.executable, "-m", "search.run", *sys.argv[1:]]),
         "smoke": args.smoke,
@@ -329,16 +367,19 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
         "python": platform.python_version(),
         "versions": versions,
     }
-    if not folder.exists("study_file.py") or getattr(args, "restarted", False):  # the text a resume is compared with
+    restarted = getattr(args, "restarted", False)
+    if args.study_file is not None and (restarted or not folder.exists("study_file.py")):  # a resume compares with it
         folder.write_bytes("study_file.py", Path(args.study_file).read_bytes())
-    if folder.exists("study.json") and not getattr(args, "restarted", False):  # a resume keeps the original record
+    if folder.exists("study.json") and not restarted:  # a resume keeps the original record
         old = json.loads(folder.read_text("study.json"))
         old.setdefault("resumed_at", []).append(record["started_at"])
         record = old
     _write_json(folder, record)
 
 
-def run_study(study, args, folder, prepared, weights: list[Path], random_init: tuple[str, ...] = ()) -> int:
+def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: tuple[str, ...] = (),
+              callbacks: tuple = ()) -> None:
+    """Start Ray, run the tuner, record the outcome and print the summary; raise if the study did not end."""
     import pandas as pd
     import ray
 
@@ -372,15 +413,14 @@ def run_study(study, args, folder, prepared, weights: list[Path], random_init: t
     try:
         study = fit_resources(study, ray.cluster_resources(), local=args.address is None, smoke=args.smoke)
         settings = dataclasses.replace(settings, cpus=study.cpus_per_trial)
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except StudyError:
         ray.shutdown()
-        return EXIT_USAGE
+        raise
     try:
         if weights:
             print(f"shipping ImageNet weights to the trials: {', '.join(p.name for p in weights)}", flush=True)
         tuner = make_tuner(study, folder=folder, data=prepared.arrays, settings=settings,
-                           weights_files=pack_weights(weights), resume=args.resume)
+                           weights_files=pack_weights(weights), resume=args.resume, callbacks=callbacks)
         fit_started = time.monotonic()
         results = tuner.fit()
         board = folder.read_parquet("leaderboard.parquet") if folder.exists("leaderboard.parquet") else pd.DataFrame()
@@ -388,20 +428,18 @@ def run_study(study, args, folder, prepared, weights: list[Path], random_init: t
             raise KeyboardInterrupt  # Ray Tune caught Ctrl+C, saved its state and returned early
     except KeyboardInterrupt:
         record_outcome(folder, "interrupted")
-        print(f"\ninterrupted; finished trials are kept in {folder}. Resume with:\n  {resume_command(args)}",
-              file=sys.stderr)
-        return 130
+        raise StudyInterrupted(f"interrupted; finished trials are kept in {folder}. Resume with:\n  "
+                               f"{resume_command(args)}") from None
     except Exception as exc:
         record_outcome(folder, "failed")
         if args.verbose:
             traceback.print_exc()
-        print(f"\nthe study failed: {type(exc).__name__}: {exc}\nResume with:\n  {resume_command(args)}", file=sys.stderr)
-        return EXIT_FAILED
+        raise StudyFailed(f"the study failed: {type(exc).__name__}: {exc}\nResume with:\n  {resume_command(args)}") from exc
     finally:
         if args.address is None:
             ray.shutdown()
     record_outcome(folder, "completed")
-    return summarise(study, folder, results)
+    summarise(study, folder, results)
 
 
 def was_interrupted(study, board, elapsed_s: float) -> bool:
@@ -454,7 +492,7 @@ def fit_resources(study, available: dict, *, local: bool, smoke: bool):
     raise StudyError(f"{message} Override as shown in brackets, or run on a cluster with --address.")
 
 
-def summarise(study, folder, results) -> int:
+def summarise(study, folder, results) -> None:
     import pandas as pd
 
     board = folder.read_parquet("leaderboard.parquet")
@@ -465,12 +503,8 @@ def summarise(study, folder, results) -> int:
     if board.empty or board["status"].isin(["errored", "diverged"]).all():
         reasons = board.get("error", pd.Series(index=board.index, dtype=object)).astype(object)
         reasons[board["status"] == "diverged"] = "diverged: the training loss became NaN or inf"
-        errors = reasons.value_counts()
-        print("\nevery trial failed:", file=sys.stderr)
-        for error, count in errors.items():
-            print(f"  {count} x {error}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+        counts = "\n".join(f"  {count} x {error}" for error, count in reasons.value_counts().items())
+        raise StudyFailed(f"every trial failed:\n{counts}")
 
 
 def report_unreported(board) -> None:

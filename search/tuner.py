@@ -102,8 +102,11 @@ def trial_name(trial) -> str:
 
 
 def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: TrialSettings,
-               weights_files: dict | None = None, resume: bool = False) -> tune.Tuner:
-    """A Tuner for ``study`` writing to ``folder`` (local or a bucket); ``resume`` restores it from there."""
+               weights_files: dict | None = None, resume: bool = False, callbacks=()) -> tune.Tuner:
+    """A Tuner for ``study`` writing to ``folder`` (local or a bucket); ``resume`` restores it from there.
+
+    ``callbacks``: more Ray Tune callbacks, after the study's own.
+    """
     reporters = [
         LeaderboardWriter(folder, metric=study.metric, mode=study.mode, max_epochs=study.max_epochs,
                           random_init=settings.random_init),
@@ -115,7 +118,7 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
         # Restoring brings back the searcher, scheduler and trials; callbacks are not saved.
         tuner = tune.Tuner.restore(folder.uri(), trainable=trainable, resume_unfinished=True, resume_errored=True)
         searcher = tuner._local_tuner._tune_config.search_alg  # noqa: SLF001 (the restored one, which Tune runs)
-        tuner._local_tuner._run_config.callbacks = with_accountant(reporters, searcher, study)  # noqa: SLF001
+        tuner._local_tuner._run_config.callbacks = [*with_accountant(reporters, searcher, study), *callbacks]  # noqa: SLF001
         return tuner
     searcher = make_searcher(study)
     return tune.Tuner(
@@ -131,7 +134,7 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=make_run_config(study, folder.storage, with_accountant(reporters, searcher, study)),
+        run_config=make_run_config(study, folder.storage, [*with_accountant(reporters, searcher, study), *callbacks]),
     )
 
 

@@ -1,0 +1,111 @@
+"""``load_results(folder)``: a finished or partial results folder as one object.
+
+What ``search.run_study`` returns, and what a notebook opens later:
+
+    results = load_results("runs/quickstart")
+    results.leaderboard        # pandas DataFrame, best first
+    results.best_trial         # name, config, metrics, checkpoint of the best trial
+    model = results.load_model()
+
+"The best trial" is the rule ``search.predict`` and ``analysis.evaluate`` use
+(``search.predict.best_row``): the best ``best_<metric>`` among trials with a
+checkpoint, ties to the lower validation loss at the best epoch, then the
+leaderboard's order. Unlike Ray's ``ExperimentAnalysis.get_best_trial``, whose
+``scope`` picks a trial's last or best reported value and which ignores whether a
+checkpoint exists, it only picks a trial whose best epoch was checkpointed, and
+it breaks ties the same way every time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["Results", "TrialRecord", "load_results"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialRecord:
+    """One trial of a results folder: what it tried and what it scored at its best epoch."""
+
+    name: str
+    config: dict  # the hyperparameters it trained with
+    metrics: dict  # best_* and last_* values, epochs, status
+    checkpoint: Path | None  # its checkpoint folder, inside the results folder
+
+
+@dataclasses.dataclass
+class Results:
+    """A results folder written by ``search.run``: complete, or partial (``outcome`` says which)."""
+
+    path: Path
+    record: dict  # study.json
+    leaderboard: pd.DataFrame
+
+    @property
+    def study(self) -> dict:
+        return self.record.get("study", {})
+
+    @property
+    def outcome(self) -> str:
+        """``completed``, ``interrupted``, ``failed``, or ``running`` while no run has ended it."""
+        return self.record.get("outcome", "running")
+
+    @property
+    def epochs(self) -> pd.DataFrame:
+        path = self.path / "epochs.parquet"
+        return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+
+    @property
+    def best_trial(self) -> TrialRecord:
+        return self.trial(None)
+
+    def trial(self, name: str | None) -> TrialRecord:
+        """Trial ``name`` (its ``trial_name``), or the best one with a checkpoint."""
+        from search.predict import choose_trial
+
+        chosen = choose_trial(self.path, self.study, name)
+        row = self.leaderboard[self.leaderboard["trial_name"] == chosen.name].iloc[0]
+        return TrialRecord(name=chosen.name, config=_config(row, self.leaderboard), metrics=_metrics(row),
+                           checkpoint=chosen.checkpoint)
+
+    def load_model(self, trial: str | None = None):
+        """The Keras classifier of the best trial (or of ``trial``): raw RGB in [0, 255] -> probabilities."""
+        from search.predict import choose_trial, load_trial_model
+
+        model, _, _ = load_trial_model(choose_trial(self.path, self.study, trial), self.path, self.study)
+        return model
+
+
+def load_results(folder: str | Path) -> Results:
+    """The results folder ``folder`` (``STORAGE/<study name>``), finished or not."""
+    from search.predict import read_study
+
+    path = Path(folder).expanduser().resolve()
+    read_study(path)  # names what is missing or broken
+    record = json.loads((path / "study.json").read_text())
+    return Results(path=path, record=record, leaderboard=pd.read_parquet(path / "leaderboard.parquet"))
+
+
+def _config(row: pd.Series, board: pd.DataFrame) -> dict:
+    from analysis.tables import hyperparameter_columns
+
+    return {k: _plain(row[k]) for k in hyperparameter_columns(board) if not _missing(row[k])}
+
+
+def _metrics(row: pd.Series) -> dict:
+    keep = ("status", "epochs", "best_epoch", "wall_time_s")
+    return {k: _plain(v) for k, v in row.items()
+            if (k in keep or k.startswith(("best_", "last_"))) and not _missing(v)}
+
+
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
