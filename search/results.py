@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
+from search.ranking import rank
 from search.storage import StudyFolder
 from trainables.train import PLACEMENT, effective_hparams
 
@@ -173,7 +174,7 @@ class LeaderboardWriter(tune.Callback):
         board = pd.DataFrame(rows)
         best = f"best_{self.metric}"
         if best in board.columns:
-            board = board.sort_values(best, ascending=self.mode == "min", na_position="last")
+            board = rank(board, best, self.mode)  # the order every tool takes "the best trial" from
         return tidy_dtypes(board.reset_index(drop=True))
 
     def _write(self, force: bool = False) -> None:

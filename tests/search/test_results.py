@@ -123,3 +123,21 @@ def test_the_leaderboard_records_the_hyperparameters_that_ran(tmp_path, config, 
     for key, value in expected.items():
         assert (pd.isna(row[key]) if value is None else str(row[key]) == str(value)), (key, row[key])
     assert (pd.isna(row["adjusted"]) if note is None else note in row["adjusted"])
+
+
+def test_ties_are_broken_by_validation_loss_in_the_leaderboard_as_everywhere(tmp_path):
+    """Two trials with the same best accuracy: the one with the lower loss at that epoch is ranked first."""
+    from ray.tune.experiment import Trial
+
+    from search.predict import best_row
+    from search.results import LeaderboardWriter
+    from search.storage import StudyFolder
+
+    writer = LeaderboardWriter(StudyFolder(str(tmp_path), "s"), metric="val_accuracy", mode="max", max_epochs=1)
+    first, second = (Trial("__fake", config={"backbone": "cnn_s3", "trial_number": n}, stub=True) for n in range(2))
+    for trial, loss in ((first, 0.9), (second, 0.4)):  # the first row seen has the higher loss
+        writer.on_trial_start(0, [first, second], trial)
+        writer.on_trial_result(0, [first, second], trial, {"epoch": 1, "val_accuracy": 0.75, "val_loss": loss})
+    board = writer.leaderboard()
+    assert board["trial_id"].tolist() == [second.trial_id, first.trial_id]
+    assert best_row(board, "best_val_accuracy", "max")["trial_id"] == board["trial_id"].iloc[0]
