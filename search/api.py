@@ -22,7 +22,7 @@ def run_study(study, *, storage: str = "runs", resume: bool = False, force: bool
               num_samples: int | None = None, max_epochs: int | None = None, seed: int | None = None,
               max_concurrent: int | None = None, cpus_per_trial: float | None = None,
               gpus_per_trial: float | None = None, data_dir: str | None = None, weights_dir: str | None = None,
-              address: str | None = None, activation_cache: bool | None = None, smoke: bool = False,
+              address: str | None = None, name: str | None = None, activation_cache: bool | None = None, smoke: bool = False,
               skip_corrupt: bool = False, verbose: bool = False, callbacks=()):
     """Run ``study`` (a ``Study`` or a study file's path) and return its ``analysis.results.Results``
     (for a bucket ``storage``, the results folder's URI).
@@ -46,7 +46,7 @@ def run_study(study, *, storage: str = "runs", resume: bool = False, force: bool
     for flag, value in (("--num-samples", num_samples), ("--max-epochs", max_epochs), ("--seed", seed),
                         ("--max-concurrent", max_concurrent), ("--cpus-per-trial", cpus_per_trial),
                         ("--gpus-per-trial", gpus_per_trial), ("--data-dir", data_dir),
-                        ("--weights-dir", weights_dir), ("--address", address)):
+                        ("--weights-dir", weights_dir), ("--address", address), ("--name", name)):
         if value is not None:
             argv += [flag, str(value)]
     argv += [flag for flag, on in (("--resume", resume), ("--force", force), ("--smoke", smoke),

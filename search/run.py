@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-concurrent", type=_positive_int, help="trials running at once (overrides the study)")
     parser.add_argument("--no-activation-cache", dest="activation_cache", action="store_false", default=None,
                         help="run frozen backbones on every image every epoch, instead of training on cached features")
+    parser.add_argument("--name", help="results folder name under --storage (default: the study's name; "
+                        "a completed study there gets a numbered new folder, NAME-2, NAME-3, ...)")
     parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
     parser.add_argument("--force", action="store_true", help="with --resume: resume even if the study file changed")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget and data subset, to try a study file quickly")
@@ -166,10 +168,10 @@ def apply_overrides(study, args):
 def resume_command(args) -> str:
     """The command that continues this run. The search's flags are in study.json, so only where it runs is given."""
     if args.study_file is None:  # a Study built in code, run through search.run_study
-        where = "".join(f", {flag}={getattr(args, flag)!r}" for flag in ("address", "data_dir") if getattr(args, flag, None))
+        where = "".join(f", {flag}={getattr(args, flag)!r}" for flag in ("name", "address", "data_dir") if getattr(args, flag, None))
         return f"run_study(<the same Study>, storage={args.storage!r}, resume=True{where})"
     parts = ["python", "-m", "search.run", args.study_file, "--storage", args.storage, "--resume"]
-    for flag in ("address", "data_dir"):  # data_dir: the data may sit elsewhere on the machine that resumes
+    for flag in ("name", "address", "data_dir"):  # data_dir: the data may sit elsewhere on the machine that resumes
         if getattr(args, flag, None) is not None:
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     return shlex.join(parts)
@@ -221,8 +223,9 @@ def execute(args, study=None, callbacks: tuple = ()):
     from search.weights import study_weight_files
 
     study = study if study is not None else load_study(args.study_file)
-    folder = StudyFolder(args.storage, study.name)
-    args = check_folder(folder, args)
+    folder, args = check_folder(StudyFolder(args.storage, args.name or study.name), args)
+    if folder.name != study.name:  # Ray's experiment, the records and the folder share one name
+        study = dataclasses.replace(study, name=folder.name)
     if args.resume:
         if not args.force and args.study_file is not None:
             check_study_unchanged(folder, Path(args.study_file))
@@ -240,24 +243,43 @@ def execute(args, study=None, callbacks: tuple = ()):
 
 
 def check_folder(folder, args):
-    """``args``, after checking that the folder holds what ``--resume`` says (or nothing, without it).
+    """``(folder, args)`` after checking that the folder holds what ``--resume`` says, or nothing without it.
 
-    A run that stopped after writing study.json but before Ray Tune saved any state ran no trial:
-    ``--resume`` then starts it again from the beginning, so that folder is never stuck.
+    Without ``--resume`` or ``--name``, a folder holding a *completed* study is left alone and the run gets
+    the next free numbered folder (``quickstart-2``), so a command can be run again; an unfinished study
+    there is refused, since it is probably meant to be resumed. A run that stopped after writing
+    study.json but before Ray Tune saved any state ran no trial: ``--resume`` starts it again.
     """
+    from search.storage import StudyFolder
     from search.study import StudyError
 
     started = folder.exists("study.json")
     if started and not args.resume:
-        raise StudyError(f"results folder {str(folder)!r} already holds this study; add --resume to continue it, "
-                         "or use another --storage")
+        outcome = _outcome(folder)
+        if outcome != "completed" or args.name:
+            raise StudyError(f"results folder {str(folder)!r} already holds this study (outcome: {outcome}); add "
+                             "--resume to continue it, or use another --storage or --name")
+        number = 2
+        while StudyFolder(folder.storage, f"{folder.name}-{number}").exists("study.json"):
+            number += 1
+        fresh = StudyFolder(folder.storage, f"{folder.name}-{number}")
+        print(f"note: {folder} holds a completed run of this study; this run writes {fresh} "
+              f"(--resume continues a run; --name picks the folder)", flush=True)
+        return fresh, argparse.Namespace(**{**vars(args), "name": fresh.name})
     if args.resume and not folder.exists("tuner.pkl"):
         if not started:
             raise StudyError(f"nothing to resume in {str(folder)!r}; run without --resume to start the study")
         print(f"note: the earlier run in {folder} stopped before its first trial; starting the study again", flush=True)
-        return argparse.Namespace(**{**vars(with_recorded_flags(args, json.loads(folder.read_text("study.json")))),
-                                     "resume": False, "restarted": True})
-    return args
+        return folder, argparse.Namespace(**{**vars(with_recorded_flags(args, json.loads(folder.read_text("study.json")))),
+                                             "resume": False, "restarted": True})
+    return folder, args
+
+
+def _outcome(folder) -> str:
+    try:
+        return json.loads(folder.read_text("study.json")).get("outcome", "running or stopped")
+    except (OSError, ValueError):
+        return "unreadable study.json"
 
 
 def check_study_unchanged(folder, study_file: Path) -> None:

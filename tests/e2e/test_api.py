@@ -41,9 +41,13 @@ def test_a_study_built_in_code_runs_and_its_results_load(tmp_path):
     assert model.predict(np.zeros((2, 32, 32, 3)), verbose=0).shape == (2, 2)
     again = load_results(tmp_path / "api")
     assert again.best_trial == best and again.leaderboard.equals(board)
+    # Run again: a completed study's folder is kept, and the new run gets the next numbered one.
+    second = run_study(tiny("api"), storage=tmp_path, num_samples=1, max_epochs=1)
+    assert second.path == tmp_path / "api-2" and second.study["name"] == "api-2" and len(second.leaderboard) == 1
+    assert load_results(tmp_path / "api").leaderboard.equals(board)
     # The API raises what the command line prints and exits with.
     with pytest.raises(StudyError, match="already holds this study"):
-        run_study(tiny("api"), storage=tmp_path)
+        run_study(tiny("api"), storage=tmp_path, name="api")
     with pytest.raises(StudyError, match="--num-samples"):
         run_study(tiny("api"), storage=tmp_path, resume=True, num_samples=5)
 

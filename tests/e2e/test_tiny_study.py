@@ -107,10 +107,10 @@ def test_splits_and_study_record(finished_run):
     assert record["versions"]["ray"] and record["versions"]["optuna"]
 
 
-def test_starting_again_without_resume_is_refused(finished_run, capsys):
+def test_starting_again_in_the_same_named_folder_without_resume_is_refused(finished_run, capsys):
     _, folder, _ = finished_run
     study = folder.parent.parent / "tiny.py"
-    assert main([str(study), "--storage", str(folder.parent)]) == 2
+    assert main([str(study), "--storage", str(folder.parent), "--name", "tiny"]) == 2
     assert "add --resume" in capsys.readouterr().err
 
 

@@ -173,3 +173,26 @@ def test_resume_refuses_an_edited_study_file_and_shows_the_edit(write_study, tmp
                                          r"\+STUDY.*num_samples=40.*--force"):
         check_study_unchanged(StudyFolder(tmp_path / "runs", "x"), path)
     assert parse_args([str(path), "--resume", "--force"]).force
+
+
+def test_a_completed_study_folder_is_kept_and_a_new_run_gets_the_next_number(tmp_path, capsys):
+    import json
+
+    from search.run import check_folder
+    from search.storage import StudyFolder
+    from search.study import StudyError
+
+    def folder(name, outcome):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "study.json").write_text(json.dumps({"outcome": outcome} if outcome else {}))
+
+    folder("q", "completed")
+    folder("q-2", "completed")
+    fresh, args = check_folder(StudyFolder(str(tmp_path), "q"), parse_args(["s.py"]))
+    assert fresh.name == "q-3" and args.name == "q-3" and "this run writes" in capsys.readouterr().out
+    for name, outcome in (("r", "interrupted"), ("s", None)):  # unfinished: meant to be resumed
+        folder(name, outcome)
+        with pytest.raises(StudyError, match="add --resume"):
+            check_folder(StudyFolder(str(tmp_path), name), parse_args(["s.py"]))
+    with pytest.raises(StudyError, match="already holds"):  # an explicit --name is never renumbered
+        check_folder(StudyFolder(str(tmp_path), "q"), parse_args(["s.py", "--name", "q"]))
