@@ -7,7 +7,7 @@ raw RGB in [0, 255] (float32, NHWC, decoded like ``trainables.data.decode_image`
 and returns softmax probabilities in ``class_names`` order.
 
 - ``keras``: the checkpoint re-saved without optimizer state. Loading it
-  needs ``import trainables`` (the custom ``Preprocess`` layer).
+  needs ``import trainables.preprocess`` (the custom ``Preprocess`` layer).
 - ``savedmodel``: a TensorFlow SavedModel with a ``serve`` / ``serving_default``
   signature; needs only TensorFlow.
 - ``tflite``: converted from that SavedModel with ``tf.lite.TFLiteConverter``.
@@ -172,7 +172,7 @@ def predict_exported(path: Path, fmt: str, images: np.ndarray) -> np.ndarray:
     if fmt == "keras":
         import keras
 
-        import trainables.model  # noqa: F401  (registers the custom layers)
+        import trainables.preprocess  # noqa: F401  (registers the custom layer)
 
         model = keras.saving.load_model(path, compile=False)
         return np.asarray(model.predict(x, batch_size=_BATCH, verbose=0))

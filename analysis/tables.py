@@ -13,27 +13,23 @@ so their numbers can be checked against ``leaderboard.parquet``; ``pretty`` and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
+from trainables.hparams import HPARAM_NAMES, PLACEMENT
+
 # Columns of leaderboard.parquet that are not hyperparameters (search/results.py writes them).
 BOOKKEEPING = frozenset({
     "trial_id", "trial_number", "trial_name", "status", "error", "checkpoint_path", "epochs", "best_epoch",
     "wall_time_s", "trainable_params", "total_params", "started_at", "ended_at", "finished_at",
-    "setup_s", "train_s", "checkpoint_s", "adjusted", "failures", "node_id", "gpu", "precision",
+    "setup_s", "train_s", "checkpoint_s", "adjusted", "failures", *PLACEMENT,
 })
-# trainables/train.py:DEFAULTS, the trial's hyperparameters (copied: importing it imports Keras).
-# Used only to prefer these names when an Optuna parameter duplicates one (``cnn_learning_rate``).
-HPARAM_NAMES = ("backbone", "weights", "unfreeze", "warmup_epochs", "learning_rate", "fine_tune_lr", "dropout",
-                "head_units", "pooling", "augment", "class_weight", "batch_size")
 STALE_S = 1800  # running trials in a leaderboard not written for this long: the driver has probably stopped
 STATUS_ORDER = ("finished", "stopped", "running", "interrupted", "errored")
 # Metric columns of the best-per-group tables, in order; recall columns are added per class.
@@ -146,23 +142,13 @@ def _read(path: Path) -> pd.DataFrame:
 
 
 def write_file(path: Path, data: bytes) -> Path:
-    """Write a report's or leaderboard's file whole or not at all; a failure is an ``AnalysisError`` naming it.
+    """Write a report's or leaderboard's file whole or not at all (``search.storage.write_atomic``);
+    a failure (a full disk) is an ``AnalysisError`` naming it."""
+    from search.storage import write_atomic
 
-    A temporary file beside ``path``, then a rename; on failure (a full disk)
-    the temporary file is removed, so no partial file is left. The same rule as
-    ``search.storage.write_atomic``, kept here because importing ``search``
-    imports TensorFlow, which analysis does not need.
-    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):  # gone after the rename; half written after a failure
-                tmp.unlink()
+        write_atomic(path, data)
     except OSError as exc:
         raise AnalysisError(f"cannot write {str(path)!r} ({exc.strerror or exc}); free some space, or make the "
                             "folder writable, and run again") from None

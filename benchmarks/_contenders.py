@@ -320,8 +320,9 @@ def _build_compiled(hp: dict, input_shape, num_classes: int, seed: int):
     """Our model for these hyperparameters, trainable layers set and compiled as ``train_trial``'s one phase."""
     import keras
 
+    from trainables.hparams import resolve_hparams
     from trainables.model import apply_unfreeze, build_model
-    from trainables.train import phases, resolve_hparams
+    from trainables.train import phases
 
     hp = resolve_hparams({**FIXED, **hp})
     keras.utils.set_random_seed(seed)

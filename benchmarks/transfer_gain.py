@@ -60,9 +60,9 @@ def load_subset(data_dir: str, image_size: int, train_per_class: int, val_per_cl
 def train_arm(arm: dict, data: dict, classes: list[str], epochs: int, batch_size: int, seed: int) -> dict:
     import keras
 
+    from trainables.hparams import DEFAULTS
     from trainables.metrics import classification_metrics
     from trainables.model import apply_unfreeze, build_model
-    from trainables.train import DEFAULTS
 
     keras.utils.set_random_seed(seed)
     hp = {**DEFAULTS, "backbone": "efficientnet_lite0", "dropout": 0.2, **arm}

@@ -6,7 +6,7 @@ a notebook runs one with ``run_study(study)`` and reads it with ``load_results(f
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported, by search.study
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (by whatever builds a model)
 
 from search.study import Dataset, Study, StudyError, load_study
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        from trainables.backbones import unknown_name_message
+        from trainables.checks import unknown_name_message
 
         print(f"error: {unknown_name_message('command', command, list(COMMANDS))}\n\n{_usage()}", file=sys.stderr)
         return 2

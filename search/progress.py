@@ -8,7 +8,7 @@ import time
 from ray import tune
 
 from search.results import trial_error_line, trial_status
-from trainables.train import is_better
+from trainables.metrics import is_better
 
 _STATUS_EVERY_S = 20.0
 

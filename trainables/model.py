@@ -7,8 +7,7 @@ from keras import layers
 
 from trainables.augment import make_augmentation
 from trainables.backbones import create_backbone
-
-POOLINGS = ("avg", "flatten")
+from trainables.hparams import POOLINGS
 
 
 def build_model(

@@ -30,23 +30,9 @@ from trainables.activation_cache import (
 )
 from trainables.augment import make_augmentation
 from trainables.checkpoint import MODEL_FILE, TOP_FILE, save_classifier
+from trainables.hparams import PLACEMENT, resolve_hparams
+from trainables.metrics import is_better
 from trainables.weights import unpack_weights
-
-# Hyperparameters a trial understands, with the values used when a study leaves them out.
-DEFAULTS = {
-    "backbone": "mobilenet_v2",
-    "weights": None,  # None or "imagenet"
-    "unfreeze": "all",  # 0 = frozen backbone, k = top k layers, "all"
-    "warmup_epochs": 0,  # epochs training the head alone before unfreezing (pretrained only)
-    "learning_rate": 1e-3,  # head, or whole model when nothing is frozen
-    "fine_tune_lr": 1e-5,  # unfrozen backbone layers, after the warm-up
-    "dropout": 0.2,
-    "head_units": 0,  # 0 = no hidden dense layer in the head
-    "pooling": "avg",  # "avg" or "flatten" (the reference studies' small CNNs flatten)
-    "augment": "none",  # "none", "light" or "heavy"
-    "class_weight": False,  # balanced class weights in the loss
-    "batch_size": 32,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,34 +51,6 @@ class TrialSettings:
     activation_cache: bool = True  # frozen pretrained backbones: train the head on cached features
     augment_views: int = 0  # with augmentation: a cached bank of this many views per image (0: run the network)
     mixed_precision: bool | str = "auto"  # "auto": mixed_float16 on a GPU with compute capability >= 7.0
-
-
-def resolve_hparams(config: dict, max_epochs: int | None = None, random_init: tuple[str, ...] = ()) -> dict:
-    """Defaults overlaid with the trial's config; unknown keys are kept but unused."""
-    return effective_hparams(config, max_epochs, random_init)[0]
-
-
-def effective_hparams(config: dict, max_epochs: int | None = None,
-                      random_init: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
-    """What a trial given ``config`` really trains with, and a note for each value that differs from it.
-
-    The one place these adjustments are made: the trial trains with the values, and the
-    leaderboard records them (``search.results``), so it never shows what did not run.
-    """
-    hp, notes = {**DEFAULTS, **config}, []
-
-    def adjust(key: str, value, why: str) -> None:
-        if hp[key] != value:
-            notes.append(f"{key} {hp[key]!r} -> {value!r}: {why}")
-            hp[key] = value
-
-    if hp["backbone"] in random_init:
-        adjust("weights", None, "its ImageNet weights were unavailable (--smoke)")
-    if hp["weights"] is None:
-        adjust("warmup_epochs", 0, "nothing pretrained to protect from a cold head")
-    if max_epochs is not None and hp["warmup_epochs"] >= max_epochs and hp["unfreeze"] not in (0, "0"):
-        adjust("unfreeze", 0, f"the warm-up ({hp['warmup_epochs']} epochs) fills max_epochs ({max_epochs})")
-    return hp, notes
 
 
 def phases(hp: dict, max_epochs: int) -> list[tuple[int, int, float, object]]:
@@ -294,15 +252,6 @@ def predict_in_batches(model, x, batch_size: int) -> np.ndarray:
     """``model.predict(x)``, the same outputs, without its set-up on every call (a tf.data pipeline:
     ~0.1 s, more than a whole epoch of a head on cached features)."""
     return np.concatenate([model.predict_on_batch(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
-PLACEMENT = ("node_id", "gpu", "precision")  # reported every epoch, kept in the leaderboard
-
-
-def is_better(value: float, best: float | None, mode: str) -> bool:
-    if value is None or math.isnan(value):
-        return False
-    return best is None or (value > best if mode == "max" else value < best)
 
 
 class ReportEpoch(keras.callbacks.Callback):

@@ -51,7 +51,7 @@ def test_keras_export_round_trips(run_copy, tmp_path):
     trial, model, images, reference = checkpoint_predictions(run_copy)
     import keras
 
-    import trainables.model  # noqa: F401  (the custom layers)
+    import trainables.preprocess  # noqa: F401  (the custom layer)
 
     again = keras.saving.load_model(out, compile=False)
     assert again.get_config() == model.get_config()

@@ -109,7 +109,7 @@ def test_the_leaderboard_records_the_hyperparameters_that_ran(tmp_path, config, 
 
     from search.results import LeaderboardWriter
     from search.storage import StudyFolder
-    from trainables.train import effective_hparams
+    from trainables.hparams import effective_hparams
 
     hp, notes = effective_hparams(config, max_epochs, random_init)
     assert {k: hp[k] for k in expected} == expected

@@ -15,7 +15,8 @@ import pytest
 
 from search import load_study
 from trainables.datasets import get_loader
-from trainables.train import phases, resolve_hparams
+from trainables.hparams import resolve_hparams
+from trainables.train import phases
 
 SPACES = Path(__file__).resolve().parents[2] / "spaces"
 STUDY_FILES = sorted(p for p in SPACES.glob("*.py") if p.stem != "quickstart")

@@ -11,7 +11,8 @@ from trainables import activation_cache as cache
 from trainables import create_backbone
 from trainables.efficientnet_lite import VARIANTS as LITE_VARIANTS
 from trainables.efficientnet_lite import block_ends
-from trainables.train import DEFAULTS, TrialSettings, fit_classifier
+from trainables.hparams import DEFAULTS
+from trainables.train import TrialSettings, fit_classifier
 
 SETTINGS = dict(max_epochs=3, metric="val_balanced_accuracy", mode="max", class_names=("benign", "malignant"),
                 positive=1, seed=7)

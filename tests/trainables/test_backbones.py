@@ -62,3 +62,20 @@ def test_in_model_preprocessing_matches_keras(mode, reference):
     x = np.random.default_rng(1).uniform(0, 255, size=(2, 8, 8, 3)).astype("float32")
     ours = keras.ops.convert_to_numpy(Preprocess(mode)(x))
     np.testing.assert_allclose(ours, reference(x.copy()), rtol=1e-5, atol=1e-4)
+
+
+def test_a_backbone_registered_with_its_builder_builds_and_is_valid_in_studies(monkeypatch):
+    """The built-ins name their builders by import path; a user's backbone passes the function itself."""
+    from trainables import backbones, register_backbone
+    from trainables.hparams import hparam_problem
+
+    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))  # leave the real registry as it was
+
+    @register_backbone("tiny_conv", preprocess="unit", layers=2, imagenet=False, min_size=8)
+    def tiny_conv(inputs, x, *, weights, include_top, name):
+        return keras.Model(inputs, keras.layers.Conv2D(4, 3)(x), name=name)
+
+    model = create_backbone("tiny_conv", input_shape=(8, 8, 3))
+    assert len(model.layers) - 1 == get_backbone_spec("tiny_conv").layers  # the Preprocess and the Conv2D
+    assert hparam_problem("backbone", "tiny_conv") is None
+    assert "did you mean 'tiny_conv'" in hparam_problem("backbone", "tiny_cnv")

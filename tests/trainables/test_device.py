@@ -3,8 +3,9 @@
 import keras
 import numpy as np
 
+from trainables.hparams import DEFAULTS
 from trainables.model import build_model
-from trainables.train import DEFAULTS, setup_tensorflow
+from trainables.train import setup_tensorflow
 
 
 def test_auto_precision_is_float32_without_a_gpu_and_reports_the_device():

@@ -4,8 +4,9 @@ import keras
 import numpy as np
 import pytest
 
+from trainables.hparams import DEFAULTS, resolve_hparams
 from trainables.model import apply_unfreeze, build_model
-from trainables.train import DEFAULTS, phases, resolve_hparams
+from trainables.train import phases
 
 SHAPE = (32, 32, 3)
 

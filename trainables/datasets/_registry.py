@@ -45,7 +45,7 @@ def list_loaders() -> list[str]:
 
 
 def get_loader(name: str) -> LoaderSpec:
-    from trainables.backbones import unknown_name_message
+    from trainables.checks import unknown_name_message
 
     if name not in _LOADERS:
         raise DatasetError(unknown_name_message("dataset loader", name, _LOADERS))
