@@ -13,10 +13,24 @@ report on validation) plus per-class precision, recall and F1, each with a
 95% percentile bootstrap interval over resampled test images. All trials
 share the same resamples (one seed), so their intervals are paired.
 
+The final model (issue 15) is scored beside the single best: with
+``--ensemble K|auto`` the mean of the top-k trials' probabilities, with
+``--tta flips|dihedral`` the mean over test-time views. Everything it fits is
+fitted on the validation split only, before the test split is read: the
+ensemble size (``auto``), a temperature per model (``analysis.calibration``)
+and a decision threshold for the positive class (``analysis.operating_point``:
+``--target-sensitivity``, ``--target-specificity`` or Youden's J). Each
+candidate gets its metrics with intervals, calibration (NLL, ECE, Brier)
+before and after, and its operating point on the evaluated split.
+
 Outputs: ``RUN_DIR/test_predictions.parquet`` (one row per trial and image:
 ``trial``, ``path``, ``label``, ``label_index``, ``predicted``,
-``prob_<class>``) and ``RUN_DIR/test_evaluation.json`` (``test_split_log``
-and ``evaluations``, both appended to on every run).
+``prob_<class>``; ensembles and TTA under their label as ``trial``),
+``RUN_DIR/test_evaluation.json`` (``test_split_log`` and ``evaluations``, both
+appended to on every run; ``final`` in each evaluation),
+``RUN_DIR/final_model.json`` (what was fitted on validation),
+``RUN_DIR/val_predictions_cache.parquet``, the reliability diagram
+``RUN_DIR/report_files/reliability_test.png`` and ``RUN_DIR/model_card.md``.
 """
 
 from __future__ import annotations
@@ -30,16 +44,20 @@ import datetime as dt
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["EvaluateError", "evaluate_top_k", "point_metrics", "bootstrap_ci", "ranked_trials", "read_split",
-           "decode_split", "log_test_use", "main"]
+__all__ = ["EvaluateError", "evaluate_top_k", "point_metrics", "bootstrap_ci", "resample_counts", "ranked_trials",
+           "read_split", "decode_split", "log_test_use", "validation_predictions", "tta_views", "plan_final", "main"]
 
 SPLITS = ("test", "val")
 LEVEL = 0.95
+TTA_MODES = ("flips", "dihedral")
+AUTO_ENSEMBLE_MAX = 5  # --ensemble auto tries the top 1..5 trials
+VAL_PREDICTIONS = "val_predictions_cache.parquet"  # not val_predictions.parquet: --split val writes that
 _CELLS_PER_CHUNK = 4_000_000  # resamples x images held in memory at once (~32 MB of float64)
 
 
@@ -215,16 +233,8 @@ def bootstrap_ci(y_true, probs, class_names: list[str], *, n_boot: int = 1000, s
         raise EvaluateError(f"level must be in (0, 1), got {level}; e.g. 0.95")
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    n = len(y_true)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, _CELLS_PER_CHUNK // max(n, 1)))
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        picks = rng.integers(0, n, size=(b, n))
-        # Row r counts how often each image appears in resample r.
-        counts = np.bincount((picks + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
-        parts.append(_weighted_metrics(y_true, probs, counts, class_names, positive))
+    parts = [_weighted_metrics(y_true, probs, counts, class_names, positive)
+             for counts in resample_counts(len(y_true), n_boot, seed)]
     q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
     out = {}
     for name in parts[0]:
@@ -233,6 +243,24 @@ def bootstrap_ci(y_true, probs, class_names: list[str], *, n_boot: int = 1000, s
         out[name] = (float(np.percentile(values, q[0])), float(np.percentile(values, q[1]))) if len(values) \
             else (math.nan, math.nan)
     return out
+
+
+def resample_counts(n: int, n_boot: int, seed: int):
+    """The bootstrap's resamples of ``n`` images, in chunks: ``counts[r, i]`` = copies of image i in resample r.
+
+    ``n_boot`` draws of ``n`` indices with replacement from
+    ``numpy.random.default_rng(seed)``; every interval of an evaluation
+    (``bootstrap_ci``, ``analysis.operating_point``) uses these, so for one
+    seed all are computed on the same resamples.
+    """
+    if n_boot < 1:
+        raise EvaluateError(f"n_boot must be >= 1, got {n_boot}; use at least 1000 for a 95% interval")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, _CELLS_PER_CHUNK // max(n, 1)))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        picks = rng.integers(0, n, size=(b, n))
+        yield np.bincount((picks + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
 
 
 def _weighted_metrics(y_true: np.ndarray, probs: np.ndarray, counts: np.ndarray, class_names: list[str],
@@ -296,20 +324,306 @@ def _binary_auc(score: np.ndarray, is_pos: np.ndarray, w: np.ndarray) -> np.ndar
 
 
 # --------------------------------------------------------------------------
+# the final model: options, validation predictions, ensembles and TTA
+# --------------------------------------------------------------------------
+
+
+def parse_ensemble(value) -> int | str | None:
+    """``--ensemble``: None (the single best), a number of top trials >= 1, or ``"auto"`` (chosen on validation)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise EvaluateError(f"--ensemble must be a number of trials (>= 1) or 'auto', got {value!r}") from None
+    if number < 1 or str(number) != str(value).strip():
+        raise EvaluateError(f"--ensemble must be a number of trials (>= 1) or 'auto', got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class FinalPlan:
+    """What the final stage fits and scores, checked against the folder before any model is loaded."""
+
+    ensemble: int | str | None
+    tta: str | None
+    positive: int | None  # index of the class a threshold is chosen for; None: argmax only
+    target_sensitivity: float | None
+    target_specificity: float | None
+    n_members_max: int  # trials the ensemble may draw on
+
+
+def plan_final(study: dict, class_names: list[str], n_with_checkpoint: int, run_dir: Path, *, ensemble=None,
+               tta: str | None = None, target_sensitivity: float | None = None,
+               target_specificity: float | None = None, positive_class: str | None = None) -> FinalPlan:
+    """Every option of the final stage checked against the study: a named error before any work."""
+    from analysis.operating_point import OperatingPointError, check_target
+
+    ensemble = parse_ensemble(ensemble)
+    if tta is not None and tta not in TTA_MODES:
+        raise EvaluateError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    try:
+        check_target("--target-sensitivity", target_sensitivity)
+        check_target("--target-specificity", target_specificity)
+    except OperatingPointError as exc:
+        raise EvaluateError(str(exc)) from None
+    if target_sensitivity is not None and target_specificity is not None:
+        raise EvaluateError("give --target-sensitivity or --target-specificity, not both: one threshold cannot "
+                            "promise both on new images")
+    if n_with_checkpoint == 0:
+        raise EvaluateError(f"no trial of {str(run_dir)!r} has a checkpoint (leaderboard.parquet records none); "
+                            "a trial saves one after its first epoch: let the study run (python -m search.run "
+                            "STUDY_FILE --resume) before evaluating it")
+    if isinstance(ensemble, int) and ensemble > n_with_checkpoint:
+        raise EvaluateError(f"--ensemble {ensemble}: only {n_with_checkpoint} trial(s) of {str(run_dir)!r} have a "
+                            f"checkpoint; use --ensemble {n_with_checkpoint} or less, or --ensemble auto")
+    if positive_class is not None and positive_class not in class_names:
+        from trainables.checks import unknown_name_message
+
+        raise EvaluateError("--positive-class: " + unknown_name_message("class", positive_class, class_names))
+    target = target_sensitivity is not None or target_specificity is not None
+    if len(class_names) == 2:
+        name = positive_class or study.get("dataset", {}).get("positive_class")
+        positive = class_names.index(name) if name in class_names else 1
+    elif positive_class is not None:
+        positive = class_names.index(positive_class)
+    elif target:
+        flag = "--target-sensitivity" if target_sensitivity is not None else "--target-specificity"
+        raise EvaluateError(f"{flag} is for one positive class against the rest, and the study has "
+                            f"{len(class_names)} classes {class_names}; name it with --positive-class "
+                            f"(e.g. --positive-class {class_names[0]}), or leave the target out for per-class "
+                            "one-vs-rest sensitivity and specificity at the argmax")
+    else:
+        positive = None
+    n_members = ensemble if isinstance(ensemble, int) else min(AUTO_ENSEMBLE_MAX, n_with_checkpoint) \
+        if ensemble == "auto" else 1
+    return FinalPlan(ensemble, tta, positive, target_sensitivity, target_specificity, n_members)
+
+
+def split_class_names(run_dir: Path) -> list[str]:
+    """Class order of ``splits.parquet`` (``label_index``), the order every trial was trained with."""
+    pairs = pd.read_parquet(run_dir / "splits.parquet", columns=["label", "label_index"]).drop_duplicates()
+    return pairs.sort_values("label_index")["label"].astype(str).tolist()
+
+
+def tta_views(images: np.ndarray, mode: str | None):
+    """The test-time views of a batch (N, H, W, C): ``flips`` = the image, mirrored left-right, up-down and both
+    (4 views); ``dihedral`` = its 4 rotations by 90 degrees, each also mirrored (8 views: every symmetry of a
+    square, for images with no up or left such as dermoscopy). None: the image alone."""
+    if mode is None or mode == "none":
+        return [images]
+    if mode == "flips":
+        return [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    if mode == "dihedral":
+        turns = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+        return turns + [t[:, :, ::-1] for t in turns]
+    raise EvaluateError(f"--tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+
+
+def predict_views(model, images: np.ndarray, mode: str | None, batch_size: int) -> np.ndarray:
+    """The mean of the model's probabilities over the views of ``mode`` (its plain probabilities for None)."""
+    views = tta_views(images, mode)
+    total = sum(model.predict(np.ascontiguousarray(v), batch_size=batch_size, verbose=0).astype(np.float64)
+                for v in views)
+    return total / len(views)
+
+
+def validation_predictions(run_dir: Path, rows: pd.DataFrame, models: list, modes: list[str], *,
+                           batch_size: int, log=print) -> dict[tuple[str, str], np.ndarray]:
+    """Validation probabilities of every model in ``models`` under every TTA mode in ``modes`` (``"none"``
+    for plain), keyed ``(trial, mode)``; cached in ``RUN_DIR/val_predictions_cache.parquet``.
+
+    They are recomputed from the checkpoints rather than kept by the trials:
+    the trainer needs no change (a trial scores validation every epoch, but
+    which epoch ends up checkpointed is known only afterwards), the decoding is
+    exactly the one the test split gets here (``decode_split``), and scoring
+    the k checkpoints that matter on the validation split costs seconds. The
+    cache has the columns of ``test_predictions.parquet`` plus ``tta`` and
+    ``checkpoint``; a row set is reused only for the same trial, checkpoint,
+    mode and validation images in the same order, so a resumed study that
+    checkpointed a better epoch is scored again.
+    """
+    from search.storage import write_parquet
+
+    path = run_dir / VAL_PREDICTIONS
+    cached = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    wanted_paths = rows["path"].astype(str).tolist()
+    out, fresh, decoded = {}, [], {}
+    for _, trial, model, class_names, size in models:
+        checkpoint = trial.checkpoint.relative_to(run_dir).as_posix()
+        for mode in modes:
+            hit = cached[(cached["trial"] == trial.name) & (cached["tta"] == mode)
+                         & (cached["checkpoint"] == checkpoint)] if len(cached) else cached
+            columns = [f"prob_{c}" for c in class_names]
+            if len(hit) and hit["path"].tolist() == wanted_paths and set(columns) <= set(hit.columns):
+                out[(trial.name, mode)] = hit[columns].to_numpy(dtype=np.float64)
+                continue
+            if size not in decoded:
+                decoded[size] = decode_split(rows, size)
+            probs = predict_views(model, decoded[size], None if mode == "none" else mode, batch_size)
+            out[(trial.name, mode)] = probs
+            table = _prediction_rows(trial.name, rows, label_indices(rows, class_names), probs, class_names)
+            table["tta"], table["checkpoint"] = mode, checkpoint
+            fresh.append(table)
+    if fresh:
+        keys = {(t["trial"].iloc[0], t["tta"].iloc[0]) for t in fresh}
+        kept = cached[[(a, b) not in keys for a, b in zip(cached["trial"], cached["tta"])]] if len(cached) else cached
+        write_parquet(pd.concat([kept, *fresh], ignore_index=True), path)
+        log(f"note: validation predictions of {len(fresh)} model/view set(s) computed and cached in {VAL_PREDICTIONS}")
+    return out
+
+
+def choose_ensemble_size(member_probs: list[np.ndarray], y_val, class_names: list[str], study: dict,
+                         positive: int | None) -> tuple[int, dict[int, float]]:
+    """The k (1..len(member_probs)) whose mean of the top-k validation probabilities scores best on the study's
+    metric; ties go to the lower validation loss, then to the smaller k. Returns k and each k's score."""
+    metric = str(study.get("metric", "val_balanced_accuracy")).removeprefix("val_")
+    mode = study.get("mode", "max")
+    scores, keys = {}, {}
+    for k in range(1, len(member_probs) + 1):
+        values = point_metrics(y_val, np.mean(member_probs[:k], axis=0), class_names, positive)
+        score = values.get(metric, math.nan)
+        scores[k] = score
+        bad = math.inf if math.isnan(score) else (-score if mode == "max" else score)
+        keys[k] = (bad, values["loss"], k)
+    return min(keys, key=keys.get), scores
+
+
+# --------------------------------------------------------------------------
+# the final model: fitting on validation, scoring on the evaluated split
+# --------------------------------------------------------------------------
+
+
+def fit_on_validation(probs: np.ndarray, y_val: np.ndarray, plan: FinalPlan) -> dict:
+    """Temperature (validation NLL), then the threshold on the calibrated validation probabilities."""
+    from analysis.calibration import apply_temperature, fit_temperature
+    from analysis.operating_point import OperatingPointError, choose_threshold
+
+    fit = fit_temperature(probs, y_val)
+    threshold = None
+    if plan.positive is not None:
+        calibrated = apply_temperature(probs, fit["temperature"])
+        try:
+            threshold = choose_threshold(calibrated[:, plan.positive], y_val == plan.positive,
+                                         target_sensitivity=plan.target_sensitivity,
+                                         target_specificity=plan.target_specificity)
+        except OperatingPointError as exc:
+            raise EvaluateError(f"cannot choose a threshold on the validation split: {exc}") from None
+    return {"temperature": fit, "threshold": threshold}
+
+
+def score_final(label: str, members: list[str], tta: str | None, fitted: dict, y, probs: np.ndarray,
+                class_names: list[str], plan: FinalPlan, *, n_boot: int, seed: int, level: float,
+                positive_for_auc: int | None) -> dict:
+    """One final-model candidate on the evaluated split: every metric with its interval (uncalibrated
+    probabilities: the argmax metrics are the same either way), calibration before and after, and the
+    operating point (calibrated probabilities, validation threshold) or, without one, per-class
+    one-vs-rest sensitivity and specificity at the argmax."""
+    from sklearn.metrics import confusion_matrix
+
+    from analysis import operating_point as op
+    from analysis.calibration import apply_temperature, calibration_scores, reliability_bins
+
+    temperature = fitted["temperature"]["temperature"]
+    calibrated = apply_temperature(probs, temperature)
+    values = point_metrics(y, probs, class_names, positive_for_auc)
+    ci = bootstrap_ci(y, probs, class_names, n_boot=n_boot, seed=seed, positive=positive_for_auc, level=level)
+    record = {
+        "label": label, "trials": members, "tta": tta, "metrics": values, "ci": {m: list(ci[m]) for m in values},
+        "calibration": {"temperature": temperature, "validation": fitted["temperature"],
+                        "before": calibration_scores(probs, y), "after": calibration_scores(calibrated, y),
+                        "bins_before": reliability_bins(probs, y), "bins_after": reliability_bins(calibrated, y)},
+    }
+    labels = list(range(len(class_names)))
+    threshold = fitted["threshold"]
+    predicted = calibrated.argmax(axis=1)
+    if threshold is not None:
+        positive = plan.positive
+        scores, is_pos = calibrated[:, positive], y == positive
+        predicted = op.decide(calibrated, positive, threshold["value"])
+        record["operating_point"] = {
+            "class": class_names[positive], **threshold, "at_threshold": op.binary_at(is_pos, scores, threshold["value"]),
+            "ci": {m: list(v) for m, v in op.binary_ci(is_pos, scores, threshold["value"], n_boot=n_boot, seed=seed,
+                                                       level=level).items()},
+        }
+    record["confusion_matrix"] = confusion_matrix(y, predicted, labels=labels).tolist()
+    if len(class_names) > 2:
+        argmax = calibrated.argmax(axis=1)
+        ovr, ovr_ci = op.one_vs_rest(y, argmax, class_names), op.one_vs_rest_ci(y, argmax, class_names,
+                                                                                 n_boot=n_boot, seed=seed, level=level)
+        record["one_vs_rest"] = {c: {**ovr[c], "ci": {m: list(v) for m, v in ovr_ci[c].items()}} for c in class_names}
+    return record
+
+
+def final_model_record(study: dict, class_names: list[str], plan: FinalPlan, final: dict,
+                       per_trial: dict, n_val: int, ensemble_choice: dict | None, checkpoints: dict) -> dict:
+    """The content of ``final_model.json``: everything fitted on validation, and how."""
+    from analysis.calibration import ECE_BINS, T_BOUNDS
+    from analysis.operating_point import rule_text
+
+    threshold = final["fitted"]["threshold"]
+    return {
+        "written_at": _now(), "by": "analysis.evaluate", "study": study.get("name"), "class_names": class_names,
+        "positive_class": None if plan.positive is None else class_names[plan.positive],
+        "model": final["label"], "trials": final["members"], "checkpoints": [checkpoints[t] for t in final["members"]],
+        "tta": final["tta"], "temperature": final["fitted"]["temperature"]["temperature"],
+        "threshold": None if threshold is None else threshold["value"],
+        "threshold_rule": None if threshold is None else rule_text(threshold),
+        "decision": ("argmax of the calibrated probabilities" if threshold is None else
+                     f"{class_names[plan.positive]} if its calibrated probability >= threshold, else the most "
+                     "probable other class"),
+        "ensemble": ensemble_choice,
+        "fitted_on": {"split": "val", "n": n_val,
+                      "temperature": f"minimises the validation NLL over log T (scipy.optimize.minimize_scalar, "
+                                     f"bounded, T in [{T_BOUNDS[0]}, {T_BOUNDS[1]}]); probabilities are "
+                                     "softmax(log p / T)",
+                      "threshold": None if threshold is None else
+                      f"{rule_text(threshold)}, on the calibrated validation probability of "
+                      f"{class_names[plan.positive]}; positive iff probability >= threshold"},
+        "validation": {"temperature_fit": final["fitted"]["temperature"],
+                       "at_threshold": None if threshold is None else threshold["validation"]},
+        "ece_bins": ECE_BINS,
+        "per_trial": per_trial,
+    }
+
+
+def _per_trial_entry(fitted: dict, class_names: list[str], plan: FinalPlan) -> dict:
+    from analysis.operating_point import rule_text
+
+    threshold = fitted["threshold"]
+    return {"temperature": fitted["temperature"]["temperature"],
+            "nll_before": fitted["temperature"]["nll_before"], "nll_after": fitted["temperature"]["nll_after"],
+            "threshold": None if threshold is None else {
+                "class": class_names[plan.positive], "value": threshold["value"], "rule": rule_text(threshold),
+                "validation": threshold["validation"]}}
+
+
+# --------------------------------------------------------------------------
 # the evaluation
 # --------------------------------------------------------------------------
 
 
 def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: int = 0, *, split: str = "test",
-                   batch_size: int = 64, level: float = LEVEL, log=print) -> pd.DataFrame:
-    """Score the ``k`` best trials (by validation) on ``split``; write predictions and the evaluation record.
+                   batch_size: int = 64, level: float = LEVEL, log=print, ensemble: int | str | None = None,
+                   tta: str | None = None, target_sensitivity: float | None = None,
+                   target_specificity: float | None = None, positive_class: str | None = None) -> pd.DataFrame:
+    """Score the ``k`` best trials (by validation) on ``split``, and the final model; write predictions and records.
 
     Returns one row per evaluated trial, best first: ``rank``, ``trial_name``,
     ``backbone``, ``status``, ``best_<study metric>`` (validation), ``split``,
-    ``n``, every metric, and ``<metric>_ci_low`` / ``<metric>_ci_high``.
-    Trials without a checkpoint, or whose checkpoint cannot be loaded, are
-    skipped with a note (``log``) and the next one is taken, so a study that is
-    still running or has errored trials can be evaluated.
+    ``n``, every metric, and ``<metric>_ci_low`` / ``<metric>_ci_high``; then
+    one row per requested ensemble or TTA model (``rank`` empty, ``trial_name``
+    its label). Trials without a checkpoint, or whose checkpoint cannot be
+    loaded, are skipped with a note (``log``) and the next one is taken, so a
+    study that is still running or has errored trials can be evaluated.
+
+    The final model is the single best trial, or with ``ensemble`` the mean of
+    the top-k trials' probabilities (``"auto"``: k chosen on validation), with
+    ``tta`` (``flips`` or ``dihedral``) averaged over test-time views. Its
+    temperature and, for a positive class, its threshold are fitted on the
+    validation split only and written to ``RUN_DIR/final_model.json`` (with the
+    same fitted for each loaded trial alone, for ``search.predict``) before the
+    test split is read.
     """
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -323,12 +637,17 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     except PredictError as exc:
         raise EvaluateError(str(exc)) from None
     rows = read_split(run_dir, split)
+    val_rows = rows if split == "val" else read_split(run_dir, "val")
     ranked, notes = ranked_trials(run_dir, study)
+    classes = split_class_names(run_dir)
+    plan = plan_final(study, classes, len(ranked), run_dir, ensemble=ensemble, tta=tta,
+                      target_sensitivity=target_sensitivity, target_specificity=target_specificity,
+                      positive_class=positive_class)
     metric_column = f"best_{study.get('metric', 'val_balanced_accuracy')}"
 
     models = []  # (leaderboard row, chosen trial, model, class names, size)
     for _, row in ranked.iterrows():
-        if len(models) == k:
+        if len(models) == max(k, plan.n_members_max):
             break
         try:
             trial = choose_trial(run_dir, study, str(row["trial_name"]))
@@ -346,27 +665,79 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     if not models:
         raise EvaluateError(f"no trial of {str(run_dir)!r} has a checkpoint that loads ({len(ranked)} with a "
                             "recorded checkpoint); let the study run until a trial finishes an epoch")
-
-    decoded = {size: decode_split(rows, size) for size in sorted({m[4] for m in models})}
-    if split == "test":  # record the look at the test set before anything can fail
-        log_test_use(run_dir, trials=[m[1].name for m in models], n_test=len(rows), by="analysis.evaluate")
-
+    if isinstance(plan.ensemble, int) and len(models) < plan.ensemble:
+        raise EvaluateError(f"--ensemble {plan.ensemble}: only {len(models)} trial(s) have a checkpoint that loads "
+                            f"(see the notes above); use --ensemble {len(models)} or less")
+    for _, trial, _, names, _ in models:
+        if names != classes:
+            raise EvaluateError(f"{trial.name} was trained with classes {names}, but splits.parquet orders them "
+                                f"{classes}; is {str(run_dir)!r} the run its checkpoint came from?")
     positive_name = study.get("dataset", {}).get("positive_class")
+    positive_for_auc = classes.index(positive_name) if positive_name in classes else None
+
+    # ---- fitting: validation predictions only
+    modes = ["none"] + ([plan.tta] if plan.tta else [])
+    val = validation_predictions(run_dir, val_rows, models, modes, batch_size=batch_size, log=log)
+    y_val = label_indices(val_rows, classes)
+    names = [m[1].name for m in models]
+    checkpoints = {m[1].name: m[1].checkpoint.relative_to(run_dir).as_posix() for m in models}
+    ensemble_choice = None
+    size_k = 1
+    if plan.ensemble == "auto":
+        mode = plan.tta or "none"
+        pool = names[:plan.n_members_max]
+        size_k, scores = choose_ensemble_size([val[(n, mode)] for n in pool], y_val, classes, study, positive_for_auc)
+        ensemble_choice = {"k": size_k, "chosen": f"auto: best validation {study.get('metric')} of the mean of the "
+                           f"top 1..{len(pool)} trials (ties: lower validation loss, then smaller k)",
+                           "validation_scores": {str(n): v for n, v in scores.items()}}
+        log(f"note: --ensemble auto chose k={size_k} on validation ({study.get('metric')}: "
+            + ", ".join(f"k={n} {v:.4f}" for n, v in scores.items()) + ")")
+    elif isinstance(plan.ensemble, int):
+        size_k = plan.ensemble
+        ensemble_choice = {"k": size_k, "chosen": "given (--ensemble)"}
+    candidates = [(names[0], [names[0]], None)]  # (label, members, tta): the single best first
+    if size_k > 1:
+        candidates.append((f"ensemble of top {size_k}", names[:size_k], None))
+    if plan.tta:
+        candidates.append((f"{names[0]} + TTA {plan.tta}", [names[0]], plan.tta))
+        if size_k > 1:
+            candidates.append((f"ensemble of top {size_k} + TTA {plan.tta}", names[:size_k], plan.tta))
+    fitted = {label: fit_on_validation(np.mean([val[(n, t or "none")] for n in members], axis=0), y_val, plan)
+              for label, members, t in candidates}
+    per_trial = {n: _per_trial_entry(fitted[n] if n == names[0] else fit_on_validation(val[(n, "none")], y_val, plan),
+                                     classes, plan) for n in names}
+    final_label, final_members, final_tta = candidates[-1]
+    final = {"label": final_label, "members": final_members, "tta": final_tta, "fitted": fitted[final_label]}
+    record = final_model_record(study, classes, plan, final, per_trial, len(val_rows), ensemble_choice,
+                                checkpoints)
+    from analysis.calibration import FINAL_MODEL
+    from analysis.tables import write_file
+
+    write_file(run_dir / FINAL_MODEL, (json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n").encode())
+
+    # ---- the evaluated split: read once
+    needed = {n for _, members, _ in candidates for n in members} | set(names[:k])
+    decoded = {size: decode_split(rows, size) for size in sorted({m[4] for m in models if m[1].name in needed})}
+    if split == "test":  # record the look at the test set before anything can fail
+        log_test_use(run_dir, trials=[n for n in names if n in needed], n_test=len(rows), by="analysis.evaluate")
+    y = label_indices(rows, classes)
+    wanted = {(n, "none") for n in needed} | {(n, t) for _, members, t in candidates if t for n in members}
+    probs = {(trial.name, mode): predict_views(model, decoded[size], None if mode == "none" else mode, batch_size)
+             for _, trial, model, _, size in models for mode in modes if (trial.name, mode) in wanted}
+
     table, predictions, records = [], [], []
-    for rank, (row, trial, model, class_names, size) in enumerate(models, start=1):
-        y = label_indices(rows, class_names)
-        probs = model.predict(decoded[size], batch_size=batch_size, verbose=0).astype(np.float64)
-        positive = class_names.index(positive_name) if positive_name in class_names else None
-        values = point_metrics(y, probs, class_names, positive)
-        ci = bootstrap_ci(y, probs, class_names, n_boot=n_boot, seed=seed, positive=positive, level=level)
-        y_pred = probs.argmax(axis=1)
+    for rank, (row, trial, model, class_names, size) in enumerate(models[:k], start=1):
+        p = probs[(trial.name, "none")]
+        values = point_metrics(y, p, class_names, positive_for_auc)
+        ci = bootstrap_ci(y, p, class_names, n_boot=n_boot, seed=seed, positive=positive_for_auc, level=level)
+        y_pred = p.argmax(axis=1)
         labels = list(range(len(class_names)))
         table.append({"rank": rank, "trial_name": trial.name, "backbone": trial.backbone, "status": row.get("status"),
                       metric_column: trial.value, "split": split, "n": len(y), **values,
                       **{f"{m}_ci_{end}": ci[m][j] for m in values for j, end in enumerate(("low", "high"))}})
-        predictions.append(_prediction_rows(trial.name, rows, y, probs, class_names))
+        predictions.append(_prediction_rows(trial.name, rows, y, p, class_names))
         records.append({
-            "rank": rank, "trial_name": trial.name, "checkpoint": trial.checkpoint.relative_to(run_dir).as_posix(),
+            "rank": rank, "trial_name": trial.name, "checkpoint": checkpoints[trial.name],
             metric_column: trial.value, "best_epoch": trial.epoch, "metrics": values,
             "ci": {m: list(ci[m]) for m in values},
             "classification_report": classification_report(
@@ -376,6 +747,18 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
             "confusion_matrix": confusion_matrix(y, y_pred, labels=labels).tolist(),
             "class_names": class_names,
         })
+    scored = []
+    for label, members, t in candidates:
+        p = np.mean([probs[(n, t or "none")] for n in members], axis=0)
+        scored.append(score_final(label, members, t, fitted[label], y, p, classes, plan, n_boot=n_boot, seed=seed,
+                                  level=level, positive_for_auc=positive_for_auc))
+        if len(members) > 1 or t:  # the single best's predictions are already among the trials'
+            predictions.append(_prediction_rows(label, rows, y, p, classes))
+            values, ci = scored[-1]["metrics"], scored[-1]["ci"]
+            table.append({"rank": None, "trial_name": label, "backbone": None, "status": None, metric_column: None,
+                          "split": split, "n": len(y), **values,
+                          **{f"{m}_ci_{end}": ci[m][j] for m in values for j, end in enumerate(("low", "high"))}})
+    plot = _reliability(run_dir, scored[-1], split)
 
     from search.storage import write_parquet
 
@@ -384,8 +767,29 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
         "evaluated_at": _now(), "split": split, "n": len(rows), "metric": study.get("metric"),
         "mode": study.get("mode"), "k": k, "n_boot": n_boot, "seed": seed, "level": level,
         "positive_class": positive_name, "notes": notes, "trials": records,
+        "final": {"model": final_label, "final_model": FINAL_MODEL, "ensemble": ensemble_choice, "tta": plan.tta,
+                  "reliability_plot": plot, "fitted_on_evaluated_split": split == "val", "models": scored},
     })
+    if split == "test":
+        from analysis.model_card import write_model_card
+
+        write_model_card(run_dir)
     return pd.DataFrame(table)
+
+
+def _reliability(run_dir: Path, scored: dict, split: str) -> str | None:
+    """The final model's reliability diagram before and after calibration; its path relative to the folder."""
+    from analysis.plots import reliability_plot
+    from analysis.report import PLOTS_DIR
+
+    before, after = scored["calibration"]["before"], scored["calibration"]["after"]
+    temperature = scored["calibration"]["temperature"]
+    plot = reliability_plot(
+        {f"before calibration (ECE {before['ece']:.3f})": scored["calibration"]["bins_before"],
+         f"after, T = {temperature:.2f} (ECE {after['ece']:.3f})": scored["calibration"]["bins_after"]},
+        run_dir / PLOTS_DIR, name=f"reliability_{split}",
+        title=f"Reliability on the {split} split: {scored['label']}")
+    return None if plot.path is None else Path(plot.path).relative_to(run_dir).as_posix()
 
 
 def _prediction_rows(name: str, rows: pd.DataFrame, y, probs, class_names: list[str]) -> pd.DataFrame:
@@ -406,6 +810,8 @@ def format_table(table: pd.DataFrame, metric_column: str) -> str:
     shown = [m for m in ("accuracy", "balanced_accuracy", "macro_f1", "auc") if m in table.columns]
     shown += [c for c in table.columns if c.startswith("recall_") and not c.endswith(("_low", "_high"))]
     out = table[["rank", "trial_name", "backbone"]].copy()
+    out["rank"] = ["" if pd.isna(r) else str(int(r)) for r in table["rank"]]  # ensembles and TTA have none
+    out["backbone"] = ["" if b is None or pd.isna(b) else b for b in table["backbone"]]
     if metric_column in table.columns:
         out[metric_column] = table[metric_column].map(lambda v: "n/a" if pd.isna(v) else f"{v:.4f}")
     for m in shown:
@@ -434,10 +840,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="test (default), or val for studies without a test split (S4, S5): optimistic, "
                         "as the trials were chosen on it")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    final = parser.add_argument_group(
+        "the final model", "fitted on the validation split only, written to RUN_DIR/final_model.json (used by "
+        "python -m search.predict), then scored on the test split beside the single best trial")
+    final.add_argument("--ensemble", metavar="K|auto", default=None,
+                       help="also score the mean of the top K trials' probabilities; auto: K (1-5) chosen on "
+                       "validation by the study's metric")
+    final.add_argument("--tta", choices=TTA_MODES, default=None,
+                       help="also score test-time augmentation: flips (4 views: mirrored left-right, up-down, both) "
+                       "or dihedral (8 views: also rotated by 90 degrees; for images with no up, e.g. dermoscopy)")
+    final.add_argument("--target-sensitivity", type=float, metavar="S", default=None,
+                       help="threshold: the highest whose validation sensitivity for the positive class is >= S "
+                       "(e.g. 0.95 for screening); default: Youden's J")
+    final.add_argument("--target-specificity", type=float, metavar="S", default=None,
+                       help="threshold: the lowest whose validation specificity is >= S")
+    final.add_argument("--positive-class", metavar="NAME", default=None,
+                       help="the class the threshold is for (default: the study's positive_class; for more than two "
+                       "classes, naming one adds a threshold for it, e.g. mel)")
     args = parser.parse_args(argv)
     for name in ("top_k", "bootstrap", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for flag in ("target_sensitivity", "target_specificity"):
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be strictly between 0 and 1, got {value}; e.g. 0.95")
+    try:
+        args.ensemble = parse_ensemble(args.ensemble)
+    except EvaluateError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -449,13 +880,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir).expanduser().resolve()
     try:
         table = evaluate_top_k(run_dir, args.top_k, args.bootstrap, args.seed, split=args.split,
-                               batch_size=args.batch_size, log=lambda line: print(line, file=sys.stderr))
+                               batch_size=args.batch_size, log=lambda line: print(line, file=sys.stderr),
+                               ensemble=args.ensemble, tta=args.tta, target_sensitivity=args.target_sensitivity,
+                               target_specificity=args.target_specificity, positive_class=args.positive_class)
     except (EvaluateError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     record = json.loads((run_dir / f"{args.split}_evaluation.json").read_text())["evaluations"][-1]
     n = int(table["n"].iloc[0])
-    print(f"{args.split} split of {run_dir}: {n} images; top {len(table)} trial(s) by {record['metric']} "
+    print(f"{args.split} split of {run_dir}: {n} images; top {int(table['rank'].notna().sum())} trial(s) by {record['metric']} "
           f"({record['mode']}) on validation; {args.bootstrap} bootstrap resamples, "
           f"{int(100 * LEVEL)}% percentile intervals")
     if args.split == "val":
@@ -467,10 +900,55 @@ def main(argv: list[str] | None = None) -> int:
     matrix = pd.DataFrame(best["confusion_matrix"], index=[f"true {c}" for c in names],
                           columns=[f"pred {c}" for c in names])
     print(matrix.to_string())
+    print("\n" + format_final(record["final"], args.split, record.get("level", LEVEL)))
     print(f"\nwritten: {run_dir / f'{args.split}_predictions.parquet'}\n"
           f"         {run_dir / f'{args.split}_evaluation.json'}"
-          + (" (test split use logged)" if args.split == "test" else ""))
+          + (" (test split use logged)" if args.split == "test" else "")
+          + (f"\n         {run_dir / 'model_card.md'}" if args.split == "test" else "")
+          + f"\n         {run_dir / record['final']['final_model']} (fitted on validation)\n"
+          f"         {run_dir / VAL_PREDICTIONS}"
+          + (f"\n         {run_dir / record['final']['reliability_plot']}" if record["final"].get("reliability_plot") else ""))
     return 0
+
+
+def format_final(final: dict, split: str, level: float) -> str:
+    """The final model on the evaluated split: calibration before and after, and its operating point."""
+    models = {m["label"]: m for m in final["models"]}
+    chosen = models[final["model"]]
+    pct = int(round(100 * level))
+    lines = [f"final model: {final['model']} (final_model.json; temperature and threshold fitted on validation)"]
+    if final.get("fitted_on_evaluated_split"):
+        lines.append("caution: fitted and scored on the same (validation) split: optimistic")
+    lines.append(f"calibration on {split} (ECE: top-label confidence, 15 equal-width bins; Brier: sklearn's):")
+    for m in final["models"]:
+        c = m["calibration"]
+        lines.append(f"  {m['label']}: T = {c['temperature']:.3f}" + (" (at its bound: the validation set could not "
+                     "pin it down)" if c["validation"].get("at_bound") else "")
+                     + f"; ECE {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}, "
+                     f"Brier {c['before']['brier']:.4f} -> {c['after']['brier']:.4f}, "
+                     f"NLL {c['before']['nll']:.4f} -> {c['after']['nll']:.4f}")
+    op = chosen.get("operating_point")
+    if op:
+        v, t, ci = op["validation"], op["at_threshold"], op["ci"]
+        lines.append(f"operating point for {op['class']}: threshold {op['value']:.4f} ({_rule(op)}); on validation "
+                     f"sensitivity {v['sensitivity']:.4f}, specificity {v['specificity']:.4f}")
+        lines.append(f"  on {split} ({pct}% intervals): " + ", ".join(
+            f"{name} {_with_ci(t[name], *ci[name])}" for name in ("sensitivity", "specificity", "ppv", "npv", "f1")))
+        lines.append(f"  confusion at the threshold: TP {t['tp']}, FN {t['fn']}, FP {t['fp']}, TN {t['tn']}")
+        if op.get("rule") == "target_sensitivity":
+            met = "met" if t["sensitivity"] >= op["target"] else "NOT met"
+            lines.append(f"  target sensitivity {op['target']} on validation; on {split} it reached "
+                         f"{t['sensitivity']:.4f} ({met})")
+    for name, o in (chosen.get("one_vs_rest") or {}).items():
+        lines.append(f"  {name} vs rest at the argmax: sensitivity {_with_ci(o['sensitivity'], *o['ci']['sensitivity'])}, "
+                     f"specificity {_with_ci(o['specificity'], *o['ci']['specificity'])}")
+    return "\n".join(lines)
+
+
+def _rule(threshold: dict) -> str:
+    from analysis.operating_point import rule_text
+
+    return rule_text(threshold)
 
 
 if __name__ == "__main__":

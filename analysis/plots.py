@@ -494,3 +494,41 @@ def make_all(run: Run, out_dir: str | Path, evaluation: dict | None = None) -> d
         "confusion": [confusion_plot(run, out_dir, evaluation)],
         "efficiency": [best_so_far_plot(run, out_dir)],
     }
+
+
+# ---------------------------------------------------------------- calibration (analysis.evaluate's final model)
+
+def reliability_plot(curves: dict[str, dict], out_dir: Path, *, name: str = "reliability_test",
+                     title: str = "Reliability diagram on the held-out test split", note: str = "") -> Plot:
+    """Accuracy against mean confidence per confidence bin, one line per entry of ``curves``
+    (e.g. ``{"before calibration (ECE 0.12)": bins, "after ...": bins}``, bins from
+    ``analysis.calibration.reliability_bins``), with the diagonal of perfect calibration and
+    the images per bin below. Empty bins are left out."""
+    if not curves:
+        return Plot(name, title, None, "skipped: no predictions to draw")
+    fig = _figure((6.0, 6.0))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    edges = None
+    for i, (label, bins) in enumerate(curves.items()):
+        count = np.asarray(bins["count"], dtype=float)
+        filled = count > 0
+        confidence = np.asarray(bins["confidence"], dtype=float)[filled]
+        accuracy = np.asarray(bins["accuracy"], dtype=float)[filled]
+        top.plot(confidence, accuracy, "o-", color=f"C{i}", label=label, markersize=4)
+        edges = np.asarray(bins["edges"], dtype=float)
+        width = (edges[1] - edges[0]) / (len(curves) + 0.5)
+        bottom.bar(edges[:-1] + width * (i + 0.25), count, width=width, align="edge", color=f"C{i}", alpha=0.7)
+    top.set_ylabel("accuracy in the bin")
+    # the top-label confidence of k classes is at least 1/k: start at the first bin holding images
+    low = min(float(np.asarray(b["edges"])[np.flatnonzero(np.asarray(b["count"]) > 0)].min(initial=1.0))
+              for b in curves.values())
+    top.set_xlim(min(low, 0.5), 1)
+    top.set_ylim(0, 1)
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8, loc="upper left")
+    top.set_title(title, fontsize=10)
+    bottom.set_xlabel(f"confidence (top-label probability), {len(edges) - 1} equal-width bins")
+    bottom.set_ylabel("images")
+    bottom.grid(alpha=0.3)
+    return Plot(name, title, _save(fig, out_dir, name), note)

@@ -7,6 +7,13 @@ images, so training and prediction see the same pixels. The model takes raw
 [0, 255] RGB and outputs softmax probabilities, one per class, in the order
 the trial was trained with (``trial.json`` in the checkpoint).
 
+When the results folder holds ``final_model.json`` (written by
+``python -m analysis.evaluate``, fitted on the validation split), the trial's
+own temperature is applied, so the probabilities are calibrated, and its
+decision threshold for the positive class decides ``predicted``
+(``--threshold`` overrides it). Without it, the probabilities are the model's
+own and ``predicted`` is their argmax; the summary says which.
+
 Output: a CSV with ``file`` (path relative to IMAGES_DIR), ``predicted`` and
 one ``prob_<class>`` column per class, and a short summary on stdout.
 """
@@ -66,7 +73,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="predict the readable images and keep unreadable ones as CSV rows with an 'error' "
                         "(default: stop and list them)")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default: 64)")
+    parser.add_argument("--threshold", type=_probability, default=None, metavar="P",
+                        help="call the positive class when its (calibrated) probability is >= P, overriding the "
+                        "threshold in RUN_DIR/final_model.json (default: that threshold, else the argmax)")
     return parser.parse_args(argv)
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -95,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.is_dir():
             raise PredictError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / DEFAULT_OUT)!r}")
         model, class_names, size = load_trial_model(trial, run_dir, study)
+        decision = read_decision(run_dir, study, trial.name, class_names, args.threshold)
         if ignored:
             print(f"note: in {str(images_dir)!r}, ignored {ignored.describe(images_dir)}", file=sys.stderr)
         probs, bad = predict_files(model, files, size, batch_size=args.batch_size, stop_on_bad=not args.skip_corrupt)
@@ -107,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {_listing(bad, files, images_dir)}\n"
                 "Fix or remove them, or add --skip-corrupt to predict the rest (they are kept in the CSV with their error)."
             )
-        table = prediction_table(files, images_dir, probs, class_names, bad)
+        table = prediction_table(files, images_dir, decision.calibrate(probs), class_names, bad, decision)
         write_csv(table, out)
     except (PredictError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -115,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"warning: skipped {len(bad)} unreadable image(s) (--skip-corrupt); they are in the CSV with an "
               f"empty 'predicted' and their 'error':\n  {_listing(bad, files, images_dir)}", file=sys.stderr)
-    print(summary(table, trial, images_dir, out, class_names, time.monotonic() - started, _seen_in_study(run_dir, files)))
+    print(summary(table, trial, images_dir, out, class_names, time.monotonic() - started, _seen_in_study(run_dir, files),
+                  decision))
     return 0
 
 
@@ -157,7 +179,7 @@ def choose_trial(run_dir: Path, study: dict, name: str | None) -> ChosenTrial:
             board[col] = math.nan if col == column else None
     has_checkpoint = board["checkpoint_path"].notna() & (board["checkpoint_path"].astype("string").str.len() > 0)
     if name is not None:
-        from trainables.backbones import unknown_name_message
+        from trainables.checks import unknown_name_message
 
         rows = board[(board["trial_name"] == name) | (board.get("trial_id", board["trial_name"]) == name)]
         if rows.empty:
@@ -195,11 +217,9 @@ def choose_trial(run_dir: Path, study: dict, name: str | None) -> ChosenTrial:
 def best_row(board, column: str, mode: str):
     """The best row by ``column``; ties (common for accuracies on small validation sets)
     go to the lower validation loss at the best epoch, then to the leaderboard's order."""
-    keys, ascending = [column], [mode == "min"]
-    if column != "best_val_loss" and "best_val_loss" in board.columns:
-        keys.append("best_val_loss")
-        ascending.append(True)
-    return board.sort_values(keys, ascending=ascending, na_position="last", kind="stable").iloc[0]
+    from search.ranking import rank
+
+    return rank(board, column, mode).iloc[0]
 
 
 def locate_checkpoint(run_dir: Path, recorded: str, trial: str, study_name: str | None = None) -> tuple[Path, bool]:
@@ -284,6 +304,86 @@ def _error_note(row) -> str:
 
 
 # --------------------------------------------------------------------------
+# calibration and threshold (final_model.json)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How probabilities are calibrated and turned into a class, and where that came from."""
+
+    temperature: float | None  # None: the model's own probabilities
+    threshold: float | None  # None: the argmax
+    positive: int | None  # the class the threshold is for
+    notes: tuple[str, ...] = ()
+
+    def calibrate(self, probs):
+        """``probs`` with the temperature applied (rows of unreadable images stay NaN)."""
+        if self.temperature is None:
+            return probs
+        import numpy as np
+
+        from analysis.calibration import apply_temperature
+
+        out = np.array(probs, dtype=np.float64)
+        good = ~np.isnan(out).any(axis=1)
+        out[good] = apply_temperature(out[good], self.temperature)
+        return out
+
+    def classes(self, probs):
+        """Class index per row: the positive class at or above the threshold, else the argmax."""
+        if self.threshold is None:
+            return probs.argmax(axis=1)
+        from analysis.operating_point import decide
+
+        return decide(probs, self.positive, self.threshold)
+
+
+def read_decision(run_dir: Path, study: dict, trial: str, class_names: list[str], threshold: float | None) -> Decision:
+    """The temperature and threshold ``analysis.evaluate`` fitted on validation for ``trial`` alone
+    (``final_model.json``), with ``threshold`` (``--threshold``) replacing the stored threshold."""
+    from analysis.calibration import FINAL_MODEL, CalibrationError, read_final_model, trial_calibration
+
+    try:
+        record = read_final_model(run_dir)
+        fitted = trial_calibration(record, trial, class_names)
+    except CalibrationError as exc:
+        raise PredictError(str(exc)) from None
+    notes = []
+    if record is None:
+        notes.append(f"uncalibrated: no {FINAL_MODEL} in the results folder (python -m analysis.evaluate "
+                     f"{run_dir} fits a temperature and a threshold on validation)")
+    elif fitted is None:
+        notes.append(f"uncalibrated: {FINAL_MODEL} fitted nothing for {trial} (it covers "
+                     f"{', '.join(record['per_trial']) or 'no trial'})")
+    elif record.get("trials") != [trial] or record.get("tta"):
+        notes.append(f"{FINAL_MODEL}'s final model is {record.get('model')!r}; this prediction uses {trial} alone, "
+                     "with the temperature and threshold fitted on validation for it")
+    temperature = None if fitted is None else fitted["temperature"]
+    stored = (fitted or {}).get("threshold")
+    positive = None
+    if threshold is not None:
+        name = (stored or {}).get("class") or (record or {}).get("positive_class") or (
+            study.get("dataset", {}).get("positive_class") if len(class_names) == 2 else None)
+        if name is None and len(class_names) == 2:
+            name = class_names[-1]
+        if name not in class_names:
+            raise PredictError(f"--threshold {threshold}: no positive class to apply it to among the "
+                               f"{len(class_names)} classes {class_names}; run python -m analysis.evaluate "
+                               f"{run_dir} --positive-class NAME first, which records one")
+        positive = class_names.index(name)
+        notes.append(f"threshold {threshold} from --threshold" + (
+            f" (replaces {stored['value']:.4f} of {FINAL_MODEL})" if stored else ""))
+    elif stored is not None:
+        if stored.get("class") not in class_names:
+            raise PredictError(f"{FINAL_MODEL}: per_trial.{trial}.threshold.class is {stored.get('class')!r}, not "
+                               f"one of {class_names}; run python -m analysis.evaluate again to rewrite it")
+        threshold, positive = float(stored["value"]), class_names.index(stored["class"])
+        notes.append(f"threshold {threshold:.4f} from {FINAL_MODEL} ({stored.get('rule')})")
+    return Decision(temperature, threshold, positive, tuple(notes))
+
+
+# --------------------------------------------------------------------------
 # images
 # --------------------------------------------------------------------------
 
@@ -342,11 +442,13 @@ def predict_files(model, files: list[Path], size: int, *, batch_size: int, stop_
     return probs, bad
 
 
-def prediction_table(files: list[Path], images_dir: Path, probs, class_names: list[str], bad: dict[int, str]):
+def prediction_table(files: list[Path], images_dir: Path, probs, class_names: list[str], bad: dict[int, str],
+                     decision: Decision | None = None):
     import pandas as pd
 
     table = pd.DataFrame({"file": [f.relative_to(images_dir).as_posix() for f in files]})
-    winners = probs.argmax(axis=1)  # unreadable rows are NaN; their winner is dropped below
+    # unreadable rows are NaN; their winner is dropped below
+    winners = probs.argmax(axis=1) if decision is None else decision.classes(probs)
     table["predicted"] = [None if i in bad else class_names[k] for i, k in enumerate(winners)]
     for k, name in enumerate(class_names):
         table[f"prob_{name}"] = probs[:, k].astype("float64")
@@ -400,7 +502,7 @@ def _seen_in_study(run_dir: Path, files: list[Path]) -> dict[str, int]:
 
 
 def summary(table, trial: ChosenTrial, images_dir: Path, out: Path, class_names: list[str], seconds: float,
-            seen: dict[str, int]) -> str:
+            seen: dict[str, int], decision: Decision | None = None) -> str:
     predicted = table["predicted"].dropna()
     lines = [f"predicted {len(predicted)} image(s) from {images_dir} in {seconds:.1f} s"]
     value = "n/a" if math.isnan(trial.value) else f"{trial.value:.4f}"
@@ -409,6 +511,14 @@ def summary(table, trial: ChosenTrial, images_dir: Path, out: Path, class_names:
     lines.append(f"  trial   {trial.name}{model}: {trial.metric} {value}{at}")
     if trial.relocated_from:
         lines.append(f"          checkpoint found in the moved run folder, not at {trial.relocated_from}")
+    if decision is not None:
+        if decision.temperature is not None:
+            lines.append(f"  probabilities calibrated: temperature {decision.temperature:.4f}, fitted on validation "
+                         "(final_model.json)")
+        if decision.threshold is not None:
+            lines.append(f"  predicted: {class_names[decision.positive]} when its probability is >= "
+                         f"{decision.threshold:.4f}, else the most probable other class")
+        lines += [f"  note: {note}" for note in decision.notes]
     counts = predicted.value_counts()
     width = max(len(c) for c in class_names)
     for name in class_names:

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from analysis.evaluate import (EvaluateError, _weighted_metrics, bootstrap_ci, evaluate_top_k, log_test_use, main,
-                               point_metrics)
+from analysis.evaluate import (EvaluateError, _weighted_metrics, bootstrap_ci, decode_split, evaluate_top_k,
+                               log_test_use, main, point_metrics, read_split)
 
 CLASSES = ["benign", "malignant"]
 
@@ -272,3 +272,356 @@ def test_prepare_succeeds_when_the_test_images_are_garbage(tmp_path, monkeypatch
         assert np.array_equal(again.arrays[key], first.arrays[key])
     with pytest.raises(DatasetError, match=f"{len(test)} image"):  # what decoding the test split would have done
         decode_images(test, 16, use_cache=False)
+
+
+# --------------------------------------------------------------------------
+# the final model: validation predictions, calibration, operating point, ensemble and TTA (issue 15)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def final_stage(run_dir, tmp_path_factory):
+    """A copy of the real tiny study, evaluated with every final-stage option at once."""
+    folder = copy_run(run_dir, tmp_path_factory.mktemp("final") / "tiny")
+    notes = []
+    table = evaluate_top_k(folder, k=2, n_boot=300, seed=0, log=notes.append, ensemble=2, tta="flips",
+                           target_sensitivity=0.9)
+    return folder, table, notes
+
+
+def val_probs(folder: Path, trial: str, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    rows = pd.read_parquet(folder / "val_predictions_cache.parquet")
+    rows = rows[(rows["trial"] == trial) & (rows["tta"] == tta)]
+    return rows["label_index"].to_numpy(), rows[[f"prob_{c}" for c in CLASSES]].to_numpy()
+
+
+def test_validation_predictions_are_recomputed_exactly_as_the_trials_scored_them(final_stage):
+    folder, _, notes = final_stage
+    val_paths = pd.read_parquet(folder / "splits.parquet").query("split == 'val'")["path"].tolist()
+    cached = pd.read_parquet(folder / "val_predictions_cache.parquet")
+    assert list(cached.columns) == ["trial", "path", "label", "label_index", "predicted",
+                                    *(f"prob_{c}" for c in CLASSES), "tta", "checkpoint"]
+    board = pd.read_parquet(folder / "leaderboard.parquet").set_index("trial_name")
+    from trainables.metrics import classification_metrics
+
+    for (trial, tta), rows in cached.groupby(["trial", "tta"]):
+        assert rows["path"].tolist() == val_paths
+        if tta == "none":  # the checkpointed epoch's own validation scores, from the recomputed probabilities
+            y, probs = val_probs(folder, trial)
+            scores = classification_metrics(y, probs, CLASSES, positive=1)
+            assert scores["balanced_accuracy"] == pytest.approx(board.loc[trial, "best_val_balanced_accuracy"], abs=1e-9)
+            assert scores["loss"] == pytest.approx(board.loc[trial, "best_val_loss"], abs=1e-4)
+    assert set(cached.loc[cached["tta"] == "flips", "trial"]) == set(expected_order(folder)[:2])
+    assert any("computed and cached in val_predictions_cache.parquet" in n for n in notes)
+
+
+def test_cached_validation_predictions_are_reused_unless_the_checkpoint_changed(final_stage, tmp_path):
+    folder = shutil.copytree(final_stage[0], tmp_path / "tiny")
+    cached = pd.read_parquet(folder / "val_predictions_cache.parquet")
+    best = expected_order(folder)[0]
+    cached.loc[cached["trial"] == best, "checkpoint"] = "trial_x/checkpoint_999999"  # as if a resume saved a better epoch
+    cached.to_parquet(folder / "val_predictions_cache.parquet", index=False)
+    notes = []
+    evaluate_top_k(folder, k=2, n_boot=10, split="val", log=notes.append, ensemble=2, tta="flips")
+    assert "note: validation predictions of 2 model/view set(s) computed" in "\n".join(notes)  # the best's 2, no more
+    again = pd.read_parquet(folder / "val_predictions_cache.parquet")
+    assert (folder / "val_predictions.parquet").is_file()  # --split val's own output, beside the cache
+    assert len(again) == len(cached) and set(again.loc[again["trial"] == best, "checkpoint"]) != {"trial_x/checkpoint_999999"}
+
+
+def test_temperature_and_threshold_are_fitted_on_validation_only_and_stored(final_stage):
+    from analysis.calibration import apply_temperature, fit_temperature
+    from analysis.operating_point import choose_threshold
+
+    folder, _, _ = final_stage
+    record = json.loads((folder / "final_model.json").read_text())
+    top2 = expected_order(folder)[:2]
+    assert record["trials"] == top2 and record["tta"] == "flips" and record["class_names"] == CLASSES
+    assert record["model"] == "ensemble of top 2 + TTA flips" and record["positive_class"] == "malignant"
+    y, first = val_probs(folder, top2[0], "flips")
+    _, second = val_probs(folder, top2[1], "flips")
+    ensemble = (first + second) / 2
+    fit = fit_temperature(ensemble, y)
+    assert record["temperature"] == pytest.approx(fit["temperature"], rel=1e-9)
+    calibrated = apply_temperature(ensemble, fit["temperature"])
+    expected = choose_threshold(calibrated[:, 1], y == 1, target_sensitivity=0.9)
+    assert record["threshold"] == pytest.approx(expected["value"])
+    reached = (calibrated[y == 1, 1] >= record["threshold"]).mean()
+    assert reached >= 0.9 and record["validation"]["at_threshold"]["sensitivity"] == pytest.approx(reached)
+    assert "target sensitivity 0.9" in record["threshold_rule"] and record["fitted_on"]["split"] == "val"
+    for trial in expected_order(folder)[:2]:  # each trial alone, for search.predict
+        yt, pt = val_probs(folder, trial)
+        assert record["per_trial"][trial]["temperature"] == pytest.approx(fit_temperature(pt, yt)["temperature"])
+
+
+def test_the_final_models_are_scored_beside_the_single_best_with_intervals(final_stage, run_dir):
+    from analysis.calibration import apply_temperature, calibration_scores
+    from analysis.operating_point import binary_at
+    from trainables.checkpoint import load_classifier
+
+    folder, table, _ = final_stage
+    top2 = expected_order(folder)[:2]
+    labels = [top2[0], "ensemble of top 2", f"{top2[0]} + TTA flips", "ensemble of top 2 + TTA flips"]
+    assert table["trial_name"].tolist() == top2 + labels[1:]
+    assert table["rank"].tolist()[:2] == [1, 2] and table["rank"].iloc[2:].isna().all()
+    record = json.loads((folder / "test_evaluation.json").read_text())
+    evaluation = record["evaluations"][-1]
+    final = evaluation["final"]
+    assert [m["label"] for m in final["models"]] == labels and final["model"] == labels[-1]
+    assert len(record["test_split_log"]) == 1 and record["test_split_log"][0]["trials"] == top2  # read once
+
+    predictions = pd.read_parquet(folder / "test_predictions.parquet")
+    probs = {name: rows[[f"prob_{c}" for c in CLASSES]].to_numpy() for name, rows in predictions.groupby("trial")}
+    y = predictions.loc[predictions["trial"] == top2[0], "label_index"].to_numpy()
+    np.testing.assert_allclose(probs["ensemble of top 2"], (probs[top2[0]] + probs[top2[1]]) / 2, atol=1e-12)
+    # TTA: the mean over the image and its three mirror images, straight from the checkpoint
+    model = load_classifier(folder / evaluation["trials"][0]["checkpoint"])
+    images = decode_split(read_split(folder, "test"), model.input_shape[1])
+    views = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    expected = np.mean([model.predict(np.ascontiguousarray(v), verbose=0) for v in views], axis=0)
+    np.testing.assert_allclose(probs[labels[2]], expected, atol=1e-5)
+    assert not np.allclose(probs[labels[2]], probs[top2[0]], atol=1e-4)  # the views changed something
+
+    for m in final["models"]:
+        p = probs[m["label"]]
+        assert m["metrics"]["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p.argmax(axis=1)))
+        for name, value in m["metrics"].items():
+            low, high = m["ci"][name]
+            assert low is None or low - 1e-9 <= value <= high + 1e-9, (m["label"], name)
+        c = m["calibration"]
+        calibrated = apply_temperature(p, c["temperature"])
+        assert c["before"] == pytest.approx(calibration_scores(p, y)) and c["after"] == pytest.approx(calibration_scores(calibrated, y))
+        op = m["operating_point"]
+        assert op["class"] == "malignant" and op["rule"] == "target_sensitivity" and op["validation"]["sensitivity"] >= 0.9
+        at = binary_at(y == 1, calibrated[:, 1], op["value"])
+        assert op["at_threshold"] == pytest.approx(at, nan_ok=True)
+        for name in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+            low, high = op["ci"][name]
+            assert np.isnan(at[name]) or low - 1e-9 <= at[name] <= high + 1e-9, (m["label"], name)
+        assert np.array(m["confusion_matrix"]).sum() == len(y)
+    assert (folder / final["reliability_plot"]).stat().st_size > 1000
+    final_model = json.loads((folder / "final_model.json").read_text())
+    assert final["models"][-1]["calibration"]["temperature"] == final_model["temperature"]
+    assert final["models"][-1]["operating_point"]["value"] == final_model["threshold"]
+
+
+def test_an_ensemble_of_identical_models_equals_the_model(run_dir, tmp_path):
+    folder = copy_run(run_dir, tmp_path / "tiny")
+    order = expected_order(folder)
+    board = pd.read_parquet(folder / "leaderboard.parquet")
+    best = board.loc[board["trial_name"] == order[0], "checkpoint_path"].iloc[0]
+    board.loc[board["trial_name"] == order[1], "checkpoint_path"] = best  # the second trial is the first's model
+    board.to_parquet(folder / "leaderboard.parquet", index=False)
+    evaluate_top_k(folder, k=1, n_boot=200, log=lambda line: None, ensemble=2)
+    single, ensemble = json.loads((folder / "test_evaluation.json").read_text())["evaluations"][-1]["final"]["models"]
+    assert ensemble["label"] == "ensemble of top 2" and ensemble["trials"] == order[:2]
+    # (p + p) / 2 == p exactly in floating point, so everything downstream is identical, not merely close
+    for key in ("metrics", "ci", "calibration", "operating_point", "confusion_matrix"):
+        assert ensemble[key] == single[key], key
+
+
+def test_search_predict_applies_what_the_evaluation_fitted(final_stage, tmp_path, capsys):
+    """Through the real chain: search.predict on copies of the validation images gives the stored temperature
+    applied to the validation predictions, and the stored threshold's decisions."""
+    from analysis.calibration import apply_temperature
+    from search.predict import main as predict
+
+    folder, _, _ = final_stage
+    best = expected_order(folder)[0]
+    stored = json.loads((folder / "final_model.json").read_text())["per_trial"][best]
+    images = tmp_path / "val"
+    val = pd.read_parquet(folder / "splits.parquet").query("split == 'val'")
+    for i, path in enumerate(val["path"]):
+        images.mkdir(exist_ok=True)
+        shutil.copy(path, images / f"{i:04d}.png")
+    assert predict([str(folder), str(images), "--out", str(tmp_path / "p.csv")]) == 0
+    out = capsys.readouterr().out
+    assert f"temperature {stored['temperature']:.4f}, fitted on validation" in out
+    assert f"malignant when its probability is >= {stored['threshold']['value']:.4f}" in out
+    table = pd.read_csv(tmp_path / "p.csv").sort_values("file")
+    _, raw = val_probs(folder, best)
+    expected = apply_temperature(raw, stored["temperature"])
+    np.testing.assert_allclose(table[[f"prob_{c}" for c in CLASSES]].to_numpy(), expected, atol=2e-5)
+    called = np.where(expected[:, 1] >= stored["threshold"]["value"], "malignant", "benign")
+    assert table["predicted"].tolist() == called.tolist()
+
+
+def _cells(card: str, section: str, first: str) -> list[str]:
+    """The cells of the Markdown table row, in ``## section`` of ``card``, whose first cell is ``first``."""
+    text = card.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    row = next(line for line in text.splitlines() if line.startswith(f"| {first} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_the_model_card_holds_the_evaluations_numbers(final_stage, tmp_path):
+    from analysis.model_card import build_card
+
+    folder, _, _ = final_stage
+    card = (folder / "model_card.md").read_text()
+    evaluation = json.loads((folder / "test_evaluation.json").read_text())["evaluations"][-1]
+    final_model = json.loads((folder / "final_model.json").read_text())
+    for heading in ("Intended use and users", "Data", "Protocol", "Model", "Results", "Calibration", "Failure modes",
+                    "Limitations", "Export", "Software"):
+        assert f"\n## {heading}\n" in card, heading
+
+    def ci(value, interval):
+        return f"{value:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
+
+    for m in evaluation["final"]["models"]:
+        label = m["label"] + (" (final)" if m["label"] == evaluation["final"]["model"] else "")
+        assert _cells(card, "Results", label)[1:] == [ci(m["metrics"][n], m["ci"][n])
+                                           for n in ("accuracy", "balanced_accuracy", "macro_f1", "auc")]
+        c = m["calibration"]
+        assert _cells(card, "Calibration", m["label"])[1:4] == [f"{c['temperature']:.4f}", f"{c['before']['ece']:.4f}",
+                                                 f"{c['after']['ece']:.4f}"]
+    op = evaluation["final"]["models"][-1]["operating_point"]
+    row = next(line for line in card.splitlines() if line.startswith("| sensitivity |"))
+    values = card.splitlines()[card.splitlines().index(row) + 2]
+    assert [c.strip() for c in values.strip("|").split("|")] == [
+        ci(op["at_threshold"][n], op["ci"][n]) for n in ("sensitivity", "specificity", "ppv", "npv", "f1")]
+    assert f"threshold {final_model['threshold']:.4f} (target sensitivity 0.9 on validation)" in card
+    splits = pd.read_parquet(folder / "splits.parquet")
+    assert _cells(card, "Data", "all")[1:4] == [str((splits["split"] == s).sum()) for s in ("train", "val", "test")]
+
+    copy = shutil.copytree(folder, tmp_path / "tiny")
+    final_model["temperature"] = 1.2345  # generated from the files: a change shows, nothing is fixed text
+    (copy / "final_model.json").write_text(json.dumps(final_model))
+    assert "- temperature: 1.2345 (" in build_card(copy)
+
+
+def test_the_report_shows_the_final_model_beside_the_test_evaluation(final_stage, tmp_path):
+    from analysis.report import write_report
+
+    folder = shutil.copytree(final_stage[0], tmp_path / "tiny")
+    markdown, _ = write_report(folder)
+    text = markdown.read_text()
+    section = text.split("\n## Final model: ensemble, calibration, operating point\n", 1)[1].split("\n## ", 1)[0]
+    final = json.loads((folder / "test_evaluation.json").read_text())["evaluations"][-1]["final"]
+    assert text.index("## Held-out test evaluation") < text.index("## Final model")
+    assert f"**{final['model']}**" in section and "report_files/reliability_test.png" in section
+    c = final["models"][-1]["calibration"]
+    assert f"{c['before']['ece']:.4f} / {c['after']['ece']:.4f}" in section and "model_card.md" in section
+
+
+# --------------------------------------------------------------------------
+# the final model: bad input gets a named error before any work
+# --------------------------------------------------------------------------
+
+
+def test_an_ensemble_larger_than_the_trials_with_checkpoints_is_refused_before_any_work(run_dir, tmp_path):
+    folder = copy_run(run_dir, tmp_path / "tiny")
+    with pytest.raises(EvaluateError, match=r"--ensemble 99: only 4 trial\(s\) .* use --ensemble 4 or less"):
+        evaluate_top_k(folder, ensemble=99)
+    with pytest.raises(EvaluateError, match="--positive-class: unknown class 'malignent'; did you mean 'malignant'"):
+        evaluate_top_k(folder, positive_class="malignent")
+    for name in ("test_evaluation.json", "val_predictions_cache.parquet", "final_model.json"):
+        assert not (folder / name).exists(), name
+
+
+def test_a_folder_without_checkpoints_is_refused_before_any_work(tmp_path):
+    from fixtures.runs import make_run_dir
+
+    folder = make_run_dir(tmp_path)  # trials with scores, none with a checkpoint
+    with pytest.raises(EvaluateError, match="no trial of .* has a checkpoint .*--resume"):
+        evaluate_top_k(folder, ensemble="auto")
+    assert sorted(p.name for p in folder.iterdir()) == ["epochs.parquet", "leaderboard.parquet", "splits.parquet",
+                                                        "study.json"]
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"target_sensitivity": 0.95}, r"--target-sensitivity is for one positive class .* 3 classes .*--positive-class"),
+    ({"target_specificity": 0.9}, "--target-specificity is for one positive class"),
+    ({"target_sensitivity": 1.2, "positive_class": "b"}, "strictly between 0 and 1, got 1.2"),
+    ({"ensemble": 0}, "--ensemble must be a number of trials"),
+    ({"ensemble": "three"}, "--ensemble must be a number of trials .* got 'three'"),
+    ({"tta": "rotate"}, "--tta must be one of flips, dihedral"),
+])
+def test_options_that_do_not_fit_the_study_are_named(options, match):
+    from analysis.evaluate import plan_final
+
+    with pytest.raises(EvaluateError, match=match):
+        plan_final({"dataset": {}}, ["a", "b", "c"], 3, Path("/r"), **options)
+
+
+def test_a_multiclass_study_gets_a_threshold_only_for_a_named_class():
+    from analysis.evaluate import plan_final
+
+    assert plan_final({"dataset": {}}, ["a", "b", "c"], 3, Path("/r")).positive is None
+    assert plan_final({"dataset": {}}, ["a", "b", "c"], 3, Path("/r"), positive_class="c",
+                      target_sensitivity=0.9).positive == 2
+    binary = plan_final({"dataset": {"positive_class": "benign"}}, CLASSES, 3, Path("/r"), ensemble="auto")
+    assert binary.positive == 0 and binary.n_members_max == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target-sensitivity", "1.5"], "--target-sensitivity must be strictly between 0 and 1, got 1.5"),
+    (["--target-specificity", "0"], "--target-specificity must be strictly between 0 and 1, got 0.0"),
+    (["--ensemble", "0"], "--ensemble must be a number of trials (>= 1) or 'auto', got '0'"),
+    (["--tta", "rot"], "invalid choice: 'rot'"),
+])
+def test_bad_final_stage_flags_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["runs/x", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# the final model: ensembles and TTA views on constructed data
+# --------------------------------------------------------------------------
+
+
+def test_auto_picks_the_ensemble_size_that_scores_best_on_validation():
+    from analysis.evaluate import choose_ensemble_size
+
+    y = np.array([0, 1] * 10)
+    right = np.eye(2)[y] * 0.6 + 0.2
+    wrong_on_first_half = right.copy()
+    wrong_on_first_half[:10] = right[:10, ::-1]
+    # the first alone is right everywhere; adding the others makes the first half a tie, then wrong
+    members = [right, wrong_on_first_half, wrong_on_first_half]
+    k, scores = choose_ensemble_size(members, y, CLASSES, {"metric": "val_balanced_accuracy", "mode": "max"}, 1)
+    assert k == 1 and scores[1] == 1.0 and scores[3] < 1.0
+    k, _ = choose_ensemble_size([wrong_on_first_half, right, right], y, CLASSES,
+                                {"metric": "val_balanced_accuracy", "mode": "max"}, 1)
+    assert k == 3  # 2 ties 0.5+0.5 -> uncertain; 3 is right everywhere
+    k, _ = choose_ensemble_size([right, right], y, CLASSES, {"metric": "val_loss", "mode": "min"}, 1)
+    assert k == 1  # identical members: a tie, to the smaller ensemble
+
+
+def test_tta_views_are_the_symmetries_of_the_square():
+    from analysis.evaluate import tta_views
+
+    image = np.arange(2 * 3 * 3 * 1, dtype=np.float32).reshape(2, 3, 3, 1)  # no symmetry of its own
+    for mode, n in (("flips", 4), ("dihedral", 8)):
+        views = tta_views(image, mode)
+        assert len(views) == n and len({v.tobytes() for v in views}) == n
+        assert all(v.shape == image.shape for v in views) and np.array_equal(views[0], image)
+        assert {v.tobytes() for v in views} >= {image[:, :, ::-1].tobytes(), image[:, ::-1].tobytes()}
+    assert {v.tobytes() for v in tta_views(image, "flips")} <= {v.tobytes() for v in tta_views(image, "dihedral")}
+    assert tta_views(image, None)[0] is image
+
+
+def test_a_multiclass_final_model_gets_one_vs_rest_and_a_threshold_for_the_named_class():
+    from analysis.calibration import apply_temperature
+    from analysis.evaluate import _jsonable, fit_on_validation, plan_final, score_final
+    from analysis.operating_point import decide, one_vs_rest
+
+    names = ["a", "b", "c"]
+    y_val, p_val = synthetic(300, k=3, seed=5)
+    y, p = synthetic(200, k=3, seed=6)
+    plan = plan_final({"dataset": {}}, names, 3, Path("/r"), positive_class="c", target_sensitivity=0.9)
+    fitted = fit_on_validation(p_val, y_val, plan)
+    assert fitted["threshold"]["validation"]["sensitivity"] >= 0.9
+    record = score_final("m", ["t"], None, fitted, y, p, names, plan, n_boot=200, seed=0, level=0.95,
+                         positive_for_auc=None)
+    calibrated = apply_temperature(p, fitted["temperature"]["temperature"])
+    called = decide(calibrated, 2, fitted["threshold"]["value"])
+    assert record["operating_point"]["class"] == "c"
+    assert record["confusion_matrix"] == skm.confusion_matrix(y, called, labels=[0, 1, 2]).tolist()
+    assert record["operating_point"]["at_threshold"]["sensitivity"] == pytest.approx((called[y == 2] == 2).mean())
+    expected = one_vs_rest(y, calibrated.argmax(axis=1), names)
+    for c in names:
+        assert record["one_vs_rest"][c]["sensitivity"] == pytest.approx(expected[c]["sensitivity"])
+        low, high = record["one_vs_rest"][c]["ci"]["specificity"]
+        assert low <= record["one_vs_rest"][c]["specificity"] <= high
+    json.dumps(_jsonable(record), allow_nan=False)  # what test_evaluation.json stores

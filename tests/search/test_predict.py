@@ -267,7 +267,7 @@ def test_a_cached_trials_checkpoint_predicts_like_its_classifier(tmp_path, capsy
     from trainables.checkpoint import save_classifier
     from trainables.data import decode_image
     from trainables.model import build_model
-    from trainables.train import DEFAULTS
+    from trainables.hparams import DEFAULTS
 
     hp = {**DEFAULTS, "backbone": "efficientnet_lite0", "weights": "imagenet", "unfreeze": 0, "head_units": 8}
     frozen = shared_backbone("efficientnet_lite0", weights="imagenet", input_shape=(32, 32, 3))
@@ -423,3 +423,55 @@ def test_moved_run_folder_still_works_and_a_lost_checkpoint_is_named(tiny_run, t
         shutil.rmtree(trial_dir)
     code, _, err = run([moved, images], capsys)
     assert code == 2 and "the checkpoint folder '/gone/runs/tiny/" in err and "was the run moved" in err
+
+
+# --------------------------------------------------------------------------
+# the final model's temperature and threshold (final_model.json, written by analysis.evaluate)
+# --------------------------------------------------------------------------
+
+
+def test_threshold_flag_must_be_a_probability(capsys):
+    for bad, message in (("1.5", "must be strictly between 0 and 1, got '1.5'"), ("x", "must be a number, got 'x'")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(["runs/x", "imgs", "--threshold", bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_the_stored_temperature_and_threshold_are_applied_and_threshold_overrides(tiny_run, tmp_path, capsys):
+    from analysis.calibration import apply_temperature
+
+    folder = shutil.copytree(tiny_run, tmp_path / "tiny")
+    images = tmp_path / "images"
+    write_images(images)
+    code, stdout, err = run([folder, images, "--out", tmp_path / "raw.csv"], capsys)
+    assert code == 0, err
+    assert "uncalibrated: no final_model.json" in stdout
+    raw = pd.read_csv(tmp_path / "raw.csv").set_index("file")[["prob_benign", "prob_malignant"]].to_numpy()
+
+    best = expected_best(pd.read_parquet(folder / "leaderboard.parquet"))
+    calibrated = apply_temperature(raw, 3.0)
+    threshold = float(np.sort(calibrated[:, 1])[:2].mean())  # between the lowest two: one benign, two malignant
+    (folder / "final_model.json").write_text(json.dumps({
+        "class_names": CLASSES, "positive_class": "malignant", "model": best, "trials": [best], "tta": None,
+        "per_trial": {best: {"temperature": 3.0, "threshold": {"class": "malignant", "value": threshold,
+                                                               "rule": "target sensitivity 0.95 on validation"}}}}))
+    code, stdout, err = run([folder, images, "--out", tmp_path / "p.csv"], capsys)
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "p.csv").set_index("file")
+    np.testing.assert_allclose(table[["prob_benign", "prob_malignant"]].to_numpy(), calibrated, atol=2e-6)
+    assert table["predicted"].tolist() == ["malignant" if p >= threshold else "benign" for p in calibrated[:, 1]]
+    assert sorted(table["predicted"]) == ["benign", "malignant", "malignant"]
+    assert "probabilities calibrated: temperature 3.0000, fitted on validation" in stdout
+    assert f"malignant when its probability is >= {threshold:.4f}" in stdout and "target sensitivity 0.95" in stdout
+
+    code, stdout, err = run([folder, images, "--out", tmp_path / "q.csv", "--threshold", "0.999999"], capsys)
+    assert code == 0, err
+    assert pd.read_csv(tmp_path / "q.csv")["predicted"].tolist() == ["benign"] * 3
+    assert "threshold 0.999999 from --threshold (replaces" in stdout
+
+    record = json.loads((folder / "final_model.json").read_text())
+    record["class_names"] = CLASSES[::-1]  # a record fitted for another class order is refused
+    (folder / "final_model.json").write_text(json.dumps(record))
+    code, _, err = run([folder, images, "--out", tmp_path / "r.csv"], capsys)
+    assert code == 2 and "final_model.json was fitted for classes ['malignant', 'benign']" in err

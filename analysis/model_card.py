@@ -1,0 +1,369 @@
+"""``python -m analysis.model_card RUN_DIR``: ``RUN_DIR/model_card.md``, from the results folder's files only.
+
+The headings are those a reviewer looks for (CLAIM / TRIPOD+AI): intended
+use, data, protocol, model, results at the operating point, calibration,
+failure modes, limitations, software. Every value is read from a file of the
+folder, named in the card: ``study.json``, ``splits.parquet``,
+``duplicates.parquet``, ``leaderboard.parquet``, ``final_model.json``,
+``test_evaluation.json`` (its latest evaluation), ``test_predictions.parquet``
+and the export sidecars ``export/*.json``. What the folder does not hold is
+said to be missing, never filled in. ``analysis.evaluate`` writes the card
+after each test evaluation; this command rewrites it (e.g. after an export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["MODEL_CARD", "build_card", "write_model_card", "main"]
+
+MODEL_CARD = "model_card.md"
+WORST_CLASSES = 3
+WRONG_EXAMPLES = 10
+
+
+class ModelCardError(ValueError):
+    """The folder lacks what a card needs. The message names the file and the fix."""
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _num(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _ci(value, interval) -> str:
+    low, high = (interval or [None, None])[:2]
+    if low is None or high is None:
+        return _num(value)
+    return f"{_num(value)} [{_num(low)}, {_num(high)}]"
+
+
+def _table(frame: pd.DataFrame) -> str:
+    from analysis.tables import to_markdown
+
+    return to_markdown(frame)
+
+
+def latest_final(run_dir: Path) -> tuple[dict, dict]:
+    """The latest test evaluation that scored a final model, and the test_evaluation.json record."""
+    record = _read_json(run_dir / "test_evaluation.json")
+    evaluations = [e for e in (record or {}).get("evaluations") or [] if e.get("final")]
+    if not evaluations:
+        raise ModelCardError(f"{str(run_dir / 'test_evaluation.json')!r} holds no evaluation of a final model; run "
+                             f"python -m analysis.evaluate {run_dir} first")
+    return evaluations[-1], record
+
+
+def build_card(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir).expanduser().resolve()
+    study_record = _read_json(run_dir / "study.json")
+    if study_record is None:
+        raise ModelCardError(f"{str(run_dir)!r} has no readable study.json; is it a results folder?")
+    final_model = _read_json(run_dir / "final_model.json")
+    if final_model is None:
+        raise ModelCardError(f"{str(run_dir / 'final_model.json')!r} is missing; run python -m analysis.evaluate "
+                             f"{run_dir} first")
+    evaluation, record = latest_final(run_dir)
+    study = study_record.get("study") or {}
+    final = evaluation["final"]
+    models = {m["label"]: m for m in final["models"]}
+    chosen = models[final["model"]]
+    parts = [
+        f"# Model card: {study.get('name', run_dir.name)}",
+        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `python -m analysis.model_card` "
+        "from the files of this results folder; each section names the files it reads.",
+        _intended_use(study),
+        _data(run_dir, study, study_record),
+        _protocol(run_dir, study, record),
+        _model(run_dir, final_model, study),
+        _results(evaluation, chosen, models),
+        _calibration(final, models),
+        _failure_modes(run_dir, chosen, final_model, evaluation),
+        _limitations(evaluation, chosen, final_model, record),
+        _export(run_dir),
+        _software(study_record),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_model_card(run_dir: str | Path) -> Path:
+    from analysis.tables import write_file
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    return write_file(run_dir / MODEL_CARD, build_card(run_dir).encode("utf-8"))
+
+
+# --------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------
+
+
+def _intended_use(study: dict) -> str:
+    lines = ["## Intended use and users", "_From study.json._", ""]
+    for field in ("intended_use", "intended_users"):
+        value = study.get(field)
+        lines.append(f"- {field.replace('_', ' ')}: {value}" if value else
+                     f"- {field.replace('_', ' ')}: not recorded (study.json has no `{field}`)")
+    lines.append(f"- study description: {study.get('description') or 'not recorded'}")
+    return "\n".join(lines)
+
+
+def _data(run_dir: Path, study: dict, study_record: dict) -> str:
+    ds = study.get("dataset") or {}
+    lines = ["## Data", "_From study.json and splits.parquet._", "",
+             f"- loader `{ds.get('loader')}`, path `{ds.get('path')}`, images resized to "
+             f"{ds.get('image_size')} x {ds.get('image_size')} px",
+             f"- positive class (study): {ds.get('positive_class') or 'none'}",
+             f"- unreadable images left out (--skip-corrupt): {len(study_record.get('skipped_images') or [])}"]
+    splits_path = run_dir / "splits.parquet"
+    if splits_path.is_file():
+        splits = pd.read_parquet(splits_path, columns=["label", "split"])
+        counts = pd.crosstab(splits["label"], splits["split"], margins=True, margins_name="all")
+        order = [c for c in ("train", "val", "test", "unused", "all") if c in counts.columns]
+        counts = counts[order].reset_index().rename(columns={"label": "class"})
+        lines += ["", "Images per class and split:", "", _table(counts.astype(str))]
+    return "\n".join(lines)
+
+
+def _protocol(run_dir: Path, study: dict, record: dict) -> str:
+    ds = study.get("dataset") or {}
+    lines = ["## Protocol", "_From study.json, splits.parquet, duplicates.parquet, leaderboard.parquet and "
+             "test_evaluation.json._", "",
+             f"- split protocol `{ds.get('split')}` (options {ds.get('split_options') or {}}, seed {ds.get('seed')})"]
+    splits_path = run_dir / "splits.parquet"
+    if splits_path.is_file():
+        splits = pd.read_parquet(splits_path)
+        if "group" in splits.columns and splits["group"].notna().any():
+            used = splits[splits["split"].isin(["train", "val", "test"]) & splits["group"].notna()]
+            spanning = int((used.groupby("group")["split"].nunique() > 1).sum())
+            lines.append(f"- groups (patient or lesion): {used['group'].nunique()}; in more than one split: {spanning}"
+                         + (" (leak-free by group)" if spanning == 0 else " (NOT leak-free by group)"))
+        else:
+            lines.append("- groups: none recorded in splits.parquet, so the split is by image; images of one "
+                         "patient or lesion may sit in different splits")
+    duplicates = run_dir / "duplicates.parquet"
+    if duplicates.is_file():
+        table = pd.read_parquet(duplicates)
+        across = f", {int(table['cross_split'].sum())} across splits" if "cross_split" in table else ""
+        conflicting = f", {int((~table['same_label']).sum())} with different labels" if "same_label" in table else ""
+        lines.append(f"- byte-identical images: {len(table)} pair(s) in duplicates.parquet{across}{conflicting}")
+    else:
+        lines.append("- byte-identical images: none recorded (no duplicates.parquet)")
+    board_path = run_dir / "leaderboard.parquet"
+    if board_path.is_file():
+        board = pd.read_parquet(board_path)
+        statuses = ", ".join(f"{k} {v}" for k, v in board["status"].value_counts().items()) if "status" in board else ""
+        lines.append(f"- search: {len(board)} trials ({statuses}); metric `{study.get('metric')}` "
+                     f"({study.get('mode')}), at most {study.get('max_epochs')} epochs, ASHA grace period "
+                     f"{study.get('grace_period')}, reduction factor {study.get('reduction_factor')}")
+    lines.append("- the trials, the ensemble size, the temperature and the threshold were chosen on the validation "
+                 "split (final_model.json `fitted_on`); the test split was read "
+                 f"{len((record or {}).get('test_split_log') or [])} time(s) (test_evaluation.json `test_split_log`)")
+    return "\n".join(lines)
+
+
+def _model(run_dir: Path, final_model: dict, study: dict) -> str:
+    from analysis.tables import format_value, hyperparameter_columns
+
+    lines = ["## Model", "_From final_model.json and leaderboard.parquet._", "",
+             f"- final model: {final_model.get('model')} (trials {', '.join(final_model.get('trials') or [])})",
+             f"- test-time augmentation: {final_model.get('tta') or 'none'}",
+             f"- temperature: {_num(final_model.get('temperature'))} ({(final_model.get('fitted_on') or {}).get('temperature')})",
+             f"- decision: {final_model.get('decision')}"
+             + (f"; threshold {_num(final_model.get('threshold'))} ({final_model.get('threshold_rule')})"
+                if final_model.get("threshold") is not None else "")]
+    if final_model.get("ensemble"):
+        lines.append(f"- ensemble: k = {final_model['ensemble'].get('k')} ({final_model['ensemble'].get('chosen')})")
+    board = pd.read_parquet(run_dir / "leaderboard.parquet").set_index("trial_name")
+    members = [t for t in final_model.get("trials") or [] if t in board.index]
+    if members:
+        rows = board.loc[members]
+        columns = [c for c in hyperparameter_columns(rows.reset_index()) if rows[c].notna().any()]
+        extra = [c for c in ("best_epoch", f"best_{study.get('metric')}") if c in rows.columns]
+        shown = rows[[*columns, *extra]].reset_index()
+        for column in shown.columns:
+            numbers = pd.to_numeric(shown[column], errors="coerce").dropna()
+            whole = len(numbers) == shown[column].notna().sum() and bool((numbers % 1 == 0).all())
+            shown[column] = [format_value(v, column, whole) for v in shown[column]]
+        lines += ["", "Member trials (hyperparameters as recorded in leaderboard.parquet):", "", _table(shown)]
+    return "\n".join(lines)
+
+
+def _results(evaluation: dict, chosen: dict, models: dict) -> str:
+    level = int(round(100 * evaluation.get("level", 0.95)))
+    lines = ["## Results", f"_From test_evaluation.json (evaluated {evaluation.get('evaluated_at')}, "
+             f"{evaluation.get('n')} {evaluation.get('split')} images; {level}% percentile bootstrap intervals over "
+             f"{evaluation.get('n_boot')} resamples, seed {evaluation.get('seed')})._", ""]
+    names = ["accuracy", "balanced_accuracy", "macro_f1", "auc"]
+    rows = [{"model": label + (" (final)" if m is chosen else ""),
+             **{n.replace("_", " "): _ci(m["metrics"].get(n), m["ci"].get(n)) for n in names}}
+            for label, m in models.items()]
+    lines += ["Argmax metrics of the uncalibrated probabilities (the temperature does not change the argmax):", "",
+              _table(pd.DataFrame(rows))]
+    op = chosen.get("operating_point")
+    if op:
+        at, ci = op["at_threshold"], op["ci"]
+        lines += ["", f"Operating point of the final model for **{op['class']}**: threshold {_num(op['value'])} "
+                  f"({_rule(op)}); on validation sensitivity {_num(op['validation']['sensitivity'])}, specificity "
+                  f"{_num(op['validation']['specificity'])}. On {evaluation.get('split')}:", "",
+                  _table(pd.DataFrame([{m: _ci(at[m], ci[m]) for m in ("sensitivity", "specificity", "ppv", "npv", "f1")}])),
+                  "", f"Confusion at the threshold: TP {at['tp']}, FN {at['fn']}, FP {at['fp']}, TN {at['tn']}."]
+    ovr = chosen.get("one_vs_rest")
+    if ovr:
+        lines += ["", "Per class, one vs rest at the argmax:", "",
+                  _table(pd.DataFrame([{"class": c, "sensitivity": _ci(o["sensitivity"], o["ci"]["sensitivity"]),
+                                        "specificity": _ci(o["specificity"], o["ci"]["specificity"])}
+                                       for c, o in ovr.items()]))]
+    return "\n".join(lines)
+
+
+def _rule(op: dict) -> str:
+    from analysis.operating_point import rule_text
+
+    return rule_text(op)
+
+
+def _calibration(final: dict, models: dict) -> str:
+    from analysis.calibration import ECE_BINS
+
+    lines = ["## Calibration", f"_From test_evaluation.json. ECE: top-label confidence, {ECE_BINS} equal-width bins; "
+             "Brier: mean squared distance to the one-hot label (halved for two classes); temperature fitted on "
+             "validation._", ""]
+    rows = []
+    for label, m in models.items():
+        c = m["calibration"]
+        rows.append({"model": label, "temperature": _num(c["temperature"]),
+                     "ECE before": _num(c["before"]["ece"]), "ECE after": _num(c["after"]["ece"]),
+                     "Brier before": _num(c["before"]["brier"]), "Brier after": _num(c["after"]["brier"]),
+                     "NLL before": _num(c["before"]["nll"]), "NLL after": _num(c["after"]["nll"])})
+    lines.append(_table(pd.DataFrame(rows)))
+    if final.get("reliability_plot"):
+        lines += ["", f"![reliability diagram]({final['reliability_plot']})"]
+    return "\n".join(lines)
+
+
+def _failure_modes(run_dir: Path, chosen: dict, final_model: dict, evaluation: dict) -> str:
+    from analysis.calibration import apply_temperature
+    from analysis.operating_point import decide
+
+    lines = ["## Failure modes", "_From test_evaluation.json and test_predictions.parquet._", ""]
+    classes = final_model.get("class_names") or []
+    recalls = sorted(((chosen["metrics"].get(f"recall_{c}"), c) for c in classes), key=lambda t: (t[0] is None, t[0]))
+    lines.append("Lowest recall (argmax): " + "; ".join(
+        f"{c} {_ci(r, chosen['ci'].get(f'recall_{c}'))}" for r, c in recalls[:WORST_CLASSES]))
+    path = run_dir / f"{evaluation.get('split', 'test')}_predictions.parquet"
+    if not path.is_file():
+        lines.append(f"\n{path.name} is missing: no examples to list.")
+        return "\n".join(lines)
+    rows = pd.read_parquet(path)
+    rows = rows[rows["trial"] == chosen["label"]].reset_index(drop=True)
+    if rows.empty:
+        lines.append(f"\n{path.name} holds no predictions of {chosen['label']!r}.")
+        return "\n".join(lines)
+    probs = apply_temperature(rows[[f"prob_{c}" for c in classes]].to_numpy(), final_model.get("temperature") or 1.0)
+    threshold, positive = final_model.get("threshold"), final_model.get("positive_class")
+    predicted = decide(probs, classes.index(positive), threshold) if threshold is not None and positive in classes \
+        else probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != rows["label_index"].to_numpy())
+    confidence = probs[wrong, predicted[wrong]]
+    order = wrong[np.argsort(-confidence, kind="stable")][:WRONG_EXAMPLES]
+    lines.append(f"\n{len(wrong)} of {len(rows)} {evaluation.get('split')} images are wrong at the final model's decision "
+                 f"rule; the {len(order)} most confident (calibrated probability of the wrong call):\n")
+    table = pd.DataFrame({"image": rows.loc[order, "path"].astype(str), "true": rows.loc[order, "label"].astype(str),
+                          "called": [classes[i] for i in predicted[order]],
+                          "probability": [_num(probs[i, predicted[i]]) for i in order]})
+    lines.append(_table(table) if len(table) else "(none)")
+    return "\n".join(lines)
+
+
+def _limitations(evaluation: dict, chosen: dict, final_model: dict, record: dict) -> str:
+    lines = ["## Limitations", "_Computed from the files above._", ""]
+    n = evaluation.get("n")
+    ba = chosen["ci"].get("balanced_accuracy") or [None, None]
+    if ba[0] is not None:
+        lines.append(f"- {n} {evaluation.get('split')} images: the balanced-accuracy interval is "
+                     f"{_num(ba[1] - ba[0])} wide")
+    n_val = (final_model.get("fitted_on") or {}).get("n")
+    if n_val:
+        lines.append(f"- {n_val} validation images fitted the temperature and threshold and chose the trials: one "
+                     f"image moves a validation accuracy by {_num(1 / n_val)}")
+    fit = (final_model.get("validation") or {}).get("temperature_fit") or {}
+    if fit.get("at_bound"):
+        lines.append(f"- the temperature ({_num(fit.get('temperature'))}) lies at its search bound: the validation "
+                     "set could not pin it down")
+    c = chosen["calibration"]
+    if c["after"]["ece"] > c["before"]["ece"]:
+        lines.append(f"- calibration fitted on validation raised the {evaluation.get('split')} ECE "
+                     f"({_num(c['before']['ece'])} -> {_num(c['after']['ece'])})")
+    op = chosen.get("operating_point")
+    if op and op.get("rule") == "target_sensitivity" and op["at_threshold"]["sensitivity"] < op["target"]:
+        lines.append(f"- the target sensitivity {op['target']} met on validation was not reached on "
+                     f"{evaluation.get('split')} ({_num(op['at_threshold']['sensitivity'])})")
+    if evaluation.get("final", {}).get("fitted_on_evaluated_split"):
+        lines.append("- evaluated on the validation split it was fitted on: optimistic")
+    reads = len((record or {}).get("test_split_log") or [])
+    if reads > 1:
+        lines.append(f"- the test split has been read {reads} times (test_split_log)")
+    return "\n".join(lines)
+
+
+def _export(run_dir: Path) -> str:
+    lines = ["## Export", "_From export/*.json (analysis.export's sidecars)._", ""]
+    sidecars = sorted((run_dir / "export").glob("*.json")) if (run_dir / "export").is_dir() else []
+    if not sidecars:
+        lines.append("No export sidecar in export/: the model has not been exported (python -m analysis.export).")
+    for path in sidecars:
+        side = _read_json(path) or {}
+        check = side.get("verification") or {}
+        lines.append(f"- {path.name}: format {side.get('format')}, trial {side.get('trial')}, verified "
+                     + (f"on {check.get('split')}: {'ok' if check.get('ok') else 'FAILED'}" if check else "no"))
+    return "\n".join(lines)
+
+
+def _software(study_record: dict) -> str:
+    versions = study_record.get("versions") or {}
+    lines = ["## Software", "_From study.json._", "", f"- python {study_record.get('python', 'not recorded')}"]
+    lines += [f"- {name} {version}" for name, version in sorted(versions.items())]
+    lines.append(f"- study file `{study_record.get('study_file')}` (SHA-256 {study_record.get('study_file_sha256')})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.model_card", allow_abbrev=False,
+                                     description="Write RUN_DIR/model_card.md from the results folder's files.")
+    parser.add_argument("run_dir", help="a study's results folder, evaluated by python -m analysis.evaluate")
+    args = parser.parse_args(argv)
+    from analysis.tables import AnalysisError
+
+    try:
+        path = write_model_card(args.run_dir)
+    except (ModelCardError, AnalysisError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"model card: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
