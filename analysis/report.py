@@ -32,10 +32,12 @@ PLOTS_DIR = "report_files"
 LONG_TABLE = 40  # trial-by-trial tables longer than this are shortened
 SECTIONS = (
     "Study summary",
+    "Near-duplicate audit",
     "Best trial per backbone",
     "Backbone x unfreeze depth",
     "Published results beside ours",
     "Held-out test evaluation",
+    "Final model: ensemble, calibration, operating point",
     "Plots",
     "Search efficiency",
     "All trials",
@@ -141,10 +143,12 @@ def build(run: T.Run, eval_error: str | None = None) -> tuple[list[Section], dic
               "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     sections = [
         summary_section(run, state),
+        near_duplicates_section(run),
         best_backbone_section(run),
         unfreeze_section(run),
         published_section(run, evaluation),
         test_section(run, record, evaluation, eval_error),
+        final_model_section(run, evaluation),
         plots_section(plots),
         efficiency_section(run),
         all_trials_section(run),
@@ -215,6 +219,86 @@ def summary_section(run: T.Run, state: dict) -> Section:
                "the marker), so the report reads the folder: trials still `running` in leaderboard.parquet, or "
                "fewer trials than `num_samples`.")
     return s
+
+
+NEAR_DUPLICATES_SHOWN = 10  # closest cross-split pairs listed
+NEAR_DUPLICATES_PANEL = 6  # of which drawn side by side
+
+
+def near_duplicates_section(run: T.Run) -> Section:
+    """The leakage audit (``near_duplicates.parquet``): contamination figures, the closest cross-split pairs, a panel."""
+    from trainables.datasets.near_duplicates import contamination, settings_from
+
+    s = Section("Near-duplicate audit")
+    path = run.path / "near_duplicates.parquet"
+    if not path.is_file():
+        s.text("Not run for this study: `Dataset(near_duplicates=False)`, or a study from before the audit.")
+        return s
+    pairs = T._read(path)  # a damaged file is an AnalysisError naming it, as for the other Parquet files
+    try:
+        settings = settings_from((run.study.get("dataset") or {}).get("near_duplicates", True))
+    except ValueError:  # a folder from another version: say what was found, not how
+        settings = None
+    how = "" if settings is None else f"pHash within {settings.hash_distance} of 256 bits (any flip)" + (
+        f", or {settings.embedding} similarity >= {settings.embedding_similarity}" if settings.embedding else "")
+    lines = [f"- found by: {how}" if how else "- found by: (settings not recorded)"]
+    if run.splits is not None:
+        f = contamination(pairs, run.splits)
+        lines += [
+            f"- **{f['pairs']} pair(s)** in {f['clusters']} cluster(s) ({f['images_in_clusters']} images); "
+            f"**{f['cross_split_pairs']} across splits**; {f['label_conflicts']} label conflict(s) "
+            "(a pair with two labels)",
+            *(f"- **{_pct(f[f'{name}_share_with_train_near_duplicate'])} of {name} images** "
+              f"({f[f'{name}_with_train_near_duplicate']} of {f[f'{name}_images']}) have a near-duplicate in train"
+              for name in ("val", "test") if f[f"{name}_images"]),
+        ]
+    s.text("\n".join(lines))
+    crossing = pairs[pairs["cross_split"]].head(NEAR_DUPLICATES_SHOWN) if "cross_split" in pairs else pairs.head(0)
+    if crossing.empty:
+        s.text("No near-duplicate pair crosses splits: validation and test scores measure unseen images.")
+        return s
+    s.text("A validation or test image with a near-duplicate in train is scored partly on memory. A leak-free "
+           "split keeps each cluster in one split: `Dataset(split=\"grouped\", split_options={\"by\": "
+           "\"near_duplicates\"})` (with patient or lesion ids: `by=[\"group\", \"near_duplicates\"]`).")
+    s.sub("Closest pairs across splits")
+    shown = pd.DataFrame({
+        "image a": crossing["path_a"].map(lambda p: Path(p).name), "split a": crossing["split_a"],
+        "label a": crossing["label_a"],
+        "image b": crossing["path_b"].map(lambda p: Path(p).name), "split b": crossing["split_b"],
+        "label b": crossing["label_b"],
+        "pHash bits": crossing["hash_distance"].astype("string").fillna(""),
+        "similarity": crossing["embedding_similarity"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
+    })
+    s.table(shown)
+    s.plot(near_duplicates_panel(crossing.head(NEAR_DUPLICATES_PANEL), run.path / PLOTS_DIR))
+    return s
+
+
+def near_duplicates_panel(pairs: pd.DataFrame, out_dir: Path) -> Plot:
+    """The pairs side by side, one row each, titled with split, label and distance; skipped if the images are gone."""
+    from PIL import Image
+
+    from analysis.plots import _figure, _save
+
+    title = "Closest near-duplicate pairs across splits"
+    missing = [p for p in list(pairs["path_a"]) + list(pairs["path_b"]) if not Path(p).is_file()]
+    if missing:
+        return Plot("near_duplicates", title, None, f"not drawn: {len(missing)} image(s) are no longer at their "
+                                                     f"recorded paths (e.g. {missing[0]})")
+    fig = _figure(figsize=(5.0, 2.3 * len(pairs)))
+    for row, pair in enumerate(pairs.itertuples()):
+        for col, side in enumerate("ab"):
+            ax = fig.add_subplot(len(pairs), 2, 2 * row + col + 1)
+            with Image.open(getattr(pair, f"path_{side}")) as image:
+                ax.imshow(image.convert("RGB"))
+            ax.set_axis_off()
+            distance = f"{pair.hash_distance} bits" if not pd.isna(pair.hash_distance) else \
+                f"sim {pair.embedding_similarity:.3f}"
+            ax.set_title(f"{getattr(pair, f'split_{side}')} / {getattr(pair, f'label_{side}')}"
+                         + (f"  ({distance})" if side == "a" else ""), fontsize=8)
+    return Plot("near_duplicates", title, _save(fig, out_dir, "near_duplicates"),
+                "each row is one pair: left and right differ in split; the distance is the pHash's (or the "
+                "embedding similarity)")
 
 
 def _dataset_text(ds: dict) -> str:
@@ -382,6 +466,54 @@ def test_section(run: T.Run, record: dict | None, evaluation: dict | None, eval_
         s.sub("Per class, best trial on test (precision, recall, F1)")
         s.table(per_class)
     _test_log(s, record)
+    return s
+
+
+def final_model_section(run: T.Run, evaluation: dict | None) -> Section:
+    """analysis.evaluate's final model: each candidate beside the single best, calibration, operating point."""
+    s = Section("Final model: ensemble, calibration, operating point")
+    final = (evaluation or {}).get("final")
+    if not final:
+        s.text(f"Not evaluated yet: `python -m analysis.evaluate {run.path}` fits a temperature and a threshold on "
+               "validation (`--ensemble K|auto`, `--tta flips|dihedral`, `--target-sensitivity S` add to it) and "
+               "scores the final model on test.")
+        return s
+    split = evaluation.get("split", "test")
+    s.text(f"Final model: **{final['model']}** (final_model.json; used by search.predict). Temperature and threshold "
+           f"are fitted on the validation split only; scores are on {split}, with the bootstrap intervals of the "
+           "evaluation. ECE: "
+           "top-label confidence, 15 equal-width bins. Brier: halved for two classes (scikit-learn's).")
+    rows = []
+    for m in final.get("models") or []:
+        c, metrics, ci = m["calibration"], m["metrics"], m["ci"]
+        rows.append({"model": m["label"] + (" (final)" if m["label"] == final["model"] else ""),
+                     "balanced accuracy": _ci_text(metrics.get("balanced_accuracy"), *ci["balanced_accuracy"][:2]),
+                     "AUC": _ci_text(metrics.get("auc"), *ci["auc"][:2]), "temperature": f"{c['temperature']:.3f}",
+                     "ECE before / after": f"{c['before']['ece']:.4f} / {c['after']['ece']:.4f}",
+                     "Brier before / after": f"{c['before']['brier']:.4f} / {c['after']['brier']:.4f}"})
+    s.table(pd.DataFrame(rows))
+    chosen = next((m for m in final.get("models") or [] if m["label"] == final["model"]), None) or {}
+    op = chosen.get("operating_point")
+    if op:
+        from analysis.operating_point import rule_text
+
+        at, ci = op["at_threshold"], op["ci"]
+        s.sub(f"Operating point for {op['class']}: threshold {op['value']:.4f} ({rule_text(op)})")
+        s.table(pd.DataFrame([{"": split, **{m: _ci_text(at[m], *ci[m][:2])
+                                             for m in ("sensitivity", "specificity", "ppv", "npv", "f1")},
+                               "TP / FN / FP / TN": f"{at['tp']} / {at['fn']} / {at['fp']} / {at['tn']}"},
+                              {"": "validation", **{m: f"{op['validation'][m]:.4f}" for m in
+                                                    ("sensitivity", "specificity", "ppv", "npv", "f1")}}]))
+    if chosen.get("one_vs_rest"):
+        s.sub("Per class, one vs rest at the argmax")
+        s.table(pd.DataFrame([{"class": c, "sensitivity": _ci_text(o["sensitivity"], *o["ci"]["sensitivity"][:2]),
+                               "specificity": _ci_text(o["specificity"], *o["ci"]["specificity"][:2])}
+                              for c, o in chosen["one_vs_rest"].items()]))
+    if final.get("reliability_plot") and (run.path / final["reliability_plot"]).is_file():
+        s.plot(Plot("reliability", "Reliability diagram", run.path / final["reliability_plot"],
+                    "before and after temperature scaling"))
+    if (run.path / "model_card.md").is_file():
+        s.text("The model card: `model_card.md` in the results folder.")
     return s
 
 

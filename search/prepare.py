@@ -17,7 +17,8 @@ from search.study import Study, StudyError
 from trainables.data import decode_images
 from trainables.datasets import DatasetError, load_table
 from trainables.datasets.integrity import find_corrupt_cached, find_duplicates
-from trainables.splits import assign_splits, subsample
+from trainables.datasets.near_duplicates import CLUSTER_COLUMN, NearDuplicates, find_near_duplicates, settings_from
+from trainables.splits import assign_splits, group_by, subsample
 
 SMOKE_IMAGES_PER_SPLIT = 64
 
@@ -30,6 +31,7 @@ class Prepared:
     arrays: dict[str, np.ndarray]  # x_train, y_train, x_val, y_val
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason) left out
     duplicates: pd.DataFrame | None = None  # byte-identical pairs, see integrity.find_duplicates
+    near_duplicates: NearDuplicates | None = None  # the leakage audit (None when turned off)
 
 
 def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = False,
@@ -45,9 +47,20 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
     unknown = sorted(set(table["label"]) - set(class_names))
     if unknown:
         table = table[table["label"].isin(class_names)].reset_index(drop=True)
+    audit = settings_from(ds.near_duplicates)
+    near = None
+    if audit.enabled and _grouped_by_near_duplicates(ds):  # the split needs the clusters of every image
+        near = find_near_duplicates(table, audit, weights_dir=study.weights_dir)
+        table[CLUSTER_COLUMN] = near.clusters
     table["split"] = assign_splits(table, ds.split, seed=ds.seed, **ds.split_options)
     if smoke:
         table["split"] = subsample(table["split"], table["label"], per_split=SMOKE_IMAGES_PER_SPLIT, seed=ds.seed)
+    if audit.enabled:
+        if near is None:  # the images in a split only: S2's and --smoke's unused ones need no audit
+            near = find_near_duplicates(table[table["split"] != "unused"], audit, weights_dir=study.weights_dir)
+        near = near.with_splits(table)
+        if audit.stop_on_label_conflict:
+            _refuse_label_conflicts(near, table)
     positive = _positive_index(study, class_names)
     _check_metric_reported(study, class_names)
     table["label_index"] = table["label"].map({c: i for i, c in enumerate(class_names)}).astype("int64")
@@ -58,7 +71,30 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
         arrays[f"x_{split}"] = decode_images(rows["path"].tolist(), ds.image_size)
         arrays[f"y_{split}"] = rows["label_index"].to_numpy()
     duplicates = find_duplicates(table[table["split"] != "unused"])
-    return Prepared(table, class_names, positive, arrays, skipped, duplicates)
+    return Prepared(table, class_names, positive, arrays, skipped, duplicates, near)
+
+
+def _grouped_by_near_duplicates(ds) -> bool:
+    return ds.split == "grouped" and "near_duplicates" in group_by(ds.split_options.get("by", "group"))
+
+
+def _refuse_label_conflicts(near: NearDuplicates, table: pd.DataFrame, shown: int = 10) -> None:
+    """``stop_on_label_conflict``: near-duplicates with two labels stop the run, listed, before anything is decoded."""
+    pairs = near.in_study(table)
+    conflicts = pairs[pairs["label_conflict"]]
+    if conflicts.empty:
+        return
+    listed = "\n  ".join(f"{r.path_a} ({r.label_a}) ~ {r.path_b} ({r.label_b})"
+                         for r in conflicts.head(shown).itertuples())
+    more = f"\n  ... and {len(conflicts) - shown} more" if len(conflicts) > shown else ""
+    raise DatasetError(f"{len(conflicts)} near-duplicate pair(s) have different labels:\n  {listed}{more}\n"
+                       "Correct the labels or remove one image of each pair, or set "
+                       "Dataset(near_duplicates={'stop_on_label_conflict': False}) to be warned and go on.")
+
+
+def write_near_duplicates(near: NearDuplicates, folder) -> str:
+    """``near_duplicates.parquet`` in a ``search.storage.StudyFolder``: every pair, closest first."""
+    return folder.write_parquet("near_duplicates.parquet", near.pairs)
 
 
 def check_fits_in_memory(n_images: int, image_size: int, available: tuple[int, str] | None = None) -> None:
@@ -123,7 +159,7 @@ def _positive_index(study: Study, class_names: list[str]) -> int | None:
     if positive is None:
         return None
     if positive not in class_names:
-        from trainables.backbones import unknown_name_message
+        from trainables.checks import unknown_name_message
 
         raise StudyError("dataset.positive_class: " + unknown_name_message("class", positive, class_names)
                          + " (the dataset's classes)")
@@ -135,7 +171,7 @@ def _check_metric_reported(study: Study, class_names: list[str]) -> None:
 
     reported = metric_names(class_names) + ["train_loss"]
     if study.metric not in reported:
-        from trainables.backbones import unknown_name_message
+        from trainables.checks import unknown_name_message
 
         raise StudyError("metric: " + unknown_name_message("metric", study.metric, reported) + " (trials never report it)")
 

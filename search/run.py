@@ -339,7 +339,7 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
 
 
 def prepare(study, args, folder):
-    from search.prepare import prepare_data, write_splits
+    from search.prepare import prepare_data, write_near_duplicates, write_splits
 
     started = time.monotonic()
     print(f"study {study.name}: loading {study.dataset.loader} data at {study.dataset.image_size} px ...", flush=True)
@@ -354,6 +354,9 @@ def prepare(study, args, folder):
         print(f"  skipped {len(prepared.skipped)} unreadable image(s) (--skip-corrupt): {listed}{more}; "
               "all are listed in study.json", flush=True)
     report_duplicates(prepared.duplicates, folder)
+    if prepared.near_duplicates is not None:  # the leakage audit (Dataset.near_duplicates): one line and its file
+        write_near_duplicates(prepared.near_duplicates, folder)
+        print(f"  {prepared.near_duplicates.summary(prepared.splits)}", flush=True)
     return prepared
 
 

@@ -15,7 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from trainables.backbones import unknown_name_message
+from trainables.backbones import get_backbone_spec
+from trainables.checks import is_int, is_number, is_one_of, unknown_name_message
+from trainables.hparams import DEFAULTS, hparam_problem
 
 # Sampling the space this many times at load time catches bad values and typos.
 _DRY_RUN_SAMPLES = 32
@@ -68,6 +70,9 @@ class Dataset:
     split_options: dict = dataclasses.field(default_factory=dict)
     options: dict = dataclasses.field(default_factory=dict)  # passed to the loader
     seed: int = 0  # the split's seed
+    # The leakage audit before every study: True (default thresholds), False (off), or a dict of
+    # thresholds and options (trainables.datasets.near_duplicates.Settings), e.g. {"hash_distance": 30}.
+    near_duplicates: bool | dict = True
 
 
 @_named_fields
@@ -133,7 +138,7 @@ def validate(study: Study) -> None:
     _int("max_failures", study.max_failures, low=0)
     if not isinstance(study.activation_cache, bool):
         _fail("activation_cache", study.activation_cache, "use True or False")
-    if not _is_one_of(study.mixed_precision, (True, False, "auto")):
+    if not is_one_of(study.mixed_precision, (True, False, "auto")):
         _fail("mixed_precision", study.mixed_precision, "use True, False or 'auto'")
     _check_path("weights_dir", study.weights_dir)
     if not isinstance(study.fixed, dict):
@@ -162,6 +167,27 @@ def _check_dataset(ds: Dataset, *, loaders: list[str], protocols: list[str]) -> 
         if not isinstance(getattr(ds, field), dict):
             _fail(f"dataset.{field}", getattr(ds, field), "use a dict of keyword arguments, or leave it out")
     _int("dataset.seed", ds.seed, low=0)
+    _check_near_duplicates(ds)
+
+
+def _check_near_duplicates(ds: Dataset) -> None:
+    """The audit's thresholds, and a split grouped by near-duplicate clusters only while the audit is on."""
+    from trainables.datasets.near_duplicates import settings_from
+    from trainables.splits import group_by
+
+    try:
+        settings = settings_from(ds.near_duplicates)
+    except ValueError as exc:
+        raise StudyError(f"dataset.near_duplicates: {exc}") from None
+    if ds.split != "grouped":
+        return
+    try:
+        by = group_by(ds.split_options.get("by", "group"))
+    except ValueError as exc:
+        raise StudyError(f"dataset.split_options: {exc}") from None
+    if "near_duplicates" in by and not settings.enabled:
+        _fail("dataset.near_duplicates", ds.near_duplicates,
+              "split_options by='near_duplicates' groups by the audit's clusters; turn the audit on (True or a dict)")
 
 
 def dry_run_space(study: Study) -> None:
@@ -214,8 +240,6 @@ def _sample_once(study: Study, dry) -> dict:
 
 def imagenet_backbones(study: Study) -> list[str]:
     """Backbones the study may train from ImageNet weights: the files the run must find first."""
-    from trainables.train import DEFAULTS
-
     found = set()
     for hparams in sample_space(study):
         hp = {**DEFAULTS, **hparams}
@@ -224,54 +248,16 @@ def imagenet_backbones(study: Study) -> list[str]:
     return sorted(found)
 
 
-def _backbones():
-    from trainables import list_backbones
-
-    return list_backbones()
-
-
-def _augments():
-    from trainables.augment import POLICIES
-
-    return list(POLICIES)
-
-
-# Hyperparameters with a fixed set of valid values, checked by name.
-_CHOICES: dict[str, Callable[[], list]] = {
-    "backbone": _backbones,
-    "augment": _augments,
-    "weights": lambda: [None, "imagenet"],
-    "pooling": lambda: ["avg", "flatten"],
-    "class_weight": lambda: [True, False],
-}
-
-
 def _check_hparams(where: str, hparams: dict) -> None:
-    from trainables.train import DEFAULTS
-
     for key, value in hparams.items():
-        if key not in DEFAULTS:
-            raise StudyError(f"{where}: " + unknown_name_message("hyperparameter", key, DEFAULTS))
-        if key in _CHOICES and not _is_one_of(value, _CHOICES[key]()):
-            raise StudyError(f"{where}: " + unknown_name_message(key, value, [str(v) for v in _CHOICES[key]()]))
-        if key == "unfreeze" and value != "all" and not _is_int(value, low=0):
-            _fail(f"{where}: unfreeze", value, "use 0 (frozen), a layer count k > 0, or 'all'")
-        if key in ("learning_rate", "fine_tune_lr") and not (_is_number(value) and 0 < value < 1):
-            _fail(f"{where}: {key}", value, "use a number in (0, 1)")
-        if key == "dropout" and not (_is_number(value) and 0 <= value < 1):
-            _fail(f"{where}: dropout", value, "use a number in [0, 1)")
-        if key in ("head_units", "warmup_epochs") and not _is_int(value, low=0):
-            _fail(f"{where}: {key}", value, "use a non-negative integer")
-        if key == "batch_size" and not _is_int(value, low=1):
-            _fail(f"{where}: batch_size", value, "use a positive integer, e.g. 16 or 32")
+        problem = hparam_problem(key, value)
+        if problem:
+            raise StudyError(f"{where}: {problem}")
 
 
 def _check_unfreeze_depth(where: str, hparams: dict) -> None:
     """An ``unfreeze`` depth the trial's backbone has: past its layer count, Keras
     would train every layer while the leaderboard recorded the depth asked for."""
-    from trainables.backbones import get_backbone_spec
-    from trainables.train import DEFAULTS
-
     hp = {**DEFAULTS, **hparams}
     spec = get_backbone_spec(hp["backbone"])
     if hp["unfreeze"] != "all" and hp["unfreeze"] > spec.layers:
@@ -292,25 +278,12 @@ def _choice(field: str, value, valid) -> None:
 
 
 def _int(field: str, value, *, low: int, high: int | None = None) -> None:
-    if not _is_int(value, low=low) or (high is not None and value > high):
+    if not is_int(value, low=low) or (high is not None and value > high):
         _fail(field, value, f"use an integer >= {low}" if high is None else f"use an integer from {low} to {high}")
 
 
-def _is_int(value, *, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low  # True is an int to Python
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_finite(value) -> bool:
-    return _is_number(value) and math.isfinite(value)
-
-
-def _is_one_of(value, choices) -> bool:
-    """``value in choices``, except that 1 is not True and 0.0 is not False (Python says they are equal)."""
-    return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices)
+    return is_number(value) and math.isfinite(value)
 
 
 # Ray counts resources in steps of 1/10000 and refuses a request that rounds to none of them.

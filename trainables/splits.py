@@ -5,8 +5,9 @@ Each protocol returns a ``pandas.Series`` of ``"train"``, ``"val"``, ``"test"``
 Splits depend only on the table and the seed, so they are reproducible.
 
 Protocols: ``stratified`` (image-level, any fractions), ``grouped`` (leak-free:
-by patient or lesion id), and ``S1`` ... ``S5``, which reproduce the split sizes
-of the reference studies in ``shared/paper-tables.md``. S1 and S3 fix their
+by patient or lesion id, by near-duplicate cluster, or both), and ``S1`` ...
+``S5``, which reproduce the split sizes of the reference studies in
+``shared/paper-tables.md``. S1 and S3 fix their
 own random seed, as the studies did, and ignore ``seed``.
 """
 
@@ -18,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from trainables.datasets import DatasetError
+from trainables.datasets.near_duplicates import CLUSTER_COLUMN
 
 SPLITS = ("train", "val", "test")
 
@@ -40,7 +41,7 @@ def list_protocols() -> list[str]:
 
 
 def assign_splits(table: pd.DataFrame, protocol: str, *, seed: int, **options) -> pd.Series:
-    from trainables.backbones import unknown_name_message
+    from trainables.checks import unknown_name_message
 
     if protocol not in _PROTOCOLS:
         raise ValueError(unknown_name_message("split protocol", protocol, _PROTOCOLS))
@@ -79,6 +80,8 @@ def three_way(labels: pd.Series, *, val: float, test: float, seed: int, protocol
     Every class needs an image for each split it is cut into (3, or 2 without a test split);
     fewer is a ``DatasetError`` naming the class, before scikit-learn fails on it.
     """
+    from sklearn.model_selection import train_test_split  # here: a study's protocol names load without it
+
     needs, parts = (3, "train, val and test") if test > 0 else (2, "train and val")
     _check_class_sizes(labels, needs, protocol, why=f"one each for {parts}")
     index = labels.index.to_numpy()
@@ -260,8 +263,15 @@ def s5(table: pd.DataFrame, *, seed: int, val: float = 0.20) -> pd.Series:
 
 
 @register_protocol("grouped")
-def grouped(table: pd.DataFrame, *, seed: int, val: float = 0.15, test: float = 0.15) -> pd.Series:
-    """Leak-free train/val/test: every ``group`` (lesion or patient id) lands in exactly one split.
+def grouped(table: pd.DataFrame, *, seed: int, val: float = 0.15, test: float = 0.15,
+            by: str | list[str] = "group") -> pd.Series:
+    """Leak-free train/val/test: every group lands in exactly one split.
+
+    ``by`` names what makes a group: ``"group"`` (the loader's patient or
+    lesion id), ``"near_duplicates"`` (the image's near-duplicate cluster, set
+    by ``search.prepare`` from ``trainables.datasets.near_duplicates``: the
+    only leak-free split for data without patient ids), or both as a list:
+    images sharing either land together, transitively.
 
     Stratified by class as far as whole groups allow. Greedy assignment: the
     groups are shuffled with ``seed`` and taken largest first; each goes to the
@@ -271,7 +281,7 @@ def grouped(table: pd.DataFrame, *, seed: int, val: float = 0.15, test: float = 
     fractions. Rows without a group are treated as groups of one.
     """
     _check_fractions(val, test)
-    groups = _group_keys(table)
+    groups = _group_keys(table, group_by(by))
     counts = pd.crosstab(groups, table["label"])  # one row per group, one column per class
     per_group = counts.to_numpy(dtype=float)
     fractions = np.array([1 - val - test, val, test])
@@ -294,20 +304,69 @@ def grouped(table: pd.DataFrame, *, seed: int, val: float = 0.15, test: float = 
     return pd.Series(groups.map(split_of_group).to_numpy(), index=table.index, dtype=object)
 
 
+# ``grouped``'s ``by`` names -> the image-table column that holds each image's key.
+GROUP_BY = {"group": "group", "near_duplicates": CLUSTER_COLUMN}
+
+
+def group_by(by) -> list[str]:
+    """``grouped``'s ``by`` option as a list of names; anything else is a ``DatasetError`` naming the valid ones."""
+    names = [by] if isinstance(by, str) else by
+    if not isinstance(names, (list, tuple)) or not names or len(set(map(str, names))) != len(names):
+        raise DatasetError(f"split option by={by!r}: use one of {sorted(GROUP_BY)} or a list of them, "
+                           "e.g. by=['group', 'near_duplicates']")
+    for name in names:
+        if name not in GROUP_BY:
+            from trainables.checks import unknown_name_message
+
+            raise DatasetError("split option by: " + unknown_name_message("grouping", name, GROUP_BY))
+    return list(names)
+
+
 def _check_fractions(val: float, test: float) -> None:
     if not (0 < val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"split fractions must satisfy 0 < val, 0 <= test, val + test < 1; got val={val}, test={test}")
 
 
-def _group_keys(table: pd.DataFrame) -> pd.Series:
-    """The group of each row as a string; a row without a group gets a key of its own."""
-    if "group" not in table.columns or table["group"].isna().all():
+def _group_keys(table: pd.DataFrame, by: list[str]) -> pd.Series:
+    """One key per row: rows sharing a value of any column in ``by`` share a key (connected components);
+    a row with no value in any of them gets a key of its own."""
+    columns = [_group_column(table, name) for name in by]
+    if len(columns) == 1:
+        missing = columns[0].isna()
+        keys = columns[0].astype(str)
+        keys[missing] = [f"\0row {i}" for i in table.index[missing]]  # "\0": cannot clash with a real id
+        return keys
+    # Link each row to one node per value it has; rows reachable from each other form one group.
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n, rows, nodes, offset = len(table), [], [], len(table)
+    for column in columns:
+        present = column.notna().to_numpy()
+        codes, _ = pd.factorize(column[present].astype(str))
+        rows.append(np.flatnonzero(present))
+        nodes.append(codes + offset)
+        offset += int(codes.max()) + 1 if len(codes) else 0
+    rows, nodes = np.concatenate(rows), np.concatenate(nodes)
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, nodes)), shape=(offset, offset))
+    component = connected_components(graph, directed=False)[1][:n]
+    return pd.Series([f"component {c}" for c in component], index=table.index)
+
+
+def _group_column(table: pd.DataFrame, name: str) -> pd.Series:
+    column = GROUP_BY[name]
+    if name == "near_duplicates" and column not in table.columns:
+        raise DatasetError(
+            f"split protocol 'grouped' with by='near_duplicates' needs each image's near-duplicate cluster "
+            f"(column {column!r}), which search.prepare adds when the study's near-duplicate audit is on; "
+            "turn it on (Dataset(near_duplicates=True)), or add the column from "
+            "trainables.datasets.find_near_duplicates(table).clusters"
+        )
+    if column not in table.columns or table[column].isna().all():
         raise DatasetError(
             "split protocol 'grouped' needs a group per image (patient or lesion id), but this table has none. "
-            "Use a loader that provides groups (ham10000 groups by lesion_id) or an image-level protocol "
-            f"such as 'stratified'. Protocols: {', '.join(list_protocols())}"
+            "Use a loader that provides groups (ham10000 groups by lesion_id), group by near-duplicate clusters "
+            "instead (split_options={'by': 'near_duplicates'}), or an image-level protocol such as 'stratified'. "
+            f"Protocols: {', '.join(list_protocols())}"
         )
-    missing = table["group"].isna()
-    keys = table["group"].astype(str)
-    keys[missing] = [f"\0row {i}" for i in table.index[missing]]  # "\0": cannot clash with a real id
-    return keys
+    return table[column]

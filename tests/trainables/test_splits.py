@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from fixtures.datasets import fake_table, shared_dataset
 from trainables.datasets import DatasetError
+from trainables.datasets.near_duplicates import CLUSTER_COLUMN
 from trainables.splits import assign_splits, list_protocols, stratified, subsample, three_way
 
 # Tables of the published shapes (fake paths: the splits only read labels, origins and groups).
@@ -206,3 +208,44 @@ def test_a_class_missing_from_a_split_is_warned(capsys):
     assert "class 'b' (1 image(s)) has no val or test images" in capsys.readouterr().err
     assign_splits(fake_table({"a": 100, "b": 100}), "S1", seed=0)
     assert capsys.readouterr().err == ""
+
+
+# --- grouped by near-duplicate clusters (issue 16) ----------------------------------------------------------------
+
+
+def test_grouped_by_near_duplicate_clusters_never_separates_a_cluster():
+    table = fake_table({"nv": 400, "mel": 120, "df": 40})  # no lesion ids, as with the melanoma and folder loaders
+    table[CLUSTER_COLUMN] = np.random.default_rng(0).integers(0, 150, len(table))  # ~3.7 images a cluster
+    for seed in range(3):
+        split = assign_splits(table, "grouped", seed=seed, by="near_duplicates")
+        assert (table.assign(split=split).groupby(CLUSTER_COLUMN)["split"].nunique() == 1).all()
+        sizes = _sizes(split)
+        assert abs(sizes["val"] - 84) <= 8 and abs(sizes["test"] - 84) <= 8
+
+
+def test_grouped_by_lesion_and_near_duplicates_joins_them_transitively():
+    table = fake_table({"a": 60, "b": 60}, groups={"a": lambda i: f"La{i // 2}", "b": lambda i: f"Lb{i // 2}"})
+    table[CLUSTER_COLUMN] = np.arange(len(table))
+    for i in range(1, 19, 2):  # rows 0-1 share a lesion, 1-2 a cluster, 2-3 a lesion, ...: rows 0-19 are one group
+        table.loc[i + 1, CLUSTER_COLUMN] = table.loc[i, CLUSTER_COLUMN]
+    chain = table.index[:20]
+    by_lesion_alone_splits_it = False
+    for seed in range(5):
+        both = assign_splits(table, "grouped", seed=seed, by=["group", "near_duplicates"])
+        assert both[chain].nunique() == 1
+        per_lesion = table.assign(split=both).groupby("group")["split"].nunique()
+        assert (per_lesion == 1).all()
+        by_lesion_alone_splits_it |= assign_splits(table, "grouped", seed=seed)[chain].nunique() > 1
+    assert by_lesion_alone_splits_it  # the clusters are what holds the chain together
+
+
+def test_grouped_by_is_checked():
+    table = fake_table(S4_SHAPE, groups={"benign": str, "malignant": str})
+    with pytest.raises(DatasetError, match=r"split option by: unknown grouping 'near_duplicate'; "
+                                           r"did you mean 'near_duplicates'\?"):
+        assign_splits(table, "grouped", seed=0, by="near_duplicate")
+    with pytest.raises(DatasetError, match=r"by=\[\]: use one of \['group', 'near_duplicates'\]"):
+        assign_splits(table, "grouped", seed=0, by=[])
+    with pytest.raises(DatasetError, match=r"needs each image's near-duplicate cluster \(column "
+                                           r"'near_duplicate_cluster'\).*Dataset\(near_duplicates=True\)"):
+        assign_splits(table, "grouped", seed=0, by="near_duplicates")
