@@ -141,9 +141,25 @@ def _data(run_dir: Path, study: dict, study_record: dict) -> str:
     return "\n".join(lines)
 
 
+def _near_duplicates_line(run_dir: Path) -> str:
+    """The leakage audit's figures (near_duplicates.parquet over splits.parquet), or that it did not run."""
+    pairs_path, splits_path = run_dir / "near_duplicates.parquet", run_dir / "splits.parquet"
+    if not (pairs_path.is_file() and splits_path.is_file()):
+        return "- near-duplicate images: no audit recorded (no near_duplicates.parquet)"
+    from trainables.datasets.near_duplicates import contamination
+
+    f = contamination(pd.read_parquet(pairs_path), pd.read_parquet(splits_path))
+    shares = "; ".join(f"{f[f'{s}_share_with_train_near_duplicate']:.1%} of {s} images have a near-duplicate in train"
+                       for s in ("val", "test") if f.get(f"{s}_images"))
+    return (f"- near-duplicate images: {f['pairs']} pair(s) in {f['clusters']} cluster(s), {f['cross_split_pairs']} "
+            f"across splits, {f['label_conflicts']} label conflict(s){'; ' + shares if shares else ''} "
+            "(near_duplicates.parquet)")
+
+
 def _protocol(run_dir: Path, study: dict, record: dict) -> str:
     ds = study.get("dataset") or {}
-    lines = ["## Protocol", "_From study.json, splits.parquet, duplicates.parquet, leaderboard.parquet and "
+    lines = ["## Protocol", "_From study.json, splits.parquet, duplicates.parquet, near_duplicates.parquet, "
+             "leaderboard.parquet and "
              "test_evaluation.json._", "",
              f"- split protocol `{ds.get('split')}` (options {ds.get('split_options') or {}}, seed {ds.get('seed')})"]
     splits_path = run_dir / "splits.parquet"
@@ -165,6 +181,7 @@ def _protocol(run_dir: Path, study: dict, record: dict) -> str:
         lines.append(f"- byte-identical images: {len(table)} pair(s) in duplicates.parquet{across}{conflicting}")
     else:
         lines.append("- byte-identical images: none recorded (no duplicates.parquet)")
+    lines.append(_near_duplicates_line(run_dir))
     board_path = run_dir / "leaderboard.parquet"
     if board_path.is_file():
         board = pd.read_parquet(board_path)

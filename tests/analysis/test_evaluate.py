@@ -488,6 +488,20 @@ def test_the_model_card_holds_the_evaluations_numbers(final_stage, tmp_path):
     (copy / "final_model.json").write_text(json.dumps(final_model))
     assert "- temperature: 1.2345 (" in build_card(copy)
 
+    # The leakage audit's figures come from near_duplicates.parquet: plant a cross-split pair and see it stated.
+    from trainables.datasets.near_duplicates import contamination
+
+    train, test = (splits.loc[splits["split"] == s, "path"].iloc[0] for s in ("train", "test"))
+    planted = pd.DataFrame({"path_a": [train], "path_b": [test], "split_a": ["train"], "split_b": ["test"],
+                            "cross_split": [True], "same_label": [True], "label_conflict": [False],
+                            "hash_distance": [3], "cluster": [0]})
+    planted.to_parquet(copy / "near_duplicates.parquet")
+    f = contamination(planted, splits)
+    assert f["cross_split_pairs"] == 1 and f["test_with_train_near_duplicate"] == 1
+    assert (f"- near-duplicate images: 1 pair(s) in 1 cluster(s), 1 across splits, 0 label conflict(s); "
+            f"{f['val_share_with_train_near_duplicate']:.1%} of val images have a near-duplicate in train; "
+            f"{f['test_share_with_train_near_duplicate']:.1%} of test images") in build_card(copy)
+
 
 def test_the_report_shows_the_final_model_beside_the_test_evaluation(final_stage, tmp_path):
     from analysis.report import write_report
