@@ -19,7 +19,7 @@ from ray import tune
 
 from search.ranking import rank
 from search.storage import StudyFolder
-from trainables.hparams import PLACEMENT, effective_hparams
+from trainables.hparams import DEFAULTS, PLACEMENT, effective_hparams
 
 _WRITE_EVERY_S = 5.0  # throttle for per-epoch rewrites; trial ends always write
 
@@ -101,8 +101,9 @@ class LeaderboardWriter(tune.Callback):
     def _config(self, trial) -> dict:
         """The hyperparameters the trial really trains with, and ``adjusted``: how they differ from its config."""
         hp, notes = effective_hparams(trial.config, self.max_epochs, self.random_init)
-        config = {k: hp.get(k, v) for k, v in trial.config.items()}
-        config.update({note.split(" ", 1)[0]: hp[note.split(" ", 1)[0]] for note in notes})
+        asked = {**DEFAULTS, **trial.config}
+        # The config's keys, plus any default the adjustment changed (e.g. weights under --smoke).
+        config = {k: v for k, v in hp.items() if k in trial.config or v != asked[k]}
         return {**config, "adjusted": "; ".join(notes) or None}
 
     def _drop_lost_twin(self, trial) -> None:

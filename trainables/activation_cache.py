@@ -43,8 +43,9 @@ SHARED_BACKBONES = 2  # kept per process, each with its weights in memory
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("MEDSEARCH_CACHE") or Path.home() / ".cache" / "medsearch"
-    return Path(base) / "activations"
+    from trainables.data import cache_root
+
+    return cache_root() / "activations"
 
 
 def can_use_cache(hp: dict, augment_views: int = 0) -> bool:

@@ -29,9 +29,13 @@ class UnsupportedImageError(DatasetError):
     """An image whose samples cannot be mapped to 8 bits without guessing their range."""
 
 
+def cache_root() -> Path:
+    """Where every on-disk cache lives, each in its own subfolder: $MEDSEARCH_CACHE or ~/.cache/medsearch."""
+    return Path(os.environ.get("MEDSEARCH_CACHE") or Path.home() / ".cache" / "medsearch")
+
+
 def cache_dir() -> Path:
-    base = os.environ.get("MEDSEARCH_CACHE") or Path.home() / ".cache" / "medsearch"
-    return Path(base) / "decoded"
+    return cache_root() / "decoded"
 
 
 def decode_image(path: str, size: int) -> np.ndarray:

@@ -367,8 +367,9 @@ def _describe(pairs: pd.DataFrame, rows: pd.DataFrame, cluster: np.ndarray) -> p
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("MEDSEARCH_CACHE") or Path.home() / ".cache" / "medsearch"
-    return Path(base) / "near_duplicates"
+    from trainables.data import cache_root
+
+    return cache_root() / "near_duplicates"
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
