@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-concurrent", type=_positive_int, help="trials running at once (overrides the study)")
     parser.add_argument("--no-activation-cache", dest="activation_cache", action="store_false", default=None,
                         help="run frozen backbones on every image every epoch, instead of training on cached features")
-    parser.add_argument("--name", help="results folder name under --storage (default: the study's name; "
+    parser.add_argument("--name", type=_non_empty, help="results folder name under --storage (default: the study's name; "
                         "a completed study there gets a numbered new folder, NAME-2, NAME-3, ...)")
     parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
     parser.add_argument("--force", action="store_true", help="with --resume: resume even if the study file changed")

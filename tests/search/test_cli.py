@@ -32,6 +32,7 @@ def test_help_lists_the_flags(capsys):
         (["spaces/quickstart.py", "--storage", ""], "argument --storage: must not be empty, got ''"),
         (["spaces/quickstart.py", "--data-dir", " "], "argument --data-dir: must not be empty"),
         (["spaces/quickstart.py", "--weights-dir", ""], "argument --weights-dir: must not be empty"),
+        (["spaces/quickstart.py", "--name", ""], "argument --name: must not be empty"),
         (["spaces/quickstart.py", "--address", ""], "argument --address: must not be empty"),
     ],
 )
