@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["EvaluateError", "evaluate_top_k", "point_metrics", "bootstrap_ci", "resample_counts", "ranked_trials",
+__all__ = ["EvaluateError", "evaluate_top_k", "point_metrics", "bootstrap_ci", "resample_counts",
            "read_split", "decode_split", "log_test_use", "validation_predictions", "tta_views", "plan_final", "main"]
 
 SPLITS = ("test", "val")
@@ -63,42 +63,6 @@ _CELLS_PER_CHUNK = 4_000_000  # resamples x images held in memory at once (~32 M
 
 class EvaluateError(ValueError):
     """Something about the results folder or the request is wrong. The message names it and the fix."""
-
-
-# --------------------------------------------------------------------------
-# choosing the trials (validation only)
-# --------------------------------------------------------------------------
-
-
-def ranked_trials(run_dir: Path, study: dict) -> tuple[pd.DataFrame, list[str]]:
-    """Trials with a checkpoint, best first by the study's validation metric; and notes on the others.
-
-    Uses ``search.predict.best_row`` repeatedly, so the order (ties to the
-    lower validation loss) is the one ``search.predict`` picks its best by.
-    """
-    from search.predict import best_row
-
-    board = pd.read_parquet(run_dir / "leaderboard.parquet")
-    column = f"best_{study.get('metric', 'val_balanced_accuracy')}"
-    if board.empty or "trial_name" not in board.columns:
-        raise EvaluateError(f"the leaderboard in {str(run_dir)!r} holds no trials yet; let python -m search.run run")
-    for col in (column, "checkpoint_path"):
-        if col not in board.columns:
-            board[col] = math.nan if col == column else None
-    has = board["checkpoint_path"].notna() & (board["checkpoint_path"].astype("string").str.len() > 0)
-    notes = [f"{row['trial_name']}: no checkpoint ({row.get('status', '?')}{_error(row)}); skipped"
-             for _, row in board[~has].iterrows()]
-    rest, order = board[has], []
-    while len(rest):
-        best = best_row(rest, column, study.get("mode", "max"))
-        order.append(best.name)
-        rest = rest.drop(index=best.name)
-    return board.loc[order].reset_index(drop=True), notes
-
-
-def _error(row) -> str:
-    error = row.get("error")
-    return f": {error}" if isinstance(error, str) and error else ""
 
 
 # --------------------------------------------------------------------------
@@ -627,18 +591,18 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     """
     from sklearn.metrics import classification_report, confusion_matrix
 
-    from search.predict import PredictError, choose_trial, load_trial_model, read_study
+    from analysis.reader import ResultsFolderError, choose_trial, load_trial_model, ranked_trials, read_study
 
     if k < 1:
         raise EvaluateError(f"k must be >= 1, got {k}")
     run_dir = Path(run_dir).expanduser().resolve()
     try:
         study = read_study(run_dir)
-    except PredictError as exc:
+        rows = read_split(run_dir, split)
+        val_rows = rows if split == "val" else read_split(run_dir, "val")
+        ranked, notes = ranked_trials(run_dir, study)
+    except ResultsFolderError as exc:
         raise EvaluateError(str(exc)) from None
-    rows = read_split(run_dir, split)
-    val_rows = rows if split == "val" else read_split(run_dir, "val")
-    ranked, notes = ranked_trials(run_dir, study)
     classes = split_class_names(run_dir)
     plan = plan_final(study, classes, len(ranked), run_dir, ensemble=ensemble, tta=tta,
                       target_sensitivity=target_sensitivity, target_specificity=target_specificity,
@@ -652,7 +616,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
         try:
             trial = choose_trial(run_dir, study, str(row["trial_name"]))
             model, class_names, size = load_trial_model(trial, run_dir, study)
-        except PredictError as exc:  # a lost checkpoint; one leading out of the folder (OutsideFolderError) stops all
+        except ResultsFolderError as exc:  # a lost checkpoint; one leading out of the folder (OutsideFolderError) stops all
             notes.append(f"{row['trial_name']}: skipped ({exc})")
             continue
         if row.get("status") in ("running", "interrupted"):

@@ -1,6 +1,6 @@
 """``python -m analysis.export RUN_DIR --format keras|tflite|savedmodel``: a deployable copy of a trial's model.
 
-The model is the checkpoint of the study's best trial (``search.predict``'s
+The model is the checkpoint of the study's best trial (``analysis.reader``'s
 choice: the study's metric and mode on validation), or of ``--trial NAME``.
 Every backbone preprocesses inside the model, so the exported artifact takes
 raw RGB in [0, 255] (float32, NHWC, decoded like ``trainables.data.decode_image``)
@@ -248,7 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from analysis.evaluate import EvaluateError, decode_split, log_test_use, read_split
-    from search.predict import PredictError, choose_trial, load_trial_model, read_study
+    from analysis.reader import ResultsFolderError, choose_trial, load_trial_model, read_study
     from search.storage import OutsideFolderError
     from trainables.datasets import DatasetError
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("warning: not verified (--verify-on none)", file=sys.stderr)
         _write_sidecar(out, run_dir, trial, args.format, class_names, size, check)
-    except (PredictError, EvaluateError, ExportError, OutsideFolderError, DatasetError) as exc:
+    except (ResultsFolderError, EvaluateError, ExportError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if check is None:

@@ -234,7 +234,7 @@ def near_duplicates_section(run: T.Run) -> Section:
     if not path.is_file():
         s.text("Not run for this study: `Dataset(near_duplicates=False)`, or a study from before the audit.")
         return s
-    pairs = T._read(path)  # a damaged file is an AnalysisError naming it, as for the other Parquet files
+    pairs = T.read_table(path)  # a damaged file is an AnalysisError naming it, as for the other Parquet files
     try:
         settings = settings_from((run.study.get("dataset") or {}).get("near_duplicates", True))
     except ValueError:  # a folder from another version: say what was found, not how
@@ -276,9 +276,8 @@ def near_duplicates_section(run: T.Run) -> Section:
 
 def near_duplicates_panel(pairs: pd.DataFrame, out_dir: Path) -> Plot:
     """The pairs side by side, one row each, titled with split, label and distance; skipped if the images are gone."""
-    from PIL import Image
-
     from analysis.plots import _figure, _save
+    from trainables.data import eight_bit, open_image
 
     title = "Closest near-duplicate pairs across splits"
     missing = [p for p in list(pairs["path_a"]) + list(pairs["path_b"]) if not Path(p).is_file()]
@@ -289,8 +288,9 @@ def near_duplicates_panel(pairs: pd.DataFrame, out_dir: Path) -> Plot:
     for row, pair in enumerate(pairs.itertuples()):
         for col, side in enumerate("ab"):
             ax = fig.add_subplot(len(pairs), 2, 2 * row + col + 1)
-            with Image.open(getattr(pair, f"path_{side}")) as image:
-                ax.imshow(image.convert("RGB"))
+            path = getattr(pair, f"path_{side}")
+            with open_image(path) as image:  # as training saw it: DICOM windowed, 16-bit PNG scaled, not clipped
+                ax.imshow(eight_bit(image, path).convert("RGB"))
             ax.set_axis_off()
             distance = f"{pair.hash_distance} bits" if not pd.isna(pair.hash_distance) else \
                 f"sim {pair.embedding_similarity:.3f}"

@@ -7,10 +7,10 @@ What ``search.run_study`` returns, and what a notebook opens later:
     results.best_trial         # name, config, metrics, checkpoint of the best trial
     model = results.load_model()
 
-"The best trial" is the rule ``search.predict`` and ``analysis.evaluate`` use
-(``search.predict.best_row``): the best ``best_<metric>`` among trials with a
-checkpoint, ties to the lower validation loss at the best epoch, then the
-leaderboard's order. Unlike Ray's ``ExperimentAnalysis.get_best_trial``, whose
+"The best trial" is ``analysis.reader``'s rule, which ``search.predict``,
+``analysis.evaluate``, ``analysis.export`` and the report use too: the best
+``best_<metric>`` among trials with a checkpoint, ties to the lower validation
+loss at the best epoch, then the leaderboard's order. Unlike Ray's ``ExperimentAnalysis.get_best_trial``, whose
 ``scope`` picks a trial's last or best reported value and which ignores whether a
 checkpoint exists, it only picks a trial whose best epoch was checkpointed, and
 it breaks ties the same way every time.
@@ -19,7 +19,6 @@ it breaks ties the same way every time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -66,7 +65,7 @@ class Results:
 
     def trial(self, name: str | None) -> TrialRecord:
         """Trial ``name`` (its ``trial_name``), or the best one with a checkpoint."""
-        from search.predict import choose_trial
+        from analysis.reader import choose_trial
 
         chosen = choose_trial(self.path, self.study, name)
         row = self.leaderboard[self.leaderboard["trial_name"] == chosen.name].iloc[0]
@@ -75,7 +74,7 @@ class Results:
 
     def load_model(self, trial: str | None = None):
         """The Keras classifier of the best trial (or of ``trial``): raw RGB in [0, 255] -> probabilities."""
-        from search.predict import choose_trial, load_trial_model
+        from analysis.reader import choose_trial, load_trial_model
 
         model, _, _ = load_trial_model(choose_trial(self.path, self.study, trial), self.path, self.study)
         return model
@@ -83,12 +82,11 @@ class Results:
 
 def load_results(folder: str | Path) -> Results:
     """The results folder ``folder`` (``STORAGE/<study name>``), finished or not."""
-    from search.predict import read_study
+    from analysis.reader import read_record, read_study, read_table
 
     path = Path(folder).expanduser().resolve()
     read_study(path)  # names what is missing or broken
-    record = json.loads((path / "study.json").read_text())
-    return Results(path=path, record=record, leaderboard=pd.read_parquet(path / "leaderboard.parquet"))
+    return Results(path=path, record=read_record(path), leaderboard=read_table(path / "leaderboard.parquet"))
 
 
 def _config(row: pd.Series, board: pd.DataFrame) -> dict:

@@ -91,18 +91,19 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read ``study.json``, ``leaderboard.parquet``, ``epochs.parquet`` and ``splits.parquet``.
+    """Read ``study.json``, ``leaderboard.parquet``, ``epochs.parquet`` and ``splits.parquet`` (``analysis.reader``).
 
     A damaged file (cut short by a crash, a full disk or an interrupted copy) is an ``AnalysisError`` naming it.
     """
+    from analysis.reader import ResultsFolderError, read_record, read_table
+
     path = Path(run_dir)
-    meta = path / "study.json"
-    if not meta.is_file():
-        raise AnalysisError(f"{str(path)!r} is not a results folder: it has no study.json "
-                            "(written by python -m search.run STUDY_FILE --storage DIR, as DIR/<study>/)")
-    record = _read_study(meta)
-    board = _read(path / "leaderboard.parquet")
-    epochs = _read(path / "epochs.parquet")
+    try:
+        record = read_record(path)
+        board, epochs = read_table(path / "leaderboard.parquet"), read_table(path / "epochs.parquet")
+        splits = read_table(path / "splits.parquet") if (path / "splits.parquet").exists() else None
+    except ResultsFolderError as exc:
+        raise AnalysisError(str(exc)) from None
     if "status" not in board.columns:
         board["status"] = pd.Series(dtype="string")
     for col in ("trial_id", "trial_name"):
@@ -114,31 +115,17 @@ def load_run(run_dir: str | Path) -> Run:
         if missing:
             extra = pd.DataFrame({"trial_id": missing, "status": "running"})
             board = pd.concat([board, extra], ignore_index=True)
-    splits = _read(path / "splits.parquet") if (path / "splits.parquet").exists() else None
     return Run(path=path, record=record, board=board.reset_index(drop=True), epochs=epochs, splits=splits)
 
 
-_DAMAGED = "was it cut short (a crash, a full disk, an interrupted copy)? Restore it from the original folder"
+def read_table(path: Path) -> pd.DataFrame:
+    """A Parquet file of the folder (empty if absent); a damaged one is an ``AnalysisError`` naming it."""
+    from analysis.reader import ResultsFolderError, read_table as read
 
-
-def _read_study(path: Path) -> dict:
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
-        raise AnalysisError(f"{str(path)!r} is unreadable ({type(exc).__name__}: {exc}); {_DAMAGED}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("study", {}), dict):
-        raise AnalysisError(f"{str(path)!r} holds no study record (a JSON object with a 'study' object); {_DAMAGED}")
-    return record
-
-
-def _read(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        return pd.DataFrame()
-    try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
-        raise AnalysisError(f"{str(path)!r} is unreadable ({type(exc).__name__}: {exc}); {_DAMAGED}; "
-                            "while a study runs, the driver rewrites it whole every few seconds") from None
+        return read(path)
+    except ResultsFolderError as exc:
+        raise AnalysisError(str(exc)) from None
 
 
 def write_file(path: Path, data: bytes) -> Path:
@@ -307,23 +294,25 @@ def _isna(v) -> bool:
 # ---------------------------------------------------------------- best trials
 
 def scored(run: Run) -> pd.DataFrame:
-    """Trials with a score (not errored), best first; ties go to the lower validation loss."""
+    """Trials with a score (not errored), best first by ``search.ranking.rank`` (ties to the lower validation loss)."""
+    from search.ranking import rank
+
     board = run.board
     score = run.score_column
     if score not in board.columns or board.empty:
         return board.iloc[0:0]
-    out = board[(board["status"] != "errored") & board[score].notna()].copy()
-    keys, ascending = [score], [run.mode == "min"]
-    if "best_val_loss" in out.columns and score != "best_val_loss":
-        keys.append("best_val_loss")
-        ascending.append(True)
-    return out.sort_values(keys, ascending=ascending, na_position="last", kind="mergesort")
+    return rank(board[(board["status"] != "errored") & board[score].notna()], score, run.mode)
 
 
 def best_trial(run: Run) -> pd.Series | None:
-    """The study's best trial by its own metric and mode (None if no trial has a score yet)."""
+    """The study's best trial: the first scored trial with a checkpoint (``analysis.reader``'s rule, which
+    ``search.predict``, ``analysis.evaluate`` and ``analysis.export`` take), else the first scored one
+    (a running study whose best has not saved yet); None if no trial has a score yet."""
+    from analysis.reader import has_checkpoint
+
     ranked = scored(run)
-    return ranked.iloc[0] if len(ranked) else None
+    saved = ranked[has_checkpoint(ranked)]
+    return saved.iloc[0] if len(saved) else ranked.iloc[0] if len(ranked) else None
 
 
 def recall_columns(run: Run) -> list[str]:

@@ -22,7 +22,6 @@ The harness keeps only events with ``t - t0 <= budget_s``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -165,32 +164,16 @@ def load_arrays(spec: dict):
 # --- (a), (b) ours: python -m search.run ---------------------------------------------------------------------------
 
 
-def cache_flag_supported() -> bool:
-    """Whether this checkout has the activation cache switch (Study field and CLI flag)."""
-    from search.run import parse_args
-    from search.study import Study
-
-    if "activation_cache" not in {f.name for f in dataclasses.fields(Study)}:
-        return False
-    try:
-        with contextlib.redirect_stderr(open(os.devnull, "w")):
-            return parse_args(["x.py", "--no-activation-cache"]).activation_cache is False
-    except SystemExit:
-        return False
-
-
 def run_ours(spec: dict, log: EventLog, *, cache: bool) -> int:
-    """``search.run.main`` on a study file, unchanged but for three hooks.
+    """``search.run_study`` on a study file, as ``python -m search.run`` runs it, through the API's seams.
 
-    1. The Tuner's ``time_budget_s`` is what is left of the budget when the Tuner
-       is made (Ray counts from ``Tuner.fit``, the benchmark from the process start),
-       so no trial starts after the budget.
-    2. ``search.run.was_interrupted`` judges the run by that same limit (else a
-       time-limited run that ends on time would be reported as interrupted).
-    3. An observer callback records each epoch's result as the driver receives it.
+    ``deadline``: the benchmark's budget counts from the process start, so the
+    search gets what is left of it when the Tuner is made, and no trial starts
+    after it. ``callbacks``: an observer records each epoch's result as the
+    driver receives it. The exit code is the command line's (``search.run.main``).
     """
-    import search.run as run_module
-    import search.tuner as tuner_module
+    from search import run_study
+    from search.run import EXIT_FAILED, EXIT_USAGE, StudyFailed, StudyInterrupted, usage_errors
 
     work = Path(spec["workdir"])
     study_file = work / "study.py"
@@ -200,34 +183,21 @@ def run_ours(spec: dict, log: EventLog, *, cache: bool) -> int:
         "from benchmarks._contenders import make_study\n"
         f"STUDY = make_study(json.loads({json.dumps(spec)!r}))\n"
     )
-    argv = [str(study_file), "--storage", str(work / "runs")]
-    if not cache:
-        if cache_flag_supported():
-            argv.append("--no-activation-cache")
-        else:
-            log.write("note", text="this checkout has no activation-cache switch (Study.activation_cache / "
-                                   "--no-activation-cache): ours_nocache ran exactly like ours")
-    make_tuner, make_run_config = tuner_module.make_tuner, tuner_module.make_run_config
-    was_interrupted = run_module.was_interrupted
-    limit = {}
-
-    def timed_make_tuner(study, **kwargs):
-        limit["s"] = max(1.0, remaining(spec))
-        log.write("note", text=f"Tuner made {float(spec['budget_s']) - limit['s']:.1f} s after the start; "
-                               f"time_budget_s={limit['s']:.1f}")
-        return make_tuner(dataclasses.replace(study, time_limit_s=limit["s"]), **kwargs)
-
-    def observed_run_config(study, storage, callbacks):
-        return make_run_config(study, storage, [*callbacks, ray_recorder(log)])
-
-    def judged_by_the_same_limit(study, results, elapsed_s):  # else the shorter limit reads as an interruption
-        return was_interrupted(dataclasses.replace(study, time_limit_s=limit.get("s", study.time_limit_s)),
-                               results, elapsed_s)
-
-    tuner_module.make_tuner, tuner_module.make_run_config = timed_make_tuner, observed_run_config
-    run_module.was_interrupted = judged_by_the_same_limit
-    log.write("note", text="command: python -m search.run " + " ".join(argv))
-    return run_module.main(argv)
+    deadline = float(spec["t0"]) + float(spec["budget_s"])
+    log.write("note", text=f"command: run_study({str(study_file)!r}, storage={str(work / 'runs')!r}, "
+                           f"activation_cache={cache}, deadline=<start + {float(spec['budget_s']):g} s>)")
+    try:
+        run_study(study_file, storage=str(work / "runs"), activation_cache=cache,
+                  callbacks=[ray_recorder(log)], deadline=deadline)
+    except usage_errors() as exc:
+        log.write("note", text=f"error: {exc}")
+        return EXIT_USAGE
+    except StudyInterrupted:
+        return 130
+    except StudyFailed as exc:
+        log.write("note", text=f"failed: {exc}")
+        return EXIT_FAILED
+    return 0
 
 
 # --- (c) random_fifo: Ray Tune, random search, no early stopping ---------------------------------------------------
@@ -500,7 +470,6 @@ def run_cache_speedup(spec: dict, log: EventLog) -> int:
         "epoch_s_cached": statistics.median(r[True]["epoch_s"] for r in rows),
         "epoch_s_uncached": statistics.median(r[False]["epoch_s"] for r in rows),
         "speedup_configs": len(rows), "speedup_epochs": int(spec["epochs"]),
-        "cache_flag_supported": cache_flag_supported(),
     }
     log.write("speedup", **summary)
     return 0

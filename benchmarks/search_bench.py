@@ -273,8 +273,6 @@ def summarise_speedup(spec: dict, events: list[dict]) -> dict:
             "epoch_s_uncached")
     note = (f"{found[0]['speedup_configs']} frozen-lite0 configs x {found[0]['speedup_epochs']} epochs; "
             "speedup = median trial-time ratio, uncached / cached (cache already built)")
-    if not found[0].get("cache_flag_supported", True):
-        note += "; no activation-cache switch in this checkout"
     return {**row, **{k: found[0][k] for k in keys}, "note": note}
 
 

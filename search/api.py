@@ -23,12 +23,14 @@ def run_study(study, *, storage: str = "runs", resume: bool = False, force: bool
               max_concurrent: int | None = None, cpus_per_trial: float | None = None,
               gpus_per_trial: float | None = None, data_dir: str | None = None, weights_dir: str | None = None,
               address: str | None = None, name: str | None = None, activation_cache: bool | None = None, smoke: bool = False,
-              skip_corrupt: bool = False, verbose: bool = False, callbacks=()):
+              skip_corrupt: bool = False, verbose: bool = False, mlflow_uri: str | None = None,
+              callbacks=(), deadline: float | None = None):
     """Run ``study`` (a ``Study`` or a study file's path) and return its ``analysis.results.Results``
     (for a bucket ``storage``, the results folder's URI).
 
     The keyword arguments are the command line's flags (``python -m search.run --help``), with the
-    same checks. ``callbacks``: extra Ray Tune callbacks. A ``Study`` built in code has no file to
+    same checks. ``callbacks``: extra Ray Tune callbacks. ``deadline``: a wall-clock time (``time.time()``)
+    after which no trial starts, counting data loading and Ray's start. A ``Study`` built in code has no file to
     compare a resume with: ``resume=True`` continues the folder's search with the ``Study`` you pass,
     so pass the same one.
     """
@@ -46,7 +48,8 @@ def run_study(study, *, storage: str = "runs", resume: bool = False, force: bool
     for flag, value in (("--num-samples", num_samples), ("--max-epochs", max_epochs), ("--seed", seed),
                         ("--max-concurrent", max_concurrent), ("--cpus-per-trial", cpus_per_trial),
                         ("--gpus-per-trial", gpus_per_trial), ("--data-dir", data_dir),
-                        ("--weights-dir", weights_dir), ("--address", address), ("--name", name)):
+                        ("--weights-dir", weights_dir), ("--address", address), ("--name", name),
+                        ("--mlflow-uri", mlflow_uri)):
         if value is not None:
             argv += [flag, str(value)]
     argv += [flag for flag, on in (("--resume", resume), ("--force", force), ("--smoke", smoke),
@@ -57,5 +60,5 @@ def run_study(study, *, storage: str = "runs", resume: bool = False, force: bool
     except SystemExit:
         raise StudyError(f"run_study: bad arguments {argv[1:]} (see the message above)") from None
     args.study_file = study_file
-    folder = execute(args, study=given, callbacks=tuple(callbacks))
+    folder = execute(args, study=given, callbacks=tuple(callbacks), deadline=deadline)
     return load_results(folder.path) if folder.is_local else folder.uri()

@@ -25,13 +25,15 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
 import argparse
-import json
 import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+
+# The results folder, its best trial and its model: one reader serves predict, evaluate, export and the report.
+from analysis.reader import (ChosenTrial, Decision, ResultsFolderError, choose_trial, load_trial_model,  # noqa: F401
+                             read_decision, read_study)
 
 EXIT_USAGE = 2
 DEFAULT_OUT = "predictions.csv"
@@ -39,19 +41,8 @@ _CHUNK = 512  # images decoded at a time, so memory stays bounded on large folde
 _SHOW_AT_MOST = 20  # bad files listed in a message
 
 
-class PredictError(ValueError):
+class PredictError(ResultsFolderError):
     """Something about the inputs is wrong. The message names it and the fix."""
-
-
-@dataclass(frozen=True)
-class ChosenTrial:
-    name: str
-    checkpoint: Path
-    metric: str
-    value: float
-    epoch: int | None
-    backbone: str | None
-    relocated_from: str | None  # the recorded checkpoint path, when the run folder was moved
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Example: python -m search.predict runs/quickstart data/melanoma/prediction --out preds.csv",
     )
     parser.add_argument("run_dir", help="a study's results folder, e.g. runs/quickstart (written by python -m search.run)")
-    parser.add_argument("images_dir", help="folder of .jpg/.jpeg/.png images, any size, grayscale, RGB or RGBA")
+    parser.add_argument("images_dir", help="folder of .jpg/.jpeg/.png/.dcm images, any size, grayscale, RGB or RGBA")
     parser.add_argument("--trial", help="use this trial (its trial_name, e.g. trial_003_cnn_s3) instead of the best")
     parser.add_argument("--out", help=f"CSV to write (default: RUN_DIR/{DEFAULT_OUT})")
     parser.add_argument("--no-recursive", dest="recursive", action="store_false",
@@ -130,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         table = prediction_table(files, images_dir, decision.calibrate(probs), class_names, bad, decision)
         write_csv(table, out)
-    except (PredictError, OutsideFolderError, DatasetError) as exc:
+    except (ResultsFolderError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if bad:
@@ -139,248 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(table, trial, images_dir, out, class_names, time.monotonic() - started, _seen_in_study(run_dir, files),
                   decision))
     return 0
-
-
-# --------------------------------------------------------------------------
-# the results folder and the trial
-# --------------------------------------------------------------------------
-
-
-def read_study(run_dir: Path) -> dict:
-    """The ``study`` record of ``run_dir/study.json``, after checking the folder is a results folder."""
-    if not run_dir.is_dir():
-        what = "is a file" if run_dir.exists() else "does not exist"
-        raise PredictError(f"results folder {str(run_dir)!r} {what}; give a study's results folder such as "
-                           "runs/quickstart (run python -m search.run first)")
-    missing = [n for n in ("study.json", "leaderboard.parquet") if not (run_dir / n).is_file()]
-    if missing:
-        raise PredictError(f"{str(run_dir)!r} is not a results folder (no {' or '.join(missing)}); "
-                           "run python -m search.run first, then pass its STORAGE/<study name> folder")
-    try:
-        return json.loads((run_dir / "study.json").read_text())["study"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise PredictError(f"{str(run_dir / 'study.json')!r} is unreadable ({exc}); was the run copied completely?") from None
-
-
-def choose_trial(run_dir: Path, study: dict, name: str | None) -> ChosenTrial:
-    """The best trial with a checkpoint by the study's metric and mode, or trial ``name``."""
-    import pandas as pd
-
-    try:
-        board = pd.read_parquet(run_dir / "leaderboard.parquet")
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise PredictError(f"{str(run_dir / 'leaderboard.parquet')!r} is unreadable ({type(exc).__name__}: {exc})") from None
-    metric, mode = study.get("metric", "val_balanced_accuracy"), study.get("mode", "max")
-    column = f"best_{metric}"
-    if board.empty or "trial_name" not in board.columns:
-        raise PredictError(f"the leaderboard in {str(run_dir)!r} holds no trials yet; let python -m search.run finish")
-    for col in (column, "checkpoint_path"):
-        if col not in board.columns:
-            board[col] = math.nan if col == column else None
-    has_checkpoint = board["checkpoint_path"].notna() & (board["checkpoint_path"].astype("string").str.len() > 0)
-    if name is not None:
-        from trainables.checks import unknown_name_message
-
-        rows = board[(board["trial_name"] == name) | (board.get("trial_id", board["trial_name"]) == name)]
-        if rows.empty:
-            raise PredictError("--trial: " + unknown_name_message("trial", name, board["trial_name"].dropna().tolist()))
-        row = rows.iloc[0]
-        if not has_checkpoint[rows.index[0]]:
-            raise PredictError(f"--trial: trial {row['trial_name']!r} has no checkpoint (status {row.get('status')}"
-                               f"{_error_note(row)}); trials with one: {_names(board[has_checkpoint])}")
-    else:
-        usable = board[has_checkpoint]
-        if usable.empty:
-            statuses = board["status"].value_counts().to_dict() if "status" in board.columns else {}
-            errors = board["error"].dropna() if "error" in board.columns else []
-            fix = (f"fix what failed (e.g. {errors.iloc[0]}) and run the study again" if len(errors) == len(board)
-                   else "a trial saves one after its first epoch; let the study run longer "
-                   "(python -m search.run STUDY_FILE --storage STORAGE --resume)")
-            raise PredictError(f"no trial in {str(run_dir)!r} has a checkpoint (trials by status: {statuses}); {fix}")
-        row = best_row(usable, column, mode)
-    recorded = str(row["checkpoint_path"])
-    checkpoint, relocated = locate_checkpoint(run_dir, recorded, str(row["trial_name"]), study.get("name"))
-    value = row[column]
-    epoch = row.get("best_epoch")
-    backbone = row.get("backbone")
-    return ChosenTrial(
-        name=str(row["trial_name"]),
-        checkpoint=checkpoint,
-        metric=metric,
-        value=float(value) if value is not None and not pd.isna(value) else math.nan,
-        epoch=int(epoch) if epoch is not None and not pd.isna(epoch) else None,
-        backbone=None if backbone is None or pd.isna(backbone) else str(backbone),
-        relocated_from=recorded if relocated else None,
-    )
-
-
-def best_row(board, column: str, mode: str):
-    """The best row by ``column``; ties (common for accuracies on small validation sets)
-    go to the lower validation loss at the best epoch, then to the leaderboard's order."""
-    from search.ranking import rank
-
-    return rank(board, column, mode).iloc[0]
-
-
-def locate_checkpoint(run_dir: Path, recorded: str, trial: str, study_name: str | None = None) -> tuple[Path, bool]:
-    """The checkpoint folder a leaderboard row records, inside ``run_dir`` only; and whether it was re-rooted there.
-
-    The leaderboard records it relative to the results folder. An absolute
-    path, from a folder written by an earlier version, is re-rooted into
-    ``run_dir`` and never read where it points: a later study under the same
-    name may have replaced those models. ``StudyFolder.resolve`` owns that
-    rule and refuses a path that leads out of the folder (``OutsideFolderError``).
-    """
-    from search.storage import StudyFolder, is_uri
-    from trainables.checkpoint import has_model
-
-    folder = StudyFolder(run_dir.parent, run_dir.name)
-    path = Path(folder.resolve(recorded, study_name=study_name, what=f"checkpoint_path of {trial} in leaderboard.parquet"))
-    if not has_model(path):
-        raise PredictError(
-            f"the checkpoint folder {recorded!r} of {trial} is not in the results folder {str(run_dir)!r} (no model "
-            f"in {str(path)!r}): was the run moved or copied without its trial_* folders? Copy the whole results "
-            "folder, including trial_*/checkpoint_*, or pick a trial whose checkpoint is there with --trial"
-        )
-    absolute = is_uri(recorded) or Path(recorded).is_absolute()
-    return path, absolute and str(path) != recorded
-
-
-def load_trial_model(trial: ChosenTrial, run_dir: Path, study: dict):
-    """``(model, class_names, image_size)`` for the chosen trial's checkpoint.
-
-    The model is the whole classifier, also for a trial that trained on cached
-    features and saved its frozen part and its top apart (``trainables.checkpoint``).
-    """
-    from trainables.checkpoint import load_classifier
-
-    try:
-        model = load_classifier(trial.checkpoint)
-    except Exception as exc:  # a truncated or foreign file raises many types
-        raise PredictError(f"cannot load the model in {str(trial.checkpoint)!r}: {type(exc).__name__}: {exc}") from None
-    class_names = read_class_names(trial.checkpoint, run_dir, study)
-    outputs = model.output_shape[-1]
-    if outputs != len(class_names):
-        raise PredictError(f"the model of {trial.name} outputs {outputs} probabilities but the study has "
-                           f"{len(class_names)} classes {class_names}; is {str(run_dir)!r} the run it came from?")
-    size = model.input_shape[1] or study.get("dataset", {}).get("image_size")
-    return model, class_names, int(size)
-
-
-def read_class_names(checkpoint: Path, run_dir: Path, study: dict) -> list[str]:
-    """Class order the model was trained with: ``trial.json`` saved beside it, else ``splits.parquet``.
-
-    ``study.json`` holds ``dataset.classes`` only when the study file gave them,
-    so it is the last resort.
-    """
-    try:
-        names = json.loads((checkpoint / "trial.json").read_text()).get("class_names")
-        if names:
-            return [str(n) for n in names]
-    except (OSError, ValueError):
-        pass
-    splits = run_dir / "splits.parquet"
-    if splits.is_file():
-        import pandas as pd
-
-        pairs = pd.read_parquet(splits, columns=["label", "label_index"]).drop_duplicates().sort_values("label_index")
-        if pairs["label_index"].tolist() == list(range(len(pairs))):
-            return pairs["label"].astype(str).tolist()
-    classes = study.get("dataset", {}).get("classes")
-    if classes:
-        return [str(c) for c in classes]
-    raise PredictError(f"cannot tell the class names: {str(checkpoint / 'trial.json')!r} and "
-                       f"{str(splits)!r} are missing or unreadable")
-
-
-def _names(rows) -> str:
-    names = rows["trial_name"].dropna().tolist()
-    return ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "") if names else "none"
-
-
-def _error_note(row) -> str:
-    error = row.get("error")
-    return f": {error}" if isinstance(error, str) and error else ""
-
-
-# --------------------------------------------------------------------------
-# calibration and threshold (final_model.json)
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    """How probabilities are calibrated and turned into a class, and where that came from."""
-
-    temperature: float | None  # None: the model's own probabilities
-    threshold: float | None  # None: the argmax
-    positive: int | None  # the class the threshold is for
-    notes: tuple[str, ...] = ()
-
-    def calibrate(self, probs):
-        """``probs`` with the temperature applied (rows of unreadable images stay NaN)."""
-        if self.temperature is None:
-            return probs
-        import numpy as np
-
-        from analysis.calibration import apply_temperature
-
-        out = np.array(probs, dtype=np.float64)
-        good = ~np.isnan(out).any(axis=1)
-        out[good] = apply_temperature(out[good], self.temperature)
-        return out
-
-    def classes(self, probs):
-        """Class index per row: the positive class at or above the threshold, else the argmax."""
-        if self.threshold is None:
-            return probs.argmax(axis=1)
-        from analysis.operating_point import decide
-
-        return decide(probs, self.positive, self.threshold)
-
-
-def read_decision(run_dir: Path, study: dict, trial: str, class_names: list[str], threshold: float | None) -> Decision:
-    """The temperature and threshold ``analysis.evaluate`` fitted on validation for ``trial`` alone
-    (``final_model.json``), with ``threshold`` (``--threshold``) replacing the stored threshold."""
-    from analysis.calibration import FINAL_MODEL, CalibrationError, read_final_model, trial_calibration
-
-    try:
-        record = read_final_model(run_dir)
-        fitted = trial_calibration(record, trial, class_names)
-    except CalibrationError as exc:
-        raise PredictError(str(exc)) from None
-    notes = []
-    if record is None:
-        notes.append(f"uncalibrated: no {FINAL_MODEL} in the results folder (python -m analysis.evaluate "
-                     f"{run_dir} fits a temperature and a threshold on validation)")
-    elif fitted is None:
-        notes.append(f"uncalibrated: {FINAL_MODEL} fitted nothing for {trial} (it covers "
-                     f"{', '.join(record['per_trial']) or 'no trial'})")
-    elif record.get("trials") != [trial] or record.get("tta"):
-        notes.append(f"{FINAL_MODEL}'s final model is {record.get('model')!r}; this prediction uses {trial} alone, "
-                     "with the temperature and threshold fitted on validation for it")
-    temperature = None if fitted is None else fitted["temperature"]
-    stored = (fitted or {}).get("threshold")
-    positive = None
-    if threshold is not None:
-        name = (stored or {}).get("class") or (record or {}).get("positive_class") or (
-            study.get("dataset", {}).get("positive_class") if len(class_names) == 2 else None)
-        if name is None and len(class_names) == 2:
-            name = class_names[-1]
-        if name not in class_names:
-            raise PredictError(f"--threshold {threshold}: no positive class to apply it to among the "
-                               f"{len(class_names)} classes {class_names}; run python -m analysis.evaluate "
-                               f"{run_dir} --positive-class NAME first, which records one")
-        positive = class_names.index(name)
-        notes.append(f"threshold {threshold} from --threshold" + (
-            f" (replaces {stored['value']:.4f} of {FINAL_MODEL})" if stored else ""))
-    elif stored is not None:
-        if stored.get("class") not in class_names:
-            raise PredictError(f"{FINAL_MODEL}: per_trial.{trial}.threshold.class is {stored.get('class')!r}, not "
-                               f"one of {class_names}; run python -m analysis.evaluate again to rewrite it")
-        threshold, positive = float(stored["value"]), class_names.index(stored["class"])
-        notes.append(f"threshold {threshold:.4f} from {FINAL_MODEL} ({stored.get('rule')})")
-    return Decision(temperature, threshold, positive, tuple(notes))
 
 
 # --------------------------------------------------------------------------
@@ -396,16 +145,16 @@ def find_images(folder: Path, *, recursive: bool = True):
     training: hidden entries (``._x.jpg`` forks, ``.ipynb_checkpoints``,
     ``__MACOSX``) skipped, symlinked folders followed once.
     """
-    from trainables.datasets._registry import scan_images
+    from trainables.datasets._registry import IMAGE_KINDS, scan_images
 
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise PredictError(f"images folder {str(folder)!r} {what}; give a folder of .jpg/.jpeg/.png images")
+        raise PredictError(f"images folder {str(folder)!r} {what}; give a folder of {IMAGE_KINDS} images")
     listing = scan_images(folder, recursive=recursive)
     if not listing.images:
         where = "in it or its subfolders" if recursive else "directly in it (subfolders not searched: --no-recursive)"
         left = f" (left out: {listing.left_out.describe(folder)})" if listing.left_out else ""
-        raise PredictError(f"images folder {str(folder)!r} holds no .jpg/.jpeg/.png images {where}{left}")
+        raise PredictError(f"images folder {str(folder)!r} holds no {IMAGE_KINDS} images {where}{left}")
     return listing.images, listing.left_out
 
 

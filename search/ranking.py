@@ -3,8 +3,8 @@
 By ``best_<metric>`` (the study's mode), ties (common for accuracies on small
 validation sets) to the lower validation loss at the best epoch, then the
 order the rows came in. The leaderboard is written in this order, and
-``search.predict``, ``analysis.evaluate``, ``analysis.results`` and the report
-take its first trial with a checkpoint.
+``analysis.reader`` takes its first trial with a checkpoint for search.predict, analysis.evaluate,
+analysis.export, analysis.results and the report.
 """
 
 from __future__ import annotations

@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="leave unreadable images out (they are counted and listed) instead of stopping")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the trials' own logs")
+    parser.add_argument("--mlflow-uri", type=_non_empty, metavar="URI",
+                        help="also log each trial as an MLflow run there, e.g. file:///path/mlruns, sqlite:///mlflow.db "
+                        "or http://host:5000 (needs: pip install 'medsearch[mlflow]')")
     return parser.parse_args(argv)
 
 
@@ -109,7 +112,7 @@ def _non_negative_int(text: str) -> int:
 # giving one again with another value is refused, since the restored searcher and ASHA keep the old one.
 SEARCH_FLAGS = ("num_samples", "max_epochs", "seed", "data_dir", "smoke", "skip_corrupt", "activation_cache")
 # Flags that say where and with what it runs: recorded and re-applied too, but a resume may change them.
-RESOURCE_FLAGS = ("weights_dir", "cpus_per_trial", "gpus_per_trial", "max_concurrent")
+RESOURCE_FLAGS = ("weights_dir", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "mlflow_uri")
 
 
 def given_flags(args) -> dict:
@@ -212,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def execute(args, study=None, callbacks: tuple = ()):
+def execute(args, study=None, callbacks: tuple = (), deadline: float | None = None):
     """Run (or resume) the study that ``args`` names, or ``study`` if given; return its ``StudyFolder``.
 
     Raises the ``usage_errors()`` before Ray starts, ``StudyInterrupted`` or ``StudyFailed`` after.
-    ``callbacks`` are extra Ray Tune callbacks (the Python API's seam, e.g. for benchmarks).
+    ``callbacks`` are extra Ray Tune callbacks and ``deadline`` a wall-clock time (``time.time()``) after
+    which no trial starts (the Python API's seams, e.g. for benchmarks).
     """
     from search.storage import StudyFolder
     from search.study import file_hash, load_study
@@ -232,13 +236,17 @@ def execute(args, study=None, callbacks: tuple = ()):
         args = with_recorded_flags(args, json.loads(folder.read_text("study.json")))
     study = apply_overrides(study, args)
     check_storage(folder)
+    if getattr(args, "mlflow_uri", None):  # given, or recorded and re-applied by --resume
+        from search.dashboards import check_mlflow
+
+        check_mlflow(args.mlflow_uri)
     if args.address:
         check_address(args.address)
     weights, random_init = study_weight_files(study, smoke=args.smoke)
     prepared = prepare(study, args, folder)
     study_hash = file_hash(args.study_file) if args.study_file is not None else None
     write_study_json(study, args, folder, study_hash, skipped=prepared.skipped)
-    run_tuner(study, args, folder, prepared, weights, random_init, callbacks=callbacks)
+    run_tuner(study, args, folder, prepared, weights, random_init, callbacks=callbacks, deadline=deadline)
     return folder
 
 
@@ -403,8 +411,12 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
 
 
 def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: tuple[str, ...] = (),
-              callbacks: tuple = ()) -> None:
-    """Start Ray, run the tuner, record the outcome and print the summary; raise if the study did not end."""
+              callbacks: tuple = (), deadline: float | None = None) -> None:
+    """Start Ray, run the tuner, record the outcome and print the summary; raise if the study did not end.
+
+    ``deadline``: the search's time limit becomes what is left until then when the Tuner is made (Ray
+    counts its ``time_budget_s`` from ``Tuner.fit``), so data loading and Ray's start count against it.
+    """
     import pandas as pd
     import ray
 
@@ -444,8 +456,12 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
     try:
         if weights:
             print(f"shipping ImageNet weights to the trials: {', '.join(p.name for p in weights)}", flush=True)
+        if deadline is not None:  # was_interrupted below judges the run by this same limit
+            left = max(1.0, deadline - time.time())
+            study = dataclasses.replace(study, time_limit_s=min(left, study.time_limit_s or math.inf))
         tuner = make_tuner(study, folder=folder, data=prepared.arrays, settings=settings,
-                           weights_files=pack_weights(weights), resume=args.resume, callbacks=callbacks)
+                           weights_files=pack_weights(weights), resume=args.resume, callbacks=callbacks,
+                           mlflow_uri=getattr(args, "mlflow_uri", None))
         fit_started = time.monotonic()
         results = tuner.fit()
         board = folder.read_parquet("leaderboard.parquet") if folder.exists("leaderboard.parquet") else pd.DataFrame()
@@ -530,6 +546,9 @@ def summarise(study, folder, results) -> None:
         reasons[board["status"] == "diverged"] = "diverged: the training loss became NaN or inf"
         counts = "\n".join(f"  {count} x {error}" for error, count in reasons.value_counts().items())
         raise StudyFailed(f"every trial failed:\n{counts}")
+    from search.progress import next_steps
+
+    print("\n" + "\n".join(next_steps(folder)), flush=True)
 
 
 def report_unreported(board) -> None:

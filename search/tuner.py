@@ -102,15 +102,18 @@ def trial_name(trial) -> str:
 
 
 def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: TrialSettings,
-               weights_files: dict | None = None, resume: bool = False, callbacks=()) -> tune.Tuner:
+               weights_files: dict | None = None, resume: bool = False, callbacks=(),
+               mlflow_uri: str | None = None) -> tune.Tuner:
     """A Tuner for ``study`` writing to ``folder`` (local or a bucket); ``resume`` restores it from there.
 
-    ``callbacks``: more Ray Tune callbacks, after the study's own.
+    ``callbacks``: more Ray Tune callbacks, after the study's own. ``mlflow_uri``: log the trials to
+    MLflow there too (see ``search.dashboards``).
     """
     reporters = [
         LeaderboardWriter(folder, metric=study.metric, mode=study.mode, max_epochs=study.max_epochs,
                           random_init=settings.random_init),
-        ProgressPrinter(metric=study.metric, mode=study.mode, max_epochs=study.max_epochs),
+        ProgressPrinter(metric=study.metric, mode=study.mode, max_epochs=study.max_epochs, num_samples=study.num_samples,
+                        time_limit_s=study.time_limit_s, max_concurrent=study.max_concurrent),
     ]
     trainable = make_trainable(study, data, settings, weights_files)
     if resume:
@@ -118,9 +121,11 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
         # Restoring brings back the searcher, scheduler and trials; callbacks are not saved.
         tuner = tune.Tuner.restore(folder.uri(), trainable=trainable, resume_unfinished=True, resume_errored=True)
         searcher = tuner._local_tuner._tune_config.search_alg  # noqa: SLF001 (the restored one, which Tune runs)
-        tuner._local_tuner._run_config.callbacks = [*with_accountant(reporters, searcher, study), *callbacks]  # noqa: SLF001
+        tuner._local_tuner._run_config.callbacks = [*with_accountant(reporters, searcher, study),  # noqa: SLF001
+                                                    *dashboard_callbacks(study, folder, searcher, mlflow_uri), *callbacks]
         return tuner
     searcher = make_searcher(study)
+    dashboards = dashboard_callbacks(study, folder, searcher, mlflow_uri)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -134,8 +139,30 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=make_run_config(study, folder.storage, [*with_accountant(reporters, searcher, study), *callbacks]),
+        run_config=make_run_config(study, folder.storage,
+                                   [*with_accountant(reporters, searcher, study), *dashboards, *callbacks]),
     )
+
+
+def dashboard_callbacks(study: Study, folder: StudyFolder, searcher, mlflow_uri: str | None = None) -> list:
+    """The callbacks that feed the dashboards users run (``search.dashboards``), and one line saying how.
+
+    A local results folder gets ``optuna.db``, a copy of ``searcher``'s Optuna study kept up to date
+    (a bucket cannot hold SQLite: the line says so); ``mlflow_uri`` adds Ray's MLflow logger.
+    TensorBoard needs nothing: Ray Tune writes event files into each trial's folder.
+    """
+    from search.dashboards import OPTUNA_DB, dashboards_line, mlflow_callback
+
+    callbacks = []
+    if folder.is_local:
+        from search.optuna_mirror import OptunaMirror
+
+        callbacks.append(OptunaMirror(searcher, f"{folder.path}/{OPTUNA_DB}", study.name, metric=study.metric,
+                                      name_of=trial_name))
+    if mlflow_uri:
+        callbacks.append(mlflow_callback(mlflow_uri, study.name))
+    print(dashboards_line(folder, mlflow_uri=mlflow_uri), flush=True)
+    return callbacks
 
 
 def with_accountant(reporters: list, searcher, study: Study) -> list:

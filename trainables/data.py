@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from trainables.datasets import DatasetError
+from trainables.datasets._registry import DICOM_SUFFIXES
 
 _DECODER_VERSION = 2  # bump when decoding changes, so cached arrays are rebuilt (2: 16-bit and float images)
 
@@ -23,10 +25,15 @@ _EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", 
 # 16-bit greyscale (PNG X-rays); PIL's own convert("RGB") clips these at 255, turning mid-grey white.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _SIXTEEN_BIT_MAX = 65535
+_WARNED_MULTI_FRAME: set[str] = set()  # DICOM files whose extra frames were reported, so each is reported once
 
 
 class UnsupportedImageError(DatasetError):
     """An image whose samples cannot be mapped to 8 bits without guessing their range."""
+
+
+class UnreadableImageError(DatasetError):
+    """A file that cannot be decoded at all: not the format its suffix says, truncated, or needing a missing codec."""
 
 
 def cache_root() -> Path:
@@ -39,12 +46,134 @@ def cache_dir() -> Path:
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """Any JPEG/PNG (grayscale 8 or 16 bits, RGB, RGBA, any size) -> (size, size, 3) uint8 RGB."""
-    with Image.open(path) as image:
+    """Any JPEG/PNG (grayscale 8 or 16 bits, RGB, RGBA, any size) or DICOM -> (size, size, 3) uint8 RGB."""
+    with open_image(path) as image:
         image = eight_bit(image, path).convert("RGB")  # grayscale gets 3 channels, RGBA drops alpha
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
+
+
+def is_dicom(path: str | Path) -> bool:
+    """Whether ``path`` is read as DICOM (by its suffix, as the listing takes it), not by PIL."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """``path`` as a PIL image, for ``eight_bit`` and PIL's resizing: every caller reads files through this.
+
+    A DICOM file is decoded here by ``read_dicom`` (an 8-bit RGB image, as a
+    viewer would show it); anything else is ``Image.open``, lazily, so a JPEG
+    can still be drafted at reduced scale. Use it as a context manager.
+    """
+    if is_dicom(path):
+        return Image.fromarray(read_dicom(str(path)), "RGB")
+    return Image.open(path)
+
+
+def read_dicom(path: str) -> np.ndarray:
+    """A DICOM file's pixels as (rows, columns, 3) uint8 RGB: the image as a viewer would show it.
+
+    Greyscale (MONOCHROME1/2), in DICOM's order: the modality LUT or
+    rescale slope/intercept (``apply_modality_lut``), then the VOI LUT, else
+    the first window centre/width (``apply_voi_lut``), whose output range maps
+    linearly onto 0..255; MONOCHROME1 (white is 0) is inverted, and grey
+    gets three equal channels. Colour (RGB, or YBR that pydicom converts to
+    RGB) must be 8-bit and is taken as is. Of a multi-frame file only the
+    first frame is read, with a warning naming the file. A file that is not
+    DICOM, is truncated, or is compressed with a codec that no installed
+    plugin decodes raises ``UnreadableImageError`` naming it (and what to
+    install); samples this cannot map raise ``UnsupportedImageError``.
+    pydicom is imported here only, so importing the package stays light.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise UnreadableImageError(f"{path}: not a DICOM file ({exc})") from exc
+    except Exception as exc:  # pydicom raises many types for damaged headers
+        raise UnreadableImageError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and syntax.is_compressed:
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError as exc:
+            raise UnreadableImageError(f"{path}: pixel data compressed as {syntax.name!r}, which pydicom cannot "
+                                       "decode; convert the file to an uncompressed transfer syntax") from exc
+        if not decoder.is_available:
+            raise UnreadableImageError(
+                f"{path}: pixel data compressed as {syntax.name!r} needs a decoder that is not installed; "
+                f"install one of: {'; '.join(decoder.missing_dependencies)} "
+                "(e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)"
+            )
+    frames = int(ds.get("NumberOfFrames") or 1)
+    try:
+        samples = pixel_array(ds, index=0)  # the first frame only; YBR colour comes back as RGB
+    except Exception as exc:  # truncated pixel data, inconsistent group 0028, a failing codec
+        raise UnreadableImageError(f"{path}: DICOM pixel data could not be decoded "
+                                   f"({type(exc).__name__}: {exc})") from exc
+    if frames > 1 and path not in _WARNED_MULTI_FRAME:  # once per file: the start-up checks read it too
+        _WARNED_MULTI_FRAME.add(path)
+        print(f"warning: {path}: DICOM file holds {frames} frames; only the first is used", file=sys.stderr,
+              flush=True)
+
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if samples.ndim == 3 and samples.shape[-1] == 3 and (photometric == "RGB" or photometric.startswith("YBR")):
+        if samples.dtype != np.uint8:
+            raise UnsupportedImageError(
+                f"{path}: DICOM {photometric} with {ds.get('BitsAllocated')}-bit samples; only 8-bit colour is "
+                "read (save it as 8-bit RGB)"
+            )
+        return np.ascontiguousarray(samples)
+    if samples.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedImageError(
+            f"{path}: DICOM photometric interpretation {photometric or 'missing'!r} with samples shaped "
+            f"{samples.shape} is not a greyscale or colour format this decoder can map to 8-bit RGB; "
+            "save it as MONOCHROME2, MONOCHROME1 or 8-bit RGB"
+        )
+    try:
+        grey = _dicom_grey(samples, ds, apply_modality_lut, apply_voi_lut)
+    except Exception as exc:  # a zero window width, a LUT of unsupported depth: a damaged file, not a format
+        raise UnreadableImageError(f"{path}: DICOM pixel values could not be mapped to grey levels "
+                                   f"({type(exc).__name__}: {exc})") from exc
+    if photometric == "MONOCHROME1":  # its 0 is white
+        grey = 255 - grey
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _dicom_grey(samples: np.ndarray, ds, apply_modality_lut, apply_voi_lut) -> np.ndarray:
+    """Stored greyscale values -> 8 bits: modality LUT/rescale, then VOI LUT or window, onto 0..255, rounded."""
+    values = apply_modality_lut(samples, ds)
+    lut = ds.get("VOILUTSequence")
+    if lut and lut[0].get("LUTDescriptor") is not None and lut[0].get("LUTData") is not None:
+        # pydicom's choice when both are present: the VOI LUT, over the window. Its input is integral; its
+        # output runs 0 .. 2**n - 1, n the bits per entry: the LUT Descriptor's third value, unless the entries
+        # need fewer (at least 8). Some CRs declare 16 bits for 12-bit entries, which would decode nearly black;
+        # viewers (dcm4che, Cornerstone, Horos) correct for them too.
+        shown = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0)
+        entries, first, declared = (int(v) for v in lut[0].LUTDescriptor)
+        table = apply_voi_lut(np.arange(first, first + (entries or 2**16), dtype=np.int64), ds, index=0)  # as decoded
+        needed = max(8, int(np.max(table)).bit_length())
+        low, high = 0.0, float(2 ** min(declared, needed) - 1)
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        # apply_windowing maps the first window onto the stored values' range after rescale, y_min .. y_max, and
+        # everything outside the window onto those ends; two values far outside it give the ends exactly.
+        shown = apply_voi_lut(values, ds, index=0)
+        with np.errstate(over="ignore"):  # a SIGMOID window's exp() overflows to inf out there, as intended
+            low, high = (float(v) for v in apply_voi_lut(np.array([-1e30, 1e30]), ds, index=0))
+    else:
+        # No VOI LUT and no window: the file says nothing about which values matter, so scale the image's own
+        # modality values min..max onto 0..255, as viewers do. A per-image stretch, unlike the fixed scale of a
+        # 16-bit PNG (see ``eight_bit``): window the files before training where brightness itself tells classes apart.
+        shown = values
+        low, high = float(np.min(values)), float(np.max(values))
+    if not high > low:  # one value everywhere: no contrast to keep
+        return np.zeros(samples.shape, dtype=np.uint8)
+    scaled = (np.asarray(shown, dtype=np.float64) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def eight_bit(image: Image.Image, path: str) -> Image.Image:

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from search.predict import PredictError, choose_trial, main, parse_args
+from analysis.reader import ResultsFolderError
+from search.predict import choose_trial, main, parse_args
 
 CLASSES = ["benign", "malignant"]
 
@@ -113,7 +114,7 @@ def test_a_folder_without_results_is_refused(tmp_path, capsys):
     write_images(images)
     code, _, err = run([tmp_path, images], capsys)
     assert code == 2
-    assert "is not a results folder (no study.json or leaderboard.parquet)" in err
+    assert "is not a results folder: it has no study.json" in err
     assert "run python -m search.run first" in err
     code, _, err = run([tmp_path / "nope", images], capsys)
     assert code == 2 and "does not exist" in err and "run python -m search.run first" in err
@@ -129,7 +130,7 @@ def test_images_folder_missing_or_without_images(tmp_path, capsys):
     (empty / "readme.txt").write_text("x")
     (empty / ".x.png").write_bytes(b"hidden")
     code, _, err = run([folder, empty], capsys)
-    assert code == 2 and "holds no .jpg/.jpeg/.png images in it or its subfolders" in err
+    assert code == 2 and "holds no .jpg/.jpeg/.png/.dcm images in it or its subfolders" in err
 
     Image.new("RGB", (8, 8)).save(empty / "sub" / "a.png")
     code, _, err = run([folder, empty, "--no-recursive"], capsys)
@@ -217,7 +218,7 @@ def test_a_copy_reads_its_own_checkpoints_never_those_at_the_recorded_place(tmp_
     assert chosen.relocated_from == str(first / "trial_000_a" / "checkpoint_000001")
 
     shutil.rmtree(copy / "trial_000_a")  # lost in the copy: the first place still has it, and is not read
-    with pytest.raises(PredictError, match=f"is not in the results folder {str(copy)!r}"):
+    with pytest.raises(ResultsFolderError, match=f"is not in the results folder {str(copy)!r}"):
         choose_trial(copy, study, None)
 
 

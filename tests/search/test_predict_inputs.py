@@ -23,7 +23,7 @@ def test_hidden_and_macosx_entries_are_skipped_and_counted(tmp_path):
     files, left_out = find_images(tmp_path)
     assert _relative(files, tmp_path) == ["a.png", "sub/b.jpg"]
     assert left_out.describe(tmp_path) == (
-        "1 file(s) that are not .jpg/.jpeg/.png (notes.txt); "
+        "1 file(s) that are not .jpg/.jpeg/.png/.dcm (notes.txt); "
         "3 hidden or __MACOSX file(s)/folder(s) (._a.png, .thumbs, __MACOSX)"
     )
 
@@ -51,5 +51,5 @@ def test_no_recursive_reads_the_top_folder_only(tmp_path):
     assert _relative(files, tmp_path) == ["top.png"]
     assert not left_out  # a subfolder not searched on request is no surprise
     (tmp_path / "top.png").unlink()
-    with pytest.raises(PredictError, match=r"holds no .jpg/.jpeg/.png images directly in it \(subfolders not searched"):
+    with pytest.raises(PredictError, match=r"holds no .jpg/.jpeg/.png/.dcm images directly in it \(subfolders not searched"):
         find_images(tmp_path, recursive=False)

@@ -129,7 +129,7 @@ def test_ties_are_broken_by_validation_loss_in_the_leaderboard_as_everywhere(tmp
     """Two trials with the same best accuracy: the one with the lower loss at that epoch is ranked first."""
     from ray.tune.experiment import Trial
 
-    from search.predict import best_row
+    from search.ranking import rank
     from search.results import LeaderboardWriter
     from search.storage import StudyFolder
 
@@ -140,4 +140,4 @@ def test_ties_are_broken_by_validation_loss_in_the_leaderboard_as_everywhere(tmp
         writer.on_trial_result(0, [first, second], trial, {"epoch": 1, "val_accuracy": 0.75, "val_loss": loss})
     board = writer.leaderboard()
     assert board["trial_id"].tolist() == [second.trial_id, first.trial_id]
-    assert best_row(board, "best_val_accuracy", "max")["trial_id"] == board["trial_id"].iloc[0]
+    assert rank(board, "best_val_accuracy", "max")["trial_id"].iloc[0] == board["trial_id"].iloc[0]

@@ -217,7 +217,7 @@ def test_covid_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"unknown class\(es\) \['Pneumonia'\]"):
         load_table("covid", root, classes=["COVID", "Pneumonia"])
     (root / "Viral Pneumonia" / "images").mkdir(parents=True)
-    with pytest.raises(DatasetError, match=r"Viral Pneumonia/images' holds no .jpg/.jpeg/.png images"):
+    with pytest.raises(DatasetError, match=r"Viral Pneumonia/images' holds no .jpg/.jpeg/.png/.dcm images"):
         load_table("covid", root)
     with pytest.raises(DatasetError, match=r"single class \{'COVID': 2\}"):
         load_table("covid", root, classes=["COVID"])
@@ -239,7 +239,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"single class \{'benign': 3\}; a classifier needs at least two"):
         load_table("folder", root)
     (root / "malignant").mkdir()
-    with pytest.raises(DatasetError, match=r"malignant' holds no .jpg/.jpeg/.png images"):
+    with pytest.raises(DatasetError, match=r"malignant' holds no .jpg/.jpeg/.png/.dcm images"):
         load_table("folder", root)
     with pytest.raises(DatasetError, match=r"class folder 'tumour' not found"):
         load_table("folder", root, classes=["benign", "tumour"])
@@ -277,11 +277,11 @@ def test_folder_hidden_and_system_folders_are_not_classes(tmp_path, capsys):
     table = load_table("folder", root)
     assert _counts(table) == {"benign": 2, "malignant": 2}
     err = capsys.readouterr().err
-    assert "note: folder: left out 1 file(s) that are not .jpg/.jpeg/.png (benign/notes.txt); 6 hidden" in err
+    assert "note: folder: left out 1 file(s) that are not .jpg/.jpeg/.png/.dcm (benign/notes.txt); 6 hidden" in err
 
     shutil.rmtree(root / "malignant")
     write_image(root / "malignant" / ".thumbs" / "m.png")
-    with pytest.raises(DatasetError, match=r"malignant' holds no .jpg/.jpeg/.png images \(left out: 1 hidden"):
+    with pytest.raises(DatasetError, match=r"malignant' holds no .jpg/.jpeg/.png/.dcm images \(left out: 1 hidden"):
         load_table("folder", root)
 
 

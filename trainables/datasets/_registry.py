@@ -12,7 +12,9 @@ from typing import Callable
 import pandas as pd
 
 TABLE_COLUMNS = ("path", "label", "group", "origin")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DICOM_SUFFIXES = (".dcm",)  # decoded by trainables.data.read_dicom (pydicom), every other suffix by PIL
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", *DICOM_SUFFIXES)  # the files a listing takes, in any letter case
+IMAGE_KINDS = "/".join(IMAGE_SUFFIXES)  # ".jpg/.jpeg/.png/.dcm": how every message names them
 _LEFT_OUT = "medsearch_left_out"  # table.attrs key: (root, LeftOut) from a loader to load_table, removed there
 
 
@@ -115,7 +117,7 @@ def check_table(table: pd.DataFrame, name: str, *, layout: str = "") -> pd.DataF
 SYSTEM_NAMES = ("__MACOSX",)
 
 # Why an entry was left out, in the order ``LeftOut.describe`` lists them.
-NOT_IMAGE = "file(s) that are not .jpg/.jpeg/.png"
+NOT_IMAGE = f"file(s) that are not {IMAGE_KINDS}"
 HIDDEN = "hidden or __MACOSX file(s)/folder(s)"
 LINKED_TWICE = "linked folder(s) already listed"
 BROKEN = "broken link(s) or special file(s)"
@@ -150,7 +152,7 @@ class LeftOut:
         return LeftOut(inside)
 
     def describe(self, root: Path) -> str:
-        """``"2 file(s) that are not .jpg/.jpeg/.png (a/notes.txt, b.csv); 1 hidden ..."`` (paths under ``root``)."""
+        """``"2 file(s) that are not .jpg/.jpeg/.png/.dcm (a/notes.txt, b.csv); 1 hidden ..."`` (under ``root``)."""
         parts = []
         for reason in (NOT_IMAGE, HIDDEN, LINKED_TWICE, BROKEN, UNREADABLE):
             paths = sorted(self.by_reason.get(reason, []))
@@ -236,7 +238,7 @@ def no_images_message(folder: Path, left_out: LeftOut, loader: str = "") -> str:
     held = left_out.under(folder).describe(folder)
     prefix = f"{loader}: " if loader else ""
     held = f" (left out: {held})" if held else ""
-    return f"{prefix}class folder {str(folder)!r} holds no .jpg/.jpeg/.png images{held}"
+    return f"{prefix}class folder {str(folder)!r} holds no {IMAGE_KINDS} images{held}"
 
 
 def with_left_out(table: pd.DataFrame, root: Path, left_out: LeftOut) -> pd.DataFrame:

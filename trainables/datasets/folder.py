@@ -1,4 +1,4 @@
-"""Class-per-folder datasets: ``root/<class>/*.png|jpg``, and the embedded default dataset."""
+"""Class-per-folder datasets: ``root/<class>/*.png|jpg|dcm``, and the embedded default dataset."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from trainables.datasets._registry import (
 )
 
 _LAYOUT = """  ROOT/
-    <class A>/  image files (.jpg, .jpeg, .png), subfolders included
+    <class A>/  image files (.jpg, .jpeg, .png, .dcm), subfolders included
     <class B>/  ...
     prediction/ (optional, unlabelled images; never used for training)"""
 

@@ -29,11 +29,14 @@ def check_image(path: str | Path) -> str | None:
     The decoder's own bit-depth step then refuses what it cannot scale to 8
     bits (a float image outside 0..1), so this check and the decoder agree.
     """
-    from trainables.data import eight_bit
+    from trainables.data import eight_bit, is_dicom, read_dicom
 
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
+        if is_dicom(path):  # PIL cannot open DICOM: decode it with the training decoder, which checks as it reads
+            read_dicom(str(path))
+            return None
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:  # verify() leaves the image unusable: reopen to decode

@@ -43,7 +43,7 @@ URL = (
 )
 _LAYOUT = """  ROOT/
     train/
-      benign/     image files (.jpg, .jpeg, .png), subfolders included; folder names in any case (Benign/)
+      benign/     image files (.jpg, .jpeg, .png, .dcm), subfolders included; folder names in any case (Benign/)
       malignant/
     test/         (optional: without it, val and test are carved out of train/)
       benign/

@@ -129,10 +129,10 @@ def image_hash(path: str | Path) -> np.ndarray:
     """(4, 256) bool: the pHash of the image and of its left-right, top-bottom and double flip."""
     import imagehash
 
-    from trainables.data import eight_bit
+    from trainables.data import eight_bit, open_image
 
     side = 4 * HASH_SIDE  # the 64 x 64 grey image imagehash.phash takes its DCT of
-    with Image.open(path) as image:
+    with open_image(path) as image:  # the training decoder's pixels: a DICOM file rescaled and windowed, not PIL's
         if image.format == "JPEG":
             image.draft("L", (side, side))  # decode grey at reduced scale (DCT scaling): a fraction of a full decode
         grey = eight_bit(image, str(path)).convert("L").resize((side, side), Image.Resampling.LANCZOS)

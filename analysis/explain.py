@@ -1,0 +1,408 @@
+"""Where the model looks: Grad-CAM heatmaps for a trial's classifier, as overlays and as a report panel.
+
+``gradcam(model, images)`` works on any classifier ``trainables.model.build_model``
+makes or ``trainables.checkpoint.load_classifier`` loads, for every registered
+backbone (the small CNNs included), whether the backbone is nested in the
+classifier as a sub-model (``model.keras``) or split into a frozen part and a
+top (a trial trained on cached features).
+
+The method is Grad-CAM (Selvaraju et al., 2017): the gradient of the class's
+*logit* (the input of the final softmax, so a confident prediction does not
+saturate to zero gradient) with respect to the last convolutional feature map
+``A``, averaged over its positions, weighs ``A``'s channels; their weighted
+sum, clipped at zero, is the map, resized to the image (bilinear) and scaled to
+[0, 1] per image.
+
+**Which feature map.** Chosen generically, with no per-backbone table: walking
+the classifier's layers in call order, nested sub-models included, the last
+layer with a 4-D output before the first global pooling or ``Flatten`` (the
+head's start), passing over trailing max/average pooling and dropout layers,
+which only downsample or mask the last convolution's map. So ``cnn_s3`` uses its
+second ``Conv2D``, ``cnn_s2`` its last ``BatchNormalization``, ``vgg16``
+``block5_conv3`` (as in the Grad-CAM paper, at twice ``block5_pool``'s
+resolution), ``resnet50`` ``conv5_block3_out``, ``densenet121`` its final
+``relu``, MobileNetV2 ``out_relu`` and the EfficientNets their top activation
+(``target_layer`` names it). A map is only as fine as that layer: 1/32 of the
+image for the ImageNet backbones, 1/2 for ``cnn_s3``.
+
+**How the gradient reaches it.** The sub-model that holds the layer (e.g. the
+backbone) is rebuilt as a functional model over its own inputs with two outputs,
+(feature map, its usual output); the levels above it (the classifier; a cached
+trial's top) are chains of layers (``trainables.model``,
+``trainables.checkpoint``) and are run layer by layer, the head's final softmax
+``Dense`` as logits, all under one ``tf.GradientTape``. The softmax of the
+logits is checked against the model's own output, so a structure this cannot
+trace is an ``ExplainError``, never a wrong map.
+
+``search.predict --explain DIR`` writes one overlay per image (``write_overlays``);
+the report's test evaluation shows ``explain_section``'s panel.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ExplainError", "Target", "target_layer", "gradcam", "overlay", "overlay_names", "write_overlays",
+           "explain_section", "PANEL_NAME"]
+
+PANEL_NAME = "gradcam_test"  # report_files/<name>.png
+PANEL_PER_GROUP = 3  # images per (class, correct | wrong) row of the panel
+ALPHA = 0.4  # weight of the colour map in an overlay
+COLORMAP = "jet"
+_BATCH = 32
+_CHECK_ATOL = 1e-3  # softmax(traced logits) vs the model's own probabilities
+
+
+class ExplainError(ValueError):
+    """The model cannot be explained (no convolutional feature map, or a structure that cannot be traced)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The feature map Grad-CAM weighs: ``path`` is the chain of layers from the classifier down to it."""
+
+    path: tuple  # (nested model, ..., layer)
+
+    @property
+    def layer(self):
+        return self.path[-1]
+
+    @property
+    def name(self) -> str:
+        """e.g. ``cnn_s3/conv2d_1``: the nested models' names and the layer's."""
+        return "/".join(layer.name for layer in self.path)
+
+
+# --------------------------------------------------------------------------
+# the feature map
+# --------------------------------------------------------------------------
+
+
+def _walk(model, prefix: tuple = ()):
+    """``(path, layer)`` for every layer of ``model`` in call order, nested models' layers in their place."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            yield from _walk(layer, prefix + (layer,))
+        else:
+            yield prefix + (layer,), layer
+
+
+def _rank(layer) -> int | None:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):  # a layer called more than once, or never
+        return None
+
+
+def target_layer(model) -> Target:
+    """The last 4-D feature map before the head's global pooling or ``Flatten`` (see the module docstring).
+
+    In call order, the last layer with a 4-D output, passing over pooling and
+    dropout layers; everything after it (the head) is 2-D, so it is the map the
+    head pools. Squeeze-and-excitation blocks pool too, but feed a 4-D map again.
+    """
+    import keras
+
+    passed_over = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D,
+                   keras.layers.GlobalMaxPooling2D, keras.layers.Dropout, keras.layers.SpatialDropout2D)
+    found = None
+    for path, layer in _walk(model):
+        if _rank(layer) == 4 and not isinstance(layer, passed_over):
+            found = path
+    if found is None:
+        raise ExplainError(f"model {model.name!r} has no convolutional feature map (no layer with a 4-D output "
+                           "before its pooling or Flatten); Grad-CAM needs one")
+    return Target(found)
+
+
+def _is_softmax_dense(layer) -> bool:
+    import keras
+
+    activation = getattr(layer, "activation", None)
+    return isinstance(layer, keras.layers.Dense) and getattr(activation, "__name__", "") == "softmax"
+
+
+def _logits(dense, h):
+    """What the final softmax ``Dense`` computes before its softmax."""
+    from keras import ops
+
+    z = ops.matmul(ops.cast(h, dense.kernel.dtype), dense.kernel)
+    return z + dense.bias if dense.use_bias else z
+
+
+def _trace(model, x, path: tuple, *, last: bool):
+    """Run ``model`` on ``x``: ``(feature map or None, output)``; the target lies at ``path`` below ``model``.
+
+    The model holding the target layer itself is rebuilt with the map as a
+    second output (any graph works there); the levels above it, and the head
+    below the map, are run layer by layer (chains in this project). With
+    ``last``, the final softmax ``Dense`` gives logits.
+    """
+    import keras
+
+    if len(path) == 1 and not last:
+        both = keras.Model(model.inputs, [path[0].output, *model.outputs])
+        feature_map, out = both(x, training=False)
+        return feature_map, out
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    h, feature_map = x, None
+    for i, layer in enumerate(layers):
+        final = last and i == len(layers) - 1
+        if path and layer is path[0]:
+            if len(path) == 1:
+                h = feature_map = layer(h, training=False)
+            else:
+                feature_map, h = _trace(layer, h, path[1:], last=final)
+        elif final and isinstance(layer, keras.Model):
+            _, h = _trace(layer, h, (), last=True)
+        elif final and _is_softmax_dense(layer):
+            h = _logits(layer, h)
+        else:
+            h = layer(h, training=False)
+    if path and feature_map is None:
+        raise ExplainError(f"layer {path[0].name!r} is not called in the chain of {model.name!r}")
+    return feature_map, h
+
+
+def gradcam(model, images, class_index=None, *, batch_size: int = _BATCH, target: Target | None = None) -> np.ndarray:
+    """Grad-CAM heatmaps, an (N, H, W) float32 array in [0, 1], one per image of ``images``.
+
+    ``model``: a classifier of raw [0, 255] RGB to softmax probabilities (any
+    registered backbone, nested or not). ``images``: (N, H, W, 3) in [0, 255].
+    ``class_index``: the class each map is for; None = the predicted class
+    (the argmax), an int = that class for every image, or one index per image.
+    A map whose weighted sum is nowhere positive is all zeros.
+    """
+    import tensorflow as tf
+    from keras import ops
+
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ExplainError(f"images must be (N, H, W, 3) RGB, got shape {images.shape}")
+    n, height, width = images.shape[:3]
+    classes = model.output_shape[-1]
+    if class_index is None:
+        wanted = None
+    else:
+        wanted = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (n,))
+        if wanted.size and (wanted.min() < 0 or wanted.max() >= classes):
+            raise ExplainError(f"class_index must be in [0, {classes}), got {sorted(set(wanted.tolist()))}")
+    target = target or target_layer(model)
+    out = np.zeros((n, height, width), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        x = tf.convert_to_tensor(images[start:start + batch_size])
+        with tf.GradientTape() as tape:
+            feature_map, logits = _trace(model, x, target.path, last=True)
+            logits = tf.cast(logits, tf.float32)
+            chosen = tf.argmax(logits, axis=-1) if wanted is None else tf.constant(wanted[start:start + len(x)])
+            score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
+        grads = tape.gradient(score, feature_map)
+        if grads is None:
+            raise ExplainError(f"no gradient reaches {target.name!r} from the output of {model.name!r}")
+        if start == 0:  # the traced run must be the model's own computation
+            probs = ops.convert_to_numpy(model(x, training=False)).astype(np.float32)
+            traced = ops.convert_to_numpy(tf.nn.softmax(logits))
+            if not np.allclose(traced, probs, atol=_CHECK_ATOL):
+                raise ExplainError(f"cannot trace {model.name!r} through {target.name!r}: the traced output differs "
+                                   f"from the model's by {np.abs(traced - probs).max():.3g}")
+        feature_map = tf.cast(feature_map, tf.float32)
+        weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(1, 2), keepdims=True)  # (b, 1, 1, C)
+        cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1, keepdims=True))  # (b, h, w, 1)
+        cam = tf.image.resize(cam, (height, width), method="bilinear")[..., 0].numpy()
+        low = cam.min(axis=(1, 2), keepdims=True)
+        span = cam.max(axis=(1, 2), keepdims=True) - low
+        out[start:start + len(x)] = np.where(span > 1e-12, (cam - low) / np.maximum(span, 1e-12), 0.0)
+    return np.clip(out, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------
+# overlays
+# --------------------------------------------------------------------------
+
+
+def overlay(image, heatmap, *, alpha: float = ALPHA, cmap: str = COLORMAP) -> np.ndarray:
+    """``image`` ((H, W, 3) RGB in [0, 255]) with ``heatmap`` ([0, 1], resized to it if needed) in colour
+    (matplotlib's ``cmap``) blended over it with weight ``alpha``: an (H, W, 3) uint8 RGB array."""
+    from matplotlib import colormaps
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    heatmap = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
+    if heatmap.shape != image.shape[:2]:
+        from PIL import Image
+
+        resized = Image.fromarray(heatmap, mode="F").resize((image.shape[1], image.shape[0]), Image.Resampling.BILINEAR)
+        heatmap = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    colour = colormaps[cmap](heatmap)[..., :3] * 255.0
+    return np.clip((1.0 - alpha) * image[..., :3] + alpha * colour, 0, 255).round().astype(np.uint8)
+
+
+def overlay_names(relative: list[str]) -> list[str]:
+    """One PNG file name per relative image path: ``sub/a b.jpg`` -> ``sub__a_b.jpg.png``; unique (``-2`` ...)."""
+    names, used = [], set()
+    for rel in relative:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(Path(rel).parts)).lstrip(".") or "image"
+        name, k = f"{stem}.png", 1
+        while name.lower() in used:  # case-insensitive file systems
+            k += 1
+            name = f"{stem}-{k}.png"
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+def write_overlays(model, files: list[Path], images_dir: Path, size: int, class_index, out_dir: Path, *,
+                   batch_size: int = _BATCH) -> list[Path]:
+    """Decode ``files`` like training, Grad-CAM each for its ``class_index`` (one per file), and write one
+    overlay PNG per file into ``out_dir``, named after its path relative to ``images_dir``."""
+    import io
+
+    from PIL import Image
+
+    from search.storage import write_atomic
+    from trainables.data import decode_image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = overlay_names([Path(f).relative_to(images_dir).as_posix() for f in files])
+    classes = np.asarray(class_index, dtype=np.int64)
+    target = target_layer(model)
+    written = []
+    for start in range(0, len(files), 256):  # bounded memory on large folders
+        chunk = files[start:start + 256]
+        images = np.stack([decode_image(str(f), size) for f in chunk])
+        maps = gradcam(model, images, classes[start:start + len(chunk)], batch_size=batch_size, target=target)
+        for name, image, heatmap in zip(names[start:start + len(chunk)], images, maps):
+            buffer = io.BytesIO()
+            Image.fromarray(overlay(image, heatmap)).save(buffer, format="PNG")
+            write_atomic(out_dir / name, buffer.getvalue())
+            written.append(out_dir / name)
+    return written
+
+
+# --------------------------------------------------------------------------
+# the report's panel
+# --------------------------------------------------------------------------
+
+
+def explain_section(run, evaluation: dict | None):
+    """Section "Where the model looks": Grad-CAM overlays of the best evaluated trial on test images.
+
+    ``run`` is ``analysis.tables.load_run(RUN_DIR)``; ``evaluation`` the newest
+    record of ``test_evaluation.json`` (``analysis.plots.latest_evaluation``).
+    For each true class, a fixed sample (seeded with the study's ``seed``) of up
+    to ``PANEL_PER_GROUP`` correctly and wrongly classified images, each with the
+    map for the class the model predicted.
+
+    This is part of the final evaluation's reporting, and it reads test images
+    only after that evaluation: without ``test_evaluation.json`` and its
+    ``test_predictions.parquet`` (written by ``python -m analysis.evaluate``) it
+    draws nothing and says so. It never starts an evaluation or logs a new use of
+    the test split; it decodes only images that evaluation already scored (the
+    rows of ``test_predictions.parquet`` that ``splits.parquet`` lists in the
+    evaluated split), to draw where the model looked on them.
+    """
+    from analysis.plots import Plot, _figure, _save, best_evaluated
+    from analysis.report import PLOTS_DIR, Section
+
+    s = Section("Where the model looks")
+    split = (evaluation or {}).get("split", "test")
+    record = run.path / f"{split}_evaluation.json"
+    predictions_file = run.path / f"{split}_predictions.parquet"
+    best = best_evaluated(evaluation)
+    if best is None or not record.is_file() or not predictions_file.is_file():
+        s.text(f"Not drawn: Grad-CAM overlays of {split} images come with the held-out evaluation "
+               f"(`python -m analysis.evaluate {run.path}`), which writes {record.name} and "
+               f"{predictions_file.name}; this panel never reads the {split} split by itself.")
+        return s
+    try:
+        return _panel_section(s, run, evaluation, best, split, predictions_file, Plot, _figure, _save, PLOTS_DIR)
+    except Exception as exc:  # a lost checkpoint or image must not stop the report
+        s.text(f"Not drawn: {type(exc).__name__}: {exc}")
+        return s
+
+
+def _panel_section(s, run, evaluation, best, split, predictions_file, Plot, _figure, _save, plots_dir):
+    import pandas as pd
+
+    from analysis.evaluate import decode_split
+    from analysis.reader import choose_trial, load_trial_model
+
+    name = str(best["trial_name"])
+    table = pd.read_parquet(predictions_file)
+    table = table[table["trial"] == name]
+    splits = run.splits
+    if splits is not None and "split" in splits.columns:  # only images splits.parquet holds in the evaluated split
+        table = table[table["path"].astype(str).isin(set(splits.loc[splits["split"] == split, "path"].astype(str)))]
+    if table.empty:
+        s.text(f"Not drawn: {predictions_file.name} holds no predictions of {name} on images of the {split} split.")
+        return s
+    trial = choose_trial(run.path, run.study, name)
+    model, class_names, size = load_trial_model(trial, run.path, run.study)
+    seed = int(run.study.get("seed", 0) or 0)
+    rng = np.random.default_rng(seed)
+    correct = table["predicted"].astype(str) == table["label"].astype(str)
+    groups = []  # (true class, "correct" | "wrong", rows)
+    for cls in class_names:
+        for kind, mask in (("correct", correct), ("wrong", ~correct)):
+            rows = table[(table["label"].astype(str) == cls) & mask]
+            if len(rows) > PANEL_PER_GROUP:
+                rows = rows.iloc[np.sort(rng.choice(len(rows), PANEL_PER_GROUP, replace=False))]
+            groups.append((cls, kind, rows))
+    shown = pd.concat([rows for _, _, rows in groups])
+    missing = [p for p in shown["path"].astype(str) if not Path(p).is_file()]
+    if missing:
+        s.text(f"Not drawn: {len(missing)} sampled {split} image(s) are no longer at their recorded paths "
+               f"(e.g. {missing[0]}).")
+        return s
+    images = decode_split(shown.reset_index(drop=True), size)
+    predicted = [class_names.index(p) for p in shown["predicted"].astype(str)]
+    target = target_layer(model)
+    maps = gradcam(model, images, predicted, target=target)
+
+    cols = PANEL_PER_GROUP
+    fig = _figure(figsize=(1.9 * cols + 1.2, 1.95 * len(groups)))
+    k = 0
+    for row, (cls, kind, rows) in enumerate(groups):
+        for col in range(cols):
+            ax = fig.add_subplot(len(groups), cols, row * cols + col + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(f"{cls}\n{kind}", fontsize=8)
+            if col >= len(rows):
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if col == 0:
+                    ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=8, color="grey")
+                continue
+            r = rows.iloc[col]
+            ax.imshow(overlay(images[k], maps[k]))
+            p = r.get(f"prob_{r['predicted']}")
+            ax.set_title(f"pred {r['predicted']}" + (f" ({float(p):.2f})" if p is not None and not pd.isna(p) else ""),
+                         fontsize=7, color="black" if kind == "correct" else "firebrick")
+            k += 1
+    fig.suptitle(f"Grad-CAM of {name} on {split} images: rows are true class x correct/wrong", fontsize=9)
+    plot = Plot(PANEL_NAME, f"Where the model looks ({split} images)", _save(fig, run.path / plots_dir, PANEL_NAME),
+                f"Grad-CAM at {target.name}; red = regions that raised the predicted class's score")
+    labels = table["label"].astype(str)
+    counts = ", ".join(f"{cls}: {int((correct & (labels == cls)).sum())} correct, "
+                       f"{int((~correct & (labels == cls)).sum())} wrong" for cls in class_names)
+    s.text(f"Grad-CAM (gradient of the predicted class's logit, weighing the channels of the feature map "
+           f"`{target.name}`) of the best evaluated trial, {name}, on images of the held-out {split} split that "
+           f"`analysis.evaluate` already scored ({counts}). For each true class, up to {PANEL_PER_GROUP} correctly "
+           f"and {PANEL_PER_GROUP} wrongly classified images, drawn with the study's seed ({seed}), so the panel "
+           "is the same on every report. Red marks what raised the score of the class the model predicted; a map "
+           "on the background or the frame rather than the lesion is a shortcut worth checking. This panel reads "
+           "no new test data: it only re-decodes images of the evaluation above.")
+    s.plot(plot)
+    return s

@@ -1,0 +1,347 @@
+"""The one reader of a results folder: its study record, its leaderboard, "the best trial", and its model.
+
+``search.predict``, ``analysis.evaluate``, ``analysis.export``, ``analysis.results``
+and the report (through ``analysis.tables``) all open a finished or partial run
+here, so they agree on what is in it and on which trial is the best:
+
+* **The best trial** is the first trial, in ``search.ranking.rank``'s order (best
+  ``best_<metric>`` by the study's mode, ties to the lower validation loss at the
+  best epoch, then the leaderboard's order), *that has a checkpoint*: a trial
+  whose model was never saved cannot be predicted with, evaluated or exported.
+* A checkpoint is read only inside the folder (``search.storage.StudyFolder.resolve``):
+  a copied folder never loads the original's models.
+
+Damaged files (cut short by a crash, a full disk or an interrupted copy) are a
+``ResultsFolderError`` naming the file and the fix. Nothing here imports
+TensorFlow or Ray until a model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ResultsFolderError", "ChosenTrial", "Decision", "read_record", "read_study", "read_table",
+           "read_leaderboard", "has_checkpoint", "ranked_trials", "choose_trial", "locate_checkpoint",
+           "load_trial_model", "read_class_names", "read_decision"]
+
+STUDY_JSON, LEADERBOARD, SPLITS = "study.json", "leaderboard.parquet", "splits.parquet"
+DEFAULT_METRIC, DEFAULT_MODE = "val_balanced_accuracy", "max"
+_DAMAGED = "was it cut short (a crash, a full disk, an interrupted copy)? Restore it from the original folder"
+
+
+class ResultsFolderError(ValueError):
+    """The folder is not a results folder, a file in it is damaged, or it lacks what was asked for."""
+
+
+@dataclass(frozen=True)
+class ChosenTrial:
+    name: str
+    checkpoint: Path
+    metric: str
+    value: float
+    epoch: int | None
+    backbone: str | None
+    relocated_from: str | None  # the recorded checkpoint path, when the run folder was moved
+
+
+# --------------------------------------------------------------------------
+# the record and the tables
+# --------------------------------------------------------------------------
+
+
+def read_record(run_dir: Path) -> dict:
+    """``run_dir/study.json``, the whole record (``study``, ``flags``, ``outcome``, ...)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise ResultsFolderError(f"results folder {str(run_dir)!r} {what}; give a study's results folder such as "
+                                 "runs/quickstart (run python -m search.run first)")
+    path = run_dir / STUDY_JSON
+    if not path.is_file():
+        raise ResultsFolderError(f"{str(run_dir)!r} is not a results folder: it has no {STUDY_JSON}; run "
+                                 "python -m search.run first, and pass the STORAGE/<study name> folder it writes")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise ResultsFolderError(f"{str(path)!r} is unreadable ({type(exc).__name__}: {exc}); {_DAMAGED}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("study", {}), dict):
+        raise ResultsFolderError(f"{str(path)!r} holds no study record (a JSON object with a 'study' object); {_DAMAGED}")
+    return record
+
+
+def read_study(run_dir: Path) -> dict:
+    """The ``study`` part of ``study.json``, after checking the folder also has its leaderboard."""
+    record = read_record(run_dir)
+    if not (Path(run_dir) / LEADERBOARD).is_file():
+        raise ResultsFolderError(f"{str(run_dir)!r} has no {LEADERBOARD} yet: no trial has reported. Let "
+                                 "python -m search.run run (or resume it), then pass its STORAGE/<study name> folder")
+    return record.get("study", {})
+
+
+def read_table(path: Path):
+    """A Parquet file of the folder as a DataFrame; empty if it is not there (a study that just started)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid (a ValueError), OSError and others for a damaged file
+        raise ResultsFolderError(f"{str(path)!r} is unreadable ({type(exc).__name__}: {exc}); {_DAMAGED}; "
+                                 "while a study runs, the driver rewrites it whole every few seconds") from None
+
+
+def read_leaderboard(run_dir: Path, study: dict):
+    """``leaderboard.parquet`` with the study's score and ``checkpoint_path`` columns present (maybe empty)."""
+    board = read_table(Path(run_dir) / LEADERBOARD)
+    if board.empty or "trial_name" not in board.columns:
+        raise ResultsFolderError(f"the leaderboard in {str(run_dir)!r} holds no trials yet; let python -m search.run run")
+    for col in (score_column(study), "checkpoint_path"):
+        if col not in board.columns:
+            board[col] = math.nan if col.startswith("best_") else None
+    return board
+
+
+def score_column(study: dict) -> str:
+    return f"best_{study.get('metric', DEFAULT_METRIC)}"
+
+
+# --------------------------------------------------------------------------
+# the best trial
+# --------------------------------------------------------------------------
+
+
+def has_checkpoint(board):
+    """Per row: whether the trial saved a model (a non-empty ``checkpoint_path``)."""
+    import pandas as pd
+
+    if "checkpoint_path" not in board.columns:
+        return pd.Series(False, index=board.index)
+    return board["checkpoint_path"].notna() & (board["checkpoint_path"].astype("string").str.len() > 0).fillna(False)
+
+
+def ranked_trials(run_dir: Path, study: dict):
+    """``(ranked, notes)``: trials with a checkpoint, best first by the rule above; a note per trial without one."""
+    from search.ranking import rank
+
+    board = read_leaderboard(run_dir, study)
+    has = has_checkpoint(board)
+    notes = [f"{row['trial_name']}: no checkpoint ({row.get('status', '?')}{_error_note(row)}); skipped"
+             for _, row in board[~has].iterrows()]
+    ranked = rank(board[has], score_column(study), study.get("mode", DEFAULT_MODE))
+    return ranked.reset_index(drop=True), notes
+
+
+def choose_trial(run_dir: Path, study: dict, name: str | None) -> ChosenTrial:
+    """The best trial with a checkpoint, or trial ``name`` (its ``trial_name`` or ``trial_id``)."""
+    board = read_leaderboard(run_dir, study)
+    has = has_checkpoint(board)
+    if name is not None:
+        from trainables.checks import unknown_name_message
+
+        rows = board[(board["trial_name"] == name) | (board.get("trial_id", board["trial_name"]) == name)]
+        if rows.empty:
+            raise ResultsFolderError("--trial: " + unknown_name_message("trial", name, board["trial_name"].dropna().tolist()))
+        row = rows.iloc[0]
+        if not has[rows.index[0]]:
+            raise ResultsFolderError(f"--trial: trial {row['trial_name']!r} has no checkpoint (status "
+                                     f"{row.get('status')}{_error_note(row)}); trials with one: {_names(board[has])}")
+    else:
+        ranked, _ = ranked_trials(run_dir, study)
+        if ranked.empty:
+            statuses = board["status"].value_counts().to_dict() if "status" in board.columns else {}
+            errors = board["error"].dropna() if "error" in board.columns else []
+            fix = (f"fix what failed (e.g. {errors.iloc[0]}) and run the study again" if len(errors) == len(board)
+                   else "a trial saves one after its first epoch; let the study run longer "
+                   "(python -m search.run STUDY_FILE --storage STORAGE --resume)")
+            raise ResultsFolderError(f"no trial in {str(run_dir)!r} has a checkpoint (trials by status: {statuses}); {fix}")
+        row = ranked.iloc[0]
+    recorded = str(row["checkpoint_path"])
+    checkpoint, relocated = locate_checkpoint(run_dir, recorded, str(row["trial_name"]), study.get("name"))
+    value, epoch, backbone = row[score_column(study)], row.get("best_epoch"), row.get("backbone")
+    return ChosenTrial(
+        name=str(row["trial_name"]),
+        checkpoint=checkpoint,
+        metric=study.get("metric", DEFAULT_METRIC),
+        value=math.nan if _missing(value) else float(value),
+        epoch=None if _missing(epoch) else int(epoch),
+        backbone=None if _missing(backbone) else str(backbone),
+        relocated_from=recorded if relocated else None,
+    )
+
+
+def locate_checkpoint(run_dir: Path, recorded: str, trial: str, study_name: str | None = None) -> tuple[Path, bool]:
+    """The checkpoint folder a leaderboard row records, inside ``run_dir`` only; and whether it was re-rooted there.
+
+    The leaderboard records it relative to the results folder. An absolute
+    path, from a folder written by an earlier version, is re-rooted into
+    ``run_dir`` and never read where it points: a later study under the same
+    name may have replaced those models. ``StudyFolder.resolve`` owns that
+    rule and refuses a path that leads out of the folder (``OutsideFolderError``).
+    """
+    from search.storage import StudyFolder, is_uri
+    from trainables.checkpoint import has_model
+
+    run_dir = Path(run_dir)
+    folder = StudyFolder(run_dir.parent, run_dir.name)
+    path = Path(folder.resolve(recorded, study_name=study_name, what=f"checkpoint_path of {trial} in {LEADERBOARD}"))
+    if not has_model(path):
+        raise ResultsFolderError(
+            f"the checkpoint folder {recorded!r} of {trial} is not in the results folder {str(run_dir)!r} (no model "
+            f"in {str(path)!r}): was the run moved or copied without its trial_* folders? Copy the whole results "
+            "folder, including trial_*/checkpoint_*, or pick a trial whose checkpoint is there with --trial"
+        )
+    absolute = is_uri(recorded) or Path(recorded).is_absolute()
+    return path, absolute and str(path) != recorded
+
+
+# --------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------
+
+
+def load_trial_model(trial: ChosenTrial, run_dir: Path, study: dict):
+    """``(model, class_names, image_size)`` for the chosen trial's checkpoint.
+
+    The model is the whole classifier, also for a trial that trained on cached
+    features and saved its frozen part and its top apart (``trainables.checkpoint``).
+    """
+    from trainables.checkpoint import load_classifier
+
+    try:
+        model = load_classifier(trial.checkpoint)
+    except Exception as exc:  # a truncated or foreign file raises many types
+        raise ResultsFolderError(f"cannot load the model in {str(trial.checkpoint)!r}: {type(exc).__name__}: {exc}") from None
+    class_names = read_class_names(trial.checkpoint, run_dir, study)
+    outputs = model.output_shape[-1]
+    if outputs != len(class_names):
+        raise ResultsFolderError(f"the model of {trial.name} outputs {outputs} probabilities but the study has "
+                                 f"{len(class_names)} classes {class_names}; is {str(run_dir)!r} the run it came from?")
+    size = model.input_shape[1] or study.get("dataset", {}).get("image_size")
+    return model, class_names, int(size)
+
+
+def read_class_names(checkpoint: Path, run_dir: Path, study: dict) -> list[str]:
+    """Class order the model was trained with: ``trial.json`` saved beside it, else ``splits.parquet``.
+
+    ``study.json`` holds ``dataset.classes`` only when the study file gave them,
+    so it is the last resort.
+    """
+    try:
+        names = json.loads((Path(checkpoint) / "trial.json").read_text()).get("class_names")
+        if names:
+            return [str(n) for n in names]
+    except (OSError, ValueError):
+        pass
+    splits = Path(run_dir) / SPLITS
+    if splits.is_file():
+        import pandas as pd
+
+        pairs = pd.read_parquet(splits, columns=["label", "label_index"]).drop_duplicates().sort_values("label_index")
+        if pairs["label_index"].tolist() == list(range(len(pairs))):
+            return pairs["label"].astype(str).tolist()
+    classes = study.get("dataset", {}).get("classes")
+    if classes:
+        return [str(c) for c in classes]
+    raise ResultsFolderError(f"cannot tell the class names: {str(Path(checkpoint) / 'trial.json')!r} and "
+                             f"{str(splits)!r} are missing or unreadable")
+
+
+# --------------------------------------------------------------------------
+# calibration and threshold (final_model.json)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How probabilities are calibrated and turned into a class, and where that came from."""
+
+    temperature: float | None  # None: the model's own probabilities
+    threshold: float | None  # None: the argmax
+    positive: int | None  # the class the threshold is for
+    notes: tuple[str, ...] = ()
+
+    def calibrate(self, probs):
+        """``probs`` with the temperature applied (rows of unreadable images stay NaN)."""
+        if self.temperature is None:
+            return probs
+        import numpy as np
+
+        from analysis.calibration import apply_temperature
+
+        out = np.array(probs, dtype=np.float64)
+        good = ~np.isnan(out).any(axis=1)
+        out[good] = apply_temperature(out[good], self.temperature)
+        return out
+
+    def classes(self, probs):
+        """Class index per row: the positive class at or above the threshold, else the argmax."""
+        if self.threshold is None:
+            return probs.argmax(axis=1)
+        from analysis.operating_point import decide
+
+        return decide(probs, self.positive, self.threshold)
+
+
+def read_decision(run_dir: Path, study: dict, trial: str, class_names: list[str], threshold: float | None) -> Decision:
+    """The temperature and threshold ``analysis.evaluate`` fitted on validation for ``trial`` alone
+    (``final_model.json``), with ``threshold`` (``--threshold``) replacing the stored threshold."""
+    from analysis.calibration import FINAL_MODEL, CalibrationError, read_final_model, trial_calibration
+
+    try:
+        record = read_final_model(run_dir)
+        fitted = trial_calibration(record, trial, class_names)
+    except CalibrationError as exc:
+        raise ResultsFolderError(str(exc)) from None
+    notes = []
+    if record is None:
+        notes.append(f"uncalibrated: no {FINAL_MODEL} in the results folder (python -m analysis.evaluate "
+                     f"{run_dir} fits a temperature and a threshold on validation)")
+    elif fitted is None:
+        notes.append(f"uncalibrated: {FINAL_MODEL} fitted nothing for {trial} (it covers "
+                     f"{', '.join(record['per_trial']) or 'no trial'})")
+    elif record.get("trials") != [trial] or record.get("tta"):
+        notes.append(f"{FINAL_MODEL}'s final model is {record.get('model')!r}; this prediction uses {trial} alone, "
+                     "with the temperature and threshold fitted on validation for it")
+    temperature = None if fitted is None else fitted["temperature"]
+    stored = (fitted or {}).get("threshold")
+    positive = None
+    if threshold is not None:
+        name = (stored or {}).get("class") or (record or {}).get("positive_class") or (
+            study.get("dataset", {}).get("positive_class") if len(class_names) == 2 else None)
+        if name is None and len(class_names) == 2:
+            name = class_names[-1]
+        if name not in class_names:
+            raise ResultsFolderError(f"--threshold {threshold}: no positive class to apply it to among the "
+                                     f"{len(class_names)} classes {class_names}; run python -m analysis.evaluate "
+                                     f"{run_dir} --positive-class NAME first, which records one")
+        positive = class_names.index(name)
+        notes.append(f"threshold {threshold} from --threshold" + (
+            f" (replaces {stored['value']:.4f} of {FINAL_MODEL})" if stored else ""))
+    elif stored is not None:
+        if stored.get("class") not in class_names:
+            raise ResultsFolderError(f"{FINAL_MODEL}: per_trial.{trial}.threshold.class is {stored.get('class')!r}, "
+                                     f"not one of {class_names}; run python -m analysis.evaluate again to rewrite it")
+        threshold, positive = float(stored["value"]), class_names.index(stored["class"])
+        notes.append(f"threshold {threshold:.4f} from {FINAL_MODEL} ({stored.get('rule')})")
+    return Decision(temperature, threshold, positive, tuple(notes))
+
+
+def _names(rows) -> str:
+    names = rows["trial_name"].dropna().tolist()
+    return ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "") if names else "none"
+
+
+def _error_note(row) -> str:
+    error = row.get("error")
+    return f": {error}" if isinstance(error, str) and error else ""
+
+
+def _missing(value) -> bool:
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))

@@ -1,0 +1,194 @@
+"""The dashboards users already run, on one real study: optuna-dashboard, TensorBoard and MLflow.
+
+One tiny study (3 trials of 2 epochs) runs once for the whole module: it logs to an
+MLflow file store, its driver "crashes" once the first trial has ended, and the
+folder is resumed (which re-applies --mlflow-uri from study.json). The tests then
+read what each dashboard reads: optuna.db with ``optuna.load_study`` and through
+optuna-dashboard's own app over HTTP, the trials' TensorBoard event files, and
+the MLflow runs.
+"""
+
+import contextlib
+import io
+import json
+import struct
+import threading
+import urllib.request
+import wsgiref.simple_server
+from types import SimpleNamespace
+
+import optuna
+import pandas as pd
+import pytest
+from ray import tune
+
+from search import Dataset, Study, StudyFailed, load_results, run_study
+
+pytestmark = pytest.mark.e2e
+
+METRIC = "val_balanced_accuracy"
+
+
+def space(trial):
+    return {"backbone": "cnn_s3", "learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)}
+
+
+class WatchThenCrash(tune.Callback):
+    """Reads optuna.db as a dashboard would while the study runs, then fails the driver once a trial has ended."""
+
+    def __init__(self, folder):
+        self.folder, self.live = folder, None  # not optuna.db's path: Ray pickles callbacks, see the sealed test
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.live is None:  # the first epoch of the run: the copy already has it
+            study = optuna.load_study(study_name="dash", storage=f"sqlite:///{self.folder / 'optuna.db'}")
+            self.live = [(t.number, t.state.name, dict(t.intermediate_values)) for t in study.trials]
+
+    def on_step_end(self, iteration, trials, **info):  # Ray does not catch errors raised here
+        if any(t.status == "TERMINATED" for t in trials):
+            raise RuntimeError("driver crashed")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dashboards")
+    storage, mlruns = root / "runs", root / "mlruns"
+    folder = storage / "dash"
+    study = Study(name="dash", dataset=Dataset(image_size=32, positive_class="malignant",
+                                               options={"n_per_class": 30, "image_size": 48}),
+                  space=space, fixed={"batch_size": 16, "pooling": "flatten"}, num_samples=3, max_epochs=2,
+                  max_concurrent=2)
+    watch = WatchThenCrash(folder)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        with pytest.raises(StudyFailed, match="driver crashed"):
+            run_study(study, storage=storage, seed=3, mlflow_uri=mlruns.as_uri(), callbacks=[watch])
+        crashed = optuna.load_study(study_name="dash", storage=f"sqlite:///{folder / 'optuna.db'}").trials
+        results = run_study(study, storage=storage, resume=True)  # no mlflow_uri: study.json has it
+    return SimpleNamespace(folder=folder, mlruns=mlruns, live=watch.live, crashed=crashed, output=out.getvalue(),
+                           board=results.leaderboard, epochs=pd.read_parquet(folder / "epochs.parquet"))
+
+
+def epochs_of(run, number) -> dict:
+    rows = run.epochs[run.epochs["trial_number"] == number]
+    return dict(zip(rows["epoch"].astype(int), rows[METRIC].astype(float)))
+
+
+def test_optuna_db_holds_the_study_while_it_runs_and_after_a_resume(run):
+    assert run.board.shape[0] == 3 and set(run.board["status"]) <= {"finished", "stopped"}
+    # While running: the first epoch was in optuna.db when Ray told the callbacks of it.
+    assert run.live and any(state == "RUNNING" and values for _, state, values in run.live), run.live
+    assert run.crashed  # what the crashed driver left is a loadable study too
+
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{run.folder / 'optuna.db'}")  # the file's only study
+    assert study.study_name == "dash" and study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert study.metric_names == [METRIC]
+    trials = {t.number: t for t in study.trials}
+    assert sorted(trials) == sorted(run.board["trial_number"])  # the resume continued the same numbering
+    for row in run.board.itertuples():
+        trial = trials[row.trial_number]
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.user_attrs["trial_name"] == row.trial_name and trial.user_attrs["ray_trial_id"] == row.trial_id
+        assert trial.params["learning_rate"] == pytest.approx(row.learning_rate)
+        epochs = epochs_of(run, row.trial_number)
+        assert trial.intermediate_values == pytest.approx(epochs)  # every epoch, the last one too
+        assert trial.value == pytest.approx(epochs[max(epochs)])  # Ray tells Optuna the last epoch's value
+
+
+def test_the_start_line_says_how_to_open_each_dashboard(run):
+    lines = [line for line in run.output.splitlines() if line.startswith("dashboards: ")]
+    assert len(lines) == 2, run.output[-3000:]  # the first run and the resume
+    db = run.folder / "optuna.db"
+    assert f"optuna-dashboard sqlite:///{db}" in lines[0] and f"tensorboard --logdir {run.folder}" in lines[0]
+    assert f"MLflow experiment 'dash' at {run.mlruns.as_uri()}" in lines[1]  # re-applied by the resume
+
+
+def test_the_results_folder_stays_sealed(run):
+    """Nothing Ray pickles names optuna.db: a copied folder's resume writes its own copy (see OptunaMirror)."""
+    pickles = list(run.folder.glob("*.pkl"))
+    assert pickles and not [p.name for p in pickles if b"optuna.db" in p.read_bytes()]
+
+
+def test_optuna_dashboard_serves_the_study_over_http(run):
+    optuna_dashboard = pytest.importorskip("optuna_dashboard")
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    app = optuna_dashboard.wsgi(f"sqlite:///{run.folder / 'optuna.db'}")
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        with urllib.request.urlopen(f"{base}/api/studies", timeout=30) as response:
+            studies = json.load(response)["study_summaries"]
+        assert [(s["study_name"], s["directions"]) for s in studies] == [("dash", ["maximize"])]
+        with urllib.request.urlopen(f"{base}/api/studies/{studies[0]['study_id']}", timeout=30) as response:
+            detail = json.load(response)
+    finally:
+        server.shutdown()
+        server.server_close()
+    shown = {t["number"]: t for t in detail["trials"]}
+    assert sorted(shown) == sorted(run.board["trial_number"])
+    for number, trial in shown.items():
+        assert trial["state"] == "Complete"
+        assert {v["step"]: v["value"] for v in trial["intermediate_values"]} == pytest.approx(epochs_of(run, number))
+
+
+def read_events(path):
+    """The Event protos of a TensorBoard event file (TFRecord framing: length, its CRC, data, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        yield event
+
+
+def test_tensorboard_event_files_hold_each_epochs_metrics_and_the_hyperparameters(run):
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    for row in run.board.itertuples():
+        # Oldest first (the name holds the time): a trial the resume continued has a second file, newest counts.
+        files = sorted((run.folder / row.trial_name).glob("events.out.tfevents.*"))
+        assert files, f"no event file in {row.trial_name}"
+        scalars, hparams = {}, {}
+        for event in (e for path in files for e in read_events(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    if data.HasField("session_start_info"):
+                        hparams = data.session_start_info.hparams
+                else:
+                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+        assert scalars[f"ray/tune/{METRIC}"] == pytest.approx(epochs_of(run, row.trial_number), abs=1e-6)
+        assert hparams["learning_rate"].number_value == pytest.approx(row.learning_rate)
+        assert hparams["backbone"].string_value == "cnn_s3" and hparams["trial_number"].number_value == row.trial_number
+
+
+def test_mlflow_gets_a_run_per_trial_with_params_and_metrics(run, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    record = json.loads((run.folder / "study.json").read_text())
+    assert record["flags"]["mlflow_uri"] == run.mlruns.as_uri()  # a resource flag: the resume re-applied it
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.tracking.MlflowClient(tracking_uri=run.mlruns.as_uri())
+    experiment = client.get_experiment_by_name("dash")
+    runs = client.search_runs([experiment.experiment_id])
+    by_name = {}
+    for found in runs:
+        by_name.setdefault(found.info.run_name, []).append(found)
+    assert set(by_name) == set(run.board["trial_name"])  # trials started after the resume too
+    for row in run.board.itertuples():
+        # A trial the resume continued has a second run, from its checkpoint on; the newest value of an epoch counts.
+        logged = sorted((r for r in by_name[row.trial_name] if METRIC in r.data.metrics), key=lambda r: r.info.start_time)
+        assert logged, row.trial_name
+        assert all(float(r.data.params["learning_rate"]) == pytest.approx(row.learning_rate) for r in logged)
+        assert all(r.data.params["backbone"] == "cnn_s3" and r.data.tags["medsearch_study"] == "dash" for r in logged)
+        history = {m.step: m.value for r in logged for m in client.get_metric_history(r.info.run_id, METRIC)}
+        assert history == pytest.approx(epochs_of(run, row.trial_number))
