@@ -392,6 +392,44 @@ def predict_views(model, images: np.ndarray, mode: str | None, batch_size: int) 
     return total / len(views)
 
 
+def validation_rows(run_dir: Path, rows: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows the final model's temperature and threshold are fitted on: the val split, or, for a
+    cross-validated study (``cv_folds``: a ``fold`` column in splits.parquet), all of train ∪ val, each
+    predicted by the one fold model that never trained on it (``predict_rows``): the out-of-fold predictions
+    are the only held-out predictions such a study has, and they cover k times more images than val."""
+    folds = fold_rows(run_dir)
+    if folds is not None:
+        return folds
+    return rows if split == "val" else read_split(run_dir, "val")
+
+
+def fold_rows(run_dir: Path) -> pd.DataFrame | None:
+    """train ∪ val rows of a cross-validated study's splits.parquet (file order), with their ``fold``; else None."""
+    path = run_dir / "splits.parquet"
+    table = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    if "fold" not in table.columns or table["fold"].isna().all():
+        return None
+    return table[table["fold"].notna()].reset_index(drop=True)
+
+
+def predict_rows(model, images: np.ndarray, rows: pd.DataFrame, mode: str | None, batch_size: int) -> np.ndarray:
+    """``predict_views``, except that rows of a cross-validated study's train ∪ val (a ``fold``) are predicted
+    out of fold, by the fold model of a fold ensemble that never trained on them."""
+    from trainables.checkpoint import fold_classifiers
+
+    members = fold_classifiers(model) if "fold" in rows.columns and rows["fold"].notna().any() else None
+    if members is None:
+        return predict_views(model, images, mode, batch_size)
+    folds = rows["fold"].to_numpy()
+    out = predict_views(model, images, mode, batch_size) if pd.isna(folds).any() else None
+    out = np.zeros((len(rows), model.output_shape[-1])) if out is None else out
+    for f, member in enumerate(members):
+        at = np.flatnonzero(pd.Series(folds).fillna(-1).to_numpy() == f)
+        if len(at):
+            out[at] = predict_views(member, images[at], mode, batch_size)
+    return out
+
+
 def validation_predictions(run_dir: Path, rows: pd.DataFrame, models: list, modes: list[str], *,
                            batch_size: int, log=print) -> dict[tuple[str, str], np.ndarray]:
     """Validation probabilities of every model in ``models`` under every TTA mode in ``modes`` (``"none"``
@@ -424,7 +462,7 @@ def validation_predictions(run_dir: Path, rows: pd.DataFrame, models: list, mode
                 continue
             if size not in decoded:
                 decoded[size] = decode_split(rows, size)
-            probs = predict_views(model, decoded[size], None if mode == "none" else mode, batch_size)
+            probs = predict_rows(model, decoded[size], rows, None if mode == "none" else mode, batch_size)
             out[(trial.name, mode)] = probs
             table = _prediction_rows(trial.name, rows, label_indices(rows, class_names), probs, class_names)
             table["tta"], table["checkpoint"] = mode, checkpoint
@@ -599,7 +637,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     try:
         study = read_study(run_dir)
         rows = read_split(run_dir, split)
-        val_rows = rows if split == "val" else read_split(run_dir, "val")
+        val_rows = validation_rows(run_dir, rows, split)  # out-of-fold train ∪ val for a cross-validated study
         ranked, notes = ranked_trials(run_dir, study)
     except ResultsFolderError as exc:
         raise EvaluateError(str(exc)) from None
@@ -674,6 +712,9 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     final = {"label": final_label, "members": final_members, "tta": final_tta, "fitted": fitted[final_label]}
     record = final_model_record(study, classes, plan, final, per_trial, len(val_rows), ensemble_choice,
                                 checkpoints)
+    if "fold" in val_rows.columns:  # cross-validated: fitted on the out-of-fold predictions of train ∪ val
+        record["fitted_on"]["split"] = "train+val, out of fold"
+        record["fitted_on"]["cv_folds"] = int(val_rows["fold"].nunique())
     from analysis.calibration import FINAL_MODEL
     from analysis.tables import write_file
 
@@ -686,7 +727,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
         log_test_use(run_dir, trials=[n for n in names if n in needed], n_test=len(rows), by="analysis.evaluate")
     y = label_indices(rows, classes)
     wanted = {(n, "none") for n in needed} | {(n, t) for _, members, t in candidates if t for n in members}
-    probs = {(trial.name, mode): predict_views(model, decoded[size], None if mode == "none" else mode, batch_size)
+    probs = {(trial.name, mode): predict_rows(model, decoded[size], rows, None if mode == "none" else mode, batch_size)
              for _, trial, model, _, size in models for mode in modes if (trial.name, mode) in wanted}
 
     table, predictions, records = [], [], []

@@ -47,12 +47,13 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ExplainError", "Target", "target_layer", "gradcam", "overlay", "overlay_names", "write_overlays",
-           "explain_section", "PANEL_NAME"]
+           "explain_predictions", "explain_section", "PANEL_NAME"]
 
 PANEL_NAME = "gradcam_test"  # report_files/<name>.png
 PANEL_PER_GROUP = 3  # images per (class, correct | wrong) row of the panel
 ALPHA = 0.4  # weight of the colour map in an overlay
 COLORMAP = "jet"
+OVERLAY_MIN_PX = 224  # search.predict --explain enlarges smaller overlays to this
 _BATCH = 32
 _CHECK_ATOL = 1e-3  # softmax(traced logits) vs the model's own probabilities
 
@@ -263,7 +264,12 @@ def overlay_names(relative: list[str]) -> list[str]:
 def write_overlays(model, files: list[Path], images_dir: Path, size: int, class_index, out_dir: Path, *,
                    batch_size: int = _BATCH) -> list[Path]:
     """Decode ``files`` like training, Grad-CAM each for its ``class_index`` (one per file), and write one
-    overlay PNG per file into ``out_dir``, named after its path relative to ``images_dir``."""
+    overlay PNG per file into ``out_dir``, named after its path relative to ``images_dir`` (``overlay_names``).
+
+    An overlay shows what the model saw, the image at its input size, enlarged
+    (bilinear) to at least ``OVERLAY_MIN_PX`` pixels so a small model's map is
+    still visible.
+    """
     import io
 
     from PIL import Image
@@ -283,10 +289,26 @@ def write_overlays(model, files: list[Path], images_dir: Path, size: int, class_
         maps = gradcam(model, images, classes[start:start + len(chunk)], batch_size=batch_size, target=target)
         for name, image, heatmap in zip(names[start:start + len(chunk)], images, maps):
             buffer = io.BytesIO()
-            Image.fromarray(overlay(image, heatmap)).save(buffer, format="PNG")
+            picture = Image.fromarray(overlay(image, heatmap))
+            if size < OVERLAY_MIN_PX:
+                picture = picture.resize((OVERLAY_MIN_PX, OVERLAY_MIN_PX), Image.Resampling.BILINEAR)
+            picture.save(buffer, format="PNG")
             write_atomic(out_dir / name, buffer.getvalue())
             written.append(out_dir / name)
     return written
+
+
+def explain_predictions(model, table, files: list[Path], images_dir: Path, size: int, class_names: list[str],
+                        out_dir: Path, *, batch_size: int = _BATCH) -> list[Path]:
+    """``search.predict --explain``: one overlay per readable image of ``table`` (the prediction CSV's rows, in
+    ``files``' order), for the class in its ``predicted`` column (after calibration and threshold)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExplainError(f"--explain {str(out_dir)!r} is a file; give a folder for the overlays (created if missing)")
+    predicted = table["predicted"].tolist()
+    keep = [i for i, name in enumerate(predicted) if isinstance(name, str) and name in class_names]
+    return write_overlays(model, [files[i] for i in keep], images_dir, size,
+                          [class_names.index(predicted[i]) for i in keep], out_dir, batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------

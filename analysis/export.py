@@ -1,26 +1,45 @@
-"""``python -m analysis.export RUN_DIR --format keras|tflite|savedmodel``: a deployable copy of a trial's model.
+"""``python -m analysis.export RUN_DIR --format keras|tflite|savedmodel|onnx``: a deployable copy of a trial's model.
 
 The model is the checkpoint of the study's best trial (``analysis.reader``'s
 choice: the study's metric and mode on validation), or of ``--trial NAME``.
 Every backbone preprocesses inside the model, so the exported artifact takes
 raw RGB in [0, 255] (float32, NHWC, decoded like ``trainables.data.decode_image``)
-and returns softmax probabilities in ``class_names`` order.
+and returns softmax probabilities in ``class_names`` order, calibrated (below).
 
 - ``keras``: the checkpoint re-saved without optimizer state. Loading it
   needs ``import trainables.preprocess`` (the custom ``Preprocess`` layer).
 - ``savedmodel``: a TensorFlow SavedModel with a ``serve`` / ``serving_default``
   signature; needs only TensorFlow.
 - ``tflite``: converted from that SavedModel with ``tf.lite.TFLiteConverter``.
+- ``onnx``: the same inference function converted with ``tf2onnx`` (opset
+  ``ONNX_OPSET``), checked with ONNX Runtime; input ``image``, output
+  ``probabilities``. Needs the ``onnx`` extra: ``pip install 'medsearch[onnx]'``;
+  without it, ``--format onnx`` is a ``MissingConverterError`` before any work.
+
+**Calibration.** When ``final_model.json`` (written by ``analysis.evaluate``)
+holds a temperature ``T`` fitted on validation for the exported trial, the
+exported model ends in ``trainables.calibrated.TemperatureScaling(T)``: it
+outputs ``softmax(log p / T)``, what ``analysis.calibration.apply_temperature``
+computes from the checkpoint's probabilities ``p``, and what the threshold
+stored beside ``T`` was chosen on. ``--uncalibrated`` exports the raw model; with
+no ``final_model.json`` (or none for this trial) the raw model is exported, with
+a note. The sidecar records the temperature, whether the file applies it, the
+threshold (value, class, rule) and the decision rule in words. A format that
+cannot carry the calibration would be refused before any work
+(``CalibrationNotCarriedError``; every format here carries it).
 
 The SavedModel and TFLite graphs are traced with ``training=False``: the
 augmentation layers and dropout are inactive there, so their random ops never
 reach the graph (a plain ``model.export`` keeps them and TFLite rejects them).
 
 After writing, the artifact's predictions are compared with the checkpoint's
-on the test split (``--verify-on val`` for the validation split; ``none`` to
-skip): the labels must be identical and the probabilities within a tolerance.
+(calibrated like the export: ``Decision.calibrate(model.predict(x))``) on the
+test split (``--verify-on val`` for the validation split; ``none`` to skip): the
+labels under the sidecar's decision rule must be identical and the
+probabilities within ``TOLERANCES`` (measured worst cases are far below them).
 A reading of the test split is logged in ``RUN_DIR/test_evaluation.json``.
-A sidecar ``<out>.json`` records the trial, classes, input size and the check.
+A sidecar ``<out>.json`` records the trial, classes, input size, calibration,
+decision and the check; its paths are relative to the results folder.
 """
 
 from __future__ import annotations
@@ -31,6 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first
 
 import argparse
 import contextlib
+import importlib
 import json
 import shutil
 import sys
@@ -41,11 +61,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMATS", "TOLERANCES", "ExportError", "Verification", "export_model", "predict_exported",
-           "verify_export", "main"]
+__all__ = ["FORMATS", "TOLERANCES", "CARRIES_CALIBRATION", "ONNX_OPSET", "ExportError", "MissingConverterError",
+           "CalibrationNotCarriedError", "Verification", "require_converter", "check_calibration", "decision_text",
+           "export_model", "predict_exported", "verify_export", "main"]
 
-FORMATS = ("keras", "tflite", "savedmodel")
-TOLERANCES = {"keras": 1e-4, "savedmodel": 1e-4, "tflite": 1e-3}  # max |probability difference| allowed
+FORMATS = ("keras", "tflite", "savedmodel", "onnx")
+TOLERANCES = {"keras": 1e-4, "savedmodel": 1e-4, "tflite": 1e-3, "onnx": 1e-4}  # max |probability difference| allowed
+CARRIES_CALIBRATION = frozenset(FORMATS)  # formats whose file can hold the TemperatureScaling layer
+ONNX_OPSET = 17  # ONNX Runtime >= 1.13 runs it
+CONVERTERS = {"onnx": ("tf2onnx", "onnx", "onnxruntime")}  # modules a format needs beyond TensorFlow
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
 _BATCH = 64
@@ -55,6 +79,14 @@ class ExportError(ValueError):
     """Something about the request is wrong. The message names it and the fix."""
 
 
+class MissingConverterError(ExportError):
+    """The format's converter is not installed (``--format onnx`` without the ``onnx`` extra)."""
+
+
+class CalibrationNotCarriedError(ExportError):
+    """The format cannot hold the fitted calibration; export another format, or ``--uncalibrated``."""
+
+
 @dataclass(frozen=True)
 class Verification:
     split: str
@@ -62,6 +94,7 @@ class Verification:
     labels_agree: int  # images whose predicted label matches the checkpoint's
     max_diff: float  # largest |probability difference| over images and classes
     tolerance: float
+    labels: str = "argmax"  # the rule that turned probabilities into labels
 
     @property
     def ok(self) -> bool:
@@ -69,7 +102,8 @@ class Verification:
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
-        return (f"verified on the {self.split} split ({self.n} images): labels identical {self.labels_agree}/{self.n}, "
+        return (f"verified on the {self.split} split ({self.n} images): labels identical {self.labels_agree}/{self.n}"
+                f"{'' if self.labels == 'argmax' else f' ({self.labels})'}, "
                 f"max |prob diff| {self.max_diff:.2e} (tolerance {self.tolerance:.0e}): {verdict}")
 
 
@@ -86,14 +120,47 @@ def default_out(run_dir: Path, trial: str, fmt: str) -> Path:
         trial = file_name(trial, "trial_name")
     except OutsideFolderError as exc:
         raise ExportError(f"{exc}; it comes from leaderboard.parquet: name the file to write with --out") from None
-    name = {"keras": f"{trial}.keras", "tflite": f"{trial}.tflite", "savedmodel": f"{trial}_savedmodel"}[fmt]
+    name = {"keras": f"{trial}.keras", "tflite": f"{trial}.tflite", "savedmodel": f"{trial}_savedmodel",
+            "onnx": f"{trial}.onnx"}[fmt]
     return run_dir / "export" / name
 
 
-def export_model(model, fmt: str, out: Path) -> Path:
-    """Write ``model`` (a loaded checkpoint) to ``out`` in ``fmt``; atomically, replacing an earlier export."""
+def require_converter(fmt: str, import_module=importlib.import_module) -> None:
+    """A ``MissingConverterError`` naming the install command when ``fmt`` needs a package that does not import.
+
+    ``import_module`` is the seam the tests use to simulate a missing package.
+    """
+    missing = []
+    for name in CONVERTERS.get(fmt, ()):
+        try:
+            import_module(name)
+        except ImportError as exc:
+            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+    if missing:
+        raise MissingConverterError(f"--format {fmt} needs {', '.join(CONVERTERS[fmt])}, and "
+                                    f"{'; '.join(missing)} cannot be imported; install them with "
+                                    f"pip install 'medsearch[{fmt}]' (or pick another --format: "
+                                    f"{', '.join(f for f in FORMATS if f != fmt)})")
+
+
+def check_calibration(fmt: str, temperature: float | None, carries=CARRIES_CALIBRATION) -> None:
+    """A ``CalibrationNotCarriedError`` when a calibration is to be exported in a format that cannot hold it."""
+    if temperature is not None and fmt not in carries:
+        raise CalibrationNotCarriedError(
+            f"--format {fmt} cannot carry the calibration fitted on validation (temperature {temperature:.4f}); "
+            f"export as {' or '.join(f for f in FORMATS if f in carries)}, or pass --uncalibrated to export the raw "
+            "model (the sidecar then records the temperature to apply: softmax(log p / T))")
+
+
+def export_model(model, fmt: str, out: Path, *, temperature: float | None = None) -> Path:
+    """Write ``model`` (a loaded checkpoint) to ``out`` in ``fmt``; atomically, replacing an earlier export.
+
+    With ``temperature``, the written model ends in ``TemperatureScaling(temperature)``
+    (``trainables.calibrated``): it outputs calibrated probabilities.
+    """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_calibration(fmt, temperature)
     out = Path(out)
     if fmt == "keras" and out.suffix != ".keras":
         raise ExportError(f"--out {str(out)!r}: a Keras file must end in .keras; e.g. {str(out.with_suffix('.keras'))!r}")
@@ -101,6 +168,10 @@ def export_model(model, fmt: str, out: Path) -> Path:
         raise ExportError(f"--out {str(out)!r} exists and is not a SavedModel; give a new folder name")
     if fmt != "savedmodel" and out.is_dir():
         raise ExportError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / ('model.' + fmt))!r}")
+    if temperature is not None:
+        from trainables.calibrated import with_temperature
+
+        model = with_temperature(model, temperature)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp" + (".keras" if fmt == "keras" else ""))
     try:
@@ -108,6 +179,8 @@ def export_model(model, fmt: str, out: Path) -> Path:
             model.save(tmp)
         elif fmt == "savedmodel":
             _write_savedmodel(model, tmp)
+        elif fmt == "onnx":
+            _write_onnx(model, tmp)
         else:
             tmp.write_bytes(_tflite_bytes(model))
         if fmt == "savedmodel" and out.exists():
@@ -153,6 +226,43 @@ def _tflite_bytes(model) -> bytes:
                 return converter.convert()
 
 
+def _write_onnx(model, path: Path) -> None:
+    """The inference function ``model(x, training=False)``, converted by tf2onnx; refused unless ONNX Runtime loads it.
+
+    tf2onnx leaves an op it cannot convert in the graph and carries on, so a
+    file ONNX Runtime cannot open is an ``ExportError`` here, not a surprise later.
+    """
+    import logging
+
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
+    function = tf.function(lambda x: {"probabilities": model(x, training=False)}, input_signature=[spec])
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with _quiet():
+            tf2onnx.convert.from_function(function, input_signature=[spec], opset=ONNX_OPSET, output_path=str(path))
+    finally:
+        logger.setLevel(level)
+    try:
+        _onnx_session(path)
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented types
+        raise ExportError(f"tf2onnx wrote an ONNX model that ONNX Runtime cannot load ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); export as savedmodel "
+                          "or tflite instead, or report the backbone") from None
+
+
+def _onnx_session(path: Path):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 @contextlib.contextmanager
 def _quiet():
     """Silence Python warnings (deprecations, tracing notes) during tracing and conversion."""
@@ -172,6 +282,7 @@ def predict_exported(path: Path, fmt: str, images: np.ndarray) -> np.ndarray:
     if fmt == "keras":
         import keras
 
+        import trainables.calibrated  # noqa: F401  (registers TemperatureScaling)
         import trainables.preprocess  # noqa: F401  (registers the custom layer)
 
         model = keras.saving.load_model(path, compile=False)
@@ -195,6 +306,10 @@ def predict_exported(path: Path, fmt: str, images: np.ndarray) -> np.ndarray:
             interpreter.invoke()
             chunks.append(interpreter.get_tensor(outp["index"]).copy())
         return np.concatenate(chunks)
+    if fmt == "onnx":
+        session = _onnx_session(path)
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: x[i:i + _BATCH]})[0] for i in range(0, len(x), _BATCH)])
     raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
@@ -210,14 +325,34 @@ def _interpreter(path: Path):
     return Interpreter(model_path=str(path))
 
 
-def verify_export(reference: np.ndarray, exported: np.ndarray, *, split: str, tolerance: float) -> Verification:
-    """Compare the checkpoint's probabilities with the artifact's, image by image."""
+def verify_export(reference: np.ndarray, exported: np.ndarray, *, split: str, tolerance: float,
+                  decide=None, labels: str = "argmax") -> Verification:
+    """Compare the checkpoint's probabilities with the artifact's, image by image.
+
+    ``decide`` turns probabilities into class indices (default: the argmax);
+    ``labels`` names that rule in the summary.
+    """
     reference, exported = np.asarray(reference, np.float64), np.asarray(exported, np.float64)
     if reference.shape != exported.shape:
         raise ExportError(f"the export returns shape {exported.shape}, the checkpoint {reference.shape}")
-    agree = int((reference.argmax(axis=1) == exported.argmax(axis=1)).sum())
+    decide = decide or (lambda probs: probs.argmax(axis=1))
+    agree = int((np.asarray(decide(reference)) == np.asarray(decide(exported))).sum())
     diff = float(np.abs(reference - exported).max()) if reference.size else 0.0
-    return Verification(split, len(reference), agree, diff, tolerance)
+    return Verification(split, len(reference), agree, diff, tolerance, labels)
+
+
+def decision_text(class_names: list[str], threshold: dict | None, temperature: float | None,
+                  applied: bool) -> str:
+    """The decision rule in words, for the exported file's output (``applied``: whether it is calibrated)."""
+    prefix = "" if temperature is None or applied else \
+        f"calibrate the output first (softmax(log p / {temperature:.4f})), then "
+    which = "calibrated probability" if temperature is not None else "probability"
+    if threshold is None:
+        return prefix + f"predict the class with the highest {which} (argmax)"
+    others = [c for c in class_names if c != threshold["class"]]
+    otherwise = repr(others[0]) if len(others) == 1 else "the most probable other class"
+    return (prefix + f"predict {threshold['class']!r} when its {which} >= {threshold['value']:.4f}, "
+                     f"else {otherwise}")
 
 
 # --------------------------------------------------------------------------
@@ -228,35 +363,47 @@ def verify_export(reference: np.ndarray, exported: np.ndarray, *, split: str, to
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.export", allow_abbrev=False,
-        description="Export the best trial of a study (or --trial NAME) as a Keras file, a TFLite file or a "
-        "TensorFlow SavedModel, then check that it predicts what the checkpoint predicts on the test split. "
-        "Exit status 1 if it does not.",
+        description="Export the best trial of a study (or --trial NAME) as a Keras file, a TFLite file, a "
+        "TensorFlow SavedModel or an ONNX file, calibrated with the temperature analysis.evaluate fitted on "
+        "validation (final_model.json), then check that it predicts what the calibrated checkpoint predicts on "
+        "the test split. Exit status 1 if it does not.",
         epilog="Example: python -m analysis.export runs/melanoma --format tflite --out melanoma.tflite")
     parser.add_argument("run_dir", help="a study's results folder, e.g. runs/quickstart")
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     parser.add_argument("--trial", help="export this trial (its trial_name) instead of the best")
-    parser.add_argument("--out", help="file (keras: *.keras, tflite) or folder (savedmodel) to write; default "
-                        "RUN_DIR/export/<trial>.keras|.tflite|_savedmodel")
+    parser.add_argument("--out", help="file (keras: *.keras, tflite, onnx) or folder (savedmodel) to write; default "
+                        "RUN_DIR/export/<trial>.keras|.tflite|.onnx|_savedmodel")
+    parser.add_argument("--uncalibrated", action="store_true",
+                        help="export the raw model, without the temperature of final_model.json (the sidecar "
+                        "records it, and that the file does not apply it)")
     parser.add_argument("--verify-on", choices=("test", "val", "none"), default=None,
                         help="split to compare predictions on: test (default; val when the study has no test "
                         "split), val, or none to skip the check")
     parser.add_argument("--tolerance", type=float, default=None,
-                        help="largest allowed |probability difference| (default: 1e-4 keras/savedmodel, 1e-3 tflite)")
+                        help="largest allowed |probability difference| (default: 1e-4 keras/savedmodel/onnx, 1e-3 tflite)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from analysis.evaluate import EvaluateError, decode_split, log_test_use, read_split
-    from analysis.reader import ResultsFolderError, choose_trial, load_trial_model, read_study
+    from analysis.reader import (ResultsFolderError, choose_trial, load_trial_model, read_class_names,
+                                 read_decision, read_study)
     from search.storage import OutsideFolderError
     from trainables.datasets import DatasetError
 
     try:
+        require_converter(args.format)
         run_dir = Path(args.run_dir).expanduser().resolve()
         study = read_study(run_dir)
         trial = choose_trial(run_dir, study, args.trial)
         out = Path(args.out).expanduser().resolve() if args.out else default_out(run_dir, trial.name, args.format)
+        class_names = read_class_names(trial.checkpoint, run_dir, study)
+        decision = read_decision(run_dir, study, trial.name, class_names, None)
+        threshold = _stored_threshold(run_dir, trial.name, class_names, decision)
+        applied = decision.temperature is not None and not args.uncalibrated
+        check_calibration(args.format, decision.temperature if applied else None)
+        _print_calibration_notes(run_dir, decision, args.uncalibrated)
         model, class_names, size = load_trial_model(trial, run_dir, study)
         split = args.verify_on
         if split is None:
@@ -264,21 +411,29 @@ def main(argv: list[str] | None = None) -> int:
             if split == "val":
                 print("note: the study's split has no test images; verifying on the validation split", file=sys.stderr)
         rows = None if split == "none" else read_split(run_dir, split)
-        export_model(model, args.format, out)
-        print(f"exported {trial.name} ({trial.backbone}, {trial.metric} {trial.value:.4f}) as {args.format}: {out}")
+        export_model(model, args.format, out, temperature=decision.temperature if applied else None)
+        how = (f"calibrated (temperature {decision.temperature:.4f}, fitted on validation)" if applied else
+               "uncalibrated (--uncalibrated)" if decision.temperature is not None else "uncalibrated")
+        print(f"exported {trial.name} ({trial.backbone}, {trial.metric} {trial.value:.4f}) as {args.format}, "
+              f"{how}: {out}")
+        rule = decision_text(class_names, threshold, decision.temperature, applied)
+        print(f"decision: {rule}")
         check = None
         if rows is not None:
             images = decode_split(rows, size)
             if split == "test":
                 log_test_use(run_dir, trials=[trial.name], n_test=len(rows), by="analysis.export",
-                             format=args.format, out=str(out))
-            reference = model.predict(images, batch_size=_BATCH, verbose=0)
+                             format=args.format, out=_shown(out, run_dir), calibrated=applied)
+            raw = model.predict(images, batch_size=_BATCH, verbose=0)
+            reference = decision.calibrate(raw) if applied else raw
             tolerance = TOLERANCES[args.format] if args.tolerance is None else args.tolerance
+            decide, labels = _labels(decision, applied)
             check = verify_export(reference, predict_exported(out, args.format, images), split=split,
-                                  tolerance=tolerance)
+                                  tolerance=tolerance, decide=decide, labels=labels)
         else:
             print("warning: not verified (--verify-on none)", file=sys.stderr)
-        _write_sidecar(out, run_dir, trial, args.format, class_names, size, check)
+        _write_sidecar(out, run_dir, study, trial, args.format, class_names, size, check, decision=decision,
+                       threshold=threshold, applied=applied, rule=rule)
     except (ResultsFolderError, EvaluateError, ExportError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -292,6 +447,52 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _stored_threshold(run_dir: Path, trial: str, class_names: list[str], decision) -> dict | None:
+    """``{value, class, rule}`` of the threshold ``final_model.json`` holds for ``trial``, or None."""
+    if decision.threshold is None:
+        return None
+    from analysis.calibration import read_final_model, trial_calibration
+
+    stored = (trial_calibration(read_final_model(run_dir), trial, class_names) or {}).get("threshold") or {}
+    return {"value": float(decision.threshold), "class": class_names[decision.positive], "rule": stored.get("rule")}
+
+
+def _print_calibration_notes(run_dir: Path, decision, uncalibrated: bool) -> None:
+    from analysis.calibration import FINAL_MODEL
+
+    if decision.temperature is None:
+        if not (run_dir / FINAL_MODEL).is_file():
+            print(f"note: no calibration was fitted ({FINAL_MODEL} is missing): exporting the raw model; run "
+                  f"python -m analysis.evaluate {run_dir} first to fit a temperature and a threshold on validation",
+                  file=sys.stderr)
+        else:
+            for note in decision.notes:
+                print(f"note: {note}; exporting the raw model", file=sys.stderr)
+        return
+    for note in decision.notes:
+        print(f"note: {note.replace('this prediction uses', 'the export is')}", file=sys.stderr)
+    if uncalibrated:
+        print(f"note: --uncalibrated: the file outputs the raw probabilities; the temperature "
+              f"{decision.temperature:.4f} fitted on validation is in the sidecar, not in the model", file=sys.stderr)
+
+
+def _labels(decision, applied: bool):
+    """How the deployment turns the file's output into classes: ``(decide, name)`` for ``verify_export``."""
+    if decision.threshold is None:
+        return None, "argmax"
+    if applied or decision.temperature is None:
+        return decision.classes, "threshold"
+    return (lambda probs: decision.classes(decision.calibrate(probs))), "calibrated, then threshold"
+
+
+def _shown(path: Path, run_dir: Path) -> str:
+    """``path`` relative to the results folder; only its name when it lies outside (the folder stays sealed)."""
+    try:
+        return Path(path).relative_to(run_dir).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def _has_split(run_dir: Path, split: str) -> bool:
     import pandas as pd
 
@@ -301,18 +502,48 @@ def _has_split(run_dir: Path, split: str) -> bool:
         return True
 
 
-def _write_sidecar(out: Path, run_dir: Path, trial, fmt: str, class_names: list[str], size: int,
-                   check: Verification | None) -> None:
-    """What a deployment needs beside the file: class order and input size, and how it was checked."""
+def _write_sidecar(out: Path, run_dir: Path, study: dict, trial, fmt: str, class_names: list[str], size: int,
+                   check: Verification | None, *, decision, threshold: dict | None, applied: bool, rule: str) -> None:
+    """What a deployment needs beside the file: class order, input size, calibration, decision, and the check.
+
+    Paths in it are relative to the results folder (``checkpoint``); the folder's own location is not recorded.
+    """
+    from analysis.calibration import FINAL_MODEL
+    from trainables.calibrated import LOG_FLOOR
+
+    temperature = decision.temperature
+    calibration = None if temperature is None else {
+        "temperature": temperature, "applied_in_model": applied, "fitted_on": "val", "source": FINAL_MODEL,
+        "formula": f"softmax(log(max(p, {LOG_FLOOR:g})) / temperature) of the checkpoint's probabilities p",
+    }
+    if temperature is None:
+        output = "softmax probabilities, one per class, in class_names order (uncalibrated: no temperature fitted)"
+    elif applied:
+        output = (f"calibrated probabilities softmax(log p / {temperature:.4f}), one per class, in class_names "
+                  "order (the file applies the temperature)")
+    else:
+        output = (f"uncalibrated softmax probabilities p, one per class, in class_names order (--uncalibrated): "
+                  f"apply softmax(log p / {temperature:.4f}) before the threshold")
     record = {
-        "format": fmt, "trial": trial.name, "backbone": trial.backbone, "run_dir": str(run_dir),
+        "format": fmt, "trial": trial.name, "backbone": trial.backbone, "study": study.get("name"),
         "checkpoint": trial.checkpoint.relative_to(run_dir).as_posix(), "validation": {trial.metric: trial.value},
         "class_names": class_names, "image_size": size,
         "input": f"float32 (N, {size}, {size}, 3) raw RGB in [0, 255], decoded and resized like "
                  "trainables.data.decode_image (bilinear)",
-        "output": "softmax probabilities, one per class, in class_names order",
+        "output": output,
+        "calibration": calibration,
+        "temperature": temperature,
+        "threshold": threshold,
+        "decision": rule,
+        "notes": list(decision.notes),
         "verification": None if check is None else {**asdict(check), "ok": check.ok},
     }
+    if fmt == "onnx":
+        record["onnx"] = {"opset": ONNX_OPSET, "input": "image", "output": "probabilities",
+                          "runtime": "onnxruntime (CPUExecutionProvider) in the verification"}
+    if fmt == "keras":
+        record["load"] = ("import trainables.preprocess, trainables.calibrated; "
+                          "keras.saving.load_model(path, compile=False)")
     from search.storage import write_atomic
 
     write_atomic(out.parent / f"{out.name}.json", (json.dumps(record, indent=1) + "\n").encode())

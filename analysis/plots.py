@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables import (Run, asha_budget, best_so_far, category_order, parameter_kind,
+from analysis.tables import (Run, asha_budget, best_so_far, category_order, label, parameter_kind,
                              order_note, scored, searched_parameters, write_file)
 
 FIGSIZE = (7.0, 4.2)
@@ -80,14 +80,14 @@ def _backbone_of(run: Run) -> pd.Series:
 
 
 def _metric_label(run: Run) -> str:
-    return f"{run.metric} ({'higher' if run.mode == 'max' else 'lower'} is better)"
+    return f"{label(run.metric)} ({'higher' if run.mode == 'max' else 'lower'} is better)"
 
 
 # ---------------------------------------------------------------- learning curves
 
 def learning_curves(run: Run, out_dir: Path) -> Plot:
     """The study's validation metric per epoch for every trial, coloured by backbone."""
-    title = f"Learning curves: {run.metric} per epoch"
+    title = f"Learning curves: {label(run.metric)} per epoch"
     epochs = run.epochs
     if epochs.empty or not {"trial_id", "epoch", run.metric} <= set(epochs.columns):
         return Plot("learning_curves", title, None, "skipped: epochs.parquet has no epochs yet")
@@ -117,7 +117,7 @@ def learning_curves(run: Run, out_dir: Path) -> Plot:
         handles.append(Line2D([], [], color="black", marker="v", linestyle="--", label="errored"))
     ax.legend(handles=handles, fontsize=8, loc="best")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(run.metric)
+    ax.set_ylabel(_metric_label(run))
     ax.set_xlim(0.8, max(run.max_epochs, int(epochs["epoch"].max())) + 0.2)
     if run.max_epochs <= 30:
         ax.set_xticks(range(1, max(run.max_epochs, int(epochs["epoch"].max())) + 1))
@@ -142,7 +142,7 @@ def hyperparameter_plots(run: Run, out_dir: Path) -> list[Plot]:
 
 def _one_parameter(run: Run, ranked: pd.DataFrame, param: str, out_dir: Path) -> Plot:
     score = run.score_column
-    title = f"{score} vs {param}"
+    title = f"{label(score)} vs {label(param)}"
     rows = ranked[ranked[param].notna()]
     unset = len(ranked) - len(rows)
     kind = parameter_kind(run.board[param], param)
@@ -189,8 +189,8 @@ def _one_parameter(run: Run, ranked: pd.DataFrame, param: str, out_dir: Path) ->
             if len(cats_str) > 2 and _numeric_cats(cats_str) and str(best[param]) in (cats_str[0], cats_str[-1]):
                 note_parts.append(f"best value {best[param]} is the {'lowest' if str(best[param]) == cats_str[0] else 'highest'} "
                                   "of the ordered choices")
-    ax.set_xlabel(param + (" (log)" if kind == "log" else ""))
-    ax.set_ylabel(score)
+    ax.set_xlabel(label(param) + (" (log scale)" if kind == "log" else ""))
+    ax.set_ylabel(label(score))
     ax.grid(alpha=0.3)
     ax.legend(handles=_legend(colours, set(rows["status"])), fontsize=7, loc="best")
     ax.set_title(title, fontsize=10)
@@ -354,7 +354,7 @@ def param_importances(run: Run, statuses=("finished",), seed: int = 0) -> tuple[
 
 
 def importance_plot(run: Run, out_dir: Path, importances: pd.Series | None = None, note: str | None = None) -> Plot:
-    title = f"Parameter importance for {run.metric} (fANOVA)"
+    title = f"Parameter importance for {label(run.metric)} (fANOVA)"
     if importances is None and note is None:
         importances, note = param_importances(run)
     if importances is None:
@@ -362,7 +362,7 @@ def importance_plot(run: Run, out_dir: Path, importances: pd.Series | None = Non
     fig = _figure((6.0, 0.5 + 0.45 * max(len(importances), 2)))
     ax = fig.add_subplot()
     ordered = importances.sort_values()
-    ax.barh(list(ordered.index), ordered.values, color="tab:blue")
+    ax.barh([label(p) for p in ordered.index], ordered.values, color="tab:blue")
     for y, v in enumerate(ordered.values):
         ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
     ax.set_xlim(0, max(1.0, float(ordered.max()) * 1.15))
@@ -455,7 +455,7 @@ def confusion_plot(run: Run, out_dir: Path, evaluation: dict | None = None) -> P
 # ---------------------------------------------------------------- search efficiency
 
 def best_so_far_plot(run: Run, out_dir: Path) -> Plot:
-    title = f"Best {run.metric} so far vs cumulative compute"
+    title = f"Best {label(run.metric)} so far vs cumulative compute"
     curve = best_so_far(run)
     if curve["best_so_far"].notna().sum() == 0:
         return Plot("best_so_far", title, None, "skipped: no trial has a score yet")
@@ -472,7 +472,7 @@ def best_so_far_plot(run: Run, out_dir: Path) -> Plot:
     budget = asha_budget(run)
     how = curve.attrs.get("order") or ""
     ax.set_xlabel("cumulative trial wall time (min), trials in " + ("completion" if how.startswith(("completion", "ended")) else how) + " order")
-    ax.set_ylabel(run.score_column)
+    ax.set_ylabel(label(run.score_column))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)

@@ -17,6 +17,7 @@ import argparse
 import base64
 import dataclasses
 import html
+import math
 import re
 import sys
 from datetime import datetime, timezone
@@ -38,6 +39,8 @@ SECTIONS = (
     "Published results beside ours",
     "Held-out test evaluation",
     "Final model: ensemble, calibration, operating point",
+    "ROC and precision-recall curves",
+    "Where the model looks",
     "Plots",
     "Search efficiency",
     "All trials",
@@ -61,6 +64,10 @@ class Section:
 
     def sub(self, title: str) -> None:
         self.blocks.append(("h3", title))
+
+    def row(self, plots: list[Plot]) -> None:
+        """Plots side by side in the HTML (one after the other in Markdown)."""
+        self.blocks.append(("row", list(plots)))
 
 
 def parse_args(argv):
@@ -140,7 +147,8 @@ def build(run: T.Run, eval_error: str | None = None) -> tuple[list[Section], dic
     evaluation = latest_evaluation(record)
     plots = make_all(run, run.path / PLOTS_DIR, evaluation)
     header = {"title": f"Study report: {run.name}", "state": state,
-              "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "model_card": (run.path / "model_card.md").is_file()}
     sections = [
         summary_section(run, state),
         near_duplicates_section(run),
@@ -149,6 +157,8 @@ def build(run: T.Run, eval_error: str | None = None) -> tuple[list[Section], dic
         published_section(run, evaluation),
         test_section(run, record, evaluation, eval_error),
         final_model_section(run, evaluation),
+        curves_section(run, evaluation),
+        explain_part(run, evaluation),
         plots_section(plots),
         efficiency_section(run),
         all_trials_section(run),
@@ -175,7 +185,7 @@ def summary_section(run: T.Run, state: dict) -> Section:
         ("dataset", _dataset_text(ds)),
         ("split protocol", _split_text(ds)),
         ("classes", ", ".join(_classes(run)) + (f" (positive: {ds.get('positive_class')})" if ds.get("positive_class") else "")),
-        ("metric", f"{run.metric} ({run.mode})"),
+        ("metric", f"{T.label(run.metric)} ({run.metric}, {'higher' if run.mode == 'max' else 'lower'} is better)"),
         ("budget", f"{run.num_samples} trials x at most {run.max_epochs} epochs"
                    + (f", time limit {study.get('time_limit_s')} s" if study.get("time_limit_s") else "")),
         ("ASHA", f"grace period {study.get('grace_period')} epoch(s), reduction factor {study.get('reduction_factor')}"),
@@ -207,9 +217,15 @@ def summary_section(run: T.Run, state: dict) -> Section:
     s.table(pd.DataFrame(rows, columns=["", "value"]))
     best = T.best_trial(run)
     if best is not None:
-        s.text(f"Best trial by validation {run.metric}: **{best.get('trial_name')}** "
-               f"({best.get('backbone', '')}), {run.metric} = {T.format_value(best[run.score_column], run.score_column)} "
-               f"at epoch {T.format_value(best.get('best_epoch'), 'best_epoch')}.")
+        step = image_step(run.metric, split_class_counts(run, "val"))
+        value = best[run.score_column]
+        shown = f"{value:.{decimals_for(step[0])}f}" if step and not pd.isna(value) else \
+            T.format_value(value, run.score_column)
+        s.text(f"Best trial by {T.label(run.metric)}: **{best.get('trial_name')}** "
+               f"({best.get('backbone', '')}), {shown} at epoch {T.format_value(best.get('best_epoch'), 'best_epoch')}.")
+        resolution = validation_resolution(run)
+        if resolution:
+            s.text(resolution)
     splits = T.split_counts(run)
     if splits is not None:
         s.sub("Images per split")
@@ -336,13 +352,130 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+# ---------------------------------------------------------------- resolution: what one image is worth
+
+def split_class_counts(run: T.Run, split: str) -> dict[str, int]:
+    """Images per class in ``split`` (splits.parquet), in class order; empty when the folder does not say."""
+    if run.splits is None or not {"split", "label"} <= set(run.splits.columns):
+        return {}
+    counts = run.splits.loc[run.splits["split"] == split, "label"].astype(str).value_counts()
+    ordered = {c: int(counts[c]) for c in _classes(run) if c in counts.index}
+    return ordered if sum(ordered.values()) == int(counts.sum()) else {str(k): int(v) for k, v in counts.items()}
+
+
+def image_step(metric: str, counts: dict[str, int]) -> tuple[float, str, str] | None:
+    """The most one image of a split with ``counts`` per class can move ``metric``: ``(step, "1/120", what)``.
+
+    Accuracy: 1/n. Balanced accuracy: 1/(k x n_c) for an image of class c, so
+    1/(k x the smallest class). Recall of a class: 1/n_c. None for metrics
+    without a fixed step per image (AUC, F1, loss).
+    """
+    name = str(metric)
+    for prefix in ("best_", "last_", "val_", "test_"):
+        name = name.removeprefix(prefix)
+    present = {c: n for c, n in counts.items() if n > 0}
+    total = sum(present.values())
+    if not total:
+        return None
+    if name == "accuracy":
+        return 1 / total, f"1/{total}", "one image"
+    if name == "balanced_accuracy":
+        k, smallest = len(present), min(present, key=present.get)
+        n = present[smallest]
+        what = "one image" if k * n == total else f"one image of the smallest class, {smallest} ({n} images): 1/({k} x {n})"
+        return 1 / (k * n), f"1/{k * n}", what
+    if name.startswith("recall_") and name[len("recall_"):] in present:
+        n = present[name[len("recall_"):]]
+        return 1 / n, f"1/{n}", f"one {name[len('recall_'):]} image"
+    return None
+
+
+def decimals_for(step: float | None) -> int:
+    """Decimals that show a step of ``step`` and no finer: 1/20 -> 2, 1/120 -> 3, 1/2000 -> 4."""
+    if not step or step <= 0 or math.isnan(step):
+        return 4
+    return max(2, min(4, math.ceil(-math.log10(step) - 1e-9)))
+
+
+def _images(gap: float, step: float) -> str:
+    count = gap / step
+    return f"{round(count)}" if abs(count - round(count)) < 0.05 else f"about {count:.1f}"
+
+
+def validation_resolution(run: T.Run) -> str | None:
+    """What one validation image is worth on the study's metric, and whether the top trials can be told apart."""
+    counts = split_class_counts(run, "val")
+    if not counts:
+        return None
+    n = sum(counts.values())
+    words = T.label(run.metric)
+    held = f"the validation split holds {n} images ({', '.join(f'{c} {k}' for c, k in counts.items())})"
+    step = image_step(run.metric, counts)
+    if step is None:
+        acc = image_step("accuracy", counts)
+        return (f"Resolution: {held}; one image is {acc[1]} = {acc[0]:.{decimals_for(acc[0])}f} of validation "
+                f"accuracy. The study's metric, {words}, has no fixed step per image.")
+    d = decimals_for(step[0])
+    text = f"Resolution: {held}; one image is {step[1]} = {step[0]:.{d}f} of {words}" + \
+        (f" ({step[2]})" if step[2] != "one image" else "") + "."
+    ranked = T.scored(run)
+    scores = pd.to_numeric(ranked[run.score_column], errors="coerce").dropna().to_numpy(dtype=float) \
+        if run.score_column in ranked.columns else []
+    if len(scores) >= 2:
+        close = int(((abs(scores - scores[0])) <= step[0] + 1e-9).sum())
+        if close >= 2:
+            text += (f" The top {close} trials are within {step[1]} = {step[0]:.{d}f} of each other on {words}: one "
+                     "image; they cannot be told apart (their order is the tie rule's: the lower validation loss first).")
+        else:
+            gap = abs(scores[0] - scores[1])
+            text += (f" The best trial leads the next by {gap:.{d}f}: {_images(gap, step[0])} image(s) at {step[1]} "
+                     "each.")
+    return text
+
+
+def test_resolution(run: T.Run, evaluation: dict) -> str | None:
+    """What one test image is worth, and how wide the best trial's test interval is (in images)."""
+    from analysis.plots import best_evaluated
+
+    split = evaluation.get("split", "test")
+    counts = split_class_counts(run, split)
+    n = evaluation.get("n")
+    if not counts or (n and sum(counts.values()) != n):
+        best = best_evaluated(evaluation) or {}
+        report = best.get("classification_report") or {}
+        counts = {c: int((report.get(c) or {}).get("support", 0)) for c in best.get("class_names") or []}
+    step = image_step("accuracy", counts)
+    if step is None:
+        return None
+    d = decimals_for(step[0])
+    text = f"Resolution on {split}: {sum(counts.values())} images; one image is {step[1]} = {step[0]:.{d}f} of accuracy"
+    balanced = image_step("balanced_accuracy", counts)
+    if balanced and balanced[1] != step[1]:
+        text += f" and up to {balanced[1]} = {balanced[0]:.{d}f} of balanced accuracy ({balanced[2]})"
+    text += "."
+    best = best_evaluated(evaluation)
+    metric = str(evaluation.get("metric") or run.metric).removeprefix("val_")
+    if best and metric not in (best.get("metrics") or {}):
+        metric = "balanced_accuracy"
+    low, high = ((best or {}).get("ci") or {}).get(metric, [None, None])[:2]
+    if low is not None and high is not None and not (pd.isna(low) or pd.isna(high)):
+        pct = int(round(100 * evaluation.get("level", 0.95)))
+        width = high - low
+        metric_step = image_step(metric, counts)
+        in_images = f", {_images(width, metric_step[0])} images' worth" if metric_step else ""
+        text += (f" The {pct}% interval of {best.get('trial_name')}'s {T.label(split + '_' + metric)} is "
+                 f"{width:.{d}f} wide [{low:.{d}f}, {high:.{d}f}]{in_images}: trials closer than that on {split} are "
+                 "not told apart by this test set.")
+    return text
+
+
 def best_backbone_section(run: T.Run) -> Section:
     s = Section("Best trial per backbone")
     table = T.best_per_backbone(run)
     if table.empty:
         s.text("No trial has a validation score yet.")
         return s
-    s.text(f"Each backbone's best trial by validation {run.metric}; every metric is taken at that trial's best "
+    s.text(f"Each backbone's best trial by {T.label(run.metric)}; every metric is taken at that trial's best "
            "epoch (the checkpointed one). `trials` counts all the backbone's trials, errored included.")
     s.table(T.pretty(table, run))
     return s
@@ -355,8 +488,9 @@ def unfreeze_section(run: T.Run) -> Section:
         s.text("No trial has a validation score yet.")
         return s
     s.text("As in the reference studies' tables: the best trial of each backbone at each unfreeze depth "
-           "(0 = frozen backbone, k = top k layers, all; `default` = not set by the study, the trainer's default).")
-    s.table(T.pretty(table, run))
+           "(0 = frozen backbone, k = top k layers, all; `default` = not set by the study, the trainer's default). "
+           "Total parameters are per backbone, in the table above.")
+    s.table(T.pretty(table.drop(columns=["total_params"], errors="ignore"), run))
     return s
 
 
@@ -437,6 +571,16 @@ def _ci_text(value, low, high) -> str:
     return f"{value:.4f} [{low:.4f}, {high:.4f}]"
 
 
+def _ci_cell(value, low, high, digits: int = 4) -> str:
+    """A value over its interval on a second line (``"0.875\\n[0.817, 0.933]"``): one cell, two lines in HTML,
+    one line in Markdown."""
+    if value is None or pd.isna(value):
+        return ""
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f}\n[{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def test_section(run: T.Run, record: dict | None, evaluation: dict | None, eval_error: str | None) -> Section:
     s = Section("Held-out test evaluation")
     if eval_error:
@@ -454,16 +598,26 @@ def test_section(run: T.Run, record: dict | None, evaluation: dict | None, eval_
         return s
     n = evaluation.get("n")
     level = evaluation.get("level", 0.95)
-    s.text(f"The top {len(evaluation.get('trials') or [])} trial(s) by validation {evaluation.get('metric', run.metric)}, "
-           f"scored on the held-out {evaluation.get('split', 'test')} split ({n} images), evaluated "
-           f"{evaluation.get('evaluated_at', '?')}; intervals are {int(round(100 * level))}% percentile bootstrap "
-           f"intervals over {evaluation.get('n_boot')} resamples of the images (seed {evaluation.get('seed')}).")
+    split = evaluation.get("split", "test")
+    s.text(f"The top {len(evaluation.get('trials') or [])} trial(s) by {T.label(evaluation.get('metric') or run.metric)}, "
+           f"scored on the held-out {split} split ({n} images), evaluated "
+           f"{evaluation.get('evaluated_at', '?')}. Under each {split} value: its {int(round(100 * level))}% percentile "
+           f"bootstrap interval over {evaluation.get('n_boot')} resamples of the images (seed {evaluation.get('seed')}); "
+           f"values carry the decimals one image can move.")
     for note in evaluation.get("notes") or []:
         s.text(f"Note: {note}")
+    resolution = validation_resolution(run)
+    if resolution:
+        s.text(resolution)
+    resolution = test_resolution(run, evaluation)
+    if resolution:
+        s.text(resolution)
     s.table(evaluation_table(evaluation, run))
-    per_class = per_class_table(evaluation)
+    per_class = per_class_table(evaluation, run)
     if per_class is not None:
-        s.sub("Per class, best trial on test (precision, recall, F1)")
+        from analysis.plots import best_evaluated
+
+        s.sub(f"Per class: {best_evaluated(evaluation).get('trial_name', 'the best trial')} (best on validation) on {split}")
         s.table(per_class)
     _test_log(s, record)
     return s
@@ -479,41 +633,113 @@ def final_model_section(run: T.Run, evaluation: dict | None) -> Section:
                "scores the final model on test.")
         return s
     split = evaluation.get("split", "test")
+    d = decimals_for(1 / evaluation["n"]) if evaluation.get("n") else 4
     s.text(f"Final model: **{final['model']}** (final_model.json; used by search.predict). Temperature and threshold "
-           f"are fitted on the validation split only; scores are on {split}, with the bootstrap intervals of the "
-           "evaluation. ECE: "
+           f"are fitted on the validation split only; scores are on {split}, each over its bootstrap interval. ECE: "
            "top-label confidence, 15 equal-width bins. Brier: halved for two classes (scikit-learn's).")
+    if (run.path / "model_card.md").is_file():
+        s.text("The model card, with intended use, data, results at the operating point and limitations: "
+               "[model_card.md](model_card.md).")
     rows = []
     for m in final.get("models") or []:
         c, metrics, ci = m["calibration"], m["metrics"], m["ci"]
         rows.append({"model": m["label"] + (" (final)" if m["label"] == final["model"] else ""),
-                     "balanced accuracy": _ci_text(metrics.get("balanced_accuracy"), *ci["balanced_accuracy"][:2]),
-                     "AUC": _ci_text(metrics.get("auc"), *ci["auc"][:2]), "temperature": f"{c['temperature']:.3f}",
+                     T.label(f"{split}_balanced_accuracy"): _ci_cell(metrics.get("balanced_accuracy"),
+                                                                    *ci["balanced_accuracy"][:2], digits=d),
+                     T.label(f"{split}_auc"): _ci_cell(metrics.get("auc"), *ci["auc"][:2], digits=d),
+                     "temperature": f"{c['temperature']:.3f}",
                      "ECE before / after": f"{c['before']['ece']:.4f} / {c['after']['ece']:.4f}",
                      "Brier before / after": f"{c['before']['brier']:.4f} / {c['after']['brier']:.4f}"})
     s.table(pd.DataFrame(rows))
     chosen = next((m for m in final.get("models") or [] if m["label"] == final["model"]), None) or {}
     op = chosen.get("operating_point")
     if op:
-        from analysis.operating_point import rule_text
+        from analysis.operating_point import BINARY_METRICS, rule_text
 
         at, ci = op["at_threshold"], op["ci"]
         s.sub(f"Operating point for {op['class']}: threshold {op['value']:.4f} ({rule_text(op)})")
-        s.table(pd.DataFrame([{"": split, **{m: _ci_text(at[m], *ci[m][:2])
-                                             for m in ("sensitivity", "specificity", "ppv", "npv", "f1")},
+        s.table(pd.DataFrame([{"": split, **{T.label(m): _ci_cell(at[m], *ci[m][:2], digits=d) for m in BINARY_METRICS},
                                "TP / FN / FP / TN": f"{at['tp']} / {at['fn']} / {at['fp']} / {at['tn']}"},
-                              {"": "validation", **{m: f"{op['validation'][m]:.4f}" for m in
-                                                    ("sensitivity", "specificity", "ppv", "npv", "f1")}}]))
+                              {"": "validation", **{T.label(m): f"{op['validation'][m]:.{d}f}" for m in BINARY_METRICS},
+                               "TP / FN / FP / TN": " / ".join(str(op["validation"].get(k, "")) for k in
+                                                               ("tp", "fn", "fp", "tn"))}]))
     if chosen.get("one_vs_rest"):
         s.sub("Per class, one vs rest at the argmax")
-        s.table(pd.DataFrame([{"class": c, "sensitivity": _ci_text(o["sensitivity"], *o["ci"]["sensitivity"][:2]),
-                               "specificity": _ci_text(o["specificity"], *o["ci"]["specificity"][:2])}
+        s.table(pd.DataFrame([{"class": c, T.label("sensitivity"): _ci_cell(o["sensitivity"], *o["ci"]["sensitivity"][:2], digits=d),
+                               T.label("specificity"): _ci_cell(o["specificity"], *o["ci"]["specificity"][:2], digits=d)}
                               for c, o in chosen["one_vs_rest"].items()]))
     if final.get("reliability_plot") and (run.path / final["reliability_plot"]).is_file():
         s.plot(Plot("reliability", "Reliability diagram", run.path / final["reliability_plot"],
                     "before and after temperature scaling"))
-    if (run.path / "model_card.md").is_file():
-        s.text("The model card: `model_card.md` in the results folder.")
+    return s
+
+
+def curves_section(run: T.Run, evaluation: dict | None) -> Section:
+    """The final model's ROC and precision-recall curves on test (analysis.curves), with the operating point."""
+    from analysis.curves import curve_plots
+
+    s = Section("ROC and precision-recall curves")
+    if not (evaluation or {}).get("final"):
+        s.text(f"Not drawn yet: the curves are the final model's on the test split, from `python -m "
+               f"analysis.evaluate {run.path}` (test_predictions.parquet and test_evaluation.json).")
+        return s
+    plots, curves, info = curve_plots(run.path, evaluation, run.path / PLOTS_DIR)
+    if not curves:
+        for p in plots:
+            s.plot(p)
+        return s
+    d = decimals_for(1 / info["n"]) if info.get("n") else 4
+    pct = int(round(100 * info["level"]))
+    op = info["threshold"]
+    s.text(f"{info['model']} on the {info['split']} split ({info['n']} images), its calibrated probabilities "
+           f"(T = {info['temperature']:.3f}, the ones the threshold applies to); "
+           + ("the positive class against the rest" if len(info["classes"]) == 2 else "each class against the rest")
+           + f". Bands and intervals: {pct}% percentile bootstrap over the evaluation's own {info['n_boot']} "
+           f"resamples (seed {info['seed']}), so they pair with the tables above. "
+           + (f"The star is the threshold {op['value']:.4f} chosen on validation, where it falls on the "
+              f"{info['split']} images." if op else "Circles: the argmax decision, one class against the rest."))
+    rows = []
+    for c in curves:
+        row = {"class": c.name, "positive / negative": f"{c.n_positive} / {c.n_negative}",
+               T.label(f"{info['split']}_auc"): _ci_cell(c.auc, *c.auc_ci, digits=d),
+               T.label(f"{info['split']}_average_precision"): _ci_cell(c.average_precision, *c.average_precision_ci,
+                                                                      digits=d)}
+        if c.point:
+            row["marked point: sensitivity / specificity"] = (f"{c.point['tpr']:.{d}f} / {1 - c.point['fpr']:.{d}f}"
+                                                               f"\n({'threshold' if c.point['kind'] == 'threshold' else 'argmax'})")
+        rows.append(row)
+    s.table(pd.DataFrame(rows))
+    if len(curves) == 1:  # one panel each: ROC and precision-recall side by side
+        s.row(plots)
+    else:
+        for p in plots:
+            s.plot(p)
+    return s
+
+
+EXPLAIN_TITLE = "Where the model looks"
+
+
+def explain_part(run: T.Run, evaluation: dict | None) -> Section:
+    """The Grad-CAM panel: ``analysis.explain.explain_section(run, evaluation)`` when that module is there.
+
+    The report works without it (an older installation): the section then says so.
+    """
+    s = Section(EXPLAIN_TITLE)
+    # ---- Grad-CAM panel (analysis/explain.py, its own module): its Section's blocks go here
+    try:
+        from analysis.explain import explain_section
+    except ImportError:
+        s.text("Not available in this installation (analysis/explain.py, the Grad-CAM panel, is missing).")
+        return s
+    try:
+        made = explain_section(run, evaluation)
+    except Exception as exc:  # noqa: BLE001 - the rest of the report still matters
+        s.text(f"Not drawn: {type(exc).__name__}: {exc}")
+        return s
+    s.blocks = list(getattr(made, "blocks", None) or [])
+    if not s.blocks:
+        s.text("Not drawn: analysis.explain returned nothing to show.")
     return s
 
 
@@ -525,27 +751,39 @@ def _test_log(s: Section, record: dict | None) -> None:
                f"latest: {when}). Each look at the test set makes it a little less held out.")
 
 
+TEST_TABLE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+
+
 def evaluation_table(evaluation: dict, run: T.Run) -> pd.DataFrame:
-    """One row per evaluated trial: its validation score, then each test metric as ``value [low, high]``."""
-    classes = (evaluation.get("trials") or [{}])[0].get("class_names") or []
+    """One row per evaluated trial: rank, trial, its validation score, then each test metric over its interval.
+
+    At most 8 columns, so it fits a 1280 px window: per-class recall is in the
+    per-class table, except the positive class's (binary studies).
+    """
+    split = evaluation.get("split", "test")
     positive = evaluation.get("positive_class")
-    recall = [f"recall_{positive}"] if positive else [f"recall_{c}" for c in classes]
-    shown = ["accuracy", "balanced_accuracy", "macro_f1", "auc", *recall]
+    shown = [*TEST_TABLE_METRICS, *([f"recall_{positive}"] if positive else [])]
+    metric = evaluation.get("metric") or run.metric
+    score_column = f"best_{metric}"
+    val_step = image_step(metric, split_class_counts(run, "val"))
+    val_digits = decimals_for(val_step[0]) if val_step else 4
+    n = evaluation.get("n")
+    test_digits = decimals_for(1 / n) if n else 4
     rows = []
     for t in sorted(evaluation.get("trials") or [], key=lambda t: t.get("rank", 0)):
         metrics, ci = t.get("metrics") or {}, t.get("ci") or {}
+        value = t.get(score_column)
         row = {"rank": t.get("rank"), "trial": t.get("trial_name"),
-               run.metric: T.format_value(t.get(run.score_column), run.score_column),
-               "best epoch": T.format_value(t.get("best_epoch"), "best_epoch")}
+               T.label(score_column): "" if value is None or pd.isna(value) else f"{value:.{val_digits}f}"}
         for m in shown:
             low, high = (ci.get(m) or [None, None])[:2]
-            row[m.replace("_", " ")] = _ci_text(metrics.get(m), low, high)
+            row[T.label(f"{split}_{m}")] = _ci_cell(metrics.get(m), low, high, digits=test_digits)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def per_class_table(evaluation: dict) -> pd.DataFrame | None:
-    """Precision, recall and F1 per class for the best trial, each with its interval, and the support."""
+def per_class_table(evaluation: dict, run: T.Run | None = None) -> pd.DataFrame | None:
+    """Precision, recall and F1 per class for the best trial, each over its interval, and the support."""
     from analysis.plots import best_evaluated
 
     best = best_evaluated(evaluation)
@@ -553,18 +791,18 @@ def per_class_table(evaluation: dict) -> pd.DataFrame | None:
         return None
     metrics, ci = best.get("metrics") or {}, best.get("ci") or {}
     report = best.get("classification_report") or {}
+    n = evaluation.get("n")
+    digits = decimals_for(1 / n) if n else 4
     rows = []
     for c in best["class_names"]:
         row = {"class": c}
-        for label, m in (("precision", f"precision_{c}"), ("recall", f"recall_{c}"), ("F1", f"f1_{c}")):
-            low, high = (ci.get(m) or [None, None])[:2]
-            row[label] = _ci_text(metrics.get(m), low, high)
+        for m in ("precision", "recall", "f1"):
+            low, high = (ci.get(f"{m}_{c}") or [None, None])[:2]
+            row[T.label(m)] = _ci_cell(metrics.get(f"{m}_{c}"), low, high, digits=digits)
         support = (report.get(c) or {}).get("support")
-        row["support"] = "" if support is None else str(int(support))
+        row["images"] = "" if support is None else str(int(support))
         rows.append(row)
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "trial", best.get("trial_name", ""))
-    return frame
+    return pd.DataFrame(rows)
 
 
 def plots_section(plots: dict[str, list[Plot]]) -> Section:
@@ -625,7 +863,7 @@ def all_trials_section(run: T.Run) -> Section:
     if run.board.empty:
         s.text("No trial yet.")
         return s
-    s.text(f"Best first by validation {run.metric} (ties: lower validation loss); unscored trials last.")
+    s.text(f"Best first by {T.label(run.metric)} (ties: lower validation loss); unscored trials last.")
     s.table(T.pretty(T.all_trials(run), run))
     return s
 
@@ -646,6 +884,8 @@ def errored_section(run: T.Run) -> Section:
 def render_markdown(header: dict, sections: list[Section], run: T.Run) -> str:
     out = [f"# {header['title']}", "", state_line(header["state"]), "",
            f"_Generated {header['generated']} from `{run.path}`._", ""]
+    if header.get("model_card"):
+        out += [MODEL_CARD_LINE, ""]
     for section in sections:
         out += [f"## {section.title}", ""]
         for kind, value in section.blocks:
@@ -655,29 +895,33 @@ def render_markdown(header: dict, sections: list[Section], run: T.Run) -> str:
                 out += [f"### {value}", ""]
             elif kind == "table":
                 out += [T.to_markdown(value) if len(value) else "_(none)_", ""]
-            elif kind == "plot":
-                if value.path is not None:
-                    rel = value.path.relative_to(run.path) if value.path.is_relative_to(run.path) else value.path
-                    out += [f"![{value.title}]({rel.as_posix()})", ""]
-                    if value.note:
-                        out += [f"_{value.note}_", ""]
-                else:
-                    out += [f"**{value.title}**: {value.note}", ""]
+            elif kind in ("plot", "row"):
+                for plot in value if kind == "row" else [value]:
+                    out += _plot_markdown(plot, run)
     return "\n".join(out).rstrip() + "\n"
 
 
+MODEL_CARD_LINE = ("**Model card**: [model_card.md](model_card.md), beside this report (intended use, data, results at "
+                   "the operating point, calibration, limitations; `python -m analysis.model_card` rewrites it).")
+
+# Tables fit the page: headers wrap between words, an interval sits under its value (see _table_html);
+# a table still wider than the page (many hyperparameters) scrolls rather than spill.
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 h1{border-bottom:2px solid #444;padding-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.15em;margin-top:2em}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em;display:block;overflow-x:auto}
-th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right;white-space:nowrap}
-th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;vertical-align:top}
+th{background:#f2f2f2;white-space:normal;min-width:3.5em;max-width:11em;font-weight:600}
+td{white-space:nowrap}td.text{white-space:normal;text-align:left;min-width:12em}
+td .ci{color:#666;font-size:.86em}
+td:first-child,th:first-child{text-align:left}
 tbody tr:nth-child(even){background:#fafafa}
 code{background:#f3f3f3;padding:0 .25em;border-radius:3px;font-size:.9em}
 .state{padding:.5em .8em;border-radius:4px;background:#eef7ee;border:1px solid #9c9}
 .state.partial{background:#fff6e0;border-color:#e0b040}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption,.note{color:#555;font-size:.88em}
 .skipped{color:#8a5a00}
+.row{display:flex;gap:1em;align-items:flex-start}.row figure{flex:1 1 0;min-width:0}
 """
 
 
@@ -686,6 +930,7 @@ def render_html(header: dict, sections: list[Section], run: T.Run) -> str:
     body = [f"<h1>{html.escape(header['title'])}</h1>",
             f"<p class=\"state{' partial' if state['partial'] else ''}\">{_inline(state_line(state))}</p>",
             f"<p class=\"note\">Generated {html.escape(header['generated'])} from <code>{html.escape(str(run.path))}</code>.</p>",
+            *([f"<p>{_inline(MODEL_CARD_LINE)}</p>"] if header.get("model_card") else []),
             "<nav><ol>" + "".join(f"<li><a href=\"#{_anchor(s.title)}\">{html.escape(s.title)}</a></li>" for s in sections)
             + "</ol></nav>"]
     for section in sections:
@@ -696,18 +941,30 @@ def render_html(header: dict, sections: list[Section], run: T.Run) -> str:
             elif kind == "h3":
                 body.append(f"<h3>{html.escape(value)}</h3>")
             elif kind == "table":
-                body.append(value.to_html(index=False, border=0, escape=True, na_rep="") if len(value) else "<p><em>(none)</em></p>")
+                body.append(_table_html(value) if len(value) else "<p><em>(none)</em></p>")
             elif kind == "plot":
-                if value.path is not None:
-                    data = base64.b64encode(value.path.read_bytes()).decode("ascii")
-                    caption = html.escape(value.note) if value.note else ""
-                    body.append(f"<figure><img alt=\"{html.escape(value.title)}\" src=\"data:image/png;base64,{data}\">"
-                                f"<figcaption>{caption}</figcaption></figure>")
-                else:
-                    body.append(f"<p class=\"skipped\"><strong>{html.escape(value.title)}</strong>: {_inline(value.note)}</p>")
+                body.append(_plot_html(value))
+            elif kind == "row":
+                body.append("<div class=\"row\">" + "".join(_plot_html(p) for p in value) + "</div>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(header['title'])}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
+
+
+def _plot_markdown(plot: Plot, run: T.Run) -> list[str]:
+    if plot.path is None:
+        return [f"**{plot.title}**: {plot.note}", ""]
+    rel = plot.path.relative_to(run.path) if plot.path.is_relative_to(run.path) else plot.path
+    return [f"![{plot.title}]({rel.as_posix()})", ""] + ([f"_{plot.note}_", ""] if plot.note else [])
+
+
+def _plot_html(plot: Plot) -> str:
+    if plot.path is None:
+        return f"<p class=\"skipped\"><strong>{html.escape(plot.title)}</strong>: {_inline(plot.note)}</p>"
+    data = base64.b64encode(plot.path.read_bytes()).decode("ascii")
+    caption = html.escape(plot.note) if plot.note else ""
+    return (f"<figure><img alt=\"{html.escape(plot.title)}\" src=\"data:image/png;base64,{data}\">"
+            f"<figcaption>{caption}</figcaption></figure>")
 
 
 def _anchor(title: str) -> str:
@@ -715,11 +972,30 @@ def _anchor(title: str) -> str:
 
 
 def _inline(text: str) -> str:
-    """The little Markdown the report's text uses: `code`, **bold**, _italic_; everything else escaped."""
+    """The little Markdown the report's text uses: `code`, **bold**, [text](relative link); everything else escaped."""
     text = html.escape(text, quote=False)
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
     text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"\[([^\]]+)\]\(([\w./-]+)\)", r'<a href="\2">\1</a>', text)
     return text
+
+
+TEXT_CELL = 48  # a cell longer than this (a description, an error line, a citation) may wrap
+
+
+def _table_html(frame: pd.DataFrame) -> str:
+    """An HTML table of text cells: headers wrap, a cell's second line (an interval) sits under its value."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for value in row:
+            text = "" if value is None or (not isinstance(value, (list, tuple, dict)) and pd.isna(value)) else str(value)
+            first, *more = text.split("\n")
+            inner = html.escape(first) + "".join(f"<br><span class=\"ci\">{html.escape(m)}</span>" for m in more)
+            cells.append(f"<td class=\"text\">{inner}</td>" if len(first) > TEXT_CELL else f"<td>{inner}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _text_html(text: str) -> str:

@@ -35,12 +35,31 @@ STATUS_ORDER = ("finished", "stopped", "running", "interrupted", "errored")
 # Metric columns of the best-per-group tables, in order; recall columns are added per class.
 METRIC_COLUMNS = ("best_val_accuracy", "best_val_balanced_accuracy", "best_val_macro_f1", "best_val_auc")
 COST_COLUMNS = ("best_epoch", "epochs", "wall_time_s", "trainable_params", "total_params")
+# The one owner of the words a reader sees for a column or metric name (tables' headers, plots' axes):
+# ``label(name)``. Exact names first; metric names are composed by ``label`` from the parts below
+# (``best_val_balanced_accuracy`` -> "validation balanced accuracy (best epoch)").
 LABELS = {
-    "best_val_accuracy": "accuracy", "best_val_balanced_accuracy": "balanced acc.", "best_val_macro_f1": "macro F1",
-    "best_val_auc": "AUC", "best_val_loss": "val loss", "best_epoch": "best epoch", "wall_time_s": "wall time (s)",
-    "trainable_params": "trainable params", "total_params": "total params", "trial_name": "trial",
-    "trial_number": "trial #", "cumulative_s": "cumulative (s)", "best_so_far": "best so far", "new_best": "",
+    "best_epoch": "best epoch", "epochs": "epochs", "wall_time_s": "wall time (s)",
+    "trainable_params": "trainable parameters", "total_params": "total parameters", "trial_name": "trial",
+    "trial_number": "trial number", "cumulative_s": "cumulative wall time (s)", "best_so_far": "best so far",
+    "new_best": "", "trials": "trials", "status": "status", "backbone": "backbone", "rank": "rank",
+    "recall_positive": "recall (positive class)", "score": "score (study metric)",
+    # hyperparameters (trainables.hparams) that are not plain words with underscores
+    "learning_rate": "learning rate", "fine_tune_lr": "fine-tuning learning rate", "cnn_learning_rate":
+    "learning rate (small CNN)", "warmup_epochs": "warm-up epochs", "head_units": "head units",
+    "batch_size": "batch size", "class_weight": "class weight", "unfreeze": "unfreeze depth",
+    # curves and operating points (analysis.curves, analysis.operating_point)
+    "fpr": "false positive rate (1 - specificity)", "tpr": "true positive rate (sensitivity)",
+    "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV (precision)", "npv": "NPV",
+    "threshold": "threshold",
 }
+METRIC_WORDS = {
+    "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1", "auc": "AUC",
+    "loss": "cross-entropy loss", "precision": "precision", "recall": "recall", "f1": "F1",
+    "average_precision": "average precision",
+}
+_SPLIT_WORDS = {"val_": "validation", "test_": "test", "train_": "training"}
+_EPOCH_WORDS = {"best_": " (best epoch)", "last_": " (last epoch)"}
 
 
 class AnalysisError(ValueError):
@@ -527,19 +546,38 @@ def all_trials(run: Run) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- display
 
+def label(column) -> str:
+    """The words for a column or metric name: ``LABELS`` first, then composed from its parts.
+
+    ``best_val_balanced_accuracy`` -> "validation balanced accuracy (best epoch)",
+    ``val_auc`` -> "validation AUC", ``test_recall_malignant`` -> "test recall of malignant",
+    ``precision_mel`` -> "precision of mel"; any other name has its underscores read as spaces.
+    """
+    name = str(column)
+    if name in LABELS:
+        return LABELS[name]
+    epoch = next((p for p in _EPOCH_WORDS if name.startswith(p)), "")
+    rest = name[len(epoch):]
+    split = next((p for p in _SPLIT_WORDS if rest.startswith(p)), "")
+    metric = rest[len(split):]
+    words = METRIC_WORDS.get(metric)
+    if words is None:
+        for prefix in ("recall", "precision", "f1"):
+            if metric.startswith(prefix + "_") and len(metric) > len(prefix) + 1:
+                words = f"{METRIC_WORDS[prefix]} of {metric[len(prefix) + 1:]}"
+                break
+    if words is None:
+        words = metric.replace("_", " ").strip()
+    return " ".join(filter(None, [_SPLIT_WORDS.get(split, ""), words])) + _EPOCH_WORDS.get(epoch, "")
+
+
 def pretty(frame: pd.DataFrame, run: Run | None = None) -> pd.DataFrame:
-    """Numbers formatted as text and readable column names, for Markdown and HTML."""
+    """Numbers formatted as text and column names in words (``label``), for Markdown and HTML."""
     out = frame.copy()
     for col in out.columns:
         whole = _whole_numbers(out[col]) and not _is_score(str(col))
         out[col] = out[col].map(lambda v, c=col, w=whole: format_value(v, str(c), whole=w))
-    labels = dict(LABELS)
-    if run is not None and run.score_column not in labels:
-        labels[run.score_column] = f"{run.metric} ({run.mode})"
-    for col in out.columns:
-        if str(col).startswith("best_val_recall_"):
-            labels.setdefault(col, "recall " + str(col)[len("best_val_recall_"):])
-    return out.rename(columns=labels)
+    return out.rename(columns={col: label(col) for col in out.columns})
 
 
 def _is_score(column: str) -> bool:

@@ -15,7 +15,9 @@ decision threshold for the positive class decides ``predicted``
 own and ``predicted`` is their argmax; the summary says which.
 
 Output: a CSV with ``file`` (path relative to IMAGES_DIR), ``predicted`` and
-one ``prob_<class>`` column per class, and a short summary on stdout.
+one ``prob_<class>`` column per class, and a short summary on stdout. With
+``--explain DIR``, also one Grad-CAM overlay PNG per image in DIR, for its
+predicted class (``analysis.explain``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=_probability, default=None, metavar="P",
                         help="call the positive class when its (calibrated) probability is >= P, overriding the "
                         "threshold in RUN_DIR/final_model.json (default: that threshold, else the argmax)")
+    parser.add_argument("--explain", metavar="DIR",
+                        help="also write one Grad-CAM overlay PNG per image into DIR (created if missing), named after "
+                        "the image's relative path, showing where the model looked for the predicted class")
     return parser.parse_args(argv)
 
 
@@ -92,6 +97,7 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from analysis.explain import ExplainError
     from search.storage import OutsideFolderError
     from trainables.datasets import DatasetError
 
@@ -105,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out).expanduser().resolve() if args.out else run_dir / DEFAULT_OUT
         if out.is_dir():
             raise PredictError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / DEFAULT_OUT)!r}")
+        explain_dir = Path(args.explain).expanduser().resolve() if args.explain else None
+        if explain_dir is not None and explain_dir.exists() and not explain_dir.is_dir():
+            raise PredictError(f"--explain {str(explain_dir)!r} is a file; give a folder for the overlays (created "
+                               "if missing)")
         model, class_names, size = load_trial_model(trial, run_dir, study)
         decision = read_decision(run_dir, study, trial.name, class_names, args.threshold)
         if ignored:
@@ -121,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         table = prediction_table(files, images_dir, decision.calibrate(probs), class_names, bad, decision)
         write_csv(table, out)
-    except (ResultsFolderError, OutsideFolderError, DatasetError) as exc:
+        if explain_dir is not None:
+            from analysis.explain import explain_predictions
+
+            explained = explain_predictions(model, table, files, images_dir, size, class_names, explain_dir,
+                                            batch_size=args.batch_size)
+    except (ResultsFolderError, OutsideFolderError, DatasetError, ExplainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if bad:
@@ -129,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
               f"empty 'predicted' and their 'error':\n  {_listing(bad, files, images_dir)}", file=sys.stderr)
     print(summary(table, trial, images_dir, out, class_names, time.monotonic() - started, _seen_in_study(run_dir, files),
                   decision))
+    if explain_dir is not None:
+        print(f"explanations: {len(explained)} Grad-CAM overlay(s) in {explain_dir}")
     return 0
 
 

@@ -13,12 +13,12 @@ import os
 import numpy as np
 import pandas as pd
 
-from search.study import Study, StudyError
+from search.study import Study, StudyError, cv_folds
 from trainables.data import decode_images
 from trainables.datasets import DatasetError, load_table
 from trainables.datasets.integrity import find_corrupt_cached, find_duplicates
 from trainables.datasets.near_duplicates import CLUSTER_COLUMN, NearDuplicates, find_near_duplicates, settings_from
-from trainables.splits import assign_splits, group_by, subsample
+from trainables.splits import assign_folds, assign_splits, group_by, subsample
 
 SMOKE_IMAGES_PER_SPLIT = 64
 
@@ -28,7 +28,7 @@ class Prepared:
     splits: pd.DataFrame  # every image: path, label, group, origin, split
     class_names: list[str]
     positive: int | None  # index of the positive class of a binary task
-    arrays: dict[str, np.ndarray]  # x_train, y_train, x_val, y_val
+    arrays: dict[str, np.ndarray]  # x_train, y_train, x_val, y_val (+ fold_train, fold_val with cv_folds)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason) left out
     duplicates: pd.DataFrame | None = None  # byte-identical pairs, see integrity.find_duplicates
     near_duplicates: NearDuplicates | None = None  # the leakage audit (None when turned off)
@@ -61,6 +61,8 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
         near = near.with_splits(table)
         if audit.stop_on_label_conflict:
             _refuse_label_conflicts(near, table)
+    if cv_folds(study):  # the folds of train ∪ val, written out with the split; the test split keeps <NA>
+        table["fold"] = _folds(table, study)
     positive = _positive_index(study, class_names)
     _check_metric_reported(study, class_names)
     table["label_index"] = table["label"].map({c: i for i, c in enumerate(class_names)}).astype("int64")
@@ -70,8 +72,20 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
         rows = table[table["split"] == split]
         arrays[f"x_{split}"] = decode_images(rows["path"].tolist(), ds.image_size)
         arrays[f"y_{split}"] = rows["label_index"].to_numpy()
+        if "fold" in rows.columns:  # the trials train fold k on train ∪ val minus fold k (trainables.train)
+            arrays[f"fold_{split}"] = rows["fold"].to_numpy(dtype="int64")
     duplicates = find_duplicates(table[table["split"] != "unused"])
     return Prepared(table, class_names, positive, arrays, skipped, duplicates, near)
+
+
+def _folds(table: pd.DataFrame, study: Study) -> pd.Series:
+    """``assign_folds`` for the study: seeded by the split's seed, grouped when its split protocol is."""
+    ds = study.dataset
+    by = group_by(ds.split_options.get("by", "group")) if ds.split == "grouped" else None
+    try:
+        return assign_folds(table, table["split"], cv_folds(study), seed=ds.seed, grouped_by=by)
+    except DatasetError as exc:
+        raise StudyError(f"cv_folds: bad value {study.cv_folds!r}; {exc}") from None
 
 
 def _grouped_by_near_duplicates(ds) -> bool:
@@ -178,7 +192,8 @@ def _check_metric_reported(study: Study, class_names: list[str]) -> None:
 
 def write_splits(splits: pd.DataFrame, folder) -> str:
     """``splits.parquet`` in a ``search.storage.StudyFolder``: every image with its split, written out."""
-    out = splits[["path", "label", "label_index", "group", "origin", "split"]].copy()
+    out = splits[["path", "label", "label_index", "group", "origin", "split"]
+                 + (["fold"] if "fold" in splits.columns else [])].copy()  # fold: cv_folds, <NA> outside train ∪ val
     for col in ("path", "label", "group", "origin", "split"):
         out[col] = out[col].astype("string")
     return folder.write_parquet("splits.parquet", out)

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-trial", type=_non_negative_float,
                         help="GPUs each trial reserves, e.g. 0.25 or 0 for CPU only (overrides the study)")
     parser.add_argument("--max-concurrent", type=_positive_int, help="trials running at once (overrides the study)")
+    parser.add_argument("--cv-folds", type=_positive_int, metavar="K",
+                        help="select by K-fold cross-validation on train+val: each trial trains K models and reports "
+                        "their mean; 1 = one validation split (overrides the study)")
     parser.add_argument("--no-activation-cache", dest="activation_cache", action="store_false", default=None,
                         help="run frozen backbones on every image every epoch, instead of training on cached features")
     parser.add_argument("--name", type=_non_empty, help="results folder name under --storage (default: the study's name; "
@@ -110,7 +113,8 @@ def _non_negative_int(text: str) -> int:
 
 # Flags that define the search. Recorded in study.json when a study starts and re-applied by --resume;
 # giving one again with another value is refused, since the restored searcher and ASHA keep the old one.
-SEARCH_FLAGS = ("num_samples", "max_epochs", "seed", "data_dir", "smoke", "skip_corrupt", "activation_cache")
+SEARCH_FLAGS = ("num_samples", "max_epochs", "seed", "data_dir", "smoke", "skip_corrupt", "activation_cache",
+                "cv_folds")
 # Flags that say where and with what it runs: recorded and re-applied too, but a resume may change them.
 RESOURCE_FLAGS = ("weights_dir", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "mlflow_uri")
 
@@ -159,8 +163,8 @@ def apply_overrides(study, args):
     if args.smoke:
         changes.update(SMOKE)
     for field in ("num_samples", "max_epochs", "seed", "weights_dir", "cpus_per_trial", "gpus_per_trial",
-                  "max_concurrent", "activation_cache"):
-        value = getattr(args, field)
+                  "max_concurrent", "activation_cache", "cv_folds"):
+        value = getattr(args, field, None)  # cv_folds: absent from a Namespace recorded before it existed
         if value is not None:
             changes[field] = value
     if changes.get("max_epochs") is not None and study.grace_period > changes["max_epochs"]:
@@ -421,7 +425,7 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
     import ray
 
     from search.local_ray import local_ray_options
-    from search.study import StudyError
+    from search.study import StudyError, cv_folds
     from search.tuner import make_tuner, worker_env
     from trainables.train import TrialSettings
     from trainables.weights import pack_weights
@@ -439,6 +443,7 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
         activation_cache=study.activation_cache,
         augment_views=study.augment_views,
         mixed_precision=study.mixed_precision,
+        cv_folds=cv_folds(study),
     )
     env = {"env_vars": worker_env()}
     with local_ray_options(args.address) as local:  # a local Ray listens on 127.0.0.1 only

@@ -101,6 +101,9 @@ class Study:
     max_failures: int = 1  # retries of a trial that raised (Ray's FailureConfig); then it is recorded as errored
     augment_views: int = 0  # augmented trials: cache this many augmented views per image (0: run the network)
     mixed_precision: bool | str = "auto"  # mixed_float16; "auto": on GPUs with float16 tensor cores (compute >= 7.0)
+    # k-fold cross-validation on train ∪ val: each trial trains k models (one per fold) and reports their mean
+    # metrics per epoch; its fold models are its ensemble. None (or 1): one validation split.
+    cv_folds: int | None = None
     source: str | None = None  # the study file, set by load_study
 
     def __post_init__(self):
@@ -136,6 +139,9 @@ def validate(study: Study) -> None:
     _int("seed", study.seed, low=0)
     _int("augment_views", study.augment_views, low=0)
     _int("max_failures", study.max_failures, low=0)
+    if study.cv_folds is not None and not (is_int(study.cv_folds, low=1) and study.cv_folds == 1):
+        _int("cv_folds", study.cv_folds, low=2, fix="use an integer >= 2 for k-fold cross-validation "
+             "on train ∪ val (e.g. 5), or None for one validation split")
     if not isinstance(study.activation_cache, bool):
         _fail("activation_cache", study.activation_cache, "use True or False")
     if not is_one_of(study.mixed_precision, (True, False, "auto")):
@@ -238,6 +244,12 @@ def _sample_once(study: Study, dry) -> dict:
     return hparams
 
 
+def cv_folds(study: Study) -> int | None:
+    """The study's number of cross-validation folds, or None for one validation split (``cv_folds`` None or 1)."""
+    k = study.cv_folds
+    return None if k is None or k == 1 else int(k)
+
+
 def imagenet_backbones(study: Study) -> list[str]:
     """Backbones the study may train from ImageNet weights: the files the run must find first."""
     found = set()
@@ -277,9 +289,9 @@ def _choice(field: str, value, valid) -> None:
         raise StudyError(f"{field}: " + unknown_name_message(field.rsplit(".", 1)[-1], value, valid))
 
 
-def _int(field: str, value, *, low: int, high: int | None = None) -> None:
+def _int(field: str, value, *, low: int, high: int | None = None, fix: str | None = None) -> None:
     if not is_int(value, low=low) or (high is not None and value > high):
-        _fail(field, value, f"use an integer >= {low}" if high is None else f"use an integer from {low} to {high}")
+        _fail(field, value, fix or (f"use an integer >= {low}" if high is None else f"use an integer from {low} to {high}"))
 
 
 def _is_finite(value) -> bool:

@@ -121,8 +121,9 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
         # Restoring brings back the searcher, scheduler and trials; callbacks are not saved.
         tuner = tune.Tuner.restore(folder.uri(), trainable=trainable, resume_unfinished=True, resume_errored=True)
         searcher = tuner._local_tuner._tune_config.search_alg  # noqa: SLF001 (the restored one, which Tune runs)
+        dashboards = dashboard_callbacks(study, folder, searcher, mlflow_uri)
         tuner._local_tuner._run_config.callbacks = [*with_accountant(reporters, searcher, study),  # noqa: SLF001
-                                                    *dashboard_callbacks(study, folder, searcher, mlflow_uri), *callbacks]
+                                                    *dashboards, *callbacks]
         return tuner
     searcher = make_searcher(study)
     dashboards = dashboard_callbacks(study, folder, searcher, mlflow_uri)

@@ -370,3 +370,41 @@ def _group_column(table: pd.DataFrame, name: str) -> pd.Series:
             f"Protocols: {', '.join(list_protocols())}"
         )
     return table[column]
+
+
+# --- Cross-validation folds (Study(cv_folds=k)) ----------------------------------------------------------------
+
+
+def assign_folds(table: pd.DataFrame, split: pd.Series, k: int, *, seed: int, grouped_by: list[str] | None = None,
+                 ) -> pd.Series:
+    """Fold 0..k-1 of every train and val row, ``<NA>`` elsewhere (test, unused): cross-validation on train ∪ val.
+
+    Stratified by label (``StratifiedKFold``), or, when the split protocol is grouped (``grouped_by``, its
+    ``by`` names), by whole groups as well (``StratifiedGroupKFold``: every group in one fold, so a lesion
+    or a near-duplicate cluster is never on both sides of a fold). Shuffled with ``seed``; the test split is
+    never touched. Too few images of a class (or too few groups) for ``k`` folds is a ``DatasetError``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    pool = split.isin(["train", "val"]).to_numpy()
+    labels = table["label"][pool].astype(str).to_numpy()
+    counts = pd.Series(labels).value_counts()
+    if counts.min() < k:
+        raise DatasetError(f"cv_folds={k}: class {counts.idxmin()!r} has only {int(counts.min())} image(s) in "
+                           f"train ∪ val, too few for {k} stratified folds; use cv_folds <= {int(counts.min())}")
+    folds = np.full(len(labels), -1)
+    if grouped_by:
+        groups = _group_keys(table[pool], grouped_by).to_numpy()
+        n_groups = len(set(groups))
+        if n_groups < k:
+            raise DatasetError(f"cv_folds={k}: train ∪ val holds only {n_groups} group(s), too few for {k} "
+                               f"grouped folds; use cv_folds <= {n_groups}")
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(len(labels)), labels, groups)
+    else:
+        parts = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    for fold, (_, held_out) in enumerate(parts):
+        folds[held_out] = fold
+    out = pd.Series(pd.NA, index=table.index, dtype="Int64", name="fold")
+    out[pool] = folds
+    return out

@@ -2,6 +2,16 @@
 
 Every epoch it reports real validation metrics through ``ray.tune.report``,
 with a checkpoint whenever the study's metric improves (``trainables.checkpoint``).
+
+With ``cv_folds=k`` (``Study(cv_folds=k)``) a trial trains k models, one per
+fold of train ∪ val, *sequentially in its own process*: every epoch each fold
+model trains one epoch on the other folds and is scored on its own, and the
+trial reports the mean of the k fold metrics (``val_<m>``) and their spread
+(``val_<m>_std``). One Ray trial stays one configuration, so ASHA still rungs
+on epochs, TPE sees the less noisy mean, and the leaderboard, checkpoints and
+--resume work unchanged; k parallel Ray tasks would compete for the same CPUs
+and split one configuration's state across processes. The checkpoint holds
+all k models (``fold_<i>/``), the trial's ensemble (``load_classifier``).
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from trainables.activation_cache import (
     split_backbone,
 )
 from trainables.augment import make_augmentation
-from trainables.checkpoint import MODEL_FILE, TOP_FILE, save_classifier
+from trainables.checkpoint import MODEL_FILE, TOP_FILE, fold_folders, save_classifier, save_folds
 from trainables.hparams import PLACEMENT, resolve_hparams
 from trainables.metrics import is_better
 from trainables.weights import unpack_weights
@@ -51,6 +61,7 @@ class TrialSettings:
     activation_cache: bool = True  # frozen pretrained backbones: train the head on cached features
     augment_views: int = 0  # with augmentation: a cached bank of this many views per image (0: run the network)
     mixed_precision: bool | str = "auto"  # "auto": mixed_float16 on a GPU with compute capability >= 7.0
+    cv_folds: int | None = None  # k-fold cross-validation on train ∪ val (data holds fold_train, fold_val)
 
 
 def phases(hp: dict, max_epochs: int) -> list[tuple[int, int, float, object]]:
@@ -83,6 +94,8 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
     one this process built for an earlier such trial (``shared_backbone``): the
     returned classifier shares it, so it must not be trained further.
     """
+    if settings.cv_folds:
+        return fit_cross_validated(config, data, settings, weights_dir=weights_dir)
     from ray import tune
 
     started = time.monotonic()
@@ -312,3 +325,173 @@ class ReportEpoch(keras.callbacks.Callback):
             (Path(folder) / "trial.json").write_text(json.dumps(state, default=str))
             metrics["checkpoint_s"] = time.monotonic() - saving
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+# --- cross-validated trials (Study(cv_folds=k)) -------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Fold:
+    """One fold's model and data in a cross-validated trial."""
+
+    model: keras.Model  # the whole classifier (raw RGB -> probabilities)
+    backbone: object
+    fit_model: keras.Model  # what trains: the classifier, or the top on cached features
+    top: keras.Model | None
+    train_index: np.ndarray  # rows of train ∪ val it trains on (every other fold)
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray  # its own fold, which it never trains on
+    y_val: np.ndarray
+
+
+def fold_indices(folds: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train rows, held-out rows)`` of each fold 0..k-1 of train ∪ val."""
+    if set(np.unique(folds)) != set(range(k)):
+        raise ValueError(f"cv_folds={k}, but the data's folds are {sorted(set(np.unique(folds)))}")
+    return [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in range(k)]
+
+
+def fit_cross_validated(config: dict, data: dict, settings: TrialSettings, *, weights_dir=None) -> list[keras.Model]:
+    """A cross-validated trial: k fold models trained epoch by epoch in turn; reports the fold means. Returns
+    the k classifiers.
+
+    Train ∪ val is ``x_train`` then ``x_val``, with ``fold_train`` and ``fold_val``. A frozen backbone's
+    cached features are computed (or found) for ``x_train`` and ``x_val`` exactly as a one-split trial
+    does, so the same cache entries serve every fold and every trial; each fold indexes their concatenation.
+    """
+    from ray import tune
+
+    from trainables.metrics import classification_metrics
+    from trainables.model import apply_unfreeze, build_model
+
+    started = time.monotonic()
+    k = int(settings.cv_folds)
+    hp = resolve_hparams(config, settings.max_epochs, settings.random_init)
+    seed = (settings.seed * 100_003 + int(config.get("trial_number", 0))) % (2**31 - 1)
+    device = setup_tensorflow(settings.cpus, seed, mixed_precision=settings.mixed_precision)
+    placement = {key: v for key, v in device.items() if key in PLACEMENT}
+    parts = (data["x_train"], data["x_val"])
+    y_all = np.concatenate([data["y_train"], data["y_val"]])
+    index = fold_indices(np.concatenate([data["fold_train"], data["fold_val"]]), k)
+    input_shape = parts[0].shape[1:]
+    cacheable = settings.activation_cache and can_use_cache(hp, settings.augment_views)
+    frozen = None
+    if cacheable and str(hp["unfreeze"]) == "0":
+        frozen = shared_backbone(hp["backbone"], weights=hp["weights"], input_shape=input_shape, weights_dir=weights_dir)
+    x_all = views = None
+    built = []
+    for f in range(k):
+        model, backbone = build_model(hp, input_shape=input_shape, num_classes=len(settings.class_names),
+                                      weights_dir=weights_dir, seed=seed + f,
+                                      backbone=frozen.model if frozen is not None else None)
+        fit_model, top = model, None
+        split = split_backbone(backbone, hp["unfreeze"]) if cacheable else None
+        if split is not None:
+            prefix, suffix, _ = split
+            frozen = frozen if frozen is not None else frozen_part(prefix)  # pretrained and frozen: one for all folds
+            fit_model = top = cached_top(suffix, model.get_layer("head"), prefix.output.shape[1:])
+            if x_all is None:
+                dtype = HEAD_ONLY_DTYPE if suffix is None else FINE_TUNE_DTYPE
+                if hp["augment"] != "none":
+                    augmentation = make_augmentation(hp["augment"], seed=settings.seed)
+                    views = np.concatenate([cached_views(prefix, x, augmentation, views=settings.augment_views,
+                                                         policy=hp["augment"], seed=settings.seed, dtype=dtype,
+                                                         identity=frozen.identity) for x in parts], axis=1)
+                x_all = np.concatenate([cached_features(prefix, x, dtype=dtype, identity=frozen.identity)
+                                        for x in parts])
+        built.append((model, backbone, fit_model, top))
+    if x_all is None:
+        x_all = np.concatenate(parts)
+    folds = [Fold(model, backbone, fit_model, top, tr, x_all[tr], y_all[tr], x_all[va], y_all[va])
+             for (model, backbone, fit_model, top), (tr, va) in zip(built, index)]
+    del x_all
+    start_epoch = restore_folds(folds, tune.get_checkpoint())
+    cached = frozen if any(f.top is not None for f in folds) else None
+    batch = int(hp["batch_size"])
+    best, setup_s = None, None
+    for first, end, lr, unfreeze in phases(hp, settings.max_epochs):
+        if end <= start_epoch:
+            continue
+        for fold in folds:
+            apply_unfreeze(fold.backbone, unfreeze, pretrained=hp["weights"] is not None)
+            fold.fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
+            fold.fit_model.optimizer.build(fold.fit_model.trainable_variables)
+        for epoch in range(max(first, start_epoch), end):
+            epoch_started = time.monotonic()
+            setup_s = epoch_started - started if setup_s is None else setup_s
+            losses, scores = [], []
+            for fold in folds:
+                x = views[epoch % len(views)][fold.train_index] if views is not None else fold.x_train
+                history = fold.fit_model.fit(x, fold.y_train, batch_size=batch, epochs=epoch + 1, initial_epoch=epoch,
+                                             class_weight=balanced_class_weight(fold.y_train) if hp["class_weight"]
+                                             else None, shuffle=True, verbose=0)
+                losses.append(float(history.history.get("loss", [math.nan])[-1]))
+                probs = predict_in_batches(fold.fit_model, fold.x_val, max(64, batch))
+                scores.append(classification_metrics(fold.y_val, probs, list(settings.class_names),
+                                                     positive=settings.positive))
+            metrics = {
+                "epoch": epoch + 1,
+                **fold_summary([{"loss": v} for v in losses], prefix="train_"),
+                **fold_summary(scores, prefix="val_"),
+                "elapsed_s": time.monotonic() - started,
+                "trainable_params": int(sum(np.prod(w.shape) for w in folds[0].model.trainable_weights)),
+                "total_params": int(folds[0].model.count_params()),
+                "setup_s": setup_s,
+                "epoch_s": time.monotonic() - epoch_started,  # all k folds
+                "checkpoint_s": 0.0,
+                "diverged": int(not all(math.isfinite(v) for v in losses)),
+                **placement,
+            }
+            if not is_better(metrics.get(settings.metric), best, settings.mode):
+                tune.report(metrics)
+            else:
+                best = metrics[settings.metric]
+                with tempfile.TemporaryDirectory(prefix="medsearch-ckpt-") as folder:
+                    saving = time.monotonic()
+                    save_folds(Path(folder), [f.model for f in folds], frozen=cached,
+                               tops=[f.top for f in folds] if cached is not None else None)
+                    state = {"epoch": epoch + 1, settings.metric: best, "class_names": list(settings.class_names),
+                             "hparams": hp, "cv_folds": k}
+                    (Path(folder) / "trial.json").write_text(json.dumps(state, default=str))
+                    metrics["checkpoint_s"] = time.monotonic() - saving
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            if metrics["diverged"]:  # a NaN or inf loss never recovers: end the trial now
+                return [f.model for f in folds]
+    return [f.model for f in folds]
+
+
+def fold_summary(scores: list[dict], *, prefix: str) -> dict:
+    """``<prefix><metric>``: the mean over folds (NaN folds left out), and ``<prefix><metric>_std``: their
+    sample standard deviation (ddof=1), the spread the mean hides."""
+    import warnings
+
+    out = {}
+    for key in scores[0]:
+        values = np.array([s[key] for s in scores], dtype=np.float64)
+        with warnings.catch_warnings():  # every fold NaN (AUC of a one-class fold): the mean is NaN too
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[f"{prefix}{key}"] = float(np.nanmean(values))
+            out[f"{prefix}{key}_std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
+    return out
+
+
+def restore_folds(folds: list[Fold], checkpoint) -> int:
+    """``restore`` for a cross-validated trial: each fold's weights from ``fold_<i>/``; the epoch to continue from."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        subs = fold_folders(folder)
+        if len(subs) != len(folds):
+            raise ValueError(f"checkpoint {folder} holds {len(subs)} fold model(s), this trial trains {len(folds)}")
+        for fold, sub in zip(folds, subs):
+            if (sub / MODEL_FILE).is_file():
+                target, saved = fold.model, sub / MODEL_FILE
+            elif fold.top is not None:
+                target, saved = fold.top, sub / TOP_FILE
+            else:
+                raise ValueError(f"checkpoint {sub} holds a model trained on cached features; "
+                                 "resume it with the activation cache on")
+            target.set_weights(keras.saving.load_model(saved, compile=False).get_weights())
+        return int(json.loads((folder / "trial.json").read_text())["epoch"])

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from search import Dataset, Study, StudyFailed, load_results, run_study
+from search import Dataset, Study, StudyFailed, run_study
 
 pytestmark = pytest.mark.e2e
 
@@ -167,6 +167,7 @@ def test_tensorboard_event_files_hold_each_epochs_metrics_and_the_hyperparameter
                 else:
                     scalars.setdefault(value.tag, {})[event.step] = value.simple_value
         assert scalars[f"ray/tune/{METRIC}"] == pytest.approx(epochs_of(run, row.trial_number), abs=1e-6)
+        assert {"ray/tune/val_loss", "ray/tune/train_loss", "ray/tune/val_auc"} <= set(scalars)
         assert hparams["learning_rate"].number_value == pytest.approx(row.learning_rate)
         assert hparams["backbone"].string_value == "cnn_s3" and hparams["trial_number"].number_value == row.trial_number
 
@@ -186,7 +187,8 @@ def test_mlflow_gets_a_run_per_trial_with_params_and_metrics(run, monkeypatch):
     assert set(by_name) == set(run.board["trial_name"])  # trials started after the resume too
     for row in run.board.itertuples():
         # A trial the resume continued has a second run, from its checkpoint on; the newest value of an epoch counts.
-        logged = sorted((r for r in by_name[row.trial_name] if METRIC in r.data.metrics), key=lambda r: r.info.start_time)
+        logged = sorted((r for r in by_name[row.trial_name] if METRIC in r.data.metrics),
+                        key=lambda r: r.info.start_time)
         assert logged, row.trial_name
         assert all(float(r.data.params["learning_rate"]) == pytest.approx(row.learning_rate) for r in logged)
         assert all(r.data.params["backbone"] == "cnn_s3" and r.data.tags["medsearch_study"] == "dash" for r in logged)
