@@ -41,7 +41,7 @@ the report's test evaluation shows ``explain_section``'s panel.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,7 @@ class Target:
     """The feature map Grad-CAM weighs: ``path`` is the chain of layers from the classifier down to it."""
 
     path: tuple  # (nested model, ..., layer)
+    built: dict = field(default_factory=dict, compare=False, repr=False)  # the (map, output) model, made once
 
     @property
     def layer(self):
@@ -139,7 +140,7 @@ def _logits(dense, h):
     return z + dense.bias if dense.use_bias else z
 
 
-def _trace(model, x, path: tuple, *, last: bool):
+def _trace(model, x, path: tuple, *, last: bool, built: dict):
     """Run ``model`` on ``x``: ``(feature map or None, output)``; the target lies at ``path`` below ``model``.
 
     The model holding the target layer itself is rebuilt with the map as a
@@ -150,8 +151,10 @@ def _trace(model, x, path: tuple, *, last: bool):
     import keras
 
     if len(path) == 1 and not last:
-        both = keras.Model(model.inputs, [path[0].output, *model.outputs])
-        feature_map, out = both(x, training=False)
+        key = (id(model), id(path[0]))
+        if key not in built:
+            built[key] = keras.Model(model.inputs, [path[0].output, *model.outputs])
+        feature_map, out = built[key](x, training=False)
         return feature_map, out
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     h, feature_map = x, None
@@ -161,9 +164,9 @@ def _trace(model, x, path: tuple, *, last: bool):
             if len(path) == 1:
                 h = feature_map = layer(h, training=False)
             else:
-                feature_map, h = _trace(layer, h, path[1:], last=final)
+                feature_map, h = _trace(layer, h, path[1:], last=final, built=built)
         elif final and isinstance(layer, keras.Model):
-            _, h = _trace(layer, h, (), last=True)
+            _, h = _trace(layer, h, (), last=True, built=built)
         elif final and _is_softmax_dense(layer):
             h = _logits(layer, h)
         else:
@@ -201,7 +204,7 @@ def gradcam(model, images, class_index=None, *, batch_size: int = _BATCH, target
     for start in range(0, n, batch_size):
         x = tf.convert_to_tensor(images[start:start + batch_size])
         with tf.GradientTape() as tape:
-            feature_map, logits = _trace(model, x, target.path, last=True)
+            feature_map, logits = _trace(model, x, target.path, last=True, built=target.built)
             logits = tf.cast(logits, tf.float32)
             chosen = tf.argmax(logits, axis=-1) if wanted is None else tf.constant(wanted[start:start + len(x)])
             score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
@@ -321,110 +324,117 @@ def explain_section(run, evaluation: dict | None):
 
     ``run`` is ``analysis.tables.load_run(RUN_DIR)``; ``evaluation`` the newest
     record of ``test_evaluation.json`` (``analysis.plots.latest_evaluation``).
-    For each true class, a fixed sample (seeded with the study's ``seed``) of up
-    to ``PANEL_PER_GROUP`` correctly and wrongly classified images, each with the
-    map for the class the model predicted.
+    One row per true class: up to ``PANEL_PER_GROUP`` correctly classified
+    images, then up to as many wrongly classified ones, a fixed sample drawn
+    with the study's ``seed``, each with the map for the class the model
+    predicted. The panel is ``report_files/gradcam_test.png``.
 
     This is part of the final evaluation's reporting, and it reads test images
     only after that evaluation: without ``test_evaluation.json`` and its
     ``test_predictions.parquet`` (written by ``python -m analysis.evaluate``) it
     draws nothing and says so. It never starts an evaluation or logs a new use of
     the test split; it decodes only images that evaluation already scored (the
-    rows of ``test_predictions.parquet`` that ``splits.parquet`` lists in the
-    evaluated split), to draw where the model looked on them.
+    best trial's rows of ``test_predictions.parquet`` whose paths
+    ``splits.parquet`` lists in the evaluated split), to show where the model
+    looked on them. A lost checkpoint or image gives a note, not an error.
     """
-    from analysis.plots import Plot, _figure, _save, best_evaluated
-    from analysis.report import PLOTS_DIR, Section
+    from analysis.plots import best_evaluated
+    from analysis.report import Section
+    from analysis.tables import AnalysisError
 
     s = Section("Where the model looks")
     split = (evaluation or {}).get("split", "test")
     record = run.path / f"{split}_evaluation.json"
-    predictions_file = run.path / f"{split}_predictions.parquet"
+    predictions = run.path / f"{split}_predictions.parquet"
     best = best_evaluated(evaluation)
-    if best is None or not record.is_file() or not predictions_file.is_file():
+    if best is None or not record.is_file() or not predictions.is_file():
         s.text(f"Not drawn: Grad-CAM overlays of {split} images come with the held-out evaluation "
                f"(`python -m analysis.evaluate {run.path}`), which writes {record.name} and "
-               f"{predictions_file.name}; this panel never reads the {split} split by itself.")
+               f"{predictions.name}; this panel never reads the {split} split by itself.")
         return s
     try:
-        return _panel_section(s, run, evaluation, best, split, predictions_file, Plot, _figure, _save, PLOTS_DIR)
+        _panel(s, run, str(best["trial_name"]), split, predictions)
+    except AnalysisError:  # the PNG could not be written (a full disk): as for every plot of the report
+        raise
     except Exception as exc:  # a lost checkpoint or image must not stop the report
         s.text(f"Not drawn: {type(exc).__name__}: {exc}")
-        return s
+    return s
 
 
-def _panel_section(s, run, evaluation, best, split, predictions_file, Plot, _figure, _save, plots_dir):
+def _panel(s, run, name: str, split: str, predictions: Path) -> None:
     import pandas as pd
 
     from analysis.evaluate import decode_split
+    from analysis.plots import Plot, _figure, _save
     from analysis.reader import choose_trial, load_trial_model
+    from analysis.report import PLOTS_DIR
 
-    name = str(best["trial_name"])
-    table = pd.read_parquet(predictions_file)
+    table = pd.read_parquet(predictions)
     table = table[table["trial"] == name]
-    splits = run.splits
-    if splits is not None and "split" in splits.columns:  # only images splits.parquet holds in the evaluated split
-        table = table[table["path"].astype(str).isin(set(splits.loc[splits["split"] == split, "path"].astype(str)))]
+    if run.splits is not None and "split" in run.splits.columns:  # images splits.parquet lists in that split
+        listed = set(run.splits.loc[run.splits["split"] == split, "path"].astype(str))
+        table = table[table["path"].astype(str).isin(listed)]
     if table.empty:
-        s.text(f"Not drawn: {predictions_file.name} holds no predictions of {name} on images of the {split} split.")
-        return s
-    trial = choose_trial(run.path, run.study, name)
-    model, class_names, size = load_trial_model(trial, run.path, run.study)
+        s.text(f"Not drawn: {predictions.name} holds no predictions of {name} on images of the {split} split.")
+        return
+    model, class_names, size = load_trial_model(choose_trial(run.path, run.study, name), run.path, run.study)
     seed = int(run.study.get("seed", 0) or 0)
     rng = np.random.default_rng(seed)
-    correct = table["predicted"].astype(str) == table["label"].astype(str)
-    groups = []  # (true class, "correct" | "wrong", rows)
+    labels = table["label"].astype(str)
+    correct = table["predicted"].astype(str) == labels
+    groups = {}  # (true class, correct) -> rows, in class order, correct first
     for cls in class_names:
-        for kind, mask in (("correct", correct), ("wrong", ~correct)):
-            rows = table[(table["label"].astype(str) == cls) & mask]
+        for right in (True, False):
+            rows = table[(labels == cls) & (correct == right)]
             if len(rows) > PANEL_PER_GROUP:
                 rows = rows.iloc[np.sort(rng.choice(len(rows), PANEL_PER_GROUP, replace=False))]
-            groups.append((cls, kind, rows))
-    shown = pd.concat([rows for _, _, rows in groups])
+            groups[(cls, right)] = rows.reset_index(drop=True)
+    shown = pd.concat(list(groups.values()), ignore_index=True)
     missing = [p for p in shown["path"].astype(str) if not Path(p).is_file()]
     if missing:
         s.text(f"Not drawn: {len(missing)} sampled {split} image(s) are no longer at their recorded paths "
                f"(e.g. {missing[0]}).")
-        return s
-    images = decode_split(shown.reset_index(drop=True), size)
-    predicted = [class_names.index(p) for p in shown["predicted"].astype(str)]
+        return
+    images = decode_split(shown, size)
     target = target_layer(model)
-    maps = gradcam(model, images, predicted, target=target)
+    maps = gradcam(model, images, [class_names.index(p) for p in shown["predicted"].astype(str)], target=target)
 
-    cols = PANEL_PER_GROUP
-    fig = _figure(figsize=(1.9 * cols + 1.2, 1.95 * len(groups)))
-    k = 0
-    for row, (cls, kind, rows) in enumerate(groups):
-        for col in range(cols):
-            ax = fig.add_subplot(len(groups), cols, row * cols + col + 1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(f"{cls}\n{kind}", fontsize=8)
-            if col >= len(rows):
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
-                if col == 0:
-                    ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=8, color="grey")
-                continue
-            r = rows.iloc[col]
-            ax.imshow(overlay(images[k], maps[k]))
-            p = r.get(f"prob_{r['predicted']}")
-            ax.set_title(f"pred {r['predicted']}" + (f" ({float(p):.2f})" if p is not None and not pd.isna(p) else ""),
-                         fontsize=7, color="black" if kind == "correct" else "firebrick")
-            k += 1
-    fig.suptitle(f"Grad-CAM of {name} on {split} images: rows are true class x correct/wrong", fontsize=9)
-    plot = Plot(PANEL_NAME, f"Where the model looks ({split} images)", _save(fig, run.path / plots_dir, PANEL_NAME),
-                f"Grad-CAM at {target.name}; red = regions that raised the predicted class's score")
-    labels = table["label"].astype(str)
+    k, cols = PANEL_PER_GROUP, 2 * PANEL_PER_GROUP
+    fig = _figure(figsize=(1.75 * cols + 0.6, 1.9 * len(class_names) + 0.5))
+    i = 0
+    for row, cls in enumerate(class_names):
+        for right in (True, False):
+            rows = groups[(cls, right)]
+            for j in range(k):
+                ax = fig.add_subplot(len(class_names), cols, row * cols + (0 if right else k) + j + 1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0 and right:
+                    ax.set_ylabel(f"true {cls}", fontsize=9)
+                if j >= len(rows):
+                    ax.set_axis_off()
+                    if j == 0:
+                        ax.text(0.5, 0.5, f"no {'correct' if right else 'wrong'}\nprediction", ha="center",
+                                va="center", fontsize=8, color="grey", transform=ax.transAxes)
+                    continue
+                r = rows.iloc[j]
+                ax.imshow(overlay(images[i], maps[i]))
+                p = r.get(f"prob_{r['predicted']}")
+                ax.set_title(f"{'' if right else 'wrong: '}{r['predicted']}"
+                             + ("" if p is None or pd.isna(p) else f" {float(p):.2f}"),
+                             fontsize=7, color="black" if right else "firebrick")
+                i += 1
+    fig.suptitle(f"Grad-CAM of {name} on {split} images; left: correctly classified, right: wrongly "
+                 "(title: predicted class and its probability)", fontsize=9)
+    path = _save(fig, run.path / PLOTS_DIR, PANEL_NAME)
     counts = ", ".join(f"{cls}: {int((correct & (labels == cls)).sum())} correct, "
                        f"{int((~correct & (labels == cls)).sum())} wrong" for cls in class_names)
-    s.text(f"Grad-CAM (gradient of the predicted class's logit, weighing the channels of the feature map "
-           f"`{target.name}`) of the best evaluated trial, {name}, on images of the held-out {split} split that "
-           f"`analysis.evaluate` already scored ({counts}). For each true class, up to {PANEL_PER_GROUP} correctly "
-           f"and {PANEL_PER_GROUP} wrongly classified images, drawn with the study's seed ({seed}), so the panel "
-           "is the same on every report. Red marks what raised the score of the class the model predicted; a map "
-           "on the background or the frame rather than the lesion is a shortcut worth checking. This panel reads "
-           "no new test data: it only re-decodes images of the evaluation above.")
-    s.plot(plot)
-    return s
+    s.text(f"Grad-CAM of the best evaluated trial, {name}: the gradient of the predicted class's logit weighs the "
+           f"channels of the feature map `{target.name}`. Images of the held-out {split} split that "
+           f"`analysis.evaluate` already scored ({counts}); per true class up to {k} correctly and {k} wrongly "
+           f"classified ones, drawn with the study's seed ({seed}), so the panel is the same in every report. Red "
+           "marks what raised the score of the class the model predicted; a map on the background, a ruler or the "
+           "frame rather than the lesion is a shortcut worth checking. This panel reads no new test data: it "
+           "re-decodes images of the evaluation above.")
+    s.plot(Plot(PANEL_NAME, f"Where the model looks ({split} images)", path,
+                f"Grad-CAM at {target.name}; red = regions that raised the predicted class's score"))

@@ -42,9 +42,8 @@ def hp(backbone, **changes):
 
 # The rule (the last 4-D map before the head, past trailing pooling and dropout) picks these:
 EXPECTED_TARGETS = {"vgg16": "block5_conv3", "resnet50": "conv5_block3_out", "densenet121": "relu",
-                    "mobilenet_v2": "out_relu", "efficientnet_b0": "top_activation", "efficientnet_b1": "top_activation",
-                    "efficientnet_lite0": "top_activation", "efficientnet_lite1": "top_activation",
-                    "efficientnet_lite2": "top_activation"}
+                    "mobilenet_v2": "out_relu",
+                    **{f"efficientnet_{v}": "top_activation" for v in ("b0", "b1", "lite0", "lite1", "lite2")}}
 SMALL_CNN_TARGETS = {"cnn_s3": keras.layers.Conv2D, "cnn_s2": keras.layers.BatchNormalization}
 
 
@@ -283,7 +282,12 @@ def test_the_panel_is_a_seeded_sample_of_correct_and_wrong_test_images(tmp_path,
     run_dir = evaluated_run(tmp_path)
     decoded = []
     real = evaluate.decode_split
-    monkeypatch.setattr(evaluate, "decode_split", lambda rows, size: decoded.append(list(rows["path"])) or real(rows, size))
+
+    def decode_split(rows, size):
+        decoded.append(list(rows["path"]))
+        return real(rows, size)
+
+    monkeypatch.setattr(evaluate, "decode_split", decode_split)
     run = load_run(run_dir)
     section = explain_section(run, latest_evaluation(read_test_evaluation(run)))
     assert section.title == "Where the model looks"
