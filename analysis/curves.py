@@ -342,15 +342,7 @@ def roc_plot(curves: list[ClassCurves], out_dir: Path, *, name: str = "roc_test"
             ax.plot([c.point["fpr"]], [c.point["tpr"]], "*" if filled else "o", markersize=14 if filled else 9,
                     color="tab:red", markerfacecolor="tab:red" if filled else "none", markeredgewidth=1.5,
                     label=f"{_point_label(c.point)}\nTPR {c.point['tpr']:.3f}, FPR {c.point['fpr']:.3f} on these images")
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.set_box_aspect(1)
-        ax.set_xlabel(label("fpr"))
-        ax.set_ylabel(label("tpr"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False,
-                  markerscale=0.7)
-        ax.set_title(f"{c.name} vs rest ({c.n_positive} positive, {c.n_negative} negative)", fontsize=9)
+        _finish_panel(ax, c, label("fpr"), label("tpr"))
     fig.suptitle(title, fontsize=10)
     return Plot(name, title.replace("\n", ", "), _save(fig, out_dir, name), note)
 
@@ -378,17 +370,21 @@ def pr_plot(curves: list[ClassCurves], out_dir: Path, *, name: str = "pr_test",
                     markersize=14 if filled else 9, color="tab:red", markerfacecolor="tab:red" if filled else "none",
                     markeredgewidth=1.5, label=f"{_point_label(c.point)}\nrecall {c.point['recall']:.3f}, "
                                                f"precision {c.point['precision']:.3f} on these images")
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.set_box_aspect(1)
-        ax.set_xlabel(f"{label('recall')} ({label('sensitivity')})")
-        ax.set_ylabel(label("ppv"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False,
-                  markerscale=0.7)
-        ax.set_title(f"{c.name} vs rest ({c.n_positive} positive, {c.n_negative} negative)", fontsize=9)
+        _finish_panel(ax, c, f"{label('recall')} ({label('sensitivity')})", label("ppv"))
     fig.suptitle(title, fontsize=10)
     return Plot(name, title.replace("\n", ", "), _save(fig, out_dir, name), note)
+
+
+def _finish_panel(ax, c, xlabel: str, ylabel: str) -> None:
+    """The unit square, the axis words, the legend under the panel and the class's counts as title."""
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_box_aspect(1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False, markerscale=0.7)
+    ax.set_title(f"{c.name} vs rest ({c.n_positive} positive, {c.n_negative} negative)", fontsize=9)
 
 
 def curve_plots(run_dir: str | Path, evaluation: dict | None = None, out_dir: str | Path | None = None):

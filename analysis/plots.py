@@ -510,12 +510,12 @@ def reliability_plot(curves: dict[str, dict], out_dir: Path, *, name: str = "rel
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     edges = None
-    for i, (label, bins) in enumerate(curves.items()):
+    for i, (name_of_curve, bins) in enumerate(curves.items()):
         count = np.asarray(bins["count"], dtype=float)
         filled = count > 0
         confidence = np.asarray(bins["confidence"], dtype=float)[filled]
         accuracy = np.asarray(bins["accuracy"], dtype=float)[filled]
-        top.plot(confidence, accuracy, "o-", color=f"C{i}", label=label, markersize=4)
+        top.plot(confidence, accuracy, "o-", color=f"C{i}", label=name_of_curve, markersize=4)
         edges = np.asarray(bins["edges"], dtype=float)
         width = (edges[1] - edges[0]) / (len(curves) + 0.5)
         bottom.bar(edges[:-1] + width * (i + 0.25), count, width=width, align="edge", color=f"C{i}", alpha=0.7)

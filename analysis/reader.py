@@ -209,6 +209,8 @@ def load_trial_model(trial: ChosenTrial, run_dir: Path, study: dict):
 
     The model is the whole classifier, also for a trial that trained on cached
     features and saved its frozen part and its top apart (``trainables.checkpoint``).
+    For a cross-validated study (``cv_folds``) it is the trial's fold ensemble: one
+    model whose output is the mean of its k fold models' probabilities.
     """
     from trainables.checkpoint import load_classifier
 

@@ -912,7 +912,7 @@ h1{border-bottom:2px solid #444;padding-bottom:.2em}h2{border-bottom:1px solid #
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em;display:block;overflow-x:auto;max-width:100%}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;vertical-align:top}
 th{background:#f2f2f2;white-space:normal;min-width:3.5em;max-width:11em;font-weight:600}
-td{white-space:nowrap}td.text{white-space:normal;text-align:left;min-width:12em}
+td{white-space:nowrap}td.text{white-space:normal;min-width:12em}th.l,td.l{text-align:left}
 td .ci{color:#666;font-size:.86em}
 td:first-child,th:first-child{text-align:left}
 tbody tr:nth-child(even){background:#fafafa}
@@ -981,20 +981,27 @@ def _inline(text: str) -> str:
 
 
 TEXT_CELL = 48  # a cell longer than this (a description, an error line, a citation) may wrap
+_NUMBER = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?%?( / [-+]?[\d.,]+)*")
 
 
 def _table_html(frame: pd.DataFrame) -> str:
-    """An HTML table of text cells: headers wrap, a cell's second line (an interval) sits under its value."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    """An HTML table of text cells: headers wrap, a cell's second line (an interval) sits under its value;
+    numbers align right, words left."""
+    def text(value) -> str:
+        return "" if value is None or (not isinstance(value, (list, tuple, dict)) and pd.isna(value)) else str(value)
+
+    cells = [[text(v) for v in row] for row in frame.itertuples(index=False)]
+    words = [any(c[j] and not _NUMBER.fullmatch(c[j].split("\n")[0]) for c in cells) for j in range(frame.shape[1])]
+    head = "".join(("<th class=\"l\">" if w else "<th>") + f"{html.escape(str(c))}</th>" for c, w in zip(frame.columns, words))
     rows = []
-    for row in frame.itertuples(index=False):
-        cells = []
-        for value in row:
-            text = "" if value is None or (not isinstance(value, (list, tuple, dict)) and pd.isna(value)) else str(value)
-            first, *more = text.split("\n")
+    for row in cells:
+        out = []
+        for value, word in zip(row, words):
+            first, *more = value.split("\n")
             inner = html.escape(first) + "".join(f"<br><span class=\"ci\">{html.escape(m)}</span>" for m in more)
-            cells.append(f"<td class=\"text\">{inner}</td>" if len(first) > TEXT_CELL else f"<td>{inner}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+            kind = " ".join(k for k, on in (("l", word), ("text", len(first) > TEXT_CELL)) if on)
+            out.append(f"<td class=\"{kind}\">{inner}</td>" if kind else f"<td>{inner}</td>")
+        rows.append("<tr>" + "".join(out) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 

@@ -123,3 +123,29 @@ def test_plots_of_a_study_with_nothing_scored(tmp_path):
     for group in plots.values():
         for p in group:
             assert p.path is None and p.note, p
+
+
+def test_axis_labels_and_titles_are_words_not_column_names(tmp_path, monkeypatch):
+    """Every label a plot shows comes from analysis.tables.label: no ``best_val_...`` or other snake_case names."""
+    import re
+
+    drawn = []
+    real_save = P._save
+
+    def save(fig, out_dir, name):
+        drawn.append(fig)
+        return real_save(fig, out_dir, name)
+
+    monkeypatch.setattr(P, "_save", save)
+    run = T.load_run(make_run_dir(tmp_path))
+    P.make_all(run, tmp_path / "out")
+    texts = []
+    for fig in drawn:
+        for ax in fig.axes:
+            texts += [ax.get_xlabel(), ax.get_ylabel(), ax.get_title()]
+            texts += [t.get_text() for t in ax.get_yticklabels() if ax.get_ylabel() == ""]  # importance bars
+    assert len(drawn) >= 4 and "validation balanced accuracy (best epoch)" in texts
+    raw = [t for t in texts if re.search(r"\b(best|last)_|\bval_|\b[a-z]+_[a-z_]+\b", t) and "trial_" not in t]
+    assert raw == [], raw
+    assert T.label("best_val_balanced_accuracy") == "validation balanced accuracy (best epoch)"
+    assert T.label("learning_rate") == "learning rate" and T.label("test_recall_mel") == "test recall of mel"

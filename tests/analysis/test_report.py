@@ -42,7 +42,7 @@ def test_report_of_the_real_study_has_every_section_and_embedded_images(real_cop
         assert (real_copy / rel).is_file(), rel
     assert "**Complete**" in md and "Partial results" not in md
     assert "Not run yet: `python -m analysis.evaluate" in md
-    assert "| backbone | trial | status | balanced acc. |" in md
+    assert "| backbone | trial | status | validation balanced accuracy (best epoch) |" in md
 
 
 def test_a_running_study_says_partial_results(tmp_path):
@@ -140,8 +140,9 @@ def test_evaluate_flag_runs_the_test_evaluation_first(tmp_path, monkeypatch):
     assert calls == [2]
     md = (folder / "report.md").read_text()
     test = md.split("## Held-out test evaluation")[1].split("## Plots")[0]
-    assert "0.8500 [0.8000, 0.9000]" in test and "trial_001_mobilenet_v2" in test
-    assert "| trial_004_mobilenet_v2 | malignant | 0.8800 [0.8300, 0.9300] | 0.7800 [0.7300, 0.8300] |" in test
+    # 20 test images: one is 1/20 = 0.05, so two decimals
+    assert "0.85 [0.80, 0.90]" in test and "trial_001_mobilenet_v2" in test
+    assert "| malignant | 0.88 [0.83, 0.93] | 0.78 [0.73, 0.83] | 0.82 [0.77, 0.87] | 10 |" in test
     assert "read 1 time(s)" in test
     assert "report_files/confusion_test.png" in md and (folder / "report_files" / "confusion_test.png").is_file()
     assert len(_embedded_pngs((folder / "report.html").read_text())) == len(re.findall(r"!\[", md))
@@ -177,3 +178,144 @@ def test_the_module_runs_from_the_command_line(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "report.md" in done.stdout and (folder / "report.html").is_file()
+
+
+# --------------------------------------------------------------------------
+# the report a person reads: a finished, evaluated run
+# --------------------------------------------------------------------------
+
+
+def _evaluate_without_models(folder, *, temperature=1.5, threshold=0.55, n_boot=200):
+    """What analysis.evaluate writes for a finished run (its schema, its own metric and interval functions), with
+    synthetic probabilities for the run's real test images instead of loading the checkpoints."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    from analysis import tables as T
+    from analysis.calibration import apply_temperature, calibration_scores, reliability_bins
+    from analysis.evaluate import _jsonable, _prediction_rows, bootstrap_ci, point_metrics
+    from analysis.operating_point import binary_at, binary_ci
+
+    run = T.load_run(folder)
+    splits = run.splits
+    classes = splits.sort_values("label_index")["label"].drop_duplicates().astype(str).tolist()
+    rows = splits[splits["split"] == "test"].reset_index(drop=True)
+    y = rows["label_index"].to_numpy()
+    positive = classes.index("malignant")
+    ranked = T.scored(run).head(2)
+    records, predictions = [], []
+    for rank, (_, trial) in enumerate(ranked.iterrows(), start=1):
+        rng = np.random.default_rng(rank)
+        logits = rng.normal(size=(len(y), len(classes)))
+        logits[np.arange(len(y)), y] += 0.8
+        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        metrics = point_metrics(y, p, classes, positive)
+        ci = bootstrap_ci(y, p, classes, n_boot=n_boot, seed=0, positive=positive)
+        records.append({"rank": rank, "trial_name": trial["trial_name"], "checkpoint": "x",
+                        run.score_column: trial[run.score_column], "best_epoch": trial["best_epoch"],
+                        "metrics": metrics, "ci": {m: list(v) for m, v in ci.items()},
+                        "classification_report": classification_report(y, p.argmax(1), labels=[0, 1], target_names=classes,
+                                                                       output_dict=True, zero_division=0),
+                        "confusion_matrix": confusion_matrix(y, p.argmax(1), labels=[0, 1]).tolist(),
+                        "class_names": classes})
+        predictions.append(_prediction_rows(trial["trial_name"], rows, y, p, classes))
+        if rank == 1:
+            best_probs = p
+    calibrated = apply_temperature(best_probs, temperature)
+    scores, is_pos = calibrated[:, positive], y == positive
+    model = {"label": records[0]["trial_name"], "trials": [records[0]["trial_name"]], "tta": None,
+             "metrics": records[0]["metrics"], "ci": records[0]["ci"],
+             "calibration": {"temperature": temperature, "validation": {"at_bound": False},
+                             "before": calibration_scores(best_probs, y), "after": calibration_scores(calibrated, y),
+                             "bins_before": reliability_bins(best_probs, y), "bins_after": reliability_bins(calibrated, y)},
+             "operating_point": {"class": "malignant", "value": threshold, "rule": "youden", "target": None,
+                                 "validation": binary_at(is_pos, scores, threshold),
+                                 "at_threshold": binary_at(is_pos, scores, threshold),
+                                 "ci": {m: list(v) for m, v in binary_ci(is_pos, scores, threshold, n_boot=n_boot).items()}},
+             "confusion_matrix": confusion_matrix(y, calibrated.argmax(1), labels=[0, 1]).tolist()}
+    evaluation = {"evaluated_at": "2025-01-02T00:00:01+00:00", "split": "test", "n": len(y), "metric": run.metric,
+                  "mode": run.mode, "k": 2, "n_boot": n_boot, "seed": 0, "level": 0.95, "positive_class": "malignant",
+                  "notes": [], "trials": records,
+                  "final": {"model": model["label"], "final_model": "final_model.json", "ensemble": None, "tta": None,
+                            "reliability_plot": None, "fitted_on_evaluated_split": False, "models": [model]}}
+    record = {"test_split_log": [{"test_split_used_at": "2025-01-02T00:00:00+00:00", "by": "analysis.evaluate",
+                                  "trials": [r["trial_name"] for r in records], "n_test": len(y)}],
+              "evaluations": [evaluation]}
+    (folder / "test_evaluation.json").write_text(json.dumps(_jsonable(record)))
+    pd.concat(predictions, ignore_index=True).to_parquet(folder / "test_predictions.parquet", index=False)
+    (folder / "model_card.md").write_text("# Model card: tiny\n")
+    return evaluation
+
+
+def _table_after(html: str, section_id: str) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows (cell text, tags removed) of the first table after the section's heading."""
+    part = html.split(f'<h2 id="{section_id}">', 1)[1]
+    table = part[part.index("<table"):part.index("</table>")]
+    headers = [re.sub(r"<[^>]+>", "", h) for h in re.findall(r"<th[^>]*>(.*?)</th>", table)]
+    rows = [[re.sub(r"<[^>]+>", " ", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", r)]
+            for r in re.findall(r"<tr>(.*?)</tr>", table.split("<tbody>", 1)[1])]
+    return headers, rows
+
+
+def test_the_report_of_an_evaluated_run_fits_reads_in_words_and_states_its_resolution(real_copy, monkeypatch):
+    from analysis import tables as T
+
+    def explain_section(run, evaluation):  # analysis/explain.py's entry point, without loading a model
+        s = R.Section("anything")
+        s.text(f"Grad-CAM stub for {evaluation['trials'][0]['trial_name']}")
+        return s
+
+    monkeypatch.setitem(sys.modules, "analysis.explain", types.SimpleNamespace(explain_section=explain_section))
+    evaluation = _evaluate_without_models(real_copy)
+    md_path, html_path = R.write_report(real_copy)
+    html, md = html_path.read_text(), md_path.read_text()
+
+    # the test table: at most 8 columns, headed by the label owner's words, intervals under their values
+    headers, rows = _table_after(html, "held-out-test-evaluation")
+    assert len(headers) <= 8 and len(rows) == 2
+    assert headers == ["rank", "trial", T.label("best_val_balanced_accuracy"), T.label("test_accuracy"),
+                       T.label("test_balanced_accuracy"), T.label("test_macro_f1"), T.label("test_auc"),
+                       T.label("test_recall_malignant")]
+    assert headers[2] == "validation balanced accuracy (best epoch)"
+    assert re.fullmatch(r"\d\.\d+\s+\[\d\.\d+, \d\.\d+\]", rows[0][3]), rows[0]  # the interval under the value
+    # no column name in any header of the HTML (nor in the Markdown tables' header lines)
+    all_headers = [re.sub(r"<[^>]+>", "", h) for h in re.findall(r"<th[^>]*>(.*?)</th>", html)]
+    assert not [h for h in all_headers if re.search(r"best_|val_|_s\b|_params", h)], all_headers
+    md_headers = [line for i, line in enumerate(md.splitlines()[:-1]) if md.splitlines()[i + 1].startswith("|---")]
+    assert not [h for h in md_headers if "best_val_" in h or "val_balanced" in h]
+
+    # resolution: one validation image is 1/n of the metric; whether the top trials can be told apart; test width
+    val = real_copy / "splits.parquet"
+    import pandas as pd
+
+    counts = pd.read_parquet(val).query("split == 'val'")["label"].value_counts()
+    k, smallest = len(counts), int(counts.min())
+    step = 1 / (k * smallest)
+    d = R.decimals_for(step)
+    assert f"one image is 1/{k * smallest} = {step:.{d}f} of validation balanced accuracy" in md
+    assert re.search(rf"The top \d+ trials are within 1/{k * smallest} = {step:.{d}f} of each other on validation "
+                     r"balanced accuracy: one image; they cannot be told apart", md) \
+        or re.search(rf"The best trial leads the next by 0\.\d+: .* image\(s\) at 1/{k * smallest} each", md)
+    n_test = evaluation["n"]
+    low, high = evaluation["trials"][0]["ci"]["balanced_accuracy"]
+    td = R.decimals_for(1 / n_test)
+    assert f"Resolution on test: {n_test} images; one image is 1/{n_test} = {1 / n_test:.{td}f} of accuracy" in md
+    assert f"is {high - low:.{td}f} wide [{low:.{td}f}, {high:.{td}f}]" in md
+
+    # the new sections sit with the test evaluation, in order; the model card is linked
+    order = ["held-out-test-evaluation", "final-model-ensemble-calibration-operating-point",
+             "roc-and-precision-recall-curves", "where-the-model-looks", "plots"]
+    assert [html.index(f'<h2 id="{a}">') for a in order] == sorted(html.index(f'<h2 id="{a}">') for a in order)
+    curves = html.split('<h2 id="roc-and-precision-recall-curves">')[1].split("<h2")[0]
+    assert len(_embedded_pngs(curves)) == 2 and "threshold 0.5500 chosen on validation" in curves
+    assert "Grad-CAM stub for " + evaluation["trials"][0]["trial_name"] in html
+    assert (real_copy / "report_files" / "roc_test.png").is_file() and (real_copy / "report_files" / "pr_test.png").is_file()
+    assert html.count('<a href="model_card.md">model_card.md</a>') == 2 and "[model_card.md](model_card.md)" in md
+
+
+def test_the_grad_cam_place_works_before_analysis_explain_exists(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "analysis.explain", None)  # import fails as for a missing module
+    md = R.write_report(make_run_dir(tmp_path))[0].read_text()
+    section = md.split("\n## Where the model looks\n", 1)[1].split("\n## ", 1)[0]
+    assert "Not available in this installation" in section

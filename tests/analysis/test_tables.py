@@ -209,7 +209,7 @@ def test_parameter_kinds():
 def test_markdown_tables_need_no_tabulate(mixed):
     text = T.to_markdown(T.pretty(T.best_per_backbone(mixed), mixed))
     lines = text.splitlines()
-    assert lines[0].startswith("| backbone | trial | status | balanced acc. |")
+    assert lines[0].startswith("| backbone | trial | status | validation balanced accuracy (best epoch) |")
     assert lines[1].startswith("|---|") and len(lines) == 4
     assert "0.8300" in lines[2] and "90,000" in lines[2]
     assert T.to_markdown(pd.DataFrame({"a": ["x|y"]})).splitlines()[2] == "| x\\|y |"
