@@ -5,7 +5,7 @@ Command lines:
     python -m analysis.report RUN_DIR [--evaluate] [--top-k 3]   # RUN_DIR/report.md and self-contained report.html
     python -m analysis.evaluate RUN_DIR [--top-k 3] [--ensemble K|auto] [--tta flips|dihedral]
                                 [--target-sensitivity S]          # the final model, fitted on validation, scored on test
-    python -m analysis.export RUN_DIR --format keras|tflite|savedmodel  # a deployable copy of the best model
+    python -m analysis.export RUN_DIR --format keras|savedmodel|tflite|onnx  # the calibrated best model, verified
     python -m analysis.model_card RUN_DIR                         # model_card.md from the folder's files
     python -m analysis.leaderboard RUN_DIR... [--out FILE]        # one row per study x backbone, Parquet + Markdown
 

@@ -180,7 +180,7 @@ def export_model(model, fmt: str, out: Path, *, temperature: float | None = None
     if temperature is not None:
         from trainables.calibrated import with_temperature
 
-        model = model  # MUTATION
+        model = with_temperature(model, temperature)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp" + (".keras" if fmt == "keras" else ""))
     try:

@@ -5,12 +5,14 @@ What to search lives in ``TuneConfig``, how to run it in ``RunConfig``, as in Ra
 
 from __future__ import annotations
 
+import copy
 import os
+from pathlib import Path
 
 import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from search.accounting import TrialAccountant
@@ -74,6 +76,32 @@ def worker_env() -> dict:
     }
 
 
+class ResumedSearch(SearchGenerator):
+    """Ray's wrapper of a restored searcher (as ``tune.run`` makes it), whose new trials write to the folder resumed.
+
+    Restoring the wrapper brings back the ``Experiment`` pickled by the run that
+    started (``SearchGenerator.set_state``), and with it that run's
+    ``StorageContext``: trials it creates after the resume would write their
+    checkpoints where the folder was, not into a moved or copied folder resumed
+    from another ``--storage``. Ray re-roots only the trials it restores
+    (``TuneController._restore_trials``); this re-roots the experiment the same way.
+    """
+
+    def __init__(self, searcher, *, storage_path: str, name: str):
+        super().__init__(searcher)
+        self._storage_path, self._name = storage_path, name
+
+    def set_state(self, state: dict):
+        super().set_state(state)
+        from ray.train._internal.storage import get_fs_and_path
+
+        storage = copy.copy(self._experiment.storage)
+        storage.storage_filesystem, fs_path = get_fs_and_path(self._storage_path, None)
+        storage.storage_fs_path = Path(fs_path).as_posix()
+        storage.experiment_dir_name = self._name
+        self._experiment.storage = self._experiment.spec["storage"] = storage
+
+
 def make_searcher(study: Study) -> ConcurrencyLimiter:
     sampler = optuna.samplers.TPESampler(seed=study.seed)
     searcher = OptunaSearch(space=StudySpace(study), metric=study.metric, mode=study.mode, sampler=sampler)
@@ -121,6 +149,9 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
         # Restoring brings back the searcher, scheduler and trials; callbacks are not saved.
         tuner = tune.Tuner.restore(folder.uri(), trainable=trainable, resume_unfinished=True, resume_errored=True)
         searcher = tuner._local_tuner._tune_config.search_alg  # noqa: SLF001 (the restored one, which Tune runs)
+        run_config = tuner._local_tuner._run_config  # noqa: SLF001 (storage_path and name: the folder resumed)
+        tuner._local_tuner._tune_config.search_alg = ResumedSearch(  # noqa: SLF001
+            searcher, storage_path=run_config.storage_path, name=run_config.name)
         dashboards = dashboard_callbacks(study, folder, searcher, mlflow_uri)
         tuner._local_tuner._run_config.callbacks = [*with_accountant(reporters, searcher, study),  # noqa: SLF001
                                                     *dashboards, *callbacks]
