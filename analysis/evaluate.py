@@ -77,7 +77,7 @@ def read_split(run_dir: Path, split: str) -> pd.DataFrame:
     path = run_dir / "splits.parquet"
     if not path.is_file():
         raise EvaluateError(f"{str(path)!r} is missing; was the results folder copied completely?")
-    table = pd.read_parquet(path)
+    table = _read_splits(path)
     rows = table[table["split"] == split].reset_index(drop=True)
     if rows.empty:
         present = ", ".join(f"{k} {v}" for k, v in table["split"].value_counts().items())
@@ -366,8 +366,23 @@ def plan_final(study: dict, class_names: list[str], n_with_checkpoint: int, run_
 
 def split_class_names(run_dir: Path) -> list[str]:
     """Class order of ``splits.parquet`` (``label_index``), the order every trial was trained with."""
-    pairs = pd.read_parquet(run_dir / "splits.parquet", columns=["label", "label_index"]).drop_duplicates()
+    pairs = _read_splits(run_dir / "splits.parquet")[["label", "label_index"]].drop_duplicates()
     return pairs.sort_values("label_index")["label"].astype(str).tolist()
+
+
+def _read_splits(path: Path) -> pd.DataFrame:
+    """``splits.parquet``; a damaged one (cut short by a crash or an interrupted copy) is an ``EvaluateError`` naming it."""
+    from analysis.reader import ResultsFolderError, read_table
+
+    try:
+        table = read_table(path)
+    except ResultsFolderError as exc:
+        raise EvaluateError(str(exc)) from None
+    missing = {"path", "label", "label_index", "split"} - set(table.columns)
+    if missing:
+        raise EvaluateError(f"{str(path)!r} lacks the column(s) {sorted(missing)}; was it written by search.run? "
+                            "Restore it from the original results folder")
+    return table
 
 
 def tta_views(images: np.ndarray, mode: str | None):

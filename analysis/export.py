@@ -195,6 +195,9 @@ def export_model(model, fmt: str, out: Path, *, temperature: float | None = None
         if fmt == "savedmodel" and out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as exc:  # a full disk (ENOSPC), a size limit (EFBIG), a read-only folder
+        raise ExportError(f"cannot write {str(out)!r} ({exc.strerror or exc}); free some space or choose a "
+                          "writable --out, and run again (nothing partial was left)") from None
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -562,7 +565,12 @@ def _write_sidecar(out: Path, run_dir: Path, study: dict, trial, fmt: str, class
                           "keras.saving.load_model(path, compile=False)")
     from search.storage import write_atomic
 
-    write_atomic(out.parent / f"{out.name}.json", (json.dumps(record, indent=1) + "\n").encode())
+    sidecar = out.parent / f"{out.name}.json"
+    try:
+        write_atomic(sidecar, (json.dumps(record, indent=1) + "\n").encode())
+    except OSError as exc:
+        raise ExportError(f"cannot write {str(sidecar)!r} ({exc.strerror or exc}); free some space and run again: "
+                          f"without it {str(out)!r} has no class names or threshold beside it") from None
 
 
 if __name__ == "__main__":

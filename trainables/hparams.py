@@ -44,6 +44,8 @@ def _augments() -> list[str]:
     return list(POLICIES)
 
 
+MAX_HEAD_UNITS, MAX_BATCH_SIZE = 16_384, 65_536
+
 # Hyperparameters with a fixed set of valid values: functions, as backbones may be registered later.
 _CHOICES: dict[str, Callable[[], list]] = {
     "backbone": _backbones,
@@ -60,9 +62,13 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "learning_rate": _RATE,
     "fine_tune_lr": _RATE,
     "dropout": (lambda v: is_number(v) and 0 <= v < 1, "use a number in [0, 1)"),
-    "head_units": _COUNT,
+    # Upper bounds: a hidden layer or a batch this large cannot fit in any memory; a trial would only
+    # die of it after Ray started (an out-of-memory error, or a machine swapping to a halt).
+    "head_units": (lambda v: is_int(v, low=0) and v <= MAX_HEAD_UNITS,
+                   f"use 0 (no hidden layer) or a width up to {MAX_HEAD_UNITS}, e.g. 128 or 256"),
     "warmup_epochs": _COUNT,
-    "batch_size": (lambda v: is_int(v, low=1), "use a positive integer, e.g. 16 or 32"),
+    "batch_size": (lambda v: is_int(v, low=1) and v <= MAX_BATCH_SIZE,
+                   f"use a positive integer up to {MAX_BATCH_SIZE}, e.g. 16 or 32"),
 }
 
 

@@ -133,6 +133,18 @@ def test_a_study_without_test_images_says_how_to_go_on(run_dir, tmp_path):
     assert not (folder / "test_evaluation.json").exists()
 
 
+def test_a_damaged_split_file_is_a_named_error_not_a_traceback(run_dir, tmp_path, capsys):
+    """splits.parquet cut short by an interrupted copy: exit 2 naming the file, before any model is loaded."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(run_dir, folder)
+    data = (folder / "splits.parquet").read_bytes()
+    (folder / "splits.parquet").write_bytes(data[: len(data) // 2])
+    assert main([str(folder), "--top-k", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "splits.parquet" in err and "is unreadable" in err and "Traceback" not in err
+    assert not (folder / "test_evaluation.json").exists()
+
+
 def test_a_damaged_log_is_never_overwritten(tmp_path):
     (tmp_path / "test_evaluation.json").write_text("{not json")
     with pytest.raises(EvaluateError, match="move it aside"):

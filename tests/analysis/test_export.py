@@ -239,3 +239,16 @@ def test_a_format_that_cannot_carry_the_calibration_is_refused_before_any_work(c
     assert "cannot carry the calibration" in capsys.readouterr().err and not out.exists()
     assert main([str(folder), "--format", "tflite", "--out", str(out), "--verify-on", "none", "--uncalibrated"]) == 0
     assert out.exists()
+
+
+def test_a_full_disk_is_a_named_error_and_leaves_no_partial_file(run_copy, tmp_path):
+    """A write cut short (EFBIG, as ENOSPC on a full disk): exit 2 naming the file, nothing partial left."""
+    from fixtures.runs import run_with_file_size_limit
+
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run_with_file_size_limit(["-m", "analysis.export", run_copy, "--format", "keras", "--out",
+                                     out / "model.keras", "--verify-on", "none"], 64 * 1024)
+    assert done.returncode == 2, done.stderr
+    assert "cannot write" in done.stderr and "model.keras" in done.stderr and "Traceback" not in done.stderr
+    assert list(out.iterdir()) == []

@@ -47,6 +47,8 @@ def test_defaults_are_valid():
         ({"fixed": {"learning_rate": 3}}, "learning_rate: bad value 3"),
         # Accepted before, then trained differently from what the leaderboard records:
         ({"fixed": {"batch_size": 0}}, "fixed: batch_size: bad value 0; use a positive integer"),  # Keras used 32
+        ({"fixed": {"batch_size": 10**9}}, "fixed: batch_size: bad value 1000000000; use a positive integer up to"),
+        ({"fixed": {"head_units": 10**9}}, "fixed: head_units: bad value 1000000000; use 0 (no hidden layer) or a width up to 16384"),
         ({"fixed": {"unfreeze": True}}, "fixed: unfreeze: bad value True"),  # ran as unfreeze=1
         ({"fixed": {"head_units": True}}, "fixed: head_units: bad value True"),  # ran as 1 unit
         ({"fixed": {"warmup_epochs": True}}, "fixed: warmup_epochs: bad value True"),
