@@ -374,14 +374,24 @@ def importance_plot(run: Run, out_dir: Path, importances: pd.Series | None = Non
 # ---------------------------------------------------------------- test confusion matrix
 
 def read_test_evaluation(run: Run, split: str = "test") -> dict | None:
-    """``RUN_DIR/<split>_evaluation.json`` as written by analysis.evaluate (None if absent or unreadable)."""
+    """``RUN_DIR/<split>_evaluation.json`` as written by analysis.evaluate (None if absent).
+
+    A damaged one is an ``AnalysisError`` naming it: read as absent, a report would say the test split
+    was never read, when its log says otherwise.
+    """
+    from analysis.tables import AnalysisError
+
     path = run.path / f"{split}_evaluation.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AnalysisError(f"{str(path)!r} is unreadable ({type(exc).__name__}: {exc}); it logs every use of the "
+                            f"{split} split, so restore it from the original folder rather than deleting it") from None
+    if not isinstance(record, dict):
+        raise AnalysisError(f"{str(path)!r} holds no evaluation record (a JSON object); restore it from the original folder")
+    return record
 
 
 def latest_evaluation(record: dict | None) -> dict | None:

@@ -87,6 +87,17 @@ def test_a_damaged_file_is_named_and_nothing_is_written(tmp_path, capsys, what):
     assert files_under(folder) == before
 
 
+def test_a_damaged_test_log_is_named_not_reported_as_never_run(tmp_path, capsys):
+    """test_evaluation.json cut short: the report must not say the test split was never read."""
+    folder = make_run_dir(tmp_path)
+    (folder / "test_evaluation.json").write_text('{"evaluations": [{"split": "test", ')
+    before = files_under(folder)
+    assert R.main([str(folder)]) == R.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert repr(str(folder / "test_evaluation.json")) in err and "is unreadable" in err and "Traceback" not in err
+    assert files_under(folder) == before
+
+
 def test_a_full_disk_is_a_named_error_and_leaves_no_partial_png(tmp_path):
     """Files capped at 2 kB (RLIMIT_FSIZE) fail the first plot's write part way, as a full disk would."""
     folder = make_run_dir(tmp_path)
