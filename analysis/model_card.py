@@ -350,6 +350,10 @@ def _export(run_dir: Path) -> str:
         check = side.get("verification") or {}
         lines.append(f"- {path.name}: format {side.get('format')}, trial {side.get('trial')}, verified "
                      + (f"on {check.get('split')}: {'ok' if check.get('ok') else 'FAILED'}" if check else "no"))
+        if side.get("output"):
+            lines.append(f"  - outputs {side['output']}")
+        if side.get("decision"):
+            lines.append(f"  - decision: {side['decision']}")
     return "\n".join(lines)
 
 

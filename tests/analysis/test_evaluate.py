@@ -469,6 +469,7 @@ def test_the_model_card_holds_the_evaluations_numbers(final_stage, tmp_path):
     from analysis.model_card import build_card
 
     folder, _, _ = final_stage
+    best_name = expected_order(folder)[0]
     card = (folder / "model_card.md").read_text()
     evaluation = json.loads((folder / "test_evaluation.json").read_text())["evaluations"][-1]
     final_model = json.loads((folder / "final_model.json").read_text())
@@ -499,6 +500,16 @@ def test_the_model_card_holds_the_evaluations_numbers(final_stage, tmp_path):
     final_model["temperature"] = 1.2345  # generated from the files: a change shows, nothing is fixed text
     (copy / "final_model.json").write_text(json.dumps(final_model))
     assert "- temperature: 1.2345 (" in build_card(copy)
+
+    # The export section states what the exported file outputs and how it decides, from its sidecar.
+    (copy / "export").mkdir()
+    (copy / "export" / "best.onnx.json").write_text(json.dumps({
+        "format": "onnx", "trial": best_name, "verification": {"split": "test", "ok": True},
+        "output": "calibrated probabilities softmax(log p / 1.2345)", "decision": "predict 'malignant' when >= 0.4"}))
+    card = build_card(copy)
+    assert f"- best.onnx.json: format onnx, trial {best_name}, verified on test: ok" in card
+    assert "  - outputs calibrated probabilities softmax(log p / 1.2345)" in card
+    assert "  - decision: predict 'malignant' when >= 0.4" in card
 
     # The leakage audit's figures come from near_duplicates.parquet: plant a cross-split pair and see it stated.
     from trainables.datasets.near_duplicates import contamination
