@@ -727,6 +727,17 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     final = {"label": final_label, "members": final_members, "tta": final_tta, "fitted": fitted[final_label]}
     record = final_model_record(study, classes, plan, final, per_trial, len(val_rows), ensemble_choice,
                                 checkpoints)
+    # What each candidate scores on validation (argmax, before calibration): the user asked for the final
+    # model's options, and is told when validation already says they do not help, before any test number.
+    metric = str(study.get("metric", "val_balanced_accuracy")).removeprefix("val_")
+    val_scores = {label: point_metrics(y_val, np.mean([val[(n, t or "none")] for n in members], axis=0), classes,
+                                       positive_for_auc).get(metric, math.nan) for label, members, t in candidates}
+    record["validation_scores"] = {"metric": metric, "by_model": val_scores}
+    worse = [label for label in val_scores if label != names[0] and val_scores[label] < val_scores[names[0]]]
+    if worse:
+        log(f"note: on validation, {', '.join(f'{lbl} ({val_scores[lbl]:.4f})' for lbl in worse)} "
+            f"score{'s' if len(worse) == 1 else ''} below the single best trial ({val_scores[names[0]]:.4f}) on "
+            f"{metric}: the option(s) you asked for do not help here; the final model is still {final_label!r}")
     if "fold" in val_rows.columns:  # cross-validated: fitted on the out-of-fold predictions of train ∪ val
         record["fitted_on"]["split"] = "train+val, out of fold"
         record["fitted_on"]["cv_folds"] = int(val_rows["fold"].nunique())

@@ -327,6 +327,27 @@ def test_validation_predictions_are_recomputed_exactly_as_the_trials_scored_them
     assert any("computed and cached in val_predictions_cache.parquet" in n for n in notes)
 
 
+def test_each_candidates_validation_score_is_recorded_and_a_worse_one_is_said(final_stage):
+    """final_model.json holds every candidate's validation score; one below the single best gets a note."""
+    from trainables.metrics import classification_metrics
+
+    folder, _, notes = final_stage
+    record = json.loads((folder / "final_model.json").read_text())["validation_scores"]
+    best, second = expected_order(folder)[:2]
+    expected = {}
+    for label, members, tta in ((best, [best], "none"), ("ensemble of top 2", [best, second], "none"),
+                                (f"{best} + TTA flips", [best], "flips"),
+                                ("ensemble of top 2 + TTA flips", [best, second], "flips")):
+        y = val_probs(folder, best)[0]
+        probs = np.mean([val_probs(folder, m, tta)[1] for m in members], axis=0)
+        expected[label] = classification_metrics(y, probs, CLASSES, positive=1)["balanced_accuracy"]
+    assert record["metric"] == "balanced_accuracy"
+    assert record["by_model"] == pytest.approx(expected, abs=1e-12)
+    worse = [label for label, v in expected.items() if v < expected[best]]
+    said = [n for n in notes if "below the single best trial" in n]
+    assert bool(said) == bool(worse) and all(label in said[0] for label in worse)
+
+
 def test_cached_validation_predictions_are_reused_unless_the_checkpoint_changed(final_stage, tmp_path):
     folder = shutil.copytree(final_stage[0], tmp_path / "tiny")
     cached = pd.read_parquet(folder / "val_predictions_cache.parquet")
