@@ -5,6 +5,7 @@ This is the cluster walkthrough of cluster/README.md in miniature:
 """
 
 import json
+import socket
 import sys
 import time
 import urllib.error
@@ -20,6 +21,12 @@ pytestmark = pytest.mark.e2e
 def get_json(url: str, headers: dict) -> dict:
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         return json.loads(response.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -43,7 +50,11 @@ def dashboard_cluster():
 
     assert enable_token_auth_by_default(), "RAY_AUTH_MODE is set to something other than token"
     ensure_token_if_auth_enabled()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    # Free ports, not Ray's 8265 and 52365: another Ray on this machine (a study someone is running) may hold them.
+    dashboard_port, agent_port = _free_port(), _free_port()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                      "dashboard_port": dashboard_port,
+                                                      "dashboard_agent_listen_port": agent_port})
     c.wait_for_nodes()
     yield c
     c.shutdown()
