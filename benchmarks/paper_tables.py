@@ -472,6 +472,10 @@ def _ci(entry: dict | None) -> str:
     return f"{entry['value']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _count(n) -> str:
+    return "n/a" if n is None else f"{n:,}"
+
+
 def _gap(g) -> str:
     return "n/a" if g is None else f"{g:+.4f}"
 
@@ -580,10 +584,10 @@ def markdown(record: dict) -> str:
             first = False
         for metric in rec.get("val_metrics_shown") or []:
             val = rec.get("validation") or {}
-            lines.append(f"| | | val, n = {val.get('n', 'n/a')} (selection split) | {METRIC_LABELS.get(metric, metric)} "
+            lines.append(f"| | | val, n = {_count(val.get('n'))} (selection split) | {METRIC_LABELS.get(metric, metric)} "
                          f"| {_ci(val.get(metric))} | {_published_cell(_best_published(rec, metric))} | "
                          f"— (protocols differ) | | |" if _best_published(rec, metric) else
-                         f"| | | val, n = {val.get('n', 'n/a')} (selection split) | {METRIC_LABELS.get(metric, metric)} "
+                         f"| | | val, n = {_count(val.get('n'))} (selection split) | {METRIC_LABELS.get(metric, metric)} "
                          f"| {_ci(val.get(metric))} | not reported | — | | |")
     lines += ["", "† a different split protocol: shown for scale, no delta. "
               "‡ S1: same split protocol, different image set (see the notes).", ""]
@@ -699,7 +703,8 @@ def main(argv=None) -> int:
                         "logged evaluations; other rows are recorded as pending")
     parser.add_argument("--table-only", action="store_true", help="regenerate the Markdown from the JSON")
     parser.add_argument("--note", action="append", default=[], metavar="ROW=TEXT",
-                        help="a note kept with ROW in the JSON and shown under it (replaces its notes); repeatable")
+                        help="a note kept with ROW in the JSON and shown under it (replaces its notes; nothing else is "
+                        "done); repeatable")
     args = parser.parse_args(argv)
 
     record = load_json()
@@ -715,6 +720,9 @@ def main(argv=None) -> int:
                                             "study_file": ROWS[key].study_file, "protocol": ROWS[key].published_study})
             record["notes"] = {**record.get("notes", {}), key: texts}
         write_json(record)
+        write_markdown(record)  # notes only: nothing is run or read
+        print(f"notes written for {', '.join(notes)}: {JSON_OUT}, {MD_OUT}")
+        return 0
     if args.table_only:
         write_markdown(record)
         print(MD_OUT.read_text())
