@@ -644,7 +644,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     """
     from sklearn.metrics import classification_report, confusion_matrix
 
-    from analysis.reader import ResultsFolderError, choose_trial, load_trial_model, ranked_trials, read_study
+    from analysis.reader import ResultsFolderError, load_trial_model, ranked_trials, read_study, trial_from_row
 
     if k < 1:
         raise EvaluateError(f"k must be >= 1, got {k}")
@@ -667,7 +667,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
         if len(models) == max(k, plan.n_members_max):
             break
         try:
-            trial = choose_trial(run_dir, study, str(row["trial_name"]))
+            trial = trial_from_row(run_dir, study, row)  # the ranked row itself: no second leaderboard read
             model, class_names, size = load_trial_model(trial, run_dir, study)
         except ResultsFolderError as exc:  # a lost checkpoint; one leading out of the folder (OutsideFolderError) stops all
             notes.append(f"{row['trial_name']}: skipped ({exc})")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ResultsFolderError", "ChosenTrial", "Decision", "read_record", "read_study", "read_table",
-           "read_leaderboard", "has_checkpoint", "ranked_trials", "choose_trial", "locate_checkpoint",
+           "read_leaderboard", "has_checkpoint", "ranked_trials", "choose_trial", "trial_from_row", "locate_checkpoint",
            "load_trial_model", "read_class_names", "read_decision"]
 
 STUDY_JSON, LEADERBOARD, SPLITS = "study.json", "leaderboard.parquet", "splits.parquet"
@@ -126,9 +126,12 @@ def has_checkpoint(board):
 
 def ranked_trials(run_dir: Path, study: dict):
     """``(ranked, notes)``: trials with a checkpoint, best first by the rule above; a note per trial without one."""
+    return _ranked(read_leaderboard(run_dir, study), study)
+
+
+def _ranked(board, study: dict):
     from search.ranking import rank
 
-    board = read_leaderboard(run_dir, study)
     has = has_checkpoint(board)
     notes = [f"{row['trial_name']}: no checkpoint ({row.get('status', '?')}{_error_note(row)}); skipped"
              for _, row in board[~has].iterrows()]
@@ -151,7 +154,7 @@ def choose_trial(run_dir: Path, study: dict, name: str | None) -> ChosenTrial:
             raise ResultsFolderError(f"--trial: trial {row['trial_name']!r} has no checkpoint (status "
                                      f"{row.get('status')}{_error_note(row)}); trials with one: {_names(board[has])}")
     else:
-        ranked, _ = ranked_trials(run_dir, study)
+        ranked, _ = _ranked(board, study)
         if ranked.empty:
             statuses = board["status"].value_counts().to_dict() if "status" in board.columns else {}
             errors = board["error"].dropna() if "error" in board.columns else []
@@ -160,6 +163,11 @@ def choose_trial(run_dir: Path, study: dict, name: str | None) -> ChosenTrial:
                    "(python -m search.run STUDY_FILE --storage STORAGE --resume)")
             raise ResultsFolderError(f"no trial in {str(run_dir)!r} has a checkpoint (trials by status: {statuses}); {fix}")
         row = ranked.iloc[0]
+    return trial_from_row(run_dir, study, row)
+
+
+def trial_from_row(run_dir: Path, study: dict, row) -> ChosenTrial:
+    """The trial of leaderboard row ``row`` (one with a checkpoint), its checkpoint found inside ``run_dir``."""
     recorded = str(row["checkpoint_path"])
     checkpoint, relocated = locate_checkpoint(run_dir, recorded, str(row["trial_name"]), study.get("name"))
     value, epoch, backbone = row[score_column(study)], row.get("best_epoch"), row.get("backbone")

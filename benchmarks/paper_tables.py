@@ -78,6 +78,18 @@ class Row:
     short: str = ""  # the CPU-sizing choices in a few words, for the table
 
 
+
+# S5 and its lesion-grouped twin (spaces/ham10000_cpu.py, spaces/ham10000_grouped_cpu.py) share everything but the split.
+S5_SHORT = "lite0/lite1 (pip weights) · 128 px · unfreeze 0/21/41 cached · no aug · class weights · 16 trials ≤ 10 ep, 30 min · ens. auto"
+S5_CHOICES = ("efficientnet_lite0 / lite1 with pip-shipped ImageNet weights instead of EfficientNetB1",
+              "128 px instead of 224 px",
+              "unfreeze 0 / 21 / 41 after a 2-epoch warm-up (cache-served depths; S5: 30)",
+              "no augmentation (S5: flips, rotation, zoom, brightness, contrast)",
+              "balanced class weights (as S5), batch 32",
+              "16 trials, up to 10 epochs, ASHA (grace 2, factor 3), 30 min limit, 2 trials x 1 core",
+              "evaluation: --ensemble auto, no TTA (8 views would cost ~8x the evaluation time); final model "
+              "chosen on validation: single best or ensemble of the top k (k on validation)")
+
 ROWS = {
     "S1": Row(
         key="S1", study_file="spaces/melanoma_cpu.py", dataset_dir="melanoma10k", published_study="S1", split="test",
@@ -125,15 +137,7 @@ ROWS = {
         data_note="HAM10000, 7 classes, the S5 split: stratified 80/20 by image, 8,012 train / 2,003 val, no test "
                   "set; lesions leak across it. Scored on val as S5 reported: optimistic (the trials, the "
                   "ensemble size and the temperature were all chosen on it)",
-        short="lite0/lite1 (pip weights) · 128 px · unfreeze 0/21/41 cached · no aug · class weights · 16 trials ≤ 10 ep, 30 min · ens. auto",
-        choices=("efficientnet_lite0 / lite1 with pip-shipped ImageNet weights instead of EfficientNetB1",
-                 "128 px instead of 224 px",
-                 "unfreeze 0 / 21 / 41 after a 2-epoch warm-up (cache-served depths; S5: 30)",
-                 "no augmentation (S5: flips, rotation, zoom, brightness, contrast)",
-                 "balanced class weights (as S5), batch 32",
-                 "16 trials, up to 10 epochs, ASHA (grace 2, factor 3), 30 min limit, 2 trials x 1 core",
-                 "evaluation: --ensemble auto, no TTA (8 views would cost ~8x the evaluation time); final model "
-                 "chosen on validation: single best or ensemble of the top k (k on validation)"),
+        short=S5_SHORT, choices=S5_CHOICES,
     ),
     "S5-grouped": Row(
         key="S5-grouped", study_file="spaces/ham10000_grouped_cpu.py", dataset_dir="ham10000", published_study="S5",
@@ -143,15 +147,7 @@ ROWS = {
         data_note="HAM10000, 7 classes, grouped by lesion_id (no lesion on two sides of a split), 70/15/15 "
                   "train / val / test, stratified as far as whole lesions allow: the leak-free number we stand "
                   "behind. No published S5 number shares this protocol",
-        short="lite0/lite1 (pip weights) · 128 px · unfreeze 0/21/41 cached · no aug · class weights · 16 trials ≤ 10 ep, 30 min · ens. auto",
-        choices=("efficientnet_lite0 / lite1 with pip-shipped ImageNet weights instead of EfficientNetB1",
-                 "128 px instead of 224 px",
-                 "unfreeze 0 / 21 / 41 after a 2-epoch warm-up (cache-served depths; S5: 30)",
-                 "no augmentation (S5: flips, rotation, zoom, brightness, contrast)",
-                 "balanced class weights (as S5), batch 32",
-                 "16 trials, up to 10 epochs, ASHA (grace 2, factor 3), 30 min limit, 2 trials x 1 core",
-                 "evaluation: --ensemble auto, no TTA (8 views would cost ~8x the evaluation time); final model "
-                 "chosen on validation: single best or ensemble of the top k (k on validation)"),
+        short=S5_SHORT, choices=S5_CHOICES,  # the grouped twin differs from S5 only in its split
     ),
 }
 
