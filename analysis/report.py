@@ -243,7 +243,7 @@ NEAR_DUPLICATES_PANEL = 6  # of which drawn side by side
 
 def near_duplicates_section(run: T.Run) -> Section:
     """The leakage audit (``near_duplicates.parquet``): contamination figures, the closest cross-split pairs, a panel."""
-    from trainables.datasets.near_duplicates import contamination, settings_from
+    from trainables.datasets.near_duplicates import contamination, recorded_settings
 
     s = Section("Near-duplicate audit")
     path = run.path / "near_duplicates.parquet"
@@ -251,10 +251,7 @@ def near_duplicates_section(run: T.Run) -> Section:
         s.text("Not run for this study: `Dataset(near_duplicates=False)`, or a study from before the audit.")
         return s
     pairs = T.read_table(path)  # a damaged file is an AnalysisError naming it, as for the other Parquet files
-    try:
-        settings = settings_from((run.study.get("dataset") or {}).get("near_duplicates", True))
-    except ValueError:  # a folder from another version: say what was found, not how
-        settings = None
+    settings = recorded_settings(pairs, (run.study.get("dataset") or {}).get("near_duplicates", True))
     how = "" if settings is None else f"pHash within {settings.hash_distance} of 256 bits (any flip)" + (
         f", or {settings.embedding} similarity >= {settings.embedding_similarity}" if settings.embedding else "")
     lines = [f"- found by: {how}" if how else "- found by: (settings not recorded)"]

@@ -231,7 +231,7 @@ def timed(fn, *args, **kwargs):
 def markdown(results: dict) -> str:
     lines = ["# Near-duplicate finder on real data", "",
              f"Defaults: pHash (imagehash, 256 bits, 4 flips) <= {Settings().hash_distance} bits; "
-             f"opt-in embedding `{EMBEDDING}` at {Settings().embedding_size} px, cosine >= "
+             f"embedding (on by default) `{EMBEDDING}` at {Settings().embedding_size} px, cosine >= "
              f"{Settings().embedding_similarity}. Produced by `benchmarks/near_duplicates.py`.", ""]
     if "timing" in results:
         lines += ["## Cost (HAM10000, 10,015 images, this machine)", "",

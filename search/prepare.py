@@ -108,7 +108,7 @@ def _refuse_label_conflicts(near: NearDuplicates, table: pd.DataFrame, shown: in
 
 def write_near_duplicates(near: NearDuplicates, folder) -> str:
     """``near_duplicates.parquet`` in a ``search.storage.StudyFolder``: every pair, closest first."""
-    return folder.write_parquet("near_duplicates.parquet", near.pairs)
+    return folder.write_parquet("near_duplicates.parquet", near.recorded())
 
 
 def check_fits_in_memory(n_images: int, image_size: int, available: tuple[int, str] | None = None) -> None:

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "their mean; 1 = one validation split (overrides the study)")
     parser.add_argument("--no-activation-cache", dest="activation_cache", action="store_false", default=None,
                         help="run frozen backbones on every image every epoch, instead of training on cached features")
+    parser.add_argument("--no-near-duplicates", dest="near_duplicates", action="store_false", default=None,
+                        help="skip the leakage audit (near-duplicate images across splits), which runs before "
+                        "every study: a forward pass of efficientnet_lite0 over the images, once per image set")
     parser.add_argument("--name", type=_non_empty, help="results folder name under --storage (default: the study's name; "
                         "a completed study there gets a numbered new folder, NAME-2, NAME-3, ...)")
     parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
@@ -114,7 +117,9 @@ def _non_negative_int(text: str) -> int:
 # Flags that define the search. Recorded in study.json when a study starts and re-applied by --resume;
 # giving one again with another value is refused, since the restored searcher and ASHA keep the old one.
 SEARCH_FLAGS = ("num_samples", "max_epochs", "seed", "data_dir", "smoke", "skip_corrupt", "activation_cache",
-                "cv_folds")
+                "cv_folds", "near_duplicates")
+# Switches that default to on: recorded when given (off), unlike the others, which are recorded when on.
+_OFF_SWITCHES = ("activation_cache", "near_duplicates")
 # Flags that say where and with what it runs: recorded and re-applied too, but a resume may change them.
 RESOURCE_FLAGS = ("weights_dir", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "mlflow_uri")
 
@@ -124,7 +129,7 @@ def given_flags(args) -> dict:
     given = {}
     for name in SEARCH_FLAGS + RESOURCE_FLAGS:
         value = getattr(args, name, None)
-        if value is not None and value is not False or (name == "activation_cache" and value is False):
+        if value is not None and value is not False or (name in _OFF_SWITCHES and value is False):
             given[name] = value
     return given
 
@@ -140,7 +145,7 @@ def with_recorded_flags(args, record: dict):
     if recorded is None:  # a folder written before flags were recorded: the command line is all there is
         return args
     given = given_flags(args)
-    conflicts = [f"--{name.replace('_', '-')}: the study started with {_shown(recorded.get(name))}, "
+    conflicts = [f"{_flag(name)}: the study started with {_shown(recorded.get(name))}, "
                  f"this command gives {_shown(given[name])}"
                  for name in SEARCH_FLAGS if name in given and given[name] != recorded.get(name)]
     if conflicts:
@@ -151,6 +156,11 @@ def with_recorded_flags(args, record: dict):
     merged = dict(vars(args))
     merged.update({name: value for name, value in recorded.items() if name not in given})
     return argparse.Namespace(**merged)
+
+
+def _flag(name: str) -> str:
+    """The flag as typed: ``--no-activation-cache`` for a switch that is on by default."""
+    return f"--{'no-' if name in _OFF_SWITCHES else ''}{name.replace('_', '-')}"
 
 
 def _shown(value) -> str:
@@ -167,6 +177,8 @@ def apply_overrides(study, args):
         value = getattr(args, field, None)  # cv_folds: absent from a Namespace recorded before it existed
         if value is not None:
             changes[field] = value
+    if getattr(args, "near_duplicates", None) is False:  # --no-near-duplicates (absent from older recorded flags)
+        changes["dataset"] = dataclasses.replace(study.dataset, near_duplicates=False)
     if changes.get("max_epochs") is not None and study.grace_period > changes["max_epochs"]:
         changes["grace_period"] = changes["max_epochs"]
     return dataclasses.replace(study, **changes) if changes else study

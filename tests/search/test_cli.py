@@ -97,7 +97,7 @@ def test_resume_reapplies_the_recorded_flags_and_refuses_a_changed_search():
     assert again.num_samples == 3  # the same value is fine
     for argv, said in ((["--num-samples", "5"], "--num-samples: the study started with 3, this command gives 5"),
                        (["--seed", "1"], "--seed: the study started with no such flag, this command gives 1"),
-                       (["--no-activation-cache"], "--activation-cache: the study started with no such flag")):
+                       (["--no-activation-cache"], "--no-activation-cache: the study started with no such flag")):
         with pytest.raises(StudyError, match=re.escape(said)):
             with_recorded_flags(parse_args(["s.py", "--resume", *argv]), record)
     old_folder = parse_args(["s.py", "--resume", "--num-samples", "9"])
@@ -197,3 +197,22 @@ def test_a_completed_study_folder_is_kept_and_a_new_run_gets_the_next_number(tmp
             check_folder(StudyFolder(str(tmp_path), name), parse_args(["s.py"]))
     with pytest.raises(StudyError, match="already holds"):  # an explicit --name is never renumbered
         check_folder(StudyFolder(str(tmp_path), "q"), parse_args(["s.py", "--name", "q"]))
+
+
+def test_no_near_duplicates_turns_the_audit_off_is_recorded_and_kept_on_resume(write_study):
+    from search.run import apply_overrides
+    from search.study import StudyError, load_study
+
+    path = write_study("STUDY = Study(name='x', space=lambda trial: {'backbone': 'cnn_s3'})\n")
+    args = parse_args([str(path), "--no-near-duplicates"])
+    assert load_study(path).dataset.near_duplicates is True  # on by default
+    assert apply_overrides(load_study(path), args).dataset.near_duplicates is False
+    assert given_flags(args) == {"near_duplicates": False}  # in study.json, so --resume re-applies it
+    resumed = with_recorded_flags(parse_args([str(path), "--resume"]), {"flags": given_flags(args)})
+    assert apply_overrides(load_study(path), resumed).dataset.near_duplicates is False
+    with pytest.raises(StudyError, match=re.escape("--no-near-duplicates: the study started with no such flag")):
+        with_recorded_flags(parse_args([str(path), "--resume", "--no-near-duplicates"]), {"flags": {}})
+    grouped = write_study("STUDY = Study(name='x', space=lambda trial: {'backbone': 'cnn_s3'}, dataset=Dataset("
+                          "split='grouped', split_options={'by': 'near_duplicates'}))\n", name="grouped.py")
+    with pytest.raises(StudyError, match="groups by the audit's clusters; turn the audit on"):
+        apply_overrides(load_study(grouped), parse_args([str(grouped), "--no-near-duplicates"]))

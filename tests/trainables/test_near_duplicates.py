@@ -21,7 +21,9 @@ from search.run import prepare
 from search.storage import StudyFolder
 from search.study import Dataset, Study, StudyError
 from trainables.datasets import DatasetError, find_near_duplicates, load_table
-from trainables.datasets.near_duplicates import PAIR_COLUMNS, SPLIT_COLUMNS, Settings, settings_from
+from trainables.datasets.near_duplicates import (
+    PAIR_COLUMNS, SPLIT_COLUMNS, Settings, recorded_settings, settings_from,
+)
 
 N_DISTINCT = 24
 
@@ -84,13 +86,21 @@ def _pairs(near) -> set[frozenset]:
     return {frozenset(pair) for pair in zip(near.pairs["path_a"], near.pairs["path_b"])}
 
 
-def test_planted_copies_are_found_and_distinct_images_are_not_paired(tmp_path):
+HASH_ONLY = {"embedding": None}
+
+
+@pytest.mark.parametrize("settings", [HASH_ONLY, True], ids=["hash", "default"])
+def test_planted_copies_are_found_and_distinct_images_are_not_paired(tmp_path, settings):
     planted = write_dataset(tmp_path)
     table = load_table("folder", tmp_path)
-    near = find_near_duplicates(table)
+    near = find_near_duplicates(table, settings_from(settings))
     assert _pairs(near) == {frozenset(pair) for pair in planted.values()}  # each copy, and nothing else
-    assert (near.pairs["found_by"] == "hash").all() and near.pairs["same_label"].all()
+    assert near.pairs["found_by"].isin(["hash", "both"]).all() and near.pairs["same_label"].all()
     assert (near.pairs["hash_distance"] <= Settings().hash_distance).all()
+    if settings is HASH_ONLY:
+        assert (near.pairs["found_by"] == "hash").all() and near.pairs["embedding_similarity"].isna().all()
+    else:  # the default also runs the embedding, which sees the re-encoded and re-lit copies as well
+        assert Settings().embedding == "efficientnet_lite0" and (near.pairs["found_by"] == "both").any()
     assert list(near.pairs.columns) == PAIR_COLUMNS
     # Each copy shares a cluster with its original alone; every other image is a cluster of one.
     cluster = dict(zip(table["path"], near.clusters))
@@ -101,8 +111,8 @@ def test_planted_copies_are_found_and_distinct_images_are_not_paired(tmp_path):
 def test_a_tighter_threshold_finds_fewer_pairs(tmp_path):
     write_dataset(tmp_path)
     table = load_table("folder", tmp_path)
-    loose = find_near_duplicates(table)
-    exact = find_near_duplicates(table, settings_from({"hash_distance": 0}))
+    loose = find_near_duplicates(table, settings_from(HASH_ONLY))
+    exact = find_near_duplicates(table, settings_from({"hash_distance": 0, **HASH_ONLY}))
     assert (exact.pairs["hash_distance"] == 0).all() and 0 < len(exact.pairs) < len(loose.pairs)
 
 
@@ -223,12 +233,12 @@ def test_grouping_by_lesion_on_a_loader_without_ids_is_named_before_ray(tmp_path
 
 
 def test_the_embedding_finds_a_crop_the_hash_misses(tmp_path):
-    # Opt-in: efficientnet_lite0's pooled ImageNet features (weights ship with pip) at 128 px.
+    # On by default: efficientnet_lite0's pooled ImageNet features (weights ship with pip) at 128 px.
     crop = {"crop": (9, lambda im: im.crop((0, 0, 90, 90)), {})}  # 6 % off two sides
     planted = write_dataset(tmp_path, copies=crop)
     table = load_table("folder", tmp_path)
-    assert find_near_duplicates(table).pairs.empty  # the hash alone misses it
-    near = find_near_duplicates(table, settings_from({"embedding": "efficientnet_lite0"}))
+    assert find_near_duplicates(table, settings_from(HASH_ONLY)).pairs.empty  # the hash alone misses it
+    near = find_near_duplicates(table)
     assert _pairs(near) == {frozenset(planted["crop"])}  # and the embedding pairs nothing else
     assert near.pairs.iloc[0]["found_by"] == "embedding"
     assert near.pairs.iloc[0]["embedding_similarity"] >= Settings().embedding_similarity
@@ -257,6 +267,23 @@ def test_the_report_shows_the_contamination_and_a_panel_of_the_closest_cross_spl
     assert section.count("copy_") == figures["cross_split_pairs"]  # one table row per crossing pair (each has a copy)
     assert (run_dir / "report_files" / "near_duplicates.png").is_file() and "near_duplicates.png" in section
     assert "Near-duplicate audit" in html_path.read_text()
+
+
+def test_the_file_records_the_settings_that_ran_and_the_report_shows_them(tmp_path):
+    from analysis.report import write_report
+    from fixtures.runs import make_run_dir
+    from search.prepare import write_near_duplicates, write_splits
+
+    write_dataset(tmp_path / "data")
+    prepared = prepare_data(_study(tmp_path / "data", near_duplicates={"hash_distance": 20, **HASH_ONLY}))
+    run_dir = make_run_dir(tmp_path / "runs")  # its study.json says near_duplicates=True (today's defaults)
+    folder = StudyFolder(tmp_path / "runs", run_dir.name)
+    write_splits(prepared.splits, folder)
+    write_near_duplicates(prepared.near_duplicates, folder)
+    written = pd.read_parquet(run_dir / "near_duplicates.parquet")
+    assert recorded_settings(written) == Settings(hash_distance=20, embedding=None)
+    section = write_report(run_dir)[0].read_text().split("## Near-duplicate audit")[1].split("\n## ")[0]
+    assert "- found by: pHash within 20 of 256 bits (any flip)\n" in section  # what ran: no embedding
 
 
 def test_the_report_says_when_the_audit_did_not_run(tmp_path):

@@ -6,21 +6,24 @@ not diagnosis, so every study audits its images with ``find_near_duplicates``
 before Ray starts, and ``split="grouped"`` can keep each cluster in one split.
 
 Two signals, each with a threshold (``Settings``, set by
-``search.Dataset(near_duplicates=...)``):
+``search.Dataset(near_duplicates=...)``); a pair is near when either says so:
 
-- **Perceptual hash** (always on): ``imagehash.phash`` with 16 x 16 = 256 bits
-  of each image and of its three flips (left-right, top-bottom, both), so a
-  flipped copy matches too. A pair is near when at most ``hash_distance`` bits
-  differ (default 26, 10 %; looser, dark-vignetted dermoscopy images pair
-  with each other). It catches re-encoding, resizing and brightness
-  shifts; a crop shifts every low-frequency coefficient, so of copies cropped
-  by up to 10 % a side it finds only one in eight.
-- **Embedding similarity** (opt-in, ``embedding="efficientnet_lite0"``): the
-  cosine similarity of a pretrained backbone's globally average-pooled
-  features at ``embedding_size`` px; a pair is near at ``>= embedding_similarity``
-  (default 0.945). Pooled features survive crops. It costs one forward pass
-  over every image (61-66 s for HAM10000's 10,015 images at 128 px on 2 CPU
-  cores; 166 s while other work shared them), remembered on disk for a re-run.
+- **Perceptual hash**: ``imagehash.phash`` with 16 x 16 = 256 bits of each
+  image and of its three flips (left-right, top-bottom, both), so a flipped
+  copy matches too. Near when at most ``hash_distance`` bits differ (default
+  26, 10 %; looser, dark-vignetted dermoscopy images pair with each other).
+  It catches re-encoding, resizing and brightness shifts; a crop shifts every
+  low-frequency coefficient, so of copies cropped by up to 10 % a side it
+  finds only one in eight.
+- **Embedding similarity** (``embedding``, default ``efficientnet_lite0``,
+  whose ImageNet weights ship with pip; ``None`` turns it off): the cosine
+  similarity of the backbone's globally average-pooled features at
+  ``embedding_size`` px, near at ``>= embedding_similarity`` (default 0.945).
+  Pooled features survive crops. It costs one forward pass over every image
+  (61-66 s for HAM10000's 10,015 images at 128 px on 2 CPU cores, about 2 s
+  for the quickstart's 800), once: the features are kept on disk, keyed by the
+  weights and the files, so a re-run, a resume or another study of the same
+  images reads them back.
 
 The defaults come from ``benchmarks/near_duplicates.py`` on HAM10000: of 2,000
 planted copies (re-encoded, resized, cropped, flipped, re-lit) the hash alone
@@ -53,10 +56,15 @@ HASH_BITS = HASH_SIDE * HASH_SIDE
 _HASH_VERSION = 1  # names the on-disk hashes: bump when ``image_hash`` computes anything else
 # The image and its flips, hashed each: a flipped copy matches its original's flip exactly.
 _FLIPS = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180)
+# On by default: its ImageNet weights ship with pip, so it needs no download; it is what finds crops.
+DEFAULT_EMBEDDING = "efficientnet_lite0"
 _BLOCK = 1024  # rows per block of the pairwise products: ~40 MB per block on 10,000 images
 
 # The column of an image table that holds each image's near-duplicate cluster (read by the grouped split).
 CLUSTER_COLUMN = "near_duplicate_cluster"
+
+# near_duplicates.parquet's metadata key for the Settings that ran (the defaults change between versions).
+SETTINGS_KEY = "near_duplicates_settings"
 
 PAIR_COLUMNS = ["path_a", "path_b", "label_a", "label_b", "same_label", "label_conflict",
                 "hash_distance", "embedding_similarity", "found_by", "cluster"]
@@ -69,7 +77,7 @@ class Settings:
     defaults), ``False`` (no audit) or a dict of the fields to change."""
 
     hash_distance: int = 26  # at most this many of the 256 pHash bits differ (10 %); unrelated images: ~128
-    embedding: str | None = None  # a backbone with ImageNet weights (e.g. "efficientnet_lite0"); None: hash only
+    embedding: str | None = DEFAULT_EMBEDDING  # a backbone with ImageNet weights; None: the hash alone
     embedding_similarity: float = 0.945  # cosine similarity of pooled features at least this
     embedding_size: int = 128  # px the embedding sees; the threshold was measured at 128
     stop_on_label_conflict: bool = False  # refuse to start when a near-duplicate pair has two labels
@@ -93,6 +101,16 @@ def settings_from(value) -> Settings:
     settings = Settings(**value)
     _check_settings(settings)
     return settings
+
+
+def recorded_settings(pairs: pd.DataFrame, study_value=True) -> Settings | None:
+    """The settings an audit ran with: from ``near_duplicates.parquet``'s metadata, else (a folder written before it
+    was recorded) from the study's ``Dataset.near_duplicates`` under today's defaults; None if neither reads."""
+    try:
+        recorded = pairs.attrs.get(SETTINGS_KEY)
+        return Settings(**recorded) if recorded else settings_from(study_value)
+    except (TypeError, ValueError):  # a folder from another version: say what was found, not how
+        return None
 
 
 def _check_settings(s: Settings) -> None:
@@ -244,6 +262,12 @@ class NearDuplicates:
     clusters: pd.Series  # the table's index -> cluster id (every image has one; most are alone in theirs)
     settings: Settings
     seconds: float = 0.0
+
+    def recorded(self) -> pd.DataFrame:
+        """The pairs as ``near_duplicates.parquet`` holds them: with the settings that found them in its metadata."""
+        pairs = self.pairs.copy()
+        pairs.attrs[SETTINGS_KEY] = dataclasses.asdict(self.settings)
+        return pairs
 
     def with_splits(self, table: pd.DataFrame) -> "NearDuplicates":
         """The pairs with ``split_a``, ``split_b`` and ``cross_split``, from the table's ``split`` column."""
