@@ -56,6 +56,8 @@ __all__ = ["EvaluateError", "evaluate_top_k", "point_metrics", "bootstrap_ci", "
 SPLITS = ("test", "val")
 LEVEL = 0.95
 TTA_MODES = ("flips", "dihedral")
+TTA_AUTO = "auto"  # --tta auto: with and without dihedral TTA, whichever scores higher on validation
+TTA_AUTO_MODE = "dihedral"
 AUTO_ENSEMBLE_MAX = 5  # --ensemble auto tries the top 1..5 trials
 VAL_PREDICTIONS = "val_predictions_cache.parquet"  # not val_predictions.parquet: --split val writes that
 _CELLS_PER_CHUNK = 4_000_000  # resamples x images held in memory at once (~32 MB of float64)
@@ -316,6 +318,17 @@ class FinalPlan:
     target_specificity: float | None
     n_members_max: int  # trials the ensemble may draw on
 
+    @property
+    def tta_mode(self) -> str | None:
+        """The test-time views the TTA candidates use (``--tta auto`` tries dihedral)."""
+        return TTA_AUTO_MODE if self.tta == TTA_AUTO else self.tta
+
+    @property
+    def chosen_on_validation(self) -> bool:
+        """Whether the final model is the candidate that scores best on validation (an ``auto`` option), rather
+        than exactly the combination asked for."""
+        return self.ensemble == "auto" or self.tta == TTA_AUTO
+
 
 def plan_final(study: dict, class_names: list[str], n_with_checkpoint: int, run_dir: Path, *, ensemble=None,
                tta: str | None = None, target_sensitivity: float | None = None,
@@ -324,8 +337,8 @@ def plan_final(study: dict, class_names: list[str], n_with_checkpoint: int, run_
     from analysis.operating_point import OperatingPointError, check_target
 
     ensemble = parse_ensemble(ensemble)
-    if tta is not None and tta not in TTA_MODES:
-        raise EvaluateError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    if tta is not None and tta not in (*TTA_MODES, TTA_AUTO):
+        raise EvaluateError(f"--tta must be one of {', '.join((*TTA_MODES, TTA_AUTO))}, got {tta!r}")
     try:
         check_target("--target-sensitivity", target_sensitivity)
         check_target("--target-specificity", target_specificity)
@@ -693,7 +706,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     positive_for_auc = classes.index(positive_name) if positive_name in classes else None
 
     # ---- fitting: validation predictions only
-    modes = ["none"] + ([plan.tta] if plan.tta else [])
+    modes = ["none"] + ([plan.tta_mode] if plan.tta_mode else [])
     val = validation_predictions(run_dir, val_rows, models, modes, batch_size=batch_size, log=log)
     y_val = label_indices(val_rows, classes)
     names = [m[1].name for m in models]
@@ -701,7 +714,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     ensemble_choice = None
     size_k = 1
     if plan.ensemble == "auto":
-        mode = plan.tta or "none"
+        mode = plan.tta_mode or "none"
         pool = names[:plan.n_members_max]
         size_k, scores = choose_ensemble_size([val[(n, mode)] for n in pool], y_val, classes, study, positive_for_auc)
         ensemble_choice = {"k": size_k, "chosen": f"auto: best validation {study.get('metric')} of the mean of the "
@@ -715,29 +728,35 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     candidates = [(names[0], [names[0]], None)]  # (label, members, tta): the single best first
     if size_k > 1:
         candidates.append((f"ensemble of top {size_k}", names[:size_k], None))
-    if plan.tta:
-        candidates.append((f"{names[0]} + TTA {plan.tta}", [names[0]], plan.tta))
+    if plan.tta_mode:
+        candidates.append((f"{names[0]} + TTA {plan.tta_mode}", [names[0]], plan.tta_mode))
         if size_k > 1:
-            candidates.append((f"ensemble of top {size_k} + TTA {plan.tta}", names[:size_k], plan.tta))
+            candidates.append((f"ensemble of top {size_k} + TTA {plan.tta_mode}", names[:size_k], plan.tta_mode))
     fitted = {label: fit_on_validation(np.mean([val[(n, t or "none")] for n in members], axis=0), y_val, plan)
               for label, members, t in candidates}
     per_trial = {n: _per_trial_entry(fitted[n] if n == names[0] else fit_on_validation(val[(n, "none")], y_val, plan),
                                      classes, plan) for n in names}
-    final_label, final_members, final_tta = candidates[-1]
-    final = {"label": final_label, "members": final_members, "tta": final_tta, "fitted": fitted[final_label]}
-    record = final_model_record(study, classes, plan, final, per_trial, len(val_rows), ensemble_choice,
-                                checkpoints)
-    # What each candidate scores on validation (argmax, before calibration): the user asked for the final
-    # model's options, and is told when validation already says they do not help, before any test number.
+    # What each candidate scores on validation (argmax, before calibration), before any test number.
     metric = str(study.get("metric", "val_balanced_accuracy")).removeprefix("val_")
     val_scores = {label: point_metrics(y_val, np.mean([val[(n, t or "none")] for n in members], axis=0), classes,
                                        positive_for_auc).get(metric, math.nan) for label, members, t in candidates}
+    final_label, final_members, final_tta = choose_final(candidates, val_scores, plan, study.get("mode", "max"))
+    final = {"label": final_label, "members": final_members, "tta": final_tta, "fitted": fitted[final_label]}
+    record = final_model_record(study, classes, plan, final, per_trial, len(val_rows), ensemble_choice,
+                                checkpoints)
     record["validation_scores"] = {"metric": metric, "by_model": val_scores}
-    worse = [label for label in val_scores if label != names[0] and val_scores[label] < val_scores[names[0]]]
-    if worse:
-        log(f"note: on validation, {', '.join(f'{lbl} ({val_scores[lbl]:.4f})' for lbl in worse)} "
-            f"score{'s' if len(worse) == 1 else ''} below the single best trial ({val_scores[names[0]]:.4f}) on "
-            f"{metric}: the option(s) you asked for do not help here; the final model is still {final_label!r}")
+    record["chosen_by"] = (CHOSEN_ON_VALIDATION if plan.chosen_on_validation else
+                           "given: the combination --ensemble and --tta asked for")
+    if plan.chosen_on_validation:
+        log(f"note: final model {final_label!r}, chosen on validation ({metric}: "
+            + ", ".join(f"{label} {v:.4f}" for label, v in val_scores.items()) + ")")
+    else:  # the user asked for these options: told when validation already says they do not help
+        worse = [label for label in val_scores if label != names[0] and val_scores[label] < val_scores[names[0]]]
+        if worse:
+            log(f"note: on validation, {', '.join(f'{lbl} ({val_scores[lbl]:.4f})' for lbl in worse)} "
+                f"score{'s' if len(worse) == 1 else ''} below the single best trial ({val_scores[names[0]]:.4f}) on "
+                f"{metric}: the option(s) you asked for do not help here; the final model is still {final_label!r} "
+                "(--ensemble auto or --tta auto choose on validation)")
     if "fold" in val_rows.columns:  # cross-validated: fitted on the out-of-fold predictions of train ∪ val
         record["fitted_on"]["split"] = "train+val, out of fold"
         record["fitted_on"]["cv_folds"] = int(val_rows["fold"].nunique())
@@ -789,7 +808,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
             table.append({"rank": None, "trial_name": label, "backbone": None, "status": None, metric_column: None,
                           "split": split, "n": len(y), **values,
                           **{f"{m}_ci_{end}": ci[m][j] for m in values for j, end in enumerate(("low", "high"))}})
-    plot = _reliability(run_dir, scored[-1], split)
+    plot = _reliability(run_dir, next(m for m in scored if m["label"] == final_label), split)
 
     from search.storage import write_parquet
 
@@ -799,6 +818,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
         "mode": study.get("mode"), "k": k, "n_boot": n_boot, "seed": seed, "level": level,
         "positive_class": positive_name, "notes": notes, "trials": records,
         "final": {"model": final_label, "final_model": FINAL_MODEL, "ensemble": ensemble_choice, "tta": plan.tta,
+                  "chosen_by": record["chosen_by"], "validation_scores": record["validation_scores"],
                   "reliability_plot": plot, "fitted_on_evaluated_split": split == "val", "models": scored},
     })
     if split == "test":
@@ -806,6 +826,20 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
 
         write_model_card(run_dir)
     return pd.DataFrame(table)
+
+
+CHOSEN_ON_VALIDATION = ("auto: the candidate with the best validation score of the study's metric (ties: the "
+                        "simpler, i.e. fewer members, then no TTA)")
+
+
+def choose_final(candidates: list[tuple], val_scores: dict[str, float], plan: FinalPlan, mode: str = "max") -> tuple:
+    """The final model among ``candidates`` (simplest first): with an ``auto`` option, the best on validation
+    (a tie keeps the simpler); otherwise the last, the full combination the user asked for."""
+    if not plan.chosen_on_validation:
+        return candidates[-1]
+    sign = -1.0 if mode == "min" else 1.0
+    score = {label: sign * v if v == v else -math.inf for label, v in val_scores.items()}  # NaN never wins
+    return max(candidates, key=lambda c: (score[c[0]], -candidates.index(c)))
 
 
 def _reliability(run_dir: Path, scored: dict, split: str) -> str | None:
@@ -876,10 +910,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "python -m search.predict), then scored on the test split beside the single best trial")
     final.add_argument("--ensemble", metavar="K|auto", default=None,
                        help="also score the mean of the top K trials' probabilities; auto: K (1-5) chosen on "
-                       "validation by the study's metric")
-    final.add_argument("--tta", choices=TTA_MODES, default=None,
+                       "validation by the study's metric. With auto (here or in --tta) the final model is the "
+                       "candidate that scores best on validation; otherwise it is the combination asked for")
+    final.add_argument("--tta", choices=(*TTA_MODES, TTA_AUTO), default=None,
                        help="also score test-time augmentation: flips (4 views: mirrored left-right, up-down, both) "
-                       "or dihedral (8 views: also rotated by 90 degrees; for images with no up, e.g. dermoscopy)")
+                       "or dihedral (8 views: also rotated by 90 degrees; for images with no up, e.g. dermoscopy); "
+                       "auto: with and without dihedral, whichever scores higher on validation")
     final.add_argument("--target-sensitivity", type=float, metavar="S", default=None,
                        help="threshold: the highest whose validation sensitivity for the positive class is >= S "
                        "(e.g. 0.95 for screening); default: Youden's J")

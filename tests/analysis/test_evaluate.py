@@ -4,6 +4,7 @@ Also the other half of honest science: the search itself never decodes the test 
 """
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -235,16 +236,24 @@ def test_prepare_ships_only_train_and_val_and_decodes_nothing_else(tmp_path, mon
     import trainables.data
     from fixtures.datasets import make_folder
     from search.prepare import prepare_data
+    from trainables.datasets.near_duplicates import Settings
 
     monkeypatch.setenv("MEDSEARCH_CACHE", str(tmp_path / "cache"))  # nothing decoded yet: every decode is real
     decoded = []
     real = trainables.data.decode_image
-    monkeypatch.setattr(trainables.data, "decode_image", lambda path, size: decoded.append(path) or real(path, size))
+    seen = []
+    monkeypatch.setattr(trainables.data, "decode_image", lambda path, size: seen.append((path, size)) or real(path, size))
     prepared = prepare_data(folder_study(make_folder(tmp_path / "data", n=8)))
 
     splits = prepared.splits
     train, val = (splits[splits["split"] == s] for s in ("train", "val"))
     test = set(splits.loc[splits["split"] == "test", "path"])
+    # The leakage audit's embedding sees every image at its own size (features only, nothing kept for training);
+    # at the study's size only train and val are decoded.
+    audit_size = Settings().embedding_size
+    assert sorted(p for p, size in seen if size == audit_size) == sorted(splits["path"])
+    decoded = [p for p, size in seen if size == 16]
+    assert len(seen) == len(decoded) + len(splits)
     assert test and sorted(decoded) == sorted([*train["path"], *val["path"]]) and not test & set(decoded)
     assert sorted(prepared.arrays) == ["x_train", "x_val", "y_train", "y_val"]
     for name, rows in (("train", train), ("val", val)):
@@ -644,6 +653,42 @@ def test_auto_picks_the_ensemble_size_that_scores_best_on_validation():
     assert k == 3  # 2 ties 0.5+0.5 -> uncertain; 3 is right everywhere
     k, _ = choose_ensemble_size([right, right], y, CLASSES, {"metric": "val_loss", "mode": "min"}, 1)
     assert k == 1  # identical members: a tie, to the smaller ensemble
+
+
+def test_the_final_model_is_the_best_on_validation_only_with_an_auto_option():
+    from analysis.evaluate import FinalPlan, choose_final
+
+    candidates = [("best", ["a"], None), ("ensemble of top 2", ["a", "b"], None), ("best + TTA dihedral", ["a"],
+                  "dihedral"), ("ensemble of top 2 + TTA dihedral", ["a", "b"], "dihedral")]
+    scores = {"best": 0.80, "ensemble of top 2": 0.84, "best + TTA dihedral": 0.84,
+              "ensemble of top 2 + TTA dihedral": 0.82}
+
+    def plan(ensemble, tta):
+        return FinalPlan(ensemble, tta, None, None, None, 2)
+
+    assert choose_final(candidates, scores, plan("auto", "auto"))[0] == "ensemble of top 2"  # a tie: the simpler
+    assert choose_final(candidates, scores, plan(2, "auto"))[0] == "ensemble of top 2"
+    assert choose_final(candidates, scores, plan(2, "dihedral"))[0] == "ensemble of top 2 + TTA dihedral"  # as asked
+    assert choose_final(candidates, {**scores, "best": math.nan}, plan("auto", None))[0] == "ensemble of top 2"
+    losses = {"best": 0.3, "ensemble of top 2": 0.2, "best + TTA dihedral": 0.25, "ensemble of top 2 + TTA dihedral": 0.4}
+    assert choose_final(candidates, losses, plan("auto", "auto"), "min")[0] == "ensemble of top 2"
+    assert plan("auto", "auto").tta_mode == "dihedral" and plan(None, "flips").tta_mode == "flips"
+
+
+def test_auto_options_make_the_final_model_the_candidate_best_on_validation(run_dir, tmp_path):
+    folder = copy_run(run_dir, tmp_path / "tiny")
+    notes = []
+    evaluate_top_k(folder, k=2, n_boot=50, seed=0, log=notes.append, ensemble="auto", tta="auto")
+    final_model = json.loads((folder / "final_model.json").read_text())
+    by_model = final_model["validation_scores"]["by_model"]
+    assert any(label.endswith("+ TTA dihedral") for label in by_model)  # --tta auto tries dihedral
+    best = max(by_model.values())
+    chosen = next(label for label in by_model if by_model[label] == best)  # the first (simplest) of the best
+    evaluation = json.loads((folder / "test_evaluation.json").read_text())["evaluations"][-1]["final"]
+    assert evaluation["model"] == chosen and evaluation["chosen_by"].startswith("auto: the candidate with the best")
+    assert final_model["tta"] == ("dihedral" if chosen.endswith("TTA dihedral") else None)
+    assert final_model["chosen_by"] == evaluation["chosen_by"]
+    assert any(f"final model {chosen!r}, chosen on validation" in n for n in notes)
 
 
 def test_tta_views_are_the_symmetries_of_the_square():
