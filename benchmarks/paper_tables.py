@@ -112,22 +112,26 @@ ROWS = {
     ),
     "S2": Row(
         key="S2", study_file="spaces/ham10000_binary_cpu.py", dataset_dir="ham10000", published_study="S2", split="test",
-        evaluation={"ensemble": "auto", "tta": "dihedral"},
+        evaluation={"ensemble": "auto", "tta": "auto"},
         metrics=("accuracy", "precision_benign", "recall_benign", "f1_benign", "precision_malignant",
                  "recall_malignant", "f1_malignant", "auc"),
         targets=(("accuracy", 0.90, "test"),),
         data_note="HAM10000 binary (malignant = mel, bcc, akiec), the S2 subsample: 1,200 images (600 / 600), "
-                  "816 train / 144 val / 240 test (120 / 120); split by image, like the study",
-        short="lite0/1/2 (pip weights) · 160 px · unfreeze 0/21/41 cached · aug none/heavy via 4 cached views · 30 trials ≤ 15 ep, 12 min · ens. auto ± TTA",
+                  "816 train / 144 val / 240 test (120 / 120); split by image, like the study; selection by 5-fold "
+                  "cross-validation on the 960 train + val images",
+        short="lite0/1/2 (pip weights) · 224 px · unfreeze 0/21/41 cached · aug none/heavy via 4 cached views · 5-fold CV selection · 16 trials ≤ 15 ep, 40 min · ens. auto, TTA auto",
         choices=("efficientnet_lite0 / lite1 / lite2 with pip-shipped ImageNet weights instead of VGG16 / "
                  "MobileNetV2 / custom CNN",
-                 "160 px instead of 224 px",
+                 "224 px (as S2)",
                  "unfreeze 0 / 21 / 41 (cache-served depths; S2: frozen)",
                  "augmentation none or heavy through a cached bank of 4 augmented views per image (augment_views=4)",
                  "balanced class weights, batch 32 (as S2)",
-                 "30 trials, up to 15 epochs, ASHA (grace 3, factor 2), 12 min limit, 2 trials x 1 core",
-                 "evaluation: --ensemble auto --tta dihedral; final model chosen on validation among single best / "
-                 "ensemble of the top k (k on validation), each with and without dihedral TTA; P/R/F1 at the argmax"),
+                 "selection by 5-fold cross-validation on train + val (cv_folds=5): each trial's score is the mean "
+                 "of 5 fold models, and its model their ensemble",
+                 "16 trials, up to 15 epochs, ASHA (grace 3, factor 2), 40 min limit, 2 trials x 1 core",
+                 "evaluation: --ensemble auto --tta auto: analysis.evaluate chooses the final model on out-of-fold "
+                 "validation predictions among single best / ensemble of the top k (k on validation), each with and "
+                 "without dihedral TTA, before it reads the test split; P/R/F1 at the argmax"),
     ),
     "S5": Row(
         key="S5", study_file="spaces/ham10000_cpu.py", dataset_dir="ham10000", published_study="S5", split="val",
@@ -371,13 +375,15 @@ SELECTION_RULE = ("among the candidates analysis.evaluate scored (single best, e
 def choose_on_validation(folder: Path, final: dict, study: dict) -> tuple[dict, dict]:
     """The candidate with the best validation score, and every candidate's validation metrics.
 
-    ``analysis.evaluate`` takes its last candidate (ensemble + TTA) as the final model whatever validation says;
+    Since ``--ensemble auto`` / ``--tta auto`` make ``analysis.evaluate`` choose on validation itself (``chosen_by``),
+    its choice is taken as it is. Before that, it took its last candidate (ensemble + TTA) whatever validation said;
     test-time views a model never saw in training can hurt it (S1: dihedral TTA lowered validation balanced
     accuracy from 0.93 to 0.88-0.91), so the choice is made here, on validation alone, among the candidates the
     evaluation already scored: the test split is not read again.
     """
     metric = str(study.get("metric", "val_balanced_accuracy")).removeprefix("val_")
     sign = 1.0 if study.get("mode", "max") == "max" else -1.0
+    by_label = {m["label"]: m for m in final["models"]}
     candidates, keys = {}, {}
     for order, m in enumerate(final["models"]):
         val = validation_metrics(folder, m["trials"], m.get("tta"))
@@ -386,10 +392,12 @@ def choose_on_validation(folder: Path, final: dict, study: dict) -> tuple[dict, 
         candidates[m["label"]] = {"validation": val, "score": score, "loss": loss}
         bad = math.inf if score is None or math.isnan(score) else -sign * score
         keys[m["label"]] = (bad, math.inf if loss is None else loss, order)
+    if str(final.get("chosen_by", "")).startswith("auto"):  # evaluate chose on validation itself, before the test read
+        return by_label[final["model"]], candidates
     if all(k[0] == math.inf for k in keys.values()):  # no validation predictions cached: keep evaluate's choice
-        return {m["label"]: m for m in final["models"]}[final["model"]], candidates
+        return by_label[final["model"]], candidates
     best = min(keys, key=keys.get)
-    return {m["label"]: m for m in final["models"]}[best], candidates
+    return by_label[best], candidates
 
 
 def validation_metrics(folder: Path, members: list[str], tta: str | None) -> dict | None:
