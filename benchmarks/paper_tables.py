@@ -112,14 +112,14 @@ ROWS = {
     ),
     "S2": Row(
         key="S2", study_file="spaces/ham10000_binary_cpu.py", dataset_dir="ham10000", published_study="S2", split="test",
-        evaluation={"ensemble": "auto", "tta": "auto"},
+        evaluation={"ensemble": "auto"},
         metrics=("accuracy", "precision_benign", "recall_benign", "f1_benign", "precision_malignant",
                  "recall_malignant", "f1_malignant", "auc"),
         targets=(("accuracy", 0.90, "test"),),
         data_note="HAM10000 binary (malignant = mel, bcc, akiec), the S2 subsample: 1,200 images (600 / 600), "
                   "816 train / 144 val / 240 test (120 / 120); split by image, like the study; selection by 5-fold "
                   "cross-validation on the 960 train + val images",
-        short="lite0/1/2 (pip weights) · 224 px · unfreeze 0/21/41 cached · aug none/heavy via 4 cached views · 5-fold CV selection · 16 trials ≤ 15 ep, 40 min · ens. auto, TTA auto",
+        short="lite0/1/2 (pip weights) · 224 px · unfreeze 0/21/41 cached · aug none/heavy via 4 cached views · 5-fold CV selection · 16 trials ≤ 15 ep, 40 min · ens. auto",
         choices=("efficientnet_lite0 / lite1 / lite2 with pip-shipped ImageNet weights instead of VGG16 / "
                  "MobileNetV2 / custom CNN",
                  "224 px (as S2)",
@@ -129,9 +129,10 @@ ROWS = {
                  "selection by 5-fold cross-validation on train + val (cv_folds=5): each trial's score is the mean "
                  "of 5 fold models, and its model their ensemble",
                  "16 trials, up to 15 epochs, ASHA (grace 3, factor 2), 40 min limit, 2 trials x 1 core",
-                 "evaluation: --ensemble auto --tta auto: analysis.evaluate chooses the final model on out-of-fold "
-                 "validation predictions among single best / ensemble of the top k (k on validation), each with and "
-                 "without dihedral TTA, before it reads the test split; P/R/F1 at the argmax"),
+                 "evaluation: --ensemble auto: analysis.evaluate chooses the final model on out-of-fold validation "
+                 "predictions, single best or ensemble of the top k (k on validation), before it reads the test "
+                 "split; no TTA (with 5 fold models per trial, 8 views would cost ~25 min of evaluation here); "
+                 "P/R/F1 at the argmax"),
     ),
     "S5": Row(
         key="S5", study_file="spaces/ham10000_cpu.py", dataset_dir="ham10000", published_study="S5", split="val",
