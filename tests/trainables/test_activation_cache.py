@@ -70,6 +70,23 @@ def test_partly_unfrozen_trial_from_the_cache_agrees_too():
     assert np.abs(p_cached - p_full).max() < 1e-4  # float32 features for fine-tuning: the same computation
 
 
+def test_many_steps_per_call_on_cached_features_train_the_same_model(monkeypatch):
+    """A head on cached features runs 64 training steps per call into TensorFlow (its per-step overhead is most of
+    such a trial); the batches and updates are the same as one step per call."""
+    import trainables.train as train_module
+
+    x, y = small_data(n=96)
+    data = {"x_train": x[::2], "y_train": y[::2], "x_val": x[1::2], "y_val": y[1::2]}
+    config = frozen_lite0_config(batch_size=4)  # 12 steps an epoch: several calls at 1, one at 64
+    assert train_module.steps_per_execution(top=object()) == 64 and train_module.steps_per_execution(top=None) == 1
+    many = train(config, data, activation_cache=True)
+    monkeypatch.setattr(train_module, "CACHED_STEPS_PER_EXECUTION", 1)
+    one = train(config, data, activation_cache=True)
+    p_many, p_one = (m.predict(data["x_val"], verbose=0) for m in (many, one))
+    assert np.abs(p_many - p_one).max() < 1e-5
+    assert not np.allclose(p_many, 0.5, atol=0.05)  # it did learn something
+
+
 def test_only_clean_pretrained_trials_with_a_frozen_part_use_it():
     assert cache.can_use_cache(frozen_lite0_config())
     assert cache.can_use_cache(frozen_lite0_config(unfreeze=20))
