@@ -388,15 +388,16 @@ def fit_cross_validated(config: dict, data: dict, settings: TrialSettings, *, we
     index = fold_indices(np.concatenate([data["fold_train"], data["fold_val"]]), k)
     input_shape = parts[0].shape[1:]
     cacheable = settings.activation_cache and can_use_cache(hp, settings.augment_views)
-    frozen = None
+    shared = None  # a whole frozen backbone, shared by every fold's classifier (unfreeze 0)
     if cacheable and str(hp["unfreeze"]) == "0":
-        frozen = shared_backbone(hp["backbone"], weights=hp["weights"], input_shape=input_shape, weights_dir=weights_dir)
+        shared = shared_backbone(hp["backbone"], weights=hp["weights"], input_shape=input_shape, weights_dir=weights_dir)
+    frozen = shared  # the frozen part whose cached output the folds train on; with unfreeze > 0, fold 0's prefix
     x_all = views = None
     built = []
     for f in range(k):
         model, backbone = build_model(hp, input_shape=input_shape, num_classes=len(settings.class_names),
                                       weights_dir=weights_dir, seed=seed + f,
-                                      backbone=frozen.model if frozen is not None else None)
+                                      backbone=shared.model if shared is not None else None)
         fit_model, top = model, None
         split = split_backbone(backbone, hp["unfreeze"]) if cacheable else None
         if split is not None:

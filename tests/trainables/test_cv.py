@@ -163,6 +163,22 @@ def best(reports, metric="val_balanced_accuracy"):
     return max(r[metric] for r in reports)
 
 
+def test_a_cross_validated_trial_fine_tunes_on_cached_features(fresh_cache, tmp_path, monkeypatch):
+    """unfreeze > 0 with a warm-up: each fold builds its own backbone; all train their tops on fold 0's cached
+    prefix output (the frozen part is the same pretrained weights). A real study's folds 2..k once got fold 0's
+    prefix as their backbone and failed on the cached features."""
+    data = lucky_split_data()
+    config = lite0(unfreeze=11, warmup_epochs=1, fine_tune_lr=1e-3)
+    models, reports, checkpoint = run_trial(config, data, monkeypatch, tmp_path, cv_folds=4)
+    assert len(models) == 4 and [r["epoch"] for r in reports] == [1, 2]
+    assert all(m.input_shape[1:] == data["x_train"].shape[1:] for m in models)  # every fold takes raw images
+    assert all(np.isfinite(r["val_balanced_accuracy"]) for r in reports) and checkpoint is not None
+    import keras
+
+    backbones = {id(layer) for m in models for layer in m.layers if isinstance(layer, keras.Model) and layer.name != "head"}
+    assert len(backbones) == 4  # each fold fine-tunes its own copy
+
+
 def test_a_configuration_that_wins_one_lucky_split_loses_under_cross_validation(fresh_cache, tmp_path, monkeypatch):
     from analysis.evaluate import predict_rows
     from trainables.checkpoint import fold_folders, load_classifier
