@@ -43,65 +43,109 @@ ENDLESS = 100_000  # num_samples / hyperband_iterations: the wall-clock budget e
 
 # --- The search space, the same for every contender --------------------------------------------------------------
 
-BACKBONES = ("efficientnet_lite0", "cnn_s3")
-LEARNING_RATE = (3e-4, 1e-2)  # log-uniform
-DROPOUT = (0.0, 0.5)  # uniform
-UNFREEZE = (0, 20)  # efficientnet_lite0 only; 0 = frozen (the activation cache serves it)
-HEAD_UNITS = (0, 128)  # efficientnet_lite0 only
-# Shared by every trial: augment "none" (so the cache applies), no warm-up (one phase at learning_rate).
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """A benchmark search space: the same names, ranges and choices for every contender."""
+
+    backbones: tuple
+    unfreeze: tuple  # pretrained backbones only; 0 = frozen (the activation cache serves it)
+    head_units: tuple  # pretrained backbones only
+    learning_rate: tuple = (3e-4, 1e-2)  # log-uniform
+    dropout: tuple = (0.0, 0.5)  # uniform
+    augment: tuple = ("none",)  # searched when there are several
+    class_weight: tuple = (False,)  # balanced class weights or none; searched when there are both
+    augment_views: int = 0  # ours: a cached bank of this many augmented views per image
+
+
+SPACES = {
+    # The small setting: one pretrained backbone, frozen or its top 20 layers unfrozen, or the small CNN.
+    "small": Space(backbones=("efficientnet_lite0", "cnn_s3"), unfreeze=(0, 20), head_units=(0, 128)),
+    # The realistic setting (issue 18): cheap and expensive configurations mixed, as in a real study. Frozen
+    # (seconds on cached features), cut at cacheable depths 21 and 41 (cached, a top fine-tuned), or wholly
+    # fine-tuned (the full network every epoch); light augmentation (ours: a bank of 2 cached views); class
+    # weights; and the small CNN from scratch.
+    "realistic": Space(backbones=("efficientnet_lite0", "efficientnet_lite1", "cnn_s3"), unfreeze=(0, 21, 41, "all"),
+                       head_units=(0, 128), augment=("none", "light"), class_weight=(False, True), augment_views=2),
+}
+# The small setting's ranges, named (the cache speed-up measurement samples its lite0 branch).
+BACKBONES, UNFREEZE, HEAD_UNITS = SPACES["small"].backbones, SPACES["small"].unfreeze, SPACES["small"].head_units
+LEARNING_RATE, DROPOUT = SPACES["small"].learning_rate, SPACES["small"].dropout
+# Shared by every trial unless the space searches it: augment "none" (so the cache applies), no class weights,
+# no warm-up (one phase at learning_rate).
 FIXED = {"augment": "none", "batch_size": 32, "pooling": "avg", "class_weight": False, "warmup_epochs": 0}
 PER_BACKBONE = {
     "efficientnet_lite0": {"weights": "imagenet"},  # ImageNet weights ship with pip
+    "efficientnet_lite1": {"weights": "imagenet"},
     "cnn_s3": {"weights": None, "unfreeze": "all", "head_units": 0},  # the small CNN, from scratch
 }
 
 
-def space(trial) -> dict:
-    """The benchmark's space as an Optuna define-by-run function (ours, random_fifo, optuna_hyperband).
+def space_of(spec: dict) -> Space:
+    return SPACES[spec.get("space", "small")]
 
-    ``learning_rate`` and ``dropout`` have the same range for both backbones, so
+
+def space(trial, setting: str = "small") -> dict:
+    """A benchmark space as an Optuna define-by-run function (ours, random_fifo, optuna_hyperband).
+
+    ``learning_rate`` and ``dropout`` have the same range for every backbone, so
     they are one parameter each; ``unfreeze`` and ``head_units`` exist only for
-    ``efficientnet_lite0``.
+    pretrained backbones.
     """
-    backbone = trial.suggest_categorical("backbone", list(BACKBONES))
+    s = SPACES[setting]
+    backbone = trial.suggest_categorical("backbone", list(s.backbones))
     hp = {
         "backbone": backbone,
         **PER_BACKBONE[backbone],
-        "learning_rate": trial.suggest_float("learning_rate", *LEARNING_RATE, log=True),
-        "dropout": trial.suggest_float("dropout", *DROPOUT),
+        "learning_rate": trial.suggest_float("learning_rate", *s.learning_rate, log=True),
+        "dropout": trial.suggest_float("dropout", *s.dropout),
     }
-    if backbone == "efficientnet_lite0":
-        hp["unfreeze"] = trial.suggest_categorical("unfreeze", list(UNFREEZE))
-        hp["head_units"] = trial.suggest_categorical("head_units", list(HEAD_UNITS))
+    if PER_BACKBONE[backbone]["weights"] is not None:
+        hp["unfreeze"] = trial.suggest_categorical("unfreeze", list(s.unfreeze))
+        hp["head_units"] = trial.suggest_categorical("head_units", list(s.head_units))
+    if len(s.augment) > 1:
+        hp["augment"] = trial.suggest_categorical("augment", list(s.augment))
+    if len(s.class_weight) > 1:
+        hp["class_weight"] = trial.suggest_categorical("class_weight", list(s.class_weight))
     return hp
 
 
-def kt_space(hp) -> dict:
-    """The same space in keras-tuner: same names, ranges and choices; the lite0-only ones in a conditional scope."""
-    backbone = hp.Choice("backbone", list(BACKBONES))
+def kt_space(hp, setting: str = "small") -> dict:
+    """The same space in keras-tuner: same names, ranges and choices; the pretrained-only ones in a conditional
+    scope. keras-tuner's choices must share a type, so ``unfreeze`` is chosen as text and read back."""
+    s = SPACES[setting]
+    backbone = hp.Choice("backbone", list(s.backbones))
     out = {
         "backbone": backbone,
         **PER_BACKBONE[backbone],
-        "learning_rate": hp.Float("learning_rate", *LEARNING_RATE, sampling="log"),
-        "dropout": hp.Float("dropout", *DROPOUT),
+        "learning_rate": hp.Float("learning_rate", *s.learning_rate, sampling="log"),
+        "dropout": hp.Float("dropout", *s.dropout),
     }
-    with hp.conditional_scope("backbone", ["efficientnet_lite0"]):
-        unfreeze = hp.Choice("unfreeze", list(UNFREEZE))
-        head_units = hp.Choice("head_units", list(HEAD_UNITS))
-    if backbone == "efficientnet_lite0":
-        out.update(unfreeze=int(unfreeze), head_units=int(head_units))
+    pretrained = [b for b in s.backbones if PER_BACKBONE[b]["weights"] is not None]
+    with hp.conditional_scope("backbone", pretrained):
+        unfreeze = hp.Choice("unfreeze", [str(u) for u in s.unfreeze])
+        head_units = hp.Choice("head_units", list(s.head_units))
+    if backbone in pretrained:
+        out.update(unfreeze=unfreeze if unfreeze == "all" else int(unfreeze), head_units=int(head_units))
+    if len(s.augment) > 1:
+        out["augment"] = hp.Choice("augment", list(s.augment))
+    if len(s.class_weight) > 1:
+        out["class_weight"] = hp.Choice("class_weight", list(s.class_weight))
     return out
 
 
 def make_study(spec: dict, *, name: str | None = None):
     """The ``Study`` ours runs; its dataset is also what every other contender loads."""
+    import functools
+
     from search import Dataset, Study
 
+    setting = spec.get("space", "small")
     return Study(
         name=name or f"{spec['contender']}_s{spec['seed']}",
-        description="search_bench: efficientnet_lite0 (ImageNet) vs cnn_s3",
+        description=f"search_bench ({setting} space): " + ", ".join(SPACES[setting].backbones),
         dataset=Dataset(**spec["dataset"]),
-        space=space,
+        space=functools.partial(space, setting=setting),
         fixed=dict(FIXED),
         metric=METRIC,
         mode="max",
@@ -112,6 +156,7 @@ def make_study(spec: dict, *, name: str | None = None):
         reduction_factor=2,  # the Study default: ours as shipped
         max_concurrent=MAX_CONCURRENT,
         cpus_per_trial=1,
+        augment_views=SPACES[setting].augment_views,
         seed=int(spec["seed"]),
     )
 
@@ -140,6 +185,9 @@ def ray_recorder(log: EventLog):
                 log.write("epoch", trial=trial.trial_id, epoch=int(result.get("epoch", result["training_iteration"])),
                           value=float(result[METRIC]))
 
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log.write("trial_start", trial=trial.trial_id, config=_described(trial.config))
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             log.write("trial_end", trial=trial.trial_id, status="completed")
 
@@ -147,6 +195,11 @@ def ray_recorder(log: EventLog):
             log.write("trial_end", trial=trial.trial_id, status="errored")
 
     return Recorder()
+
+
+def _described(config: dict) -> dict:
+    """What a trial's cost depends on, for the benchmark's per-kind trial times."""
+    return {k: config.get(k) for k in ("backbone", "unfreeze", "augment", "class_weight", "head_units")}
 
 
 def remaining(spec: dict) -> float:
@@ -319,17 +372,25 @@ def run_keras_tuner(spec: dict, log: EventLog) -> int:
     _in_process_tensorflow()
     import keras_tuner as kt
 
+    from trainables.train import balanced_class_weight
+
     data, classes, positive = load_arrays(spec)
     seed = int(spec["seed"])
     x_train, y_train, x_val, y_val = (data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
     current = {"trial": None, "builds": 0}
     validation, budget_stop = _keras_callbacks(spec, log, x_val, y_val, classes, positive, lambda: current["trial"])
 
+    setting = spec.get("space", "small")
+
     class HyperModel(kt.HyperModel):
         def build(self, hp):
             current["builds"] += 1
-            return _build_compiled(kt_space(hp), x_train.shape[1:], len(classes),
+            return _build_compiled(kt_space(hp, setting), x_train.shape[1:], len(classes),
                                    seed=(seed * 100_003 + current["builds"]) % (2**31 - 1))
+
+        def fit(self, hp, model, *args, **kwargs):  # balanced class weights when the configuration asks for them
+            weighted = kt_space(hp, setting).get("class_weight", FIXED["class_weight"])
+            return model.fit(*args, class_weight=balanced_class_weight(y_train) if weighted else None, **kwargs)
 
     class BudgetHyperband(kt.Hyperband):
         def pre_create_trial(self):
@@ -338,6 +399,7 @@ def run_keras_tuner(spec: dict, log: EventLog) -> int:
 
         def on_trial_begin(self, trial):
             current["trial"] = trial.trial_id
+            log.write("trial_start", trial=trial.trial_id, config=_described(kt_space(trial.hyperparameters, setting)))
             super().on_trial_begin(trial)
 
         def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
@@ -366,6 +428,8 @@ def run_optuna_hyperband(spec: dict, log: EventLog) -> int:
     import optuna
     from optuna_integration import KerasPruningCallback
 
+    from trainables.train import balanced_class_weight
+
     data, classes, positive = load_arrays(spec)
     seed = int(spec["seed"])
     x_train, y_train, x_val, y_val = (data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
@@ -380,12 +444,14 @@ def run_optuna_hyperband(spec: dict, log: EventLog) -> int:
         import keras
 
         keras.backend.clear_session()
-        model = _build_compiled(space(trial), x_train.shape[1:], len(classes),
-                                seed=(seed * 100_003 + trial.number) % (2**31 - 1))
+        hp = space(trial, spec.get("space", "small"))
+        log.write("trial_start", trial=current["trial"], config=_described(hp))
+        model = _build_compiled(hp, x_train.shape[1:], len(classes), seed=(seed * 100_003 + trial.number) % (2**31 - 1))
         status = "completed"
+        weighted = hp.get("class_weight", FIXED["class_weight"])
         try:
             history = model.fit(x_train, y_train, batch_size=FIXED["batch_size"], epochs=int(spec["max_epochs"]),
-                                shuffle=True, verbose=0,
+                                shuffle=True, verbose=0, class_weight=balanced_class_weight(y_train) if weighted else None,
                                 callbacks=[validation, KerasPruningCallback(trial, METRIC), budget_stop])
         except optuna.TrialPruned:
             status = "pruned"

@@ -54,6 +54,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -68,12 +69,24 @@ REFERENCE = "random_fifo"  # its median final best across seeds is the target
 BASELINE = "ours"  # ratios are against it
 
 FULL = {"budget_s": 120.0, "seeds": [0, 1, 2], "train_per_class": 300, "val_per_class": 100,
-        "speedup_configs": 3, "speedup_epochs": 3}
-QUICK = {"budget_s": 45.0, "seeds": [0], "train_per_class": 100, "val_per_class": 50,
+        "speedup_configs": 3, "speedup_epochs": 3, "data": "melanoma10k", "image_size": 64, "max_epochs": 6,
+        "space": "small", "contenders": list(CONTENDERS)}
+QUICK = {**FULL, "budget_s": 45.0, "seeds": [0], "train_per_class": 100, "val_per_class": 50,
          "speedup_configs": 2, "speedup_epochs": 2}
+# --setting realistic (issue 18): all of HAM10000, 7 classes, 8,012 train / 2,003 val (stratified 80/20), 96 px,
+# the realistic space (cheap cached and expensive fine-tuned configurations mixed), 10 minutes per contender and
+# seed. The contenders without a cache of their own whose trials are the same as another's are left out for the
+# budget: ours_nocache (random_fifo's trials, under ours' search) and optuna_hyperband (keras-tuner's in-process
+# Hyperband, with TPE).
+REALISTIC = {**FULL, "budget_s": 600.0, "seeds": [0, 1], "data": "ham10000", "image_size": 96, "max_epochs": 8,
+             "space": "realistic", "speedup_configs": 0,
+             "contenders": ["ours", "random_fifo", "keras_tuner_hyperband"]}
+SETTINGS = {"small": FULL, "quick": QUICK, "realistic": REALISTIC}
+SLOTS = {"ours": 2, "ours_nocache": 2, "random_fifo": 2, "keras_tuner_hyperband": 1, "optuna_hyperband": 1}
 COLUMNS = ["contender", "seed", "budget_s", "best_val_balanced_acc", "time_to_target_s", "target",
            "trials_completed", "trials_errored", "trials_per_hour", "epochs_completed", "epochs_per_hour",
-           "time_to_first_result_s", "process_s", "exit_code", "speedup", "speedup_epoch", "cache_build_s",
+           "time_to_first_result_s", "slots", "slot_utilisation", "head_only_trial_s", "head_only_trials",
+           "process_s", "exit_code", "speedup", "speedup_epoch", "cache_build_s",
            "trial_s_cached", "trial_s_uncached", "epoch_s_cached", "epoch_s_uncached", "note"]
 INT_COLUMNS = ("seed", "trials_completed", "trials_errored", "epochs_completed", "exit_code")
 
@@ -84,16 +97,20 @@ def parse_args(argv):
     parser.add_argument("--out", help="results folder (default benchmarks/results/search_bench/, "
                                       "with --quick benchmarks/results/search_bench_quick/)")
     parser.add_argument("--quick", action="store_true", help="1 seed, a small budget and data set (a few minutes)")
+    parser.add_argument("--setting", choices=["small", "realistic"], default=None,
+                        help="small (default): a melanoma10k subset at 64 px, 3 seeds x 2 min; realistic: all of "
+                        "HAM10000 (7 classes) at 96 px, a space mixing cheap and expensive configurations, "
+                        "2 seeds x 10 min x 3 contenders (~65 min)")
     parser.add_argument("--budget-s", type=float, help=f"wall-clock seconds per contender and seed "
                                                         f"(default {FULL['budget_s']:g}; --quick {QUICK['budget_s']:g})")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick 0)")
-    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    parser.add_argument("--data", choices=["melanoma10k", "embedded"], default="melanoma10k")
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/datasets/melanoma10k"))
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS)
+    parser.add_argument("--data", choices=["melanoma10k", "embedded", "ham10000"])
+    parser.add_argument("--data-dir", help="the dataset's folder (default: ../shared/datasets/<data>)")
+    parser.add_argument("--image-size", type=int)
     parser.add_argument("--train-per-class", type=int)
     parser.add_argument("--val-per-class", type=int)
-    parser.add_argument("--max-epochs", type=int, default=6)
+    parser.add_argument("--max-epochs", type=int)
     parser.add_argument("--speedup-configs", type=int, help="frozen-lite0 configurations timed with the cache on "
                                                             "and off, per seed (0: skip)")
     parser.add_argument("--speedup-epochs", type=int)
@@ -103,12 +120,18 @@ def parse_args(argv):
                         help="keep each run's Ray results, checkpoints and caches under OUT/work/ "
                              "(default: only its spec, events and log)")
     args = parser.parse_args(argv)
+    if args.quick and args.setting == "realistic":
+        parser.error("--quick is the small setting's CI size; leave out --setting, or --quick")
+    args.setting = "quick" if args.quick else args.setting or "small"
     if args.out is None:
-        args.out = str(ROOT / "benchmarks/results" / ("search_bench_quick" if args.quick else "search_bench"))
-    preset = QUICK if args.quick else FULL
+        args.out = str(ROOT / "benchmarks/results" / {"quick": "search_bench_quick", "small": "search_bench",
+                                                       "realistic": "search_bench_ham"}[args.setting])
+    preset = SETTINGS[args.setting]
     for key, value in preset.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.data_dir is None:
+        args.data_dir = str(ROOT.parent / "shared/datasets" / args.data)
     return args
 
 
@@ -127,9 +150,41 @@ def prepare_dataset(args, work: Path) -> dict:
         return {"loader": "embedded", "image_size": args.image_size, "positive_class": "malignant",
                 "options": options, **split}
     cache = Path(os.environ.get("MEDSEARCH_CACHE") or Path.home() / ".cache" / "medsearch")
+    if args.data == "ham10000":
+        folder = materialise_ham10000(Path(args.data_dir), cache / "search_bench", args)
+        return {"loader": "folder", "path": str(folder), "image_size": args.image_size, "split": "stratified",
+                "split_options": {"val": 0.2, "test": 0.0}, "seed": 0}
     folder = materialise_melanoma(Path(args.data_dir), cache / "search_bench", args)
     return {"loader": "folder", "path": str(folder), "image_size": args.image_size, "positive_class": "malignant",
             **split}
+
+
+def materialise_ham10000(data_dir: Path, parent: Path, args) -> Path:
+    """All of HAM10000 as PNGs at the study's size, one folder per diagnosis (7 classes).
+
+    Decoded once with the training decoder (``trainables.data.decode_image``) and
+    saved lossless, so every contender's ``prepare_data`` reads the same pixels in
+    seconds instead of decoding 10,015 JPEGs inside its budget. The folder loader
+    has no lesion ids, so the benchmark's split is by image (stratified 80/20, as S5).
+    """
+    from PIL import Image
+
+    from trainables.data import decode_image
+    from trainables.datasets import load_table
+
+    table = load_table("ham10000", str(data_dir), target="dx")
+    manifest = {"source": str(data_dir.resolve()), "image_size": args.image_size, "images": len(table)}
+    folder = parent / f"ham10000_dx_{args.image_size}px"
+    record = folder / "manifest.json"
+    if record.exists() and json.loads(record.read_text()) == manifest:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    for path, label in zip(table["path"], table["label"]):
+        target = folder / str(label) / (Path(path).stem + ".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(decode_image(path, args.image_size)).save(target)
+    record.write_text(json.dumps(manifest))
+    return folder
 
 
 def materialise_melanoma(data_dir: Path, parent: Path, args) -> Path:
@@ -173,7 +228,7 @@ def run_contender(contender: str, seed: int, args, dataset: dict, work: Path, **
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     spec = {"contender": contender, "seed": seed, "budget_s": args.budget_s, "max_epochs": args.max_epochs,
-            "dataset": dataset, "workdir": str(run_dir), "events": str(run_dir / "events.jsonl"), **extra}
+            "space": args.space, "dataset": dataset, "workdir": str(run_dir), "events": str(run_dir / "events.jsonl"), **extra}
     env = {**os.environ, "MEDSEARCH_CACHE": str(run_dir / "cache"),  # a cold activation cache for every run
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
@@ -251,6 +306,8 @@ def summarise_run(spec: dict, events: list[dict]) -> dict:
     if spec.get("note"):
         notes.append(spec["note"])
     completed = sum(e.get("status") != "errored" for e in ends)
+    slots = SLOTS.get(spec["contender"], 1)
+    head_only = head_only_trials(events, t0, budget, int(spec.get("max_epochs") or 0))
     return {
         "contender": spec["contender"], "seed": spec["seed"], "budget_s": budget,
         "best_val_balanced_acc": steps[-1][1] if steps else float("nan"),
@@ -258,9 +315,53 @@ def summarise_run(spec: dict, events: list[dict]) -> dict:
         "trials_per_hour": completed / budget * 3600, "epochs_completed": len(epochs),
         "epochs_per_hour": len(epochs) / budget * 3600,
         "time_to_first_result_s": steps[0][0] if steps else float("nan"),
+        "slots": slots, "slot_utilisation": slot_utilisation(events, t0, budget, slots),
+        "head_only_trial_s": float(statistics.median(head_only)) if head_only else float("nan"),
+        "head_only_trials": len(head_only),
         "process_s": spec["process_s"], "exit_code": spec["exit_code"], "note": "; ".join(notes) or None,
         "_steps": steps,
     }
+
+
+def trial_intervals(events: list[dict], t0: float, budget_s: float) -> list[tuple[float, float, dict]]:
+    """``(start, end, config)`` of each trial within the budget, in seconds since ``t0``; a trial still running
+    at the budget's end ends there."""
+    ends = {e["trial"]: e["t"] - t0 for e in events if e["kind"] == "trial_end"}
+    out = []
+    for e in events:
+        start = e["t"] - t0
+        if e["kind"] != "trial_start" or not 0 <= start <= budget_s:
+            continue
+        out.append((start, min(ends.get(e["trial"], budget_s), budget_s), e.get("config") or {}))
+    return out
+
+
+def slot_utilisation(events: list[dict], t0: float, budget_s: float, slots: int) -> float:
+    """Mean share of the ``slots`` busy with a trial, from the first trial's start to the budget's end
+    (start-up before the first trial is the time to first result's business, not this)."""
+    intervals = trial_intervals(events, t0, budget_s)
+    if not intervals:
+        return float("nan")
+    first = min(start for start, _, _ in intervals)
+    busy = sum(end - start for start, end, _ in intervals)
+    return busy / (slots * (budget_s - first)) if budget_s > first else float("nan")
+
+
+def head_only_trials(events: list[dict], t0: float, budget_s: float, epochs: int) -> list[float]:
+    """Wall times of the trials that trained a head alone (pretrained backbone frozen, no augmentation: on cached
+    features where the contender has a cache) for all ``epochs``, start to end."""
+    done = {}
+    for e in events:
+        if e["kind"] == "epoch":
+            done[e["trial"]] = max(done.get(e["trial"], 0), int(e.get("epoch") or 0))
+    ends = {e["trial"]: e["t"] - t0 for e in events if e["kind"] == "trial_end"}
+    out = []
+    for e in events:
+        c = e.get("config") or {}
+        if (e["kind"] == "trial_start" and str(c.get("unfreeze")) == "0" and c.get("augment", "none") == "none"
+                and e["trial"] in ends and ends[e["trial"]] <= budget_s and done.get(e["trial"], 0) >= epochs > 0):
+            out.append(ends[e["trial"]] - (e["t"] - t0))
+    return out
 
 
 def summarise_speedup(spec: dict, events: list[dict]) -> dict:
@@ -336,7 +437,11 @@ def summary_rows(frame) -> list[dict]:
                     "best": float(np.nanmedian(part["best_val_balanced_acc"])) if part["best_val_balanced_acc"].notna().any() else float("nan"),
                     "ttt": median_time_to_target(ttt), "reached": sum(v is not None for v in ttt),
                     "trials_per_hour": float(part["trials_per_hour"].median()),
-                    "epochs_per_hour": float(part["epochs_per_hour"].median())})
+                    "epochs_per_hour": float(part["epochs_per_hour"].median()),
+                    "slots": int(part["slots"].max()) if part["slots"].notna().any() else None,
+                    "utilisation": float(np.nanmedian(part["slot_utilisation"])) if part["slot_utilisation"].notna().any() else float("nan"),
+                    "head_only_s": float(np.nanmedian(part["head_only_trial_s"])) if part["head_only_trial_s"].notna().any() else float("nan"),
+                    "head_only_n": int(part["head_only_trials"].fillna(0).sum())})
     ours = next((r for r in out if r["contender"] == BASELINE), None)
     for r in out:
         r["best_diff"] = r["best"] - ours["best"] if ours else float("nan")
@@ -347,14 +452,24 @@ def summary_rows(frame) -> list[dict]:
 def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
     rows = summary_rows(frame)
     fmt = lambda v, f="{:.3f}": "n/a" if v is None or v != v else f.format(v)  # noqa: E731
+    from benchmarks._contenders import SPACES
+
     n_train = args.train_per_class * 2
     n_val = args.val_per_class * 2
-    data = (f"melanoma10k, class-balanced subset ({n_train} train / {n_val} val)" if args.data == "melanoma10k"
-            else f"embedded (generated) dataset ({n_train} train / {n_val} val)")
+    data = {"melanoma10k": f"melanoma10k, class-balanced subset ({n_train} train / {n_val} val)",
+            "embedded": f"embedded (generated) dataset ({n_train} train / {n_val} val)",
+            "ham10000": "HAM10000, all 10,015 images, 7 classes, stratified 80/20 by image (8,012 train / 2,003 val)"
+            }[args.data]
+    sp = SPACES[args.space]
+    space_text = (f"backbone in {{{', '.join(sp.backbones)}}}; learning rate {sp.learning_rate[0]:g}-"
+                  f"{sp.learning_rate[1]:g} (log); dropout {sp.dropout[0]:g}-{sp.dropout[1]:g}; for pretrained "
+                  f"backbones unfreeze {{{', '.join(map(str, sp.unfreeze))}}} and head units "
+                  f"{{{', '.join(map(str, sp.head_units))}}}; augment {{{', '.join(sp.augment)}}}; balanced class "
+                  f"weights {{{', '.join(map(str, sp.class_weight))}}}"
+                  + (f"; ours caches {sp.augment_views} augmented views per image" if sp.augment_views else ""))
     lines = [
         "# Search benchmark: same data, space and wall-clock budget", "",
-        f"- data: {data}, {args.image_size} px; space: backbone in {{efficientnet_lite0 (ImageNet), cnn_s3}}, "
-        "learning rate, dropout, lite0 unfreeze {0, 20} and head units {0, 128}; augment none",
+        f"- data: {data}, {args.image_size} px; space ({args.space}): {space_text}",
         f"- budget: {args.budget_s:g} s wall time per contender and seed (from process start); "
         f"max {args.max_epochs} epochs per configuration; seeds {args.seeds}; {os.cpu_count()} CPU cores",
         f"- target: {fmt(target)} val balanced accuracy = median over seeds of {REFERENCE}'s final best",
@@ -363,13 +478,21 @@ def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
         "(n/a when half or more missed). *ratio vs ours*: the contender's median time to target / ours' "
         "(> 1: ours got there sooner). *Δ best vs ours*: contender minus ours.", "",
         "| contender | seeds | best val bal. acc | Δ best vs ours | time to target (s) | reached | ratio vs ours "
-        "| trials/h | epochs/h |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| trials/h | epochs/h | slot utilisation | head-only trial (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['contender']} | {r['seeds']} | {fmt(r['best'])} | {fmt(r['best_diff'], '{:+.3f}')} | "
                      f"{fmt(r['ttt'], '{:.0f}')} | {r['reached']}/{r['seeds']} | {fmt(r['ttt_ratio'], '{:.2f}')} | "
-                     f"{fmt(r['trials_per_hour'], '{:.0f}')} | {fmt(r['epochs_per_hour'], '{:.0f}')} |")
+                     f"{fmt(r['trials_per_hour'], '{:.0f}')} | {fmt(r['epochs_per_hour'], '{:.0f}')} | "
+                     f"{fmt(r['utilisation'], '{:.0%}')} of {r['slots']} | "
+                     f"{fmt(r['head_only_s'], '{:.1f}')} (n={r['head_only_n']}) |")
+    lines += ["", "*slot utilisation*: the mean share of the contender's trial slots (Ray: max_concurrent; "
+              "keras-tuner and Optuna: one trial at a time in-process) busy with a trial, from its first trial's start "
+              "to the budget's end; median over seeds. *head-only trial*: median wall time, start to end as the "
+              f"contender saw it, of the trials that trained a head alone (pretrained backbone frozen, no "
+              f"augmentation; on cached features where the contender has a cache) for all {args.max_epochs} epochs, "
+              "sharing the machine with the contender's other trials."]
     speed = frame[frame["contender"] == "cache_speedup"]
     if len(speed) and speed["speedup"].notna().any():
         med = speed.median(numeric_only=True)

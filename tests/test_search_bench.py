@@ -49,6 +49,28 @@ def test_target_is_the_median_of_random_fifo_and_misses_count_as_slow():
     assert summary["random_fifo"]["best_diff"] == pytest.approx(0.7 - 0.75)
 
 
+def test_slot_utilisation_and_head_only_trials_come_from_the_trial_events():
+    def start(t, trial, **config):
+        return {"kind": "trial_start", "t": t, "trial": trial, "config": config}
+
+    def end(t, trial):
+        return {"kind": "trial_end", "t": t, "trial": trial, "status": "completed"}
+
+    def epochs(t, trial, n):
+        return [{"kind": "epoch", "t": t, "trial": trial, "epoch": e, "value": 0.5} for e in range(1, n + 1)]
+
+    events = [start(10, "a", unfreeze=0, augment="none"), *epochs(12, "a", 3), end(13, "a"),
+              start(10, "b", unfreeze="all", augment="none"), end(40, "b"),
+              start(13, "c", unfreeze=0, augment="light"), *epochs(15, "c", 3), end(16, "c"),
+              start(20, "d", unfreeze=0, augment="none"), *epochs(22, "d", 2), end(22, "d"),  # stopped early
+              start(30, "e", unfreeze=0), *epochs(33, "e", 3), end(34, "e"),
+              start(45, "f", unfreeze=0, augment="none")]  # still running at the budget's end
+    # busy: a 3 + b 30 + c 3 + d 2 + e 4 + f 5 = 47 slot-seconds of 2 x (50 - 10)
+    assert bench.slot_utilisation(events, 0.0, 50.0, 2) == pytest.approx(47 / 80)
+    assert bench.slot_utilisation([], 0.0, 50.0, 2) != bench.slot_utilisation([], 0.0, 50.0, 2)  # NaN: no trials
+    assert sorted(bench.head_only_trials(events, 0.0, 50.0, 3)) == [3, 4]  # a and e: frozen, clean, all 3 epochs
+
+
 @pytest.mark.e2e
 def test_keras_tuner_space_is_the_optuna_space():
     """Same names, ranges, choices and condition in both spellings of the space."""
@@ -63,7 +85,7 @@ def test_keras_tuner_space_is_the_optuna_space():
     assert (by_name["learning_rate"].min_value, by_name["learning_rate"].max_value,
             by_name["learning_rate"].sampling) == (3e-4, 1e-2, "log")
     assert (by_name["dropout"].min_value, by_name["dropout"].max_value) == (0.0, 0.5)
-    assert by_name["unfreeze"].values == [0, 20] and by_name["head_units"].values == [0, 128]
+    assert by_name["unfreeze"].values == ["0", "20"] and by_name["head_units"].values == [0, 128]
     assert by_name["unfreeze"].conditions and by_name["head_units"].conditions
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = {}
@@ -109,3 +131,29 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     steps = pd.read_parquet(out / "best_so_far.parquet")
     assert (steps["elapsed_s"] <= E2E_BUDGET_S).all() and steps["best_val_balanced_acc"].between(0, 1).all()
     assert "| optuna_hyperband |" in (out / "bench.md").read_text()
+
+
+@pytest.mark.e2e
+def test_the_realistic_space_is_the_same_in_keras_tuner_and_optuna():
+    kt = pytest.importorskip("keras_tuner")
+    optuna = pytest.importorskip("optuna")
+    from benchmarks._contenders import SPACES, kt_space, space
+
+    hp = kt.HyperParameters()
+    kt_space(hp, "realistic")
+    by_name = {p.name: p for p in hp.space}
+    realistic = SPACES["realistic"]
+    assert by_name["backbone"].values == list(realistic.backbones)
+    assert by_name["unfreeze"].values == ["0", "21", "41", "all"] and by_name["unfreeze"].conditions
+    assert by_name["augment"].values == ["none", "light"] and by_name["class_weight"].values == [False, True]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen, unfreeze = {}, set()
+    for _ in range(60):
+        trial = study.ask()
+        out = space(trial, "realistic")
+        seen.setdefault(out["backbone"], set()).update(trial.params)
+        unfreeze.add(out.get("unfreeze"))
+        study.tell(trial, 0.0)
+    common = {"backbone", "learning_rate", "dropout", "augment", "class_weight"}
+    assert seen["efficientnet_lite1"] == common | {"unfreeze", "head_units"} and seen["cnn_s3"] == common
+    assert unfreeze == {0, 21, 41, "all"}
