@@ -110,6 +110,14 @@ def space(trial, setting: str = "small") -> dict:
     return hp
 
 
+def realistic_space(trial) -> dict:
+    """The realistic space as a study file's ``space(trial)``."""
+    return space(trial, "realistic")
+
+
+STUDY_SPACES = {"small": space, "realistic": realistic_space}  # what a Study takes: one argument, the trial
+
+
 def kt_space(hp, setting: str = "small") -> dict:
     """The same space in keras-tuner: same names, ranges and choices; the pretrained-only ones in a conditional
     scope. keras-tuner's choices must share a type, so ``unfreeze`` is chosen as text and read back."""
@@ -136,8 +144,6 @@ def kt_space(hp, setting: str = "small") -> dict:
 
 def make_study(spec: dict, *, name: str | None = None):
     """The ``Study`` ours runs; its dataset is also what every other contender loads."""
-    import functools
-
     from search import Dataset, Study
 
     setting = spec.get("space", "small")
@@ -145,7 +151,7 @@ def make_study(spec: dict, *, name: str | None = None):
         name=name or f"{spec['contender']}_s{spec['seed']}",
         description=f"search_bench ({setting} space): " + ", ".join(SPACES[setting].backbones),
         dataset=Dataset(**spec["dataset"]),
-        space=functools.partial(space, setting=setting),
+        space=STUDY_SPACES[setting],
         fixed=dict(FIXED),
         metric=METRIC,
         mode="max",
