@@ -310,3 +310,14 @@ def test_an_embedding_backbone_without_weights_offline_stops_before_ray(tmp_path
     err = capsys.readouterr().err
     assert "ImageNet weights for backbone 'mobilenet_v2' need the file" in err and "--weights-dir" in err
     assert not ray.is_initialized()
+
+
+def test_the_audit_leaves_the_gpus_to_the_trials(tmp_path, monkeypatch):
+    """The driver's forward pass hides the GPUs from its own TensorFlow, so it reserves no card memory."""
+    import tensorflow as tf
+
+    hidden = []
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind=None: hidden.append((devices, kind)))
+    write_dataset(tmp_path, copies={})
+    find_near_duplicates(load_table("folder", tmp_path))
+    assert hidden == [([], "GPU")]
