@@ -85,7 +85,7 @@ def space_of(spec: dict) -> Space:
     return SPACES[spec.get("space", "small")]
 
 
-def space(trial, setting: str = "small") -> dict:
+def sample(trial, setting: str) -> dict:
     """A benchmark space as an Optuna define-by-run function (ours, random_fifo, optuna_hyperband).
 
     ``learning_rate`` and ``dropout`` have the same range for every backbone, so
@@ -110,9 +110,14 @@ def space(trial, setting: str = "small") -> dict:
     return hp
 
 
+def space(trial) -> dict:
+    """The small space as a study's ``space(trial)``."""
+    return sample(trial, "small")
+
+
 def realistic_space(trial) -> dict:
-    """The realistic space as a study file's ``space(trial)``."""
-    return space(trial, "realistic")
+    """The realistic space as a study's ``space(trial)``."""
+    return sample(trial, "realistic")
 
 
 STUDY_SPACES = {"small": space, "realistic": realistic_space}  # what a Study takes: one argument, the trial
@@ -450,7 +455,7 @@ def run_optuna_hyperband(spec: dict, log: EventLog) -> int:
         import keras
 
         keras.backend.clear_session()
-        hp = space(trial, spec.get("space", "small"))
+        hp = sample(trial, spec.get("space", "small"))
         log.write("trial_start", trial=current["trial"], config=_described(hp))
         model = _build_compiled(hp, x_train.shape[1:], len(classes), seed=(seed * 100_003 + trial.number) % (2**31 - 1))
         status = "completed"

@@ -233,7 +233,7 @@ def run_contender(contender: str, seed: int, args, dataset: dict, work: Path, **
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     spec = {"contender": contender, "seed": seed, "budget_s": args.budget_s, "max_epochs": args.max_epochs,
-            "space": args.space, "dataset": dataset, "workdir": str(run_dir), "events": str(run_dir / "events.jsonl"), **extra}
+            "space": getattr(args, "space", "small"), "dataset": dataset, "workdir": str(run_dir), "events": str(run_dir / "events.jsonl"), **extra}
     env = {**os.environ, "MEDSEARCH_CACHE": str(run_dir / "cache"),  # a cold activation cache for every run
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}

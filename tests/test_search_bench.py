@@ -137,7 +137,7 @@ def test_tiny_benchmark_end_to_end(tmp_path):
 def test_the_realistic_space_is_the_same_in_keras_tuner_and_optuna():
     kt = pytest.importorskip("keras_tuner")
     optuna = pytest.importorskip("optuna")
-    from benchmarks._contenders import SPACES, kt_space, space
+    from benchmarks._contenders import SPACES, kt_space, realistic_space
 
     hp = kt.HyperParameters()
     kt_space(hp, "realistic")
@@ -150,7 +150,7 @@ def test_the_realistic_space_is_the_same_in_keras_tuner_and_optuna():
     seen, unfreeze = {}, set()
     for _ in range(60):
         trial = study.ask()
-        out = space(trial, "realistic")
+        out = realistic_space(trial)
         seen.setdefault(out["backbone"], set()).update(trial.params)
         unfreeze.add(out.get("unfreeze"))
         study.tell(trial, 0.0)
