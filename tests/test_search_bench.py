@@ -157,3 +157,16 @@ def test_the_realistic_space_is_the_same_in_keras_tuner_and_optuna():
     common = {"backbone", "learning_rate", "dropout", "augment", "class_weight"}
     assert seen["efficientnet_lite1"] == common | {"unfreeze", "head_units"} and seen["cnn_s3"] == common
     assert unfreeze == {0, 21, 41, "all"}
+
+
+def test_the_readme_results_table_is_the_one_generated_from_paper_tables_json():
+    """The README's reference-study table is written by benchmarks/paper_tables.py from its JSON, never by hand."""
+    from benchmarks import paper_tables
+
+    readme = paper_tables.README.read_text()
+    start = readme.index(paper_tables.README_START) + len(paper_tables.README_START) + 1
+    block = readme[start:readme.index(paper_tables.README_END)].rstrip("\n")
+    assert block == paper_tables.readme_table(paper_tables.load_json())
+    s2 = next(line for line in block.splitlines() if line.startswith("| S2 |"))
+    measured = paper_tables.load_json()["rows"]["S2"]["metrics"]["accuracy"]["value"]
+    assert f"{measured:.4f}" in s2 and "missed by" in s2
