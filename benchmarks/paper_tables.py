@@ -686,6 +686,7 @@ def _short_data(rec: dict) -> str:
 def readme_table(record: dict) -> str:
     """The README's results table: per row, the metrics that have targets, ours with its interval, the published
     row for scale and whether the target was met, by how much."""
+    _load_published_notes()
     lines = ["| row | data, protocol | evaluated on | ours [95% CI] | published | target |", "|---|---|---|---|---|---|"]
     for key in ROWS:
         rec = record["rows"].get(key)
