@@ -132,6 +132,10 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
             views = cached_views(prefix, x_train, augmentation, views=settings.augment_views, policy=hp["augment"],
                                  seed=settings.seed, dtype=dtype, identity=frozen.identity)
         x_train, x_val = (cached_features(prefix, x, dtype=dtype, identity=frozen.identity) for x in (x_train, x_val))
+        if suffix is None and hp["pooling"] == "avg":  # a head alone, averaging first: average the features once
+            fit_model = pooled_head(top)
+            x_train, x_val = pooled(x_train), pooled(x_val)
+            views = [pooled(v) for v in views] if views is not None else None
     start_epoch = restore(model, tune.get_checkpoint(), top=top)
     report = ReportEpoch(x_val, y_val, settings, hp, started, model=model, device=device, frozen=frozen, top=top)
     class_weight = balanced_class_weight(y_train) if hp["class_weight"] else None
@@ -172,6 +176,26 @@ CACHED_STEPS_PER_EXECUTION = 64
 def steps_per_execution(top) -> int:
     """Steps per ``fit`` call into TensorFlow: many on cached features (``top``), one for a whole network."""
     return CACHED_STEPS_PER_EXECUTION if top is not None else 1
+
+
+def pooled(features: np.ndarray) -> np.ndarray:
+    """Cached feature maps averaged over height and width, in float32 (what the head's average pooling computes).
+
+    A head that averages first only ever sees these vectors: training it on them is the same computation on
+    1/(height x width) of the data, which Keras would otherwise copy into its input pipeline on every fit."""
+    return np.asarray(features, dtype=np.float32).mean(axis=(1, 2)) if features.ndim == 4 else features
+
+
+def pooled_head(head: keras.Model) -> keras.Model:
+    """``head`` after its pooling layer, for pooled features; its layers (and so its weights) are ``head``'s."""
+    pool = head.layers[1]
+    if not isinstance(pool, keras.layers.GlobalAveragePooling2D):
+        raise ValueError(f"pooled_head: the head's first layer is {type(pool).__name__}, not average pooling")
+    vectors = keras.Input(shape=(pool.output.shape[-1],), name="pooled_features")
+    x = vectors
+    for layer in head.layers[2:]:
+        x = layer(x)
+    return keras.Model(vectors, x, name="pooled_head")
 
 
 def cached_top(suffix, head, feature_shape) -> keras.Model:

@@ -87,6 +87,24 @@ def test_many_steps_per_call_on_cached_features_train_the_same_model(monkeypatch
     assert not np.allclose(p_many, 0.5, atol=0.05)  # it did learn something
 
 
+@pytest.mark.parametrize("head_units, dropout", [(0, 0.0), (16, 0.3)])
+def test_a_head_that_averages_first_gives_the_same_output_on_pooled_features(head_units, dropout):
+    """Head-only trials train on features averaged once (``pooled``) through the head's own layers after its
+    pooling (``pooled_head``): the same outputs as the whole head on the feature maps, from the same weights."""
+    from trainables.model import build_head
+    from trainables.train import pooled, pooled_head
+
+    hp = {**DEFAULTS, "pooling": "avg", "head_units": head_units, "dropout": dropout}
+    head = build_head(hp, (3, 3, 40), num_classes=7, seed=1)
+    maps = np.random.default_rng(0).normal(size=(32, 3, 3, 40)).astype(np.float16)
+    fast = pooled_head(head)
+    assert pooled(maps).shape == (32, 40) and pooled(maps).dtype == np.float32
+    assert np.allclose(fast.predict(pooled(maps), verbose=0), head.predict(maps, verbose=0), atol=1e-6)
+    assert {id(w) for w in fast.weights} == {id(w) for w in head.weights}  # training one trains the other
+    with pytest.raises(ValueError, match="not average pooling"):
+        pooled_head(build_head({**hp, "pooling": "flatten"}, (3, 3, 40), num_classes=7))
+
+
 def test_only_clean_pretrained_trials_with_a_frozen_part_use_it():
     assert cache.can_use_cache(frozen_lite0_config())
     assert cache.can_use_cache(frozen_lite0_config(unfreeze=20))
