@@ -35,6 +35,7 @@ from trainables.activation_cache import (
     cached_views,
     can_use_cache,
     frozen_part,
+    pooled,
     shared_backbone,
     split_backbone,
 )
@@ -131,10 +132,11 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
             augmentation = make_augmentation(hp["augment"], seed=settings.seed)
             views = cached_views(prefix, x_train, augmentation, views=settings.augment_views, policy=hp["augment"],
                                  seed=settings.seed, dtype=dtype, identity=frozen.identity)
-        x_train, x_val = (cached_features(prefix, x, dtype=dtype, identity=frozen.identity) for x in (x_train, x_val))
-        if suffix is None and hp["pooling"] == "avg":  # a head alone, averaging first: average the features once
+        pool = suffix is None and hp["pooling"] == "avg"  # a head alone that averages first: average once
+        x_train, x_val = (cached_features(prefix, x, dtype=dtype, identity=frozen.identity, pool=pool)
+                          for x in (x_train, x_val))
+        if pool:
             fit_model = pooled_head(top)
-            x_train, x_val = pooled(x_train), pooled(x_val)
             views = [pooled(v) for v in views] if views is not None else None
     start_epoch = restore(model, tune.get_checkpoint(), top=top)
     report = ReportEpoch(x_val, y_val, settings, hp, started, model=model, device=device, frozen=frozen, top=top)
@@ -176,14 +178,6 @@ CACHED_STEPS_PER_EXECUTION = 64
 def steps_per_execution(top) -> int:
     """Steps per ``fit`` call into TensorFlow: many on cached features (``top``), one for a whole network."""
     return CACHED_STEPS_PER_EXECUTION if top is not None else 1
-
-
-def pooled(features: np.ndarray) -> np.ndarray:
-    """Cached feature maps averaged over height and width, in float32 (what the head's average pooling computes).
-
-    A head that averages first only ever sees these vectors: training it on them is the same computation on
-    1/(height x width) of the data, which Keras would otherwise copy into its input pipeline on every fit."""
-    return np.asarray(features, dtype=np.float32).mean(axis=(1, 2)) if features.ndim == 4 else features
 
 
 def pooled_head(head: keras.Model) -> keras.Model:

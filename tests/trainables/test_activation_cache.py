@@ -91,8 +91,9 @@ def test_many_steps_per_call_on_cached_features_train_the_same_model(monkeypatch
 def test_a_head_that_averages_first_gives_the_same_output_on_pooled_features(head_units, dropout):
     """Head-only trials train on features averaged once (``pooled``) through the head's own layers after its
     pooling (``pooled_head``): the same outputs as the whole head on the feature maps, from the same weights."""
+    from trainables.activation_cache import pooled
     from trainables.model import build_head
-    from trainables.train import pooled, pooled_head
+    from trainables.train import pooled_head
 
     hp = {**DEFAULTS, "pooling": "avg", "head_units": head_units, "dropout": dropout}
     head = build_head(hp, (3, 3, 40), num_classes=7, seed=1)
