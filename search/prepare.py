@@ -10,11 +10,10 @@ import dataclasses
 import math
 import os
 
-import numpy as np
 import pandas as pd
 
 from search.study import Study, StudyError, cv_folds
-from trainables.data import decode_images
+from trainables.data import DIGEST_PREFIX, data_digest, decode_images
 from trainables.datasets import DatasetError, load_table
 from trainables.datasets.integrity import find_corrupt_cached, find_duplicates
 from trainables.datasets.near_duplicates import CLUSTER_COLUMN, NearDuplicates, find_near_duplicates, settings_from
@@ -28,7 +27,7 @@ class Prepared:
     splits: pd.DataFrame  # every image: path, label, group, origin, split
     class_names: list[str]
     positive: int | None  # index of the positive class of a binary task
-    arrays: dict[str, np.ndarray]  # x_train, y_train, x_val, y_val (+ fold_train, fold_val with cv_folds)
+    arrays: dict  # x_train, y_train, x_val, y_val (+ fold_train, fold_val with cv_folds), digest_x_train, digest_x_val
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason) left out
     duplicates: pd.DataFrame | None = None  # byte-identical pairs, see integrity.find_duplicates
     near_duplicates: NearDuplicates | None = None  # the leakage audit (None when turned off)
@@ -71,6 +70,7 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
     for split in ("train", "val"):
         rows = table[table["split"] == split]
         arrays[f"x_{split}"] = decode_images(rows["path"].tolist(), ds.image_size)
+        arrays[f"{DIGEST_PREFIX}x_{split}"] = data_digest(arrays[f"x_{split}"])  # once here, not in every trial
         arrays[f"y_{split}"] = rows["label_index"].to_numpy()
         if "fold" in rows.columns:  # the trials train fold k on train ∪ val minus fold k (trainables.train)
             arrays[f"fold_{split}"] = rows["fold"].to_numpy(dtype="int64")

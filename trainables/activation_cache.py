@@ -34,6 +34,8 @@ import keras
 import numpy as np
 from filelock import FileLock
 
+from trainables.data import data_digest
+
 CACHE_VERSION = 1  # bump when what an entry holds changes
 # Features for a head alone are stored as float16 (half the disk; the head's predictions move by ~1e-3).
 # Features that feed layers being fine-tuned stay float32: small rounding there grows over epochs.
@@ -94,13 +96,6 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def data_digest(x: np.ndarray) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(str(x.shape).encode())
-    digest.update(np.ascontiguousarray(x).data)
-    return digest.hexdigest()
-
-
 def model_identity(model) -> str:
     """A hash of what fixes ``model``'s output for a given input: its name (the backbone and the cut), input
     shape, every weight (preprocessing included) and dtype policy (mixed_float16 computes other values)."""
@@ -108,11 +103,14 @@ def model_identity(model) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def entry_key(model, x: np.ndarray, dtype=HEAD_ONLY_DTYPE, *, identity: str | None = None) -> str:
+def entry_key(model, x: np.ndarray, dtype=HEAD_ONLY_DTYPE, *, identity: str | None = None,
+              digest: str | None = None) -> str:
     """The cache entry for ``model`` (a backbone, or a backbone's prefix) applied to ``x``: the model's
-    ``identity`` (computed if not given), the images themselves and the stored dtype."""
+    ``identity`` (computed if not given), the images themselves (``digest``: their ``data_digest``, if the
+    driver already computed it) and the stored dtype."""
     identity = identity or model_identity(model)
-    return hashlib.sha256(f"{identity}|{data_digest(x)}|{np.dtype(dtype).name}".encode()).hexdigest()[:32]
+    digest = digest or data_digest(x)
+    return hashlib.sha256(f"{identity}|{digest}|{np.dtype(dtype).name}".encode()).hexdigest()[:32]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,16 +154,16 @@ def _build_shared(name, weights, input_shape, weights_dir, policy, stamp) -> Fro
 
 
 def cached_features(backbone, x: np.ndarray, *, dtype=HEAD_ONLY_DTYPE, batch_size: int = 64,
-                    identity: str | None = None, pool: bool = False) -> np.ndarray:
+                    identity: str | None = None, pool: bool = False, digest: str | None = None) -> np.ndarray:
     """``backbone(x)`` in inference mode, from the cache or computed once and stored; memory-mapped.
 
     ``backbone`` may be a prefix from ``split_backbone``; ``identity``, its
-    ``model_identity`` if already known. ``pool``: the feature maps averaged over
+    ``model_identity`` if already known; ``digest``, ``x``'s ``data_digest``. ``pool``: the feature maps averaged over
     height and width instead (``pooled``), kept in memory for this process's next trials.
     """
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{entry_key(backbone, x, dtype, identity=identity)}.npy"
+    path = folder / f"{entry_key(backbone, x, dtype, identity=identity, digest=digest)}.npy"
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             features = backbone.predict(x, batch_size=batch_size, verbose=0).astype(dtype)

@@ -224,6 +224,19 @@ def _scaled(samples: np.ndarray, top: float) -> Image.Image:
     return Image.fromarray(eight.astype(np.uint8), "L")
 
 
+def data_digest(x: np.ndarray) -> str:
+    """A hash of an image array's shape and bytes: names the activation-cache entries computed from it. The
+    driver computes it once per split (``DIGEST_PREFIX`` keys beside the arrays), so trials need not hash
+    gigabytes again."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(x.shape).encode())
+    digest.update(np.ascontiguousarray(x).data)
+    return digest.hexdigest()
+
+
+DIGEST_PREFIX = "digest_"  # data["digest_x_train"]: data_digest(data["x_train"]), shipped with the arrays
+
+
 def cache_key(paths: list[str], size: int) -> str:
     """Names a cache entry by the files (path, size, modification time) and the image size."""
     digest = hashlib.sha256(f"v{_DECODER_VERSION}|{size}".encode())

@@ -40,6 +40,7 @@ from trainables.activation_cache import (
     split_backbone,
 )
 from trainables.augment import make_augmentation
+from trainables.data import DIGEST_PREFIX
 from trainables.checkpoint import MODEL_FILE, TOP_FILE, fold_folders, save_classifier, save_folds
 from trainables.hparams import PLACEMENT, resolve_hparams
 from trainables.metrics import is_better
@@ -133,8 +134,9 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
             views = cached_views(prefix, x_train, augmentation, views=settings.augment_views, policy=hp["augment"],
                                  seed=settings.seed, dtype=dtype, identity=frozen.identity)
         pool = suffix is None and hp["pooling"] == "avg"  # a head alone that averages first: average once
-        x_train, x_val = (cached_features(prefix, x, dtype=dtype, identity=frozen.identity, pool=pool)
-                          for x in (x_train, x_val))
+        x_train, x_val = (cached_features(prefix, x, dtype=dtype, identity=frozen.identity, pool=pool,
+                                          digest=data.get(DIGEST_PREFIX + name))
+                          for name, x in (("x_train", x_train), ("x_val", x_val)))
         if pool:
             fit_model = pooled_head(top)
             views = [pooled(v) for v in views] if views is not None else None

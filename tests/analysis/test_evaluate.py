@@ -255,7 +255,10 @@ def test_prepare_ships_only_train_and_val_and_decodes_nothing_else(tmp_path, mon
     decoded = [p for p, size in seen if size == 16]
     assert len(seen) == len(decoded) + len(splits)
     assert test and sorted(decoded) == sorted([*train["path"], *val["path"]]) and not test & set(decoded)
-    assert sorted(prepared.arrays) == ["x_train", "x_val", "y_train", "y_val"]
+    assert sorted(prepared.arrays) == ["digest_x_train", "digest_x_val", "x_train", "x_val", "y_train", "y_val"]
+    from trainables.data import data_digest
+
+    assert all(prepared.arrays[f"digest_x_{s}"] == data_digest(prepared.arrays[f"x_{s}"]) for s in ("train", "val"))
     for name, rows in (("train", train), ("val", val)):
         assert len(prepared.arrays[f"x_{name}"]) == len(rows)
         assert np.array_equal(prepared.arrays[f"x_{name}"], np.stack([real(p, 16) for p in rows["path"]]))

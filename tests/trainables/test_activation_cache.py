@@ -106,6 +106,26 @@ def test_a_head_that_averages_first_gives_the_same_output_on_pooled_features(hea
         pooled_head(build_head({**hp, "pooling": "flatten"}, (3, 3, 40), num_classes=7))
 
 
+def test_a_trial_names_cache_entries_by_the_digest_the_driver_shipped(monkeypatch):
+    """Hashing a split's images (1.2 GB for HAM10000 at 224 px) is done once by the driver; trials use its digest."""
+    from trainables.data import data_digest
+
+    x, y = small_data()
+    data = {"x_train": x[::2], "y_train": y[::2], "x_val": x[1::2], "y_val": y[1::2]}
+    shipped = {**data, "digest_x_train": data_digest(data["x_train"]), "digest_x_val": data_digest(data["x_val"])}
+    train(frozen_lite0_config(), shipped, activation_cache=True)  # builds the entries under the shipped digests
+    built = sorted(p.name for p in cache.cache_dir().glob("*.npy"))
+
+    def no_hashing(x):
+        raise AssertionError("a trial hashed the images although the driver shipped their digest")
+
+    monkeypatch.setattr(cache, "data_digest", no_hashing)
+    train(frozen_lite0_config(trial_number=2), shipped, activation_cache=True)  # served, no hashing
+    assert sorted(p.name for p in cache.cache_dir().glob("*.npy")) == built  # the same entries: no new build
+    with pytest.raises(AssertionError, match="hashed the images"):
+        train(frozen_lite0_config(trial_number=3), data, activation_cache=True)  # without digests it must hash
+
+
 def test_only_clean_pretrained_trials_with_a_frozen_part_use_it():
     assert cache.can_use_cache(frozen_lite0_config())
     assert cache.can_use_cache(frozen_lite0_config(unfreeze=20))
