@@ -56,6 +56,8 @@ class Space:
     augment: tuple = ("none",)  # searched when there are several
     class_weight: tuple = (False,)  # balanced class weights or none; searched when there are both
     augment_views: int = 0  # ours: a cached bank of this many augmented views per image
+    warmup: tuple = ()  # fine-tuned configurations: head-only warm-up epochs, then fine_tune_lr (searched when given)
+    fine_tune_lr: tuple = (1e-5, 1e-3)  # log-uniform
 
 
 SPACES = {
@@ -66,7 +68,8 @@ SPACES = {
     # fine-tuned (the full network every epoch); light augmentation (ours: a bank of 2 cached views); class
     # weights; and the small CNN from scratch.
     "realistic": Space(backbones=("efficientnet_lite0", "efficientnet_lite1", "cnn_s3"), unfreeze=(0, 21, 41, "all"),
-                       head_units=(0, 128), augment=("none", "light"), class_weight=(False, True), augment_views=2),
+                       head_units=(0, 128), augment=("none", "light"), class_weight=(False, True), augment_views=2,
+                       warmup=(1, 2)),
 }
 # The small setting's ranges, named (the cache speed-up measurement samples its lite0 branch).
 BACKBONES, UNFREEZE, HEAD_UNITS = SPACES["small"].backbones, SPACES["small"].unfreeze, SPACES["small"].head_units
@@ -103,6 +106,9 @@ def sample(trial, setting: str) -> dict:
     if PER_BACKBONE[backbone]["weights"] is not None:
         hp["unfreeze"] = trial.suggest_categorical("unfreeze", list(s.unfreeze))
         hp["head_units"] = trial.suggest_categorical("head_units", list(s.head_units))
+        if s.warmup and hp["unfreeze"] != 0:  # as real studies fine-tune: the head first, then a small rate
+            hp["warmup_epochs"] = trial.suggest_categorical("warmup_epochs", list(s.warmup))
+            hp["fine_tune_lr"] = trial.suggest_float("fine_tune_lr", *s.fine_tune_lr, log=True)
     if len(s.augment) > 1:
         hp["augment"] = trial.suggest_categorical("augment", list(s.augment))
     if len(s.class_weight) > 1:
@@ -135,11 +141,18 @@ def kt_space(hp, setting: str = "small") -> dict:
         "dropout": hp.Float("dropout", *s.dropout),
     }
     pretrained = [b for b in s.backbones if PER_BACKBONE[b]["weights"] is not None]
+    warmup = fine_tune_lr = None
     with hp.conditional_scope("backbone", pretrained):
         unfreeze = hp.Choice("unfreeze", [str(u) for u in s.unfreeze])
         head_units = hp.Choice("head_units", list(s.head_units))
+        if s.warmup:
+            with hp.conditional_scope("unfreeze", [str(u) for u in s.unfreeze if u != 0]):
+                warmup = hp.Choice("warmup_epochs", list(s.warmup))
+                fine_tune_lr = hp.Float("fine_tune_lr", *s.fine_tune_lr, sampling="log")
     if backbone in pretrained:
         out.update(unfreeze=unfreeze if unfreeze == "all" else int(unfreeze), head_units=int(head_units))
+        if warmup is not None and out["unfreeze"] != 0:
+            out.update(warmup_epochs=int(warmup), fine_tune_lr=float(fine_tune_lr))
     if len(s.augment) > 1:
         out["augment"] = hp.Choice("augment", list(s.augment))
     if len(s.class_weight) > 1:
@@ -350,8 +363,11 @@ def _keras_callbacks(spec: dict, log: EventLog, x_val, y_val, classes, positive,
     return ValidationMetrics(), BudgetStop()
 
 
+_BACKBONES: dict[int, tuple] = {}  # id(model) -> (its backbone, its hyperparameters), for fit_in_phases
+
+
 def _build_compiled(hp: dict, input_shape, num_classes: int, seed: int):
-    """Our model for these hyperparameters, trainable layers set and compiled as ``train_trial``'s one phase."""
+    """Our model for these hyperparameters, trainable layers set and compiled for ``train_trial``'s first phase."""
     import keras
 
     from trainables.hparams import resolve_hparams
@@ -361,10 +377,37 @@ def _build_compiled(hp: dict, input_shape, num_classes: int, seed: int):
     hp = resolve_hparams({**FIXED, **hp})
     keras.utils.set_random_seed(seed)
     model, backbone = build_model(hp, input_shape=input_shape, num_classes=num_classes, seed=seed)
-    ((_, _, lr, unfreeze),) = phases(hp, 1)  # warmup_epochs=0: one phase, at learning_rate
+    _, _, lr, unfreeze = phases(hp, 10**6)[0]
     apply_unfreeze(backbone, unfreeze, pretrained=hp["weights"] is not None)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
+    _BACKBONES[id(model)] = (backbone, hp)
     return model
+
+
+def fit_in_phases(model, x, y, *, epochs: int, initial_epoch: int = 0, **fit_kwargs):
+    """``model.fit`` as ``train_trial`` trains: with a warm-up, the head alone at learning_rate, then the unfrozen
+    layers at fine_tune_lr (recompiled between); returns the last phase's History, holding every phase's epochs."""
+    import keras
+
+    from trainables.model import apply_unfreeze
+    from trainables.train import phases
+
+    backbone, hp = _BACKBONES[id(model)]
+    history, epochs_seen = None, {}
+    for first, end, lr, unfreeze in phases(hp, epochs):
+        if end <= initial_epoch:
+            continue
+        if first > 0:  # the first phase is how _build_compiled left the model
+            apply_unfreeze(backbone, unfreeze, pretrained=hp["weights"] is not None)
+            model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
+        history = model.fit(x, y, epochs=end, initial_epoch=max(first, initial_epoch), **fit_kwargs)
+        for key, values in history.history.items():
+            epochs_seen.setdefault(key, []).extend(values)
+        if model.stop_training:
+            break
+    if history is not None:
+        history.history = epochs_seen
+    return history
 
 
 def _in_process_tensorflow() -> None:
@@ -399,9 +442,10 @@ def run_keras_tuner(spec: dict, log: EventLog) -> int:
             return _build_compiled(kt_space(hp, setting), x_train.shape[1:], len(classes),
                                    seed=(seed * 100_003 + current["builds"]) % (2**31 - 1))
 
-        def fit(self, hp, model, *args, **kwargs):  # balanced class weights when the configuration asks for them
+        def fit(self, hp, model, x, y, epochs=1, initial_epoch=0, **kwargs):  # phases; class weights when asked
             weighted = kt_space(hp, setting).get("class_weight", FIXED["class_weight"])
-            return model.fit(*args, class_weight=balanced_class_weight(y_train) if weighted else None, **kwargs)
+            return fit_in_phases(model, x, y, epochs=epochs, initial_epoch=initial_epoch,
+                                 class_weight=balanced_class_weight(y_train) if weighted else None, **kwargs)
 
     class BudgetHyperband(kt.Hyperband):
         def pre_create_trial(self):
@@ -461,8 +505,8 @@ def run_optuna_hyperband(spec: dict, log: EventLog) -> int:
         status = "completed"
         weighted = hp.get("class_weight", FIXED["class_weight"])
         try:
-            history = model.fit(x_train, y_train, batch_size=FIXED["batch_size"], epochs=int(spec["max_epochs"]),
-                                shuffle=True, verbose=0, class_weight=balanced_class_weight(y_train) if weighted else None,
+            history = fit_in_phases(model, x_train, y_train, batch_size=FIXED["batch_size"], epochs=int(spec["max_epochs"]),
+                                    shuffle=True, verbose=0, class_weight=balanced_class_weight(y_train) if weighted else None,
                                 callbacks=[validation, KerasPruningCallback(trial, METRIC), budget_stop])
         except optuna.TrialPruned:
             status = "pruned"

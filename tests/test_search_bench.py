@@ -155,7 +155,9 @@ def test_the_realistic_space_is_the_same_in_keras_tuner_and_optuna():
         unfreeze.add(out.get("unfreeze"))
         study.tell(trial, 0.0)
     common = {"backbone", "learning_rate", "dropout", "augment", "class_weight"}
-    assert seen["efficientnet_lite1"] == common | {"unfreeze", "head_units"} and seen["cnn_s3"] == common
+    fine_tuned = {"unfreeze", "head_units", "warmup_epochs", "fine_tune_lr"}  # a warm-up only when something unfreezes
+    assert seen["efficientnet_lite1"] == common | fine_tuned and seen["cnn_s3"] == common
+    assert by_name["warmup_epochs"].values == [1, 2] and by_name["fine_tune_lr"].conditions
     assert unfreeze == {0, 21, 41, "all"}
 
 
@@ -170,3 +172,22 @@ def test_the_readme_results_table_is_the_one_generated_from_paper_tables_json():
     s2 = next(line for line in block.splitlines() if line.startswith("| S2 |"))
     measured = paper_tables.load_json()["rows"]["S2"]["metrics"]["accuracy"]["value"]
     assert f"{measured:.4f}" in s2 and "missed by" in s2
+
+
+@pytest.mark.e2e
+def test_in_process_contenders_fine_tune_in_phases_as_train_trial_does():
+    """keras-tuner's and Optuna's fits warm the head up, then unfreeze at fine_tune_lr (train_trial's phases)."""
+    import numpy as np
+
+    from benchmarks._contenders import _build_compiled, fit_in_phases
+
+    hp = {"backbone": "efficientnet_lite0", "weights": "imagenet", "unfreeze": 21, "head_units": 0,
+          "learning_rate": 1e-3, "dropout": 0.0, "warmup_epochs": 1, "fine_tune_lr": 1e-4}
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (16, 32, 32, 3)).astype("uint8"), np.repeat([0, 1], 8)
+    model = _build_compiled(hp, (32, 32, 3), 2, seed=0)
+    frozen_at_first = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    history = fit_in_phases(model, x, y, epochs=3, batch_size=8, verbose=0)
+    assert len(history.history["loss"]) == 3  # the warm-up epoch and the two fine-tuning epochs
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) > frozen_at_first  # layers joined
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
