@@ -193,17 +193,19 @@ def _pooled_entry(path: str) -> np.ndarray:
 
 
 def cached_views(prefix, x: np.ndarray, augmentation, *, views: int, policy: str, seed: int,
-                 dtype=HEAD_ONLY_DTYPE, batch_size: int = 64, identity: str | None = None) -> np.ndarray:
+                 dtype=HEAD_ONLY_DTYPE, batch_size: int = 64, identity: str | None = None,
+                 digest: str | None = None) -> np.ndarray:
     """``views`` augmented copies of ``x`` through the frozen ``prefix``: an array (views, N, ...).
 
     Epoch e trains on view ``e % views``. A trial then sees ``views`` fixed
     random variants of each image instead of a fresh one every epoch: less
     variety for the same disk, in exchange for never running the frozen part
     again. The bank depends on the policy and the seed, so trials share it.
+    ``identity`` and ``digest`` as for ``cached_features``.
     """
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    key = entry_key(prefix, x, dtype, identity=identity)
+    key = entry_key(prefix, x, dtype, identity=identity, digest=digest)
     key = hashlib.sha256(f"{key}|{policy}|{views}|{seed}".encode()).hexdigest()[:32]
     path = folder / f"{key}.npy"
     with FileLock(str(path) + ".lock"):

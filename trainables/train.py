@@ -40,8 +40,8 @@ from trainables.activation_cache import (
     split_backbone,
 )
 from trainables.augment import make_augmentation
-from trainables.data import DIGEST_PREFIX
 from trainables.checkpoint import MODEL_FILE, TOP_FILE, fold_folders, save_classifier, save_folds
+from trainables.data import DIGEST_PREFIX
 from trainables.hparams import PLACEMENT, resolve_hparams
 from trainables.metrics import is_better
 from trainables.weights import unpack_weights
@@ -132,10 +132,11 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
         if hp["augment"] != "none":
             augmentation = make_augmentation(hp["augment"], seed=settings.seed)
             views = cached_views(prefix, x_train, augmentation, views=settings.augment_views, policy=hp["augment"],
-                                 seed=settings.seed, dtype=dtype, identity=frozen.identity)
+                                 seed=settings.seed, dtype=dtype, identity=frozen.identity,
+                                 digest=shipped_digest(data, "x_train"))
         pool = suffix is None and hp["pooling"] == "avg"  # a head alone that averages first: average once
         x_train, x_val = (cached_features(prefix, x, dtype=dtype, identity=frozen.identity, pool=pool,
-                                          digest=data.get(DIGEST_PREFIX + name))
+                                          digest=shipped_digest(data, name))
                           for name, x in (("x_train", x_train), ("x_val", x_val)))
         if pool:
             fit_model = pooled_head(top)
@@ -175,6 +176,12 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
 # products, so Keras's per-step Python and dispatch cost (~2 ms) is most of a head-only trial; running many steps
 # per call takes it out. The batches, their order and the updates are the same.
 CACHED_STEPS_PER_EXECUTION = 64
+
+
+def shipped_digest(data: dict, name: str) -> str | None:
+    """``data[name]``'s ``data_digest`` as the driver computed it (``search.prepare``), or None: then the cache
+    hashes the images itself."""
+    return data.get(DIGEST_PREFIX + name)
 
 
 def steps_per_execution(top) -> int:
@@ -403,7 +410,8 @@ def fit_cross_validated(config: dict, data: dict, settings: TrialSettings, *, we
     seed = (settings.seed * 100_003 + int(config.get("trial_number", 0))) % (2**31 - 1)
     device = setup_tensorflow(settings.cpus, seed, mixed_precision=settings.mixed_precision)
     placement = {key: v for key, v in device.items() if key in PLACEMENT}
-    parts = (data["x_train"], data["x_val"])
+    names = ("x_train", "x_val")
+    parts = tuple(data[name] for name in names)
     y_all = np.concatenate([data["y_train"], data["y_val"]])
     index = fold_indices(np.concatenate([data["fold_train"], data["fold_val"]]), k)
     input_shape = parts[0].shape[1:]
@@ -430,9 +438,11 @@ def fit_cross_validated(config: dict, data: dict, settings: TrialSettings, *, we
                     augmentation = make_augmentation(hp["augment"], seed=settings.seed)
                     views = np.concatenate([cached_views(prefix, x, augmentation, views=settings.augment_views,
                                                          policy=hp["augment"], seed=settings.seed, dtype=dtype,
-                                                         identity=frozen.identity) for x in parts], axis=1)
-                x_all = np.concatenate([cached_features(prefix, x, dtype=dtype, identity=frozen.identity)
-                                        for x in parts])
+                                                         identity=frozen.identity, digest=shipped_digest(data, name))
+                                            for name, x in zip(names, parts)], axis=1)
+                x_all = np.concatenate([cached_features(prefix, x, dtype=dtype, identity=frozen.identity,
+                                                        digest=shipped_digest(data, name))
+                                        for name, x in zip(names, parts)])
         built.append((model, backbone, fit_model, top))
     if x_all is None:
         x_all = np.concatenate(parts)

@@ -228,3 +228,21 @@ def test_the_cv_folds_flag_overrides_the_study_and_is_a_search_flag():
     study = Study(name="s", space=_space, fixed={"backbone": "cnn_s2"})
     assert apply_overrides(study, args).cv_folds == 5
     assert apply_overrides(study, parse_args(["study.py"])).cv_folds is None
+
+
+def test_a_cross_validated_trial_names_cache_entries_by_the_shipped_digests(fresh_cache, tmp_path, monkeypatch):
+    """Folds (and augmented banks) use the driver's digests of train and val, as a one-split trial does."""
+    import trainables.activation_cache as cache
+    from trainables.data import data_digest
+
+    data = lucky_split_data()
+    data.update(digest_x_train=data_digest(data["x_train"]), digest_x_val=data_digest(data["x_val"]))
+
+    def no_hashing(x):
+        raise AssertionError("a trial hashed the images although the driver shipped their digest")
+
+    monkeypatch.setattr(cache, "data_digest", no_hashing)
+    models, reports, _ = run_trial(lite0(), data, monkeypatch, tmp_path, cv_folds=4)
+    assert len(models) == 4 and len(reports) == 2
+    with pytest.raises(AssertionError, match="hashed the images"):
+        run_trial(lite0(trial_number=2), lucky_split_data(), monkeypatch, tmp_path, cv_folds=4)
