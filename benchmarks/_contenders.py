@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -363,7 +364,8 @@ def _keras_callbacks(spec: dict, log: EventLog, x_val, y_val, classes, positive,
     return ValidationMetrics(), BudgetStop()
 
 
-_BACKBONES: dict[int, tuple] = {}  # id(model) -> (its backbone, its hyperparameters), for fit_in_phases
+# model -> (its backbone, its hyperparameters), for fit_in_phases; weak, so models keras-tuner drops are freed
+_BACKBONES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _build_compiled(hp: dict, input_shape, num_classes: int, seed: int):
@@ -380,7 +382,7 @@ def _build_compiled(hp: dict, input_shape, num_classes: int, seed: int):
     _, _, lr, unfreeze = phases(hp, 10**6)[0]
     apply_unfreeze(backbone, unfreeze, pretrained=hp["weights"] is not None)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
-    _BACKBONES[id(model)] = (backbone, hp)
+    _BACKBONES[model] = (backbone, hp)
     return model
 
 
@@ -392,7 +394,7 @@ def fit_in_phases(model, x, y, *, epochs: int, initial_epoch: int = 0, **fit_kwa
     from trainables.model import apply_unfreeze
     from trainables.train import phases
 
-    backbone, hp = _BACKBONES[id(model)]
+    backbone, hp = _BACKBONES[model]
     history, epochs_seen = None, {}
     for first, end, lr, unfreeze in phases(hp, epochs):
         if end <= initial_epoch:

@@ -704,7 +704,8 @@ def readme_table(record: dict) -> str:
                 f"{METRIC_LABELS.get(m, m)} {_fmt((ev['metrics'].get(m) or {}).get('value'))}" for m in shown) + ")")
         published = "; ".join(_published_cell(_best_published(rec, m)) for m in shown)
         targets = "; ".join(f"{METRIC_LABELS.get(t['metric'], t['metric'])} ≥ {t['target']:.2f}: "
-                            + ("met" if t["met"] else f"**missed by {-t['gap']:.3f}**") + f" ({t['split']})"
+                            + ("n/a" if t["met"] is None else "met" if t["met"] else f"**missed by {-t['gap']:.3f}**")
+                            + f" ({t['split']})"
                             for t in rec["targets"]) or "reported"
         where = f"{rec['split_evaluated']}, n = {rec['n_eval']:,}" + (" (selection split)" if rec["optimistic"] else "")
         lines.append(f"| {key} | {_short_data(rec)}, {rec['protocol']} | {where} | {ours} | {published} | {targets} |")
