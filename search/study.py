@@ -98,6 +98,9 @@ class Study:
     seed: int = 0  # seeds the sampler and the trials
     weights_dir: str | None = None  # folder of official Keras weight files (offline clusters)
     activation_cache: bool = True  # frozen pretrained backbones: compute features once, train only the head
+    # The first trials are drawn from the configurations that train a head on cached features (seconds each), so
+    # TPE's random start-up is cheap (search.cheap_first); "auto": num_samples // 4, at most 10; 0: off.
+    cheap_first: int | str = "auto"
     max_failures: int = 1  # retries of a trial that raised (Ray's FailureConfig); then it is recorded as errored
     augment_views: int = 0  # augmented trials: cache this many augmented views per image (0: run the network)
     mixed_precision: bool | str = "auto"  # mixed_float16; "auto": on GPUs with float16 tensor cores (compute >= 7.0)
@@ -142,6 +145,9 @@ def validate(study: Study) -> None:
     if study.cv_folds is not None and not (is_int(study.cv_folds, low=1) and study.cv_folds == 1):
         _int("cv_folds", study.cv_folds, low=2, fix="use an integer >= 2 for k-fold cross-validation "
              "on train ∪ val (e.g. 5), or None for one validation split")
+    if study.cheap_first != "auto":
+        _int("cheap_first", study.cheap_first, low=0, fix="use 'auto', 0 (off), or how many first trials to draw "
+             "from head-only configurations on cached features")
     if not isinstance(study.activation_cache, bool):
         _fail("activation_cache", study.activation_cache, "use True or False")
     if not is_one_of(study.mixed_precision, (True, False, "auto")):

@@ -103,8 +103,15 @@ class ResumedSearch(SearchGenerator):
 
 
 def make_searcher(study: Study) -> ConcurrencyLimiter:
+    from search.cheap_first import cheap_first_points
+
     sampler = optuna.samplers.TPESampler(seed=study.seed)
-    searcher = OptunaSearch(space=StudySpace(study), metric=study.metric, mode=study.mode, sampler=sampler)
+    cheap = cheap_first_points(study)
+    if cheap:
+        print(f"Cheap first: the first {len(cheap)} trials train heads on cached features (cheap_first="
+              f"{study.cheap_first!r}); then TPE samples the whole space", flush=True)
+    searcher = OptunaSearch(space=StudySpace(study), metric=study.metric, mode=study.mode, sampler=sampler,
+                            points_to_evaluate=cheap or None)
     return ConcurrencyLimiter(searcher, max_concurrent=study.max_concurrent)
 
 
