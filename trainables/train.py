@@ -95,6 +95,11 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
     cache on, trains only its head on cached features, and its backbone is the
     one this process built for an earlier such trial (``shared_backbone``): the
     returned classifier shares it, so it must not be trained further.
+
+    A trial that fine-tunes after a warm-up trains its head alone first, so its warm-up epochs train on
+    the cached features of the whole frozen backbone (``cached_warmup``): seconds, not a pass of the network
+    per epoch. ASHA judges those epochs like any other, so only configurations whose head is promising
+    go on to the expensive phase, which continues from the head the warm-up trained (the same layers).
     """
     if settings.cv_folds:
         return fit_cross_validated(config, data, settings, weights_dir=weights_dir)
@@ -106,61 +111,52 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
     device = setup_tensorflow(settings.cpus, seed, mixed_precision=settings.mixed_precision)
     from trainables.model import apply_unfreeze, build_model
 
-    x_train, y_train, x_val, y_val = (data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
     cacheable = settings.activation_cache and can_use_cache(hp, settings.augment_views)
-    frozen = None  # the frozen part whose cached output the trial trains on: its model and identity
-    if cacheable and str(hp["unfreeze"]) == "0":  # nothing trains the backbone: this process's copy serves
-        frozen = shared_backbone(hp["backbone"], weights=hp["weights"], input_shape=x_train.shape[1:],
+    shared = None  # nothing trains the backbone: this process's copy serves
+    if cacheable and str(hp["unfreeze"]) == "0":
+        shared = shared_backbone(hp["backbone"], weights=hp["weights"], input_shape=data["x_train"].shape[1:],
                                  weights_dir=weights_dir)
     model, backbone = build_model(
         hp,
-        input_shape=x_train.shape[1:],
+        input_shape=data["x_train"].shape[1:],
         num_classes=len(settings.class_names),
         weights_dir=weights_dir,
         seed=seed,
-        backbone=frozen.model if frozen is not None else None,
+        backbone=shared.model if shared is not None else None,
     )
-    fit_model, top = model, None
-    views = None  # per-epoch training inputs, for a bank of augmented views
-    split = split_backbone(backbone, hp["unfreeze"]) if cacheable else None
-    if split is not None:
-        # The frozen part's output is the same every epoch: compute it once (per node), train the rest on it.
-        prefix, suffix, _ = split
-        frozen = frozen if frozen is not None else frozen_part(prefix)
-        fit_model = top = cached_top(suffix, model.get_layer("head"), prefix.output.shape[1:])
-        dtype = HEAD_ONLY_DTYPE if suffix is None else FINE_TUNE_DTYPE
-        if hp["augment"] != "none":
-            augmentation = make_augmentation(hp["augment"], seed=settings.seed)
-            views = cached_views(prefix, x_train, augmentation, views=settings.augment_views, policy=hp["augment"],
-                                 seed=settings.seed, dtype=dtype, identity=frozen.identity,
-                                 digest=shipped_digest(data, "x_train"))
-        pool = suffix is None and hp["pooling"] == "avg"  # a head alone that averages first: average once
-        x_train, x_val = (cached_features(prefix, x, dtype=dtype, identity=frozen.identity, pool=pool,
-                                          digest=shipped_digest(data, name))
-                          for name, x in (("x_train", x_train), ("x_val", x_val)))
-        if pool:
-            fit_model = pooled_head(top)
-            views = [pooled(v) for v in views] if views is not None else None
-    start_epoch = restore(model, tune.get_checkpoint(), top=top)
-    report = ReportEpoch(x_val, y_val, settings, hp, started, model=model, device=device, frozen=frozen, top=top)
-    class_weight = balanced_class_weight(y_train) if hp["class_weight"] else None
-    for first, end, lr, unfreeze in phases(hp, settings.max_epochs):
+    plan = phases(hp, settings.max_epochs)
+    warmup = cached_warmup(hp, settings, plan)
+    checkpoint = tune.get_checkpoint()
+    main = None  # how the trial's last phase fits; made when that phase starts, or now to restore into it
+    if warmup is None or holds_top(checkpoint):
+        main = prepare_fit(model, backbone, hp, hp["unfreeze"] if cacheable else None, data, settings, shared)
+    start_epoch = restore(model, checkpoint, top=main.top if main is not None else None)
+    report = ReportEpoch(None, data["y_val"], settings, hp, started, model=model, device=device)
+    class_weight = balanced_class_weight(data["y_train"]) if hp["class_weight"] else None
+    for number, (first, end, lr, unfreeze) in enumerate(plan):
         if end <= start_epoch:
             continue  # resumed past this phase
+        if number == 0 and warmup is not None:
+            fit = prepare_fit(model, backbone, hp, 0, data, settings, frozen_part(backbone), light=False)
+        else:
+            main = main or prepare_fit(model, backbone, hp, hp["unfreeze"] if cacheable else None, data, settings,
+                                       shared)
+            fit = main
+        report.x_val, report.frozen, report.top = fit.x_val, fit.frozen if fit.light else None, fit.top
         apply_unfreeze(backbone, unfreeze, pretrained=hp["weights"] is not None)
-        fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                          steps_per_execution=steps_per_execution(top))
+        fit.model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+                          steps_per_execution=steps_per_execution(fit.top))
         # Its slots now, not in the first training step: variables made while tracing make TF trace it twice.
-        fit_model.optimizer.build(fit_model.trainable_variables)
+        fit.model.optimizer.build(fit.model.trainable_variables)
         # With a bank of views, each epoch is its own fit() on view (epoch % views).
-        spans = [(e, e + 1) for e in range(max(first, start_epoch), end)] if views is not None else \
+        spans = [(e, e + 1) for e in range(max(first, start_epoch), end)] if fit.views is not None else \
             [(max(first, start_epoch), end)]
         for begin, stop in spans:
             if report.stopped:
                 return model
-            fit_model.fit(
-                views[begin % len(views)] if views is not None else x_train,
-                y_train,
+            fit.model.fit(
+                fit.views[begin % len(fit.views)] if fit.views is not None else fit.x_train,
+                data["y_train"],
                 batch_size=int(hp["batch_size"]),
                 epochs=stop,
                 initial_epoch=begin,
@@ -170,6 +166,65 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
                 verbose=0,
             )
     return model
+
+
+def cached_warmup(hp: dict, settings: TrialSettings, plan: list) -> bool | None:
+    """True when the trial's first phase is a warm-up whose head can train on the cached features of the
+    whole frozen backbone (a pretrained backbone; no augmentation, or a bank of augmented views); else None."""
+    if len(plan) < 2 or not settings.activation_cache:
+        return None
+    return True if can_use_cache({**hp, "unfreeze": 0}, settings.augment_views) else None
+
+
+@dataclasses.dataclass
+class Fit:
+    """What one phase of a trial fits, and on what."""
+
+    model: keras.Model  # the classifier, or a top on cached features sharing its layers
+    top: keras.Model | None  # the top, when the phase trains on cached features
+    frozen: object  # the frozen part whose cached output it trains on (trainables.activation_cache.Frozen)
+    x_train: np.ndarray
+    x_val: np.ndarray
+    views: list | None  # a bank of augmented views of x_train, one per epoch in turn
+    light: bool  # its checkpoints hold only the top (the frozen part is rebuilt from the pretrained weights)
+
+
+def prepare_fit(model, backbone, hp: dict, unfreeze, data: dict, settings: TrialSettings, frozen=None, *,
+                light: bool = True) -> Fit:
+    """The phase's fit: the whole ``model`` on images when ``unfreeze`` is None or leaves no clean cut, else a top
+    trained on the cached output of the frozen part below the top ``unfreeze`` layers (``frozen``: that part,
+    if known). ``light=False``: checkpoints hold the whole classifier (a warm-up, whose next phase restores it)."""
+    x_train, x_val = data["x_train"], data["x_val"]
+    split = split_backbone(backbone, unfreeze) if unfreeze is not None else None
+    if split is None:
+        return Fit(model, None, None, x_train, x_val, None, False)
+    # The frozen part's output is the same every epoch: compute it once (per node), train the rest on it.
+    prefix, suffix, _ = split
+    frozen = frozen if frozen is not None else frozen_part(prefix)
+    fit_model = top = cached_top(suffix, model.get_layer("head"), prefix.output.shape[1:])
+    dtype = HEAD_ONLY_DTYPE if suffix is None else FINE_TUNE_DTYPE
+    views = None
+    if hp["augment"] != "none":
+        augmentation = make_augmentation(hp["augment"], seed=settings.seed)
+        views = cached_views(prefix, x_train, augmentation, views=settings.augment_views, policy=hp["augment"],
+                             seed=settings.seed, dtype=dtype, identity=frozen.identity,
+                             digest=shipped_digest(data, "x_train"))
+    pool = suffix is None and hp["pooling"] == "avg"  # a head alone that averages first: average once
+    x_train, x_val = (cached_features(prefix, x, dtype=dtype, identity=frozen.identity, pool=pool,
+                                      digest=shipped_digest(data, name))
+                      for name, x in (("x_train", x_train), ("x_val", x_val)))
+    if pool:
+        fit_model = pooled_head(top)
+        views = [pooled(v) for v in views] if views is not None else None
+    return Fit(fit_model, top, frozen, x_train, x_val, views, light)
+
+
+def holds_top(checkpoint) -> bool:
+    """Whether a Tune checkpoint holds only a top trained on cached features (``save_classifier``)."""
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as folder:
+        return (Path(folder) / TOP_FILE).is_file() and not (Path(folder) / MODEL_FILE).is_file()
 
 
 # Training steps per call into TensorFlow for a trial on cached features. Such a step is a few small matrix
