@@ -116,6 +116,9 @@ def parse_args(argv):
     parser.add_argument("--speedup-epochs", type=int)
     parser.add_argument("--grace-s", type=float, default=300.0,
                         help="a contender still running this long after its budget is killed")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild bench.md and best_so_far.png from OUT's bench.parquet and best_so_far.parquet "
+                        "(after a change to the report); runs nothing. Pass the setting the run used")
     parser.add_argument("--keep-work", action="store_true",
                         help="keep each run's Ray results, checkpoints and caches under OUT/work/ "
                              "(default: only its spec, events and log)")
@@ -445,13 +448,51 @@ def summary_rows(frame) -> list[dict]:
                     "epochs_per_hour": float(part["epochs_per_hour"].median()),
                     "slots": int(part["slots"].max()) if part["slots"].notna().any() else None,
                     "utilisation": float(np.nanmedian(part["slot_utilisation"])) if part["slot_utilisation"].notna().any() else float("nan"),
-                    "head_only_s": float(np.nanmedian(part["head_only_trial_s"])) if part["head_only_trial_s"].notna().any() else float("nan"),
+                    "head_only_s": weighted_median(part["head_only_trial_s"], part["head_only_trials"]),
                     "head_only_n": int(part["head_only_trials"].fillna(0).sum())})
     ours = next((r for r in out if r["contender"] == BASELINE), None)
     for r in out:
         r["best_diff"] = r["best"] - ours["best"] if ours else float("nan")
         r["ttt_ratio"] = (r["ttt"] / ours["ttt"] if ours and r["ttt"] is not None and ours["ttt"] else None)
+        r["seed_ratios"] = seed_ratios(runs, r["contender"]) if ours else ""
     return out
+
+
+def weighted_median(values, counts) -> float:
+    """The median of per-seed medians, each seed counted as often as it had trials (the pooled median when the
+    seeds' trials are alike; per-trial times are not kept). NaN when no seed had any."""
+    import numpy as np
+
+    pooled = [float(v) for v, n in zip(values, counts) if v == v and n == n and n > 0 for _ in range(int(n))]
+    return float(np.median(pooled)) if pooled else float("nan")
+
+
+def seed_ratios(runs, contender: str) -> str:
+    """Per seed, the contender's time to target / ours'. With few seeds the median can be undefined (the target
+    is the reference's median final best, which the reference itself misses in about half its seeds), so
+    each seed's ratio is shown, as a bound where one side never got there: ``>x`` when only ours did (the
+    contender would have needed more than the budget), ``<x`` when only the contender did."""
+    def get(name, seed):
+        part = runs[(runs["contender"] == name) & (runs["seed"] == seed)]
+        if not len(part):
+            return None, None
+        row = part.iloc[0]
+        value = row["time_to_target_s"]
+        return (None if value != value or value is None else float(value)), float(row["budget_s"])
+
+    out = []
+    for seed in sorted(set(runs.loc[runs["contender"] == contender, "seed"])):
+        theirs, budget = get(contender, seed)
+        ours, _ = get(BASELINE, seed)
+        if theirs is not None and ours:
+            out.append(f"{theirs / ours:.2f}")
+        elif theirs is None and ours:
+            out.append(f">{budget / ours:.2f}")
+        elif theirs is not None and ours is None and budget:
+            out.append(f"<{theirs / budget:.2f}")
+        else:
+            out.append("n/a")
+    return ", ".join(out)
 
 
 def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
@@ -483,12 +524,13 @@ def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
         "(n/a when half or more missed). *ratio vs ours*: the contender's median time to target / ours' "
         "(> 1: ours got there sooner). *Δ best vs ours*: contender minus ours.", "",
         "| contender | seeds | best val bal. acc | Δ best vs ours | time to target (s) | reached | ratio vs ours "
-        "| trials/h | epochs/h | slot utilisation | head-only trial (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ratio per seed | trials/h | epochs/h | slot utilisation | head-only trial (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['contender']} | {r['seeds']} | {fmt(r['best'])} | {fmt(r['best_diff'], '{:+.3f}')} | "
                      f"{fmt(r['ttt'], '{:.0f}')} | {r['reached']}/{r['seeds']} | {fmt(r['ttt_ratio'], '{:.2f}')} | "
+                     f"{r['seed_ratios'] or 'n/a'} | "
                      f"{fmt(r['trials_per_hour'], '{:.0f}')} | {fmt(r['epochs_per_hour'], '{:.0f}')} | "
                      f"{fmt(r['utilisation'], '{:.0%}')} of {r['slots']} | "
                      f"{fmt(r['head_only_s'], '{:.1f}')} (n={r['head_only_n']}) |")
@@ -497,7 +539,20 @@ def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
               "to the budget's end; median over seeds. *head-only trial*: median wall time, start to end as the "
               f"contender saw it, of the trials that trained a head alone (pretrained backbone frozen, no "
               f"augmentation; on cached features where the contender has a cache) for all {args.max_epochs} epochs, "
-              "sharing the machine with the contender's other trials."]
+              "sharing the machine with the contender's other trials (a trial that built the cache counts too); "
+              "seeds weighted by their number of such trials. *ratio per seed*: the contender's time to target / "
+              "ours' in each seed; `>x`: only ours reached it, so the contender needed more than the budget, at "
+              "least x times ours; `<x`: only the contender reached it.", "",
+              "Per run:", "",
+              "| contender | seed | best val bal. acc | time to target (s) | first result (s) | trials | epochs "
+              "| slot utilisation | head-only trial (s) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    runs = frame[frame["contender"] != "cache_speedup"].sort_values(["seed", "contender"])
+    for r in runs.itertuples():
+        lines.append(f"| {r.contender} | {r.seed} | {fmt(r.best_val_balanced_acc)} | {fmt(r.time_to_target_s, '{:.0f}')} "
+                     f"| {fmt(r.time_to_first_result_s, '{:.0f}')} | {r.trials_completed} | {r.epochs_completed} "
+                     f"| {fmt(r.slot_utilisation, '{:.0%}')} | {fmt(r.head_only_trial_s, '{:.1f}')} "
+                     f"(n={0 if r.head_only_trials != r.head_only_trials else int(r.head_only_trials)}) |")
     speed = frame[frame["contender"] == "cache_speedup"]
     if len(speed) and speed["speedup"].notna().any():
         med = speed.median(numeric_only=True)
@@ -512,6 +567,27 @@ def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
     if len(notes):
         lines += ["", "Notes:"] + [f"- {r.contender} seed {r.seed}: {r.note}" for r in notes.itertuples()]
     lines += ["", "Per run: `bench.parquet`; best-so-far curves: `best_so_far.png`, `best_so_far.parquet`."]
+    return "\n".join(lines) + "\n"
+
+
+NAMES = {"ours": "ours", "ours_nocache": "ours without the cache", "random_fifo": "Ray random search (FIFO)",
+         "keras_tuner_hyperband": "Keras Tuner Hyperband", "optuna_hyperband": "Optuna Hyperband"}
+
+
+def readme_table(frame) -> str:
+    """The README's table of a run (tests/test_search_bench.py checks the README holds the saved run's)."""
+    rows = summary_rows(frame)
+    runs = frame[frame["contender"] != "cache_speedup"]
+    best = max(r["best"] for r in rows)
+    lines = ["| contender | median best val balanced accuracy | reached the target | time to it, "
+             + " / ".join(f"seed {s}" for s in sorted(set(runs["seed"]))) + " | trials per hour | slot utilisation |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        part = runs[runs["contender"] == r["contender"]].sort_values("seed")
+        times = " / ".join("never" if v != v else f"{v:.0f} s" for v in part["time_to_target_s"].astype(float))
+        score = f"**{r['best']:.3f}**" if r["best"] == best else f"{r['best']:.3f}"
+        lines.append(f"| {NAMES[r['contender']]} | {score} | {r['reached']}/{r['seeds']} | {times} | "
+                     f"{r['trials_per_hour']:.0f} | {r['utilisation']:.0%} of {r['slots']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -554,8 +630,46 @@ def plot(steps, target, budget_s: float, path: Path) -> None:
 # --- Main -------------------------------------------------------------------------------------------------------
 
 
+def wall_time_s(out: Path) -> float:
+    """The benchmark's wall time as its run recorded it: ``run.json``, or for a run from before that file the
+    line its own ``bench.md`` printed."""
+    import re
+
+    if (out / "run.json").is_file():
+        return float(json.loads((out / "run.json").read_text())["wall_time_s"])
+    found = re.search(r"benchmark wall time ([0-9.]+) min", (out / "bench.md").read_text()) \
+        if (out / "bench.md").is_file() else None
+    if not found:
+        raise SystemExit(f"search_bench --report-only: {out} has no run.json and no bench.md stating the wall time; "
+                         "rerun the benchmark")
+    return float(found.group(1)) * 60
+
+
+def write_report(out: Path, frame, steps, target, args, dataset: dict, elapsed_s: float) -> str:
+    plot(steps, target, args.budget_s, out / "best_so_far.png")
+    report = markdown(frame, target, args, dataset, elapsed_s)
+    (out / "bench.md").write_text(report)
+    return report
+
+
+def report_only(args) -> int:
+    import pandas as pd
+
+    out = Path(args.out)
+    missing = [name for name in ("bench.parquet", "best_so_far.parquet") if not (out / name).is_file()]
+    if missing:
+        raise SystemExit(f"search_bench --report-only: {out} has no {', '.join(missing)}; run the benchmark first")
+    frame = pd.read_parquet(out / "bench.parquet")
+    targets = frame["target"].dropna()
+    target = float(targets.iloc[0]) if len(targets) else None
+    print(write_report(out, frame, pd.read_parquet(out / "best_so_far.parquet"), target, args, {}, wall_time_s(out)))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        return report_only(args)
     started = time.time()
     out = Path(args.out)
     work = out / "work"
@@ -588,12 +702,12 @@ def main(argv=None) -> int:
     frame.to_parquet(out / "bench.parquet", index=False)
     steps = steps_frame(rows)
     steps.to_parquet(out / "best_so_far.parquet", index=False)
-    plot(steps, target, args.budget_s, out / "best_so_far.png")
-    report = markdown(frame, target, args, dataset, time.time() - started)
-    (out / "bench.md").write_text(report)
+    elapsed = time.time() - started
+    (out / "run.json").write_text(json.dumps({"wall_time_s": elapsed, "setting": args.setting}))
+    report = write_report(out, frame, steps, target, args, dataset, elapsed)
     print()
     print(report)
-    print(f"written to {out}: bench.parquet, bench.md, best_so_far.png, best_so_far.parquet")
+    print(f"written to {out}: bench.parquet, bench.md, best_so_far.png, best_so_far.parquet, run.json")
     failed = frame[(frame["exit_code"].fillna(0) != 0)]
     if len(failed):
         print(f"warning: {len(failed)} run(s) exited non-zero; see {work}/<contender>_s<seed>/log.txt", file=sys.stderr)

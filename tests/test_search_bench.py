@@ -71,6 +71,59 @@ def test_slot_utilisation_and_head_only_trials_come_from_the_trial_events():
     assert sorted(bench.head_only_trials(events, 0.0, 50.0, 3)) == [3, 4]  # a and e: frozen, clean, all 3 epochs
 
 
+
+def test_each_seed_gets_its_ratio_with_a_bound_where_one_side_never_reached_the_target():
+    # Two seeds: the reference misses its own median target in one, so the median ratio is undefined.
+    rows = []
+    for contender, seed, steps in [("random_fifo", 0, [(500, 0.53)]), ("random_fifo", 1, [(480, 0.61)]),
+                                   ("ours", 0, [(300, 0.58)]), ("ours", 1, [(400, 0.6)]),
+                                   ("keras_tuner_hyperband", 0, [(50, 0.52)]),
+                                   ("keras_tuner_hyperband", 1, [(90, 0.60)])]:
+        rows.append({"contender": contender, "seed": seed, "budget_s": 600, "best_val_balanced_acc": steps[-1][1],
+                     "_steps": steps})
+    frame, target = bench.build_table(rows)
+    assert target == pytest.approx(0.57)
+    summary = {r["contender"]: r for r in bench.summary_rows(frame)}
+    assert summary["random_fifo"]["ttt_ratio"] is None  # 1 of 2 seeds missed
+    assert summary["random_fifo"]["seed_ratios"] == ">2.00, 1.20"  # 600/300; 480/400
+    assert summary["keras_tuner_hyperband"]["seed_ratios"] == ">2.00, 0.23"  # 90/400: faster in seed 1
+    ours_missed = frame.copy()
+    ours_missed.loc[(ours_missed["contender"] == "ours") & (ours_missed["seed"] == 1), "time_to_target_s"] = float("nan")
+    assert bench.seed_ratios(ours_missed[ours_missed["contender"] != "cache_speedup"], "random_fifo") == ">2.00, <0.80"
+    text = bench.markdown(frame, target, bench.parse_args(["--setting", "realistic"]), {}, 61.0)
+    assert "| random_fifo | 1 | 0.610 | 480 |" in text and ">2.00, 1.20" in text
+
+
+def test_head_only_time_weights_each_seed_by_its_trials():
+    assert bench.weighted_median([4.0, 50.0], [5, 1]) == 4.0
+    assert bench.weighted_median([4.0, 50.0, float("nan")], [1, 2, 0]) == 50.0
+    assert bench.weighted_median([float("nan")], [0]) != bench.weighted_median([float("nan")], [0])  # NaN
+
+
+def test_report_only_rebuilds_the_report_from_the_saved_tables(tmp_path):
+    rows = [{"contender": c, "seed": 0, "budget_s": 600, "best_val_balanced_acc": v, "_steps": [(100, v)]}
+            for c, v in (("random_fifo", 0.5), ("ours", 0.6))]
+    frame, _ = bench.build_table(rows)
+    frame.to_parquet(tmp_path / "bench.parquet", index=False)
+    bench.steps_frame(rows).to_parquet(tmp_path / "best_so_far.parquet", index=False)
+    args = ["--setting", "realistic", "--out", str(tmp_path), "--report-only"]
+    with pytest.raises(SystemExit, match="no run.json and no bench.md"):
+        bench.main(args)
+    (tmp_path / "bench.md").write_text("- benchmark wall time 62.0 min\n")  # a run from before run.json
+    assert bench.main(args) == 0
+    text = (tmp_path / "bench.md").read_text()
+    assert "benchmark wall time 62.0 min" in text and "| ours | 0 | 0.600 | 100 |" in text
+    assert (tmp_path / "best_so_far.png").is_file()
+    (tmp_path / "run.json").write_text('{"wall_time_s": 1800}')
+    assert bench.main(args) == 0 and "benchmark wall time 30.0 min" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_readme_search_table_is_the_saved_realistic_run():
+    frame = pd.read_parquet(bench.ROOT / "benchmarks/results/search_bench_ham/bench.parquet")
+    table = bench.readme_table(frame)
+    assert "| ours | **0.587** | 2/2 | 344 s / 383 s |" in table  # the numbers the README's prose quotes
+    assert table in (bench.ROOT / "README.md").read_text()
+
 @pytest.mark.e2e
 def test_keras_tuner_space_is_the_optuna_space():
     """Same names, ranges, choices and condition in both spellings of the space."""
@@ -109,7 +162,7 @@ def test_tiny_benchmark_end_to_end(tmp_path):
                        "--budget-s", str(E2E_BUDGET_S), "--seeds", "0", "--contenders", "ours", "optuna_hyperband",
                        "--speedup-configs", "1", "--speedup-epochs", "1", "--grace-s", "90"])
     assert code == 0
-    for name in ("bench.parquet", "bench.md", "best_so_far.png", "best_so_far.parquet"):
+    for name in ("bench.parquet", "bench.md", "best_so_far.png", "best_so_far.parquet", "run.json"):
         assert (out / name).is_file(), name
     frame = pd.read_parquet(out / "bench.parquet")
     assert set(bench.COLUMNS) <= set(frame.columns)
