@@ -119,6 +119,10 @@ def parse_args(argv):
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild bench.md and best_so_far.png from OUT's bench.parquet and best_so_far.parquet "
                         "(after a change to the report); runs nothing. Pass the setting the run used")
+    parser.add_argument("--merge", action="store_true",
+                        help="add this invocation's runs (e.g. --seeds 2) to the runs saved in OUT by an earlier one "
+                        "with the same setting and code; a saved contender and seed run again is replaced; the "
+                        "target and every ratio are recomputed over all, the wall times added")
     parser.add_argument("--keep-work", action="store_true",
                         help="keep each run's Ray results, checkpoints and caches under OUT/work/ "
                              "(default: only its spec, events and log)")
@@ -652,6 +656,30 @@ def write_report(out: Path, frame, steps, target, args, dataset: dict, elapsed_s
     return report
 
 
+def saved_rows(out: Path) -> list[dict]:
+    """The runs saved in ``out`` as ``main`` builds them (with their best-so-far ``_steps``), to merge with."""
+    import pandas as pd
+
+    missing = [name for name in ("bench.parquet", "best_so_far.parquet") if not (out / name).is_file()]
+    if missing:
+        raise SystemExit(f"search_bench --merge: {out} has no {', '.join(missing)}; run without --merge first")
+    frame, steps = pd.read_parquet(out / "bench.parquet"), pd.read_parquet(out / "best_so_far.parquet")
+    rows = []
+    for record in frame.drop(columns=["target", "time_to_target_s"]).to_dict("records"):
+        row = {k: (None if v is pd.NA else v) for k, v in record.items()}
+        if row["contender"] != "cache_speedup":
+            part = steps[(steps["contender"] == row["contender"]) & (steps["seed"] == row["seed"])]
+            row["_steps"] = list(zip(part["elapsed_s"].astype(float), part["best_val_balanced_acc"].astype(float)))
+        rows.append(row)
+    return rows
+
+
+def merge_rows(saved: list[dict], rows: list[dict]) -> list[dict]:
+    """``saved`` runs and new ``rows``; a contender and seed in both keeps the new one."""
+    ran = {(r["contender"], r["seed"]) for r in rows}
+    return [r for r in saved if (r["contender"], r["seed"]) not in ran] + rows
+
+
 def report_only(args) -> int:
     import pandas as pd
 
@@ -660,6 +688,7 @@ def report_only(args) -> int:
     if missing:
         raise SystemExit(f"search_bench --report-only: {out} has no {', '.join(missing)}; run the benchmark first")
     frame = pd.read_parquet(out / "bench.parquet")
+    args.seeds = sorted({int(seed) for seed in frame["seed"]})
     targets = frame["target"].dropna()
     target = float(targets.iloc[0]) if len(targets) else None
     print(write_report(out, frame, pd.read_parquet(out / "best_so_far.parquet"), target, args, {}, wall_time_s(out)))
@@ -680,10 +709,13 @@ def main(argv=None) -> int:
           f"(at least {n_runs * args.budget_s / 60:.0f} min), data {args.data} "
           + ("(all, 80/20)" if args.data == "ham10000" else f"{2 * args.train_per_class}+{2 * args.val_per_class}")
           + f" at {args.image_size} px, {args.space} space", flush=True)
+    saved = saved_rows(out) if args.merge else []
+    saved_wall_s = wall_time_s(out) if args.merge else 0.0
     rows = []
-    for i, seed in enumerate(args.seeds):
+    for seed in args.seeds:
         # Rotate the order per seed, so no contender always runs first (or last) on a warming machine.
-        order = args.contenders[i % len(args.contenders):] + args.contenders[:i % len(args.contenders)]
+        turn = seed % len(args.contenders)
+        order = args.contenders[turn:] + args.contenders[:turn]
         for contender in order:
             spec = run_contender(contender, seed, args, dataset, work)
             row = summarise_run(spec, read_events(spec["events"]))
@@ -698,11 +730,13 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"[seed {seed}] {'cache_speedup':>22}: {row['speedup']:.2f}x per trial "
                   f"({spec['process_s']:.0f} s)", flush=True)
+    rows = merge_rows(saved, rows)
+    args.seeds = sorted({int(r["seed"]) for r in rows})
     frame, target = build_table(rows)
     frame.to_parquet(out / "bench.parquet", index=False)
     steps = steps_frame(rows)
     steps.to_parquet(out / "best_so_far.parquet", index=False)
-    elapsed = time.time() - started
+    elapsed = time.time() - started + saved_wall_s
     (out / "run.json").write_text(json.dumps({"wall_time_s": elapsed, "setting": args.setting}))
     report = write_report(out, frame, steps, target, args, dataset, elapsed)
     print()

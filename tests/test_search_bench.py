@@ -118,6 +118,26 @@ def test_report_only_rebuilds_the_report_from_the_saved_tables(tmp_path):
     assert bench.main(args) == 0 and "benchmark wall time 30.0 min" in (tmp_path / "bench.md").read_text()
 
 
+
+def test_a_merged_seed_joins_the_saved_runs_and_moves_the_target(tmp_path):
+    rows = [{"contender": c, "seed": seed, "budget_s": 600, "best_val_balanced_acc": v, "_steps": [(t, v)],
+             "trials_completed": 3} for c, seed, t, v in (("random_fifo", 0, 500, 0.53), ("random_fifo", 1, 480, 0.61),
+                                                          ("ours", 0, 300, 0.58), ("ours", 1, 400, 0.60))]
+    frame, target = bench.build_table(rows)
+    frame.to_parquet(tmp_path / "bench.parquet", index=False)
+    bench.steps_frame(rows).to_parquet(tmp_path / "best_so_far.parquet", index=False)
+    saved = bench.saved_rows(tmp_path)
+    again, same = bench.build_table(saved)
+    assert same == target and again.equals(frame)  # a saved run reads back as it was built
+    new = [{"contender": "random_fifo", "seed": 2, "budget_s": 600, "best_val_balanced_acc": 0.58,
+            "_steps": [(100, 0.5), (200, 0.58)]},
+           {"contender": "ours", "seed": 1, "budget_s": 600, "best_val_balanced_acc": 0.50, "_steps": [(90, 0.5)]}]
+    merged, target = bench.build_table(bench.merge_rows(saved, new))
+    assert target == pytest.approx(0.58)  # median of 0.53, 0.61, 0.58 (random_fifo's three seeds)
+    ttt = merged.set_index(["contender", "seed"])["time_to_target_s"]
+    assert ttt[("random_fifo", 2)] == 200 and ttt[("random_fifo", 1)] == 480 and ttt[("ours", 0)] == 300
+    assert pd.isna(ttt[("ours", 1)]) and len(merged) == 5  # seed 1 of ours: the new run replaced the saved one
+
 def test_the_readme_search_table_is_the_saved_realistic_run():
     frame = pd.read_parquet(bench.ROOT / "benchmarks/results/search_bench_ham/bench.parquet")
     table = bench.readme_table(frame)
