@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -331,7 +332,7 @@ def summarise_run(spec: dict, events: list[dict]) -> dict:
         "head_only_trial_s": float(statistics.median(head_only)) if head_only else float("nan"),
         "head_only_trials": len(head_only),
         "process_s": spec["process_s"], "exit_code": spec["exit_code"], "note": "; ".join(notes) or None,
-        "_steps": steps,
+        "_steps": steps, "_utilisation": utilisation_over_time(events, t0, budget, slots),
     }
 
 
@@ -357,6 +358,22 @@ def slot_utilisation(events: list[dict], t0: float, budget_s: float, slots: int)
     first = min(start for start, _, _ in intervals)
     busy = sum(end - start for start, end, _ in intervals)
     return busy / (slots * (budget_s - first)) if budget_s > first else float("nan")
+
+
+UTILISATION_BIN_S = 60.0  # bench.md's utilisation over time: one figure per minute of the budget
+
+
+def utilisation_over_time(events: list[dict], t0: float, budget_s: float, slots: int,
+                          bin_s: float = UTILISATION_BIN_S) -> list[float]:
+    """Per ``bin_s`` of the budget, from the process start: the share of the ``slots`` busy with a trial
+    (start-up before the first trial shows as idle)."""
+    intervals = trial_intervals(events, t0, budget_s)
+    out = []
+    for k in range(int(math.ceil(budget_s / bin_s))):
+        lo, hi = k * bin_s, min((k + 1) * bin_s, budget_s)
+        busy = sum(max(0.0, min(end, hi) - max(start, lo)) for start, end, _ in intervals)
+        out.append(busy / (slots * (hi - lo)))
+    return out
 
 
 def head_only_trials(events: list[dict], t0: float, budget_s: float, epochs: int) -> list[float]:
@@ -420,6 +437,15 @@ def steps_frame(rows: list[dict]):
     return pd.DataFrame([{"contender": r["contender"], "seed": r["seed"], "elapsed_s": t, "best_val_balanced_acc": v}
                          for r in rows if "_steps" in r for t, v in r["_steps"]],
                         columns=["contender", "seed", "elapsed_s", "best_val_balanced_acc"])
+
+
+def utilisation_frame(rows: list[dict]):
+    """``utilisation.parquet``: per run and minute of its budget, the share of its slots busy."""
+    import pandas as pd
+
+    return pd.DataFrame([{"contender": r["contender"], "seed": r["seed"], "minute": k + 1, "busy_share": v}
+                         for r in rows for k, v in enumerate(r.get("_utilisation") or [])],
+                        columns=["contender", "seed", "minute", "busy_share"])
 
 
 # --- Report -----------------------------------------------------------------------------------------------------
@@ -499,7 +525,26 @@ def seed_ratios(runs, contender: str) -> str:
     return ", ".join(out)
 
 
-def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
+def utilisation_lines(frame, utilisation) -> list[str]:
+    """bench.md's utilisation over time: one row per run, one column per minute."""
+    runs = frame[frame["contender"] != "cache_speedup"].sort_values(["seed", "contender"])
+    minutes = int(utilisation["minute"].max()) if utilisation is not None and len(utilisation) else 0
+    if not minutes:
+        return []
+    lines = ["", "Slot utilisation over time: the share of the contender's slots busy with a trial in each minute "
+             "since its process started (Ray's start-up, data decoding and the cache's first pass come before the "
+             "first trial).", "",
+             "| contender | seed | " + " | ".join(f"min {m}" for m in range(1, minutes + 1)) + " |",
+             "|---|---|" + "---|" * minutes]
+    for r in runs.itertuples():
+        part = utilisation[(utilisation["contender"] == r.contender) & (utilisation["seed"] == r.seed)]
+        cells = ([f"{v:.0%}" for v in part.sort_values("minute")["busy_share"]] if len(part)
+                 else ["not kept (the run's trial events were not saved)"] + [""] * (minutes - 1))
+        lines.append(f"| {r.contender} | {r.seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(frame, target, args, dataset: dict, elapsed_s: float, utilisation=None) -> str:
     rows = summary_rows(frame)
     fmt = lambda v, f="{:.3f}": "n/a" if v is None or v != v else f.format(v)  # noqa: E731
     from benchmarks._contenders import SPACES
@@ -557,6 +602,7 @@ def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
                      f"| {fmt(r.time_to_first_result_s, '{:.0f}')} | {r.trials_completed} | {r.epochs_completed} "
                      f"| {fmt(r.slot_utilisation, '{:.0%}')} | {fmt(r.head_only_trial_s, '{:.1f}')} "
                      f"(n={0 if r.head_only_trials != r.head_only_trials else int(r.head_only_trials)}) |")
+    lines += utilisation_lines(frame, utilisation)
     speed = frame[frame["contender"] == "cache_speedup"]
     if len(speed) and speed["speedup"].notna().any():
         med = speed.median(numeric_only=True)
@@ -570,7 +616,8 @@ def markdown(frame, target, args, dataset: dict, elapsed_s: float) -> str:
     notes = frame[(frame["contender"] != "cache_speedup") & frame["note"].notna()]
     if len(notes):
         lines += ["", "Notes:"] + [f"- {r.contender} seed {r.seed}: {r.note}" for r in notes.itertuples()]
-    lines += ["", "Per run: `bench.parquet`; best-so-far curves: `best_so_far.png`, `best_so_far.parquet`."]
+    lines += ["", "Per run: `bench.parquet`; best-so-far curves: `best_so_far.png`, `best_so_far.parquet`; "
+              "utilisation per minute: `utilisation.parquet`."]
     return "\n".join(lines) + "\n"
 
 
@@ -649,9 +696,9 @@ def wall_time_s(out: Path) -> float:
     return float(found.group(1)) * 60
 
 
-def write_report(out: Path, frame, steps, target, args, dataset: dict, elapsed_s: float) -> str:
+def write_report(out: Path, frame, steps, target, args, dataset: dict, elapsed_s: float, utilisation=None) -> str:
     plot(steps, target, args.budget_s, out / "best_so_far.png")
-    report = markdown(frame, target, args, dataset, elapsed_s)
+    report = markdown(frame, target, args, dataset, elapsed_s, utilisation)
     (out / "bench.md").write_text(report)
     return report
 
@@ -664,14 +711,31 @@ def saved_rows(out: Path) -> list[dict]:
     if missing:
         raise SystemExit(f"search_bench --merge: {out} has no {', '.join(missing)}; run without --merge first")
     frame, steps = pd.read_parquet(out / "bench.parquet"), pd.read_parquet(out / "best_so_far.parquet")
+    util = pd.read_parquet(out / "utilisation.parquet") if (out / "utilisation.parquet").is_file() else None
     rows = []
     for record in frame.drop(columns=["target", "time_to_target_s"]).to_dict("records"):
         row = {k: (None if v is pd.NA else v) for k, v in record.items()}
         if row["contender"] != "cache_speedup":
             part = steps[(steps["contender"] == row["contender"]) & (steps["seed"] == row["seed"])]
             row["_steps"] = list(zip(part["elapsed_s"].astype(float), part["best_val_balanced_acc"].astype(float)))
+            row["_utilisation"] = saved_utilisation(out, util, row)
         rows.append(row)
     return rows
+
+
+def saved_utilisation(out: Path, util, row: dict) -> list[float] | None:
+    """A saved run's utilisation per minute: from ``utilisation.parquet``, else from the trial events its
+    ``work/`` folder kept (a run from before that file), else None."""
+    if util is not None:
+        part = util[(util["contender"] == row["contender"]) & (util["seed"] == row["seed"])]
+        if len(part):
+            return [float(v) for v in part.sort_values("minute")["busy_share"]]
+    folder = out / "work" / f"{row['contender']}_s{int(row['seed'])}"
+    if not (folder / "spec.json").is_file() or not (folder / "events.jsonl").is_file():
+        return None
+    spec = json.loads((folder / "spec.json").read_text())
+    return utilisation_over_time(read_events(folder / "events.jsonl"), spec["t0"], spec["budget_s"],
+                                 SLOTS.get(row["contender"], 1))
 
 
 def merge_rows(saved: list[dict], rows: list[dict]) -> list[dict]:
@@ -691,7 +755,10 @@ def report_only(args) -> int:
     args.seeds = sorted({int(seed) for seed in frame["seed"]})
     targets = frame["target"].dropna()
     target = float(targets.iloc[0]) if len(targets) else None
-    print(write_report(out, frame, pd.read_parquet(out / "best_so_far.parquet"), target, args, {}, wall_time_s(out)))
+    utilisation = utilisation_frame(saved_rows(out))
+    utilisation.to_parquet(out / "utilisation.parquet", index=False)
+    print(write_report(out, frame, pd.read_parquet(out / "best_so_far.parquet"), target, args, {}, wall_time_s(out),
+                       utilisation))
     return 0
 
 
@@ -736,12 +803,15 @@ def main(argv=None) -> int:
     frame.to_parquet(out / "bench.parquet", index=False)
     steps = steps_frame(rows)
     steps.to_parquet(out / "best_so_far.parquet", index=False)
+    utilisation = utilisation_frame(rows)
+    utilisation.to_parquet(out / "utilisation.parquet", index=False)
     elapsed = time.time() - started + saved_wall_s
     (out / "run.json").write_text(json.dumps({"wall_time_s": elapsed, "setting": args.setting}))
-    report = write_report(out, frame, steps, target, args, dataset, elapsed)
+    report = write_report(out, frame, steps, target, args, dataset, elapsed, utilisation)
     print()
     print(report)
-    print(f"written to {out}: bench.parquet, bench.md, best_so_far.png, best_so_far.parquet, run.json")
+    print(f"written to {out}: bench.parquet, bench.md, best_so_far.png, best_so_far.parquet, utilisation.parquet, "
+          "run.json")
     failed = frame[(frame["exit_code"].fillna(0) != 0)]
     if len(failed):
         print(f"warning: {len(failed)} run(s) exited non-zero; see {work}/<contender>_s<seed>/log.txt", file=sys.stderr)

@@ -1,5 +1,6 @@
 """benchmarks/search_bench.py: its metrics (fast), the shared space, and a tiny end-to-end run (e2e)."""
 
+import json
 import math
 
 import pandas as pd
@@ -71,6 +72,36 @@ def test_slot_utilisation_and_head_only_trials_come_from_the_trial_events():
     assert sorted(bench.head_only_trials(events, 0.0, 50.0, 3)) == [3, 4]  # a and e: frozen, clean, all 3 epochs
 
 
+
+
+def test_utilisation_over_time_is_the_busy_share_of_the_slots_per_minute(tmp_path):
+    def start(t, trial):
+        return {"kind": "trial_start", "t": t, "trial": trial, "config": {}}
+
+    def end(t, trial):
+        return {"kind": "trial_end", "t": t, "trial": trial, "status": "completed"}
+
+    # Two slots, a 150 s budget: start-up until 30 s, then a runs 30-90 s and b 30-150 s (still running at the end).
+    events = [start(30, "a"), start(30, "b"), end(90, "a")]
+    series = bench.utilisation_over_time(events, 0.0, 150.0, 2)
+    assert series == pytest.approx([60 / 120, 90 / 120, 30 / 60])  # the last bin is 30 s long
+
+    # A saved run from before utilisation.parquet: its series comes from the events its work/ folder kept.
+    folder = tmp_path / "work" / "ours_s3"
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text('{"t0": 1000.0, "budget_s": 150.0}')
+    (folder / "events.jsonl").write_text("\n".join(json.dumps({**e, "t": e["t"] + 1000.0}) for e in events))
+    assert bench.saved_utilisation(tmp_path, None, {"contender": "ours", "seed": 3}) == pytest.approx(series)
+    assert bench.saved_utilisation(tmp_path, None, {"contender": "ours", "seed": 4}) is None
+
+    rows = [{"contender": "ours", "seed": 3, "budget_s": 150, "best_val_balanced_acc": 0.5, "_steps": [(40, 0.5)],
+             "_utilisation": series},
+            {"contender": "random_fifo", "seed": 3, "budget_s": 150, "best_val_balanced_acc": 0.5, "_steps": [(40, 0.5)]}]
+    frame, target = bench.build_table(rows)
+    text = bench.markdown(frame, target, bench.parse_args(["--setting", "realistic"]), {}, 61.0,
+                          bench.utilisation_frame(rows))
+    assert "| ours | 3 | 50% | 75% | 50% |" in text
+    assert "| random_fifo | 3 | not kept" in text
 
 def test_each_seed_gets_its_ratio_with_a_bound_where_one_side_never_reached_the_target():
     # Two seeds: the reference misses its own median target in one, so the median ratio is undefined.
@@ -183,7 +214,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
                        "--budget-s", str(E2E_BUDGET_S), "--seeds", "0", "--contenders", "ours", "optuna_hyperband",
                        "--speedup-configs", "1", "--speedup-epochs", "1", "--grace-s", "90"])
     assert code == 0
-    for name in ("bench.parquet", "bench.md", "best_so_far.png", "best_so_far.parquet", "run.json"):
+    for name in ("bench.parquet", "bench.md", "best_so_far.png", "best_so_far.parquet", "utilisation.parquet",
+                 "run.json"):
         assert (out / name).is_file(), name
     frame = pd.read_parquet(out / "bench.parquet")
     assert set(bench.COLUMNS) <= set(frame.columns)
@@ -205,6 +237,9 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     steps = pd.read_parquet(out / "best_so_far.parquet")
     assert (steps["elapsed_s"] <= E2E_BUDGET_S).all() and steps["best_val_balanced_acc"].between(0, 1).all()
     assert "| optuna_hyperband |" in (out / "bench.md").read_text()
+    util = pd.read_parquet(out / "utilisation.parquet")  # one minute-bin of the 25 s budget per run
+    assert sorted(util["contender"]) == ["optuna_hyperband", "ours"] and (util["minute"] == 1).all()
+    assert util["busy_share"].between(0, 1).all()
 
 
 @pytest.mark.e2e
