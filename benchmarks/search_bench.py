@@ -41,7 +41,9 @@ already built), measured directly with ``trainables.train.fit_classifier``
 
 Writes ``--out`` (default ``benchmarks/results/search_bench/``; ``--quick``:
 ``benchmarks/results/search_bench_quick/``): ``bench.parquet``, ``bench.md``,
-``best_so_far.png``, ``best_so_far.parquet`` (every run's best-so-far steps) and
+``best_so_far.png``, ``best_so_far.parquet`` (every run's best-so-far steps),
+``utilisation.parquet`` (each run's busy share of its slots per minute), ``run.json``
+(the wall time and setting, which ``--merge`` and ``--report-only`` check) and
 ``work/<contender>_s<seed>/`` (each run's spec, events and log; with
 ``--keep-work`` also its Ray results, checkpoints and caches). The melanoma10k
 subset's PNGs are written once under ``$MEDSEARCH_CACHE/search_bench/``.
@@ -577,11 +579,12 @@ def markdown(frame, target, args, dataset: dict, elapsed_s: float, utilisation=N
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        slots = f" of {r['slots']}" if r["slots"] else ""  # a run from before the column has none
         lines.append(f"| {r['contender']} | {r['seeds']} | {fmt(r['best'])} | {fmt(r['best_diff'], '{:+.3f}')} | "
                      f"{fmt(r['ttt'], '{:.0f}')} | {r['reached']}/{r['seeds']} | {fmt(r['ttt_ratio'], '{:.2f}')} | "
                      f"{r['seed_ratios'] or 'n/a'} | "
                      f"{fmt(r['trials_per_hour'], '{:.0f}')} | {fmt(r['epochs_per_hour'], '{:.0f}')} | "
-                     f"{fmt(r['utilisation'], '{:.0%}')} of {r['slots']} | "
+                     f"{fmt(r['utilisation'], '{:.0%}')}{slots} | "
                      f"{fmt(r['head_only_s'], '{:.1f}')} (n={r['head_only_n']}) |")
     lines += ["", "*slot utilisation*: the mean share of the contender's trial slots (Ray: max_concurrent; "
               "keras-tuner and Optuna: one trial at a time in-process) busy with a trial, from its first trial's start "
@@ -681,46 +684,64 @@ def plot(steps, target, budget_s: float, path: Path) -> None:
 # --- Main -------------------------------------------------------------------------------------------------------
 
 
-def wall_time_s(out: Path) -> float:
-    """The benchmark's wall time as its run recorded it: ``run.json``, or for a run from before that file the
-    line its own ``bench.md`` printed."""
-    import re
-
-    if (out / "run.json").is_file():
-        return float(json.loads((out / "run.json").read_text())["wall_time_s"])
-    found = re.search(r"benchmark wall time ([0-9.]+) min", (out / "bench.md").read_text()) \
-        if (out / "bench.md").is_file() else None
-    if not found:
-        raise SystemExit(f"search_bench --report-only: {out} has no run.json and no bench.md stating the wall time; "
-                         "rerun the benchmark")
-    return float(found.group(1)) * 60
-
-
-def write_report(out: Path, frame, steps, target, args, dataset: dict, elapsed_s: float, utilisation=None) -> str:
-    plot(steps, target, args.budget_s, out / "best_so_far.png")
-    report = markdown(frame, target, args, dataset, elapsed_s, utilisation)
-    (out / "bench.md").write_text(report)
-    return report
-
-
-def saved_rows(out: Path) -> list[dict]:
-    """The runs saved in ``out`` as ``main`` builds them (with their best-so-far ``_steps``), to merge with."""
+def saved_run(out: Path, args, flag: str) -> tuple[list[dict], float]:
+    """The runs saved in ``out`` as ``main`` builds them (with their best-so-far ``_steps`` and ``_utilisation``),
+    and the benchmark's wall time so far; for ``flag`` (``--merge`` or ``--report-only``), which refuses a folder
+    whose run used another setting than ``args.setting`` (its data, space and budget would be described wrongly,
+    or mixed with this run's)."""
     import pandas as pd
 
     missing = [name for name in ("bench.parquet", "best_so_far.parquet") if not (out / name).is_file()]
     if missing:
-        raise SystemExit(f"search_bench --merge: {out} has no {', '.join(missing)}; run without --merge first")
+        raise SystemExit(f"search_bench {flag}: {out} has no {', '.join(missing)}; run the benchmark there first")
+    record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    if record.get("setting", args.setting) != args.setting:
+        raise SystemExit(f"search_bench {flag}: {out} holds a run of --setting {record['setting']}, not "
+                         f"{args.setting}; pass --setting {record['setting']}, or another --out")
     frame, steps = pd.read_parquet(out / "bench.parquet"), pd.read_parquet(out / "best_so_far.parquet")
     util = pd.read_parquet(out / "utilisation.parquet") if (out / "utilisation.parquet").is_file() else None
     rows = []
-    for record in frame.drop(columns=["target", "time_to_target_s"]).to_dict("records"):
-        row = {k: (None if v is pd.NA else v) for k, v in record.items()}
+    for saved in frame.drop(columns=["target", "time_to_target_s"]).to_dict("records"):
+        row = {k: (None if v is pd.NA else v) for k, v in saved.items()}
         if row["contender"] != "cache_speedup":
             part = steps[(steps["contender"] == row["contender"]) & (steps["seed"] == row["seed"])]
             row["_steps"] = list(zip(part["elapsed_s"].astype(float), part["best_val_balanced_acc"].astype(float)))
             row["_utilisation"] = saved_utilisation(out, util, row)
         rows.append(row)
-    return rows
+    return rows, wall_time_s(out, record, flag)
+
+
+def wall_time_s(out: Path, record: dict, flag: str) -> float:
+    """The benchmark's wall time as its run recorded it: ``run.json`` (``record``), or for a run from before that
+    file the line its own ``bench.md`` printed."""
+    import re
+
+    if "wall_time_s" in record:
+        return float(record["wall_time_s"])
+    found = re.search(r"benchmark wall time ([0-9.]+) min", (out / "bench.md").read_text()) \
+        if (out / "bench.md").is_file() else None
+    if not found:
+        raise SystemExit(f"search_bench {flag}: {out} has no run.json and no bench.md stating the wall time; "
+                         "rerun the benchmark")
+    return float(found.group(1)) * 60
+
+
+def write_report(out: Path, rows: list[dict], args, dataset: dict, elapsed_s: float, *, tables: bool = True):
+    """From every run's row: ``bench.parquet`` and ``best_so_far.parquet`` (with ``tables``; ``--report-only``
+    leaves them as they are), ``utilisation.parquet``, ``best_so_far.png`` and ``bench.md``; returns the frame and
+    the report."""
+    args.seeds = sorted({int(r["seed"]) for r in rows})
+    frame, target = build_table(rows)
+    steps = steps_frame(rows)
+    if tables:
+        frame.to_parquet(out / "bench.parquet", index=False)
+        steps.to_parquet(out / "best_so_far.parquet", index=False)
+    utilisation = utilisation_frame(rows)
+    utilisation.to_parquet(out / "utilisation.parquet", index=False)
+    plot(steps, target, args.budget_s, out / "best_so_far.png")
+    report = markdown(frame, target, args, dataset, elapsed_s, utilisation)
+    (out / "bench.md").write_text(report)
+    return frame, report
 
 
 def saved_utilisation(out: Path, util, row: dict) -> list[float] | None:
@@ -745,20 +766,9 @@ def merge_rows(saved: list[dict], rows: list[dict]) -> list[dict]:
 
 
 def report_only(args) -> int:
-    import pandas as pd
-
     out = Path(args.out)
-    missing = [name for name in ("bench.parquet", "best_so_far.parquet") if not (out / name).is_file()]
-    if missing:
-        raise SystemExit(f"search_bench --report-only: {out} has no {', '.join(missing)}; run the benchmark first")
-    frame = pd.read_parquet(out / "bench.parquet")
-    args.seeds = sorted({int(seed) for seed in frame["seed"]})
-    targets = frame["target"].dropna()
-    target = float(targets.iloc[0]) if len(targets) else None
-    utilisation = utilisation_frame(saved_rows(out))
-    utilisation.to_parquet(out / "utilisation.parquet", index=False)
-    print(write_report(out, frame, pd.read_parquet(out / "best_so_far.parquet"), target, args, {}, wall_time_s(out),
-                       utilisation))
+    rows, wall_s = saved_run(out, args, "--report-only")
+    print(write_report(out, rows, args, {}, wall_s, tables=False)[1])
     return 0
 
 
@@ -776,8 +786,7 @@ def main(argv=None) -> int:
           f"(at least {n_runs * args.budget_s / 60:.0f} min), data {args.data} "
           + ("(all, 80/20)" if args.data == "ham10000" else f"{2 * args.train_per_class}+{2 * args.val_per_class}")
           + f" at {args.image_size} px, {args.space} space", flush=True)
-    saved = saved_rows(out) if args.merge else []
-    saved_wall_s = wall_time_s(out) if args.merge else 0.0
+    saved, saved_wall_s = saved_run(out, args, "--merge") if args.merge else ([], 0.0)
     rows = []
     for seed in args.seeds:
         # Rotate the order per seed, so no contender always runs first (or last) on a warming machine.
@@ -798,16 +807,9 @@ def main(argv=None) -> int:
             print(f"[seed {seed}] {'cache_speedup':>22}: {row['speedup']:.2f}x per trial "
                   f"({spec['process_s']:.0f} s)", flush=True)
     rows = merge_rows(saved, rows)
-    args.seeds = sorted({int(r["seed"]) for r in rows})
-    frame, target = build_table(rows)
-    frame.to_parquet(out / "bench.parquet", index=False)
-    steps = steps_frame(rows)
-    steps.to_parquet(out / "best_so_far.parquet", index=False)
-    utilisation = utilisation_frame(rows)
-    utilisation.to_parquet(out / "utilisation.parquet", index=False)
     elapsed = time.time() - started + saved_wall_s
     (out / "run.json").write_text(json.dumps({"wall_time_s": elapsed, "setting": args.setting}))
-    report = write_report(out, frame, steps, target, args, dataset, elapsed, utilisation)
+    frame, report = write_report(out, rows, args, dataset, elapsed)
     print()
     print(report)
     print(f"written to {out}: bench.parquet, bench.md, best_so_far.png, best_so_far.parquet, utilisation.parquet, "

@@ -157,9 +157,14 @@ def test_a_merged_seed_joins_the_saved_runs_and_moves_the_target(tmp_path):
     frame, target = bench.build_table(rows)
     frame.to_parquet(tmp_path / "bench.parquet", index=False)
     bench.steps_frame(rows).to_parquet(tmp_path / "best_so_far.parquet", index=False)
-    saved = bench.saved_rows(tmp_path)
+    (tmp_path / "run.json").write_text('{"wall_time_s": 3720, "setting": "realistic"}')
+    realistic = bench.parse_args(["--setting", "realistic"])
+    saved, wall_s = bench.saved_run(tmp_path, realistic, "--merge")
     again, same = bench.build_table(saved)
-    assert same == target and again.equals(frame)  # a saved run reads back as it was built
+    assert same == target and again.equals(frame) and wall_s == 3720  # a saved run reads back as it was built
+    # Merging into (or reporting on) another setting's run would mix, or mislabel, data, space and budget.
+    with pytest.raises(SystemExit, match="holds a run of --setting realistic, not small; pass --setting realistic"):
+        bench.saved_run(tmp_path, bench.parse_args([]), "--merge")
     new = [{"contender": "random_fifo", "seed": 2, "budget_s": 600, "best_val_balanced_acc": 0.58,
             "_steps": [(100, 0.5), (200, 0.58)]},
            {"contender": "ours", "seed": 1, "budget_s": 600, "best_val_balanced_acc": 0.50, "_steps": [(90, 0.5)]}]
@@ -168,6 +173,7 @@ def test_a_merged_seed_joins_the_saved_runs_and_moves_the_target(tmp_path):
     ttt = merged.set_index(["contender", "seed"])["time_to_target_s"]
     assert ttt[("random_fifo", 2)] == 200 and ttt[("random_fifo", 1)] == 480 and ttt[("ours", 0)] == 300
     assert pd.isna(ttt[("ours", 1)]) and len(merged) == 5  # seed 1 of ours: the new run replaced the saved one
+
 
 def test_the_readme_search_table_is_the_saved_realistic_run():
     frame = pd.read_parquet(bench.ROOT / "benchmarks/results/search_bench_ham/bench.parquet")
