@@ -699,6 +699,10 @@ def saved_run(out: Path, args, flag: str) -> tuple[list[dict], float]:
         raise SystemExit(f"search_bench {flag}: {out} holds a run of --setting {record['setting']}, not "
                          f"{args.setting}; pass --setting {record['setting']}, or another --out")
     frame, steps = pd.read_parquet(out / "bench.parquet"), pd.read_parquet(out / "best_so_far.parquet")
+    budgets = sorted({float(b) for b in frame["budget_s"].dropna()})
+    if budgets and budgets != [float(args.budget_s)]:
+        raise SystemExit(f"search_bench {flag}: {out} holds runs with --budget-s {', '.join(f'{b:g}' for b in budgets)}, "
+                         f"not {args.budget_s:g}; pass --budget-s {budgets[0]:g}, or another --out")
     util = pd.read_parquet(out / "utilisation.parquet") if (out / "utilisation.parquet").is_file() else None
     rows = []
     for saved in frame.drop(columns=["target", "time_to_target_s"]).to_dict("records"):

@@ -165,6 +165,8 @@ def test_a_merged_seed_joins_the_saved_runs_and_moves_the_target(tmp_path):
     # Merging into (or reporting on) another setting's run would mix, or mislabel, data, space and budget.
     with pytest.raises(SystemExit, match="holds a run of --setting realistic, not small; pass --setting realistic"):
         bench.saved_run(tmp_path, bench.parse_args([]), "--merge")
+    with pytest.raises(SystemExit, match="holds runs with --budget-s 600, not 300; pass --budget-s 600"):
+        bench.saved_run(tmp_path, bench.parse_args(["--setting", "realistic", "--budget-s", "300"]), "--report-only")
     new = [{"contender": "random_fifo", "seed": 2, "budget_s": 600, "best_val_balanced_acc": 0.58,
             "_steps": [(100, 0.5), (200, 0.58)]},
            {"contender": "ours", "seed": 1, "budget_s": 600, "best_val_balanced_acc": 0.50, "_steps": [(90, 0.5)]}]
