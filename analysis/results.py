@@ -19,6 +19,7 @@ it breaks ties the same way every time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -32,7 +33,9 @@ class TrialRecord:
     """One trial of a results folder: what it tried and what it scored at its best epoch."""
 
     name: str
-    config: dict  # the hyperparameters it trained with
+    # The hyperparameters it trained with, with their own types (``unfreeze`` 40 or "all", ``head_units`` 128):
+    # what ``Study(fixed=...)`` takes, so ``Study(..., fixed=results.best_trial.config)`` trains it again.
+    config: dict
     metrics: dict  # best_* and last_* values, epochs, status
     checkpoint: Path | None  # its checkpoint folder, inside the results folder
 
@@ -69,8 +72,23 @@ class Results:
 
         chosen = choose_trial(self.path, self.study, name)
         row = self.leaderboard[self.leaderboard["trial_name"] == chosen.name].iloc[0]
-        return TrialRecord(name=chosen.name, config=_config(row, self.leaderboard), metrics=_metrics(row),
-                           checkpoint=chosen.checkpoint)
+        return TrialRecord(name=chosen.name, config=_config(row, self.leaderboard, self._recorded(chosen.checkpoint)),
+                           metrics=_metrics(row), checkpoint=chosen.checkpoint)
+
+    def _recorded(self, checkpoint: Path | None) -> dict:
+        """The hyperparameters ``trial.json`` beside the checkpoint holds (``trainables.train`` writes it as JSON,
+        so 40 stays an int and "all" a string); empty when there is none or it is unreadable.
+
+        ``checkpoint`` is inside the folder: ``analysis.reader`` found it there, and refuses one with a link out.
+        """
+        if checkpoint is None:
+            return {}
+        try:
+            hparams = json.loads((Path(checkpoint) / "trial.json").read_text()).get("hparams")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return hparams if isinstance(hparams, dict) else {}
+
 
     def load_model(self, trial: str | None = None):
         """The Keras classifier of the best trial (or of ``trial``): raw RGB in [0, 255] -> probabilities."""
@@ -89,10 +107,36 @@ def load_results(folder: str | Path) -> Results:
     return Results(path=path, record=read_record(path), leaderboard=read_table(path / "leaderboard.parquet"))
 
 
-def _config(row: pd.Series, board: pd.DataFrame) -> dict:
-    from analysis.tables import hyperparameter_columns
+def _config(row: pd.Series, board: pd.DataFrame, recorded: dict) -> dict:
+    """A trial's hyperparameters: the ones its leaderboard row records, with the values it trained with.
 
-    return {k: _plain(row[k]) for k in hyperparameter_columns(board) if not _missing(row[k])}
+    The names are those the row sets (what the trial's config set, searched or fixed, and any default
+    the trial had adjusted), hyperparameters only: Ray's ``OptunaSearch`` also puts Optuna's parameter
+    names (``cnn_learning_rate``, ``dropout_s2``) into a trial's config, and the leaderboard keeps them,
+    but a study's ``fixed`` takes hyperparameters. The values come from ``recorded`` (the checkpoint's
+    ``trial.json``): a Parquet column has one type, so a column that mixes 40 and "all" reads back
+    '40', and an int column with a missing value reads back 128.0. Without a record, the row's value
+    is mended for the whole-number hyperparameters.
+    """
+    from analysis.tables import hyperparameter_columns
+    from trainables.hparams import HPARAM_NAMES
+
+    names = [k for k in hyperparameter_columns(board) if k in HPARAM_NAMES and not _missing(row[k])]
+    return {k: recorded[k] if k in recorded else _whole(k, _plain(row[k])) for k in names}
+
+
+_WHOLE = ("unfreeze", "head_units", "warmup_epochs", "batch_size")  # counts (unfreeze: or "all")
+
+
+def _whole(name: str, value):
+    """``value`` of hyperparameter ``name`` as the int it was, where the leaderboard's column changed its type."""
+    if name not in _WHOLE or isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value
 
 
 def _metrics(row: pd.Series) -> dict:

@@ -11,6 +11,25 @@ step = epoch), final values and states, plus each trial's Ray ``trial_id`` and
 its final value; the copy adds that epoch to the intermediate values too (from the
 trial's last result), so every epoch shows in the dashboard's curves.
 
+Two things the copy records as the leaderboard does, not as the searcher holds them.
+A finished trial's value is its *best* epoch's (by the study's direction): the
+leaderboard's ``best_<metric>``, the epoch its checkpoint holds; Ray tells the
+searcher the last epoch's. And a trial that ASHA stopped (the leaderboard's status
+``stopped``: it ended before ``max_epochs`` without diverging, ``search.results.trial_status``)
+is ``PRUNED``, where the searcher has it ``COMPLETE``; it keeps its epochs and its best
+value. The searcher itself is left as Ray made it.
+
+So ``optuna.load_study(...).best_trial``, which Optuna takes among ``COMPLETE`` trials
+only, is the leaderboard's best trial whenever that one ran every epoch or diverged.
+The leaderboard ranks stopped trials too, but ASHA stops a trial only when its value
+at a rung is below another trial's value there, so a stopped trial is the
+leaderboard's best only if an epoch before the one it was stopped at scored higher
+than every other trial's best (never in a study of ``max_epochs <= 2``, whose trials
+can only be stopped after their first epoch). Then, and while the leaderboard's best
+is still running or was interrupted (``RUNNING`` here), ``best_trial`` is the best of
+the trials that ran to their end, and the leaderboard's best is the trial of best
+value among the ``COMPLETE`` and ``PRUNED`` ones.
+
 Why a copy, and not ``OptunaSearch(storage=RDBStorage(...))``: the database would
 then *be* the searcher's study, and it cannot be rolled back to the searcher's
 checkpoint. After a killed driver it would hold trials the restored searcher never
@@ -28,6 +47,8 @@ reported once and retried at the next event.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import sys
 import time
@@ -35,9 +56,12 @@ import warnings
 
 import optuna
 from optuna.storages import RDBStorage
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
 from ray import tune
 
 from search.dashboards import optuna_db_url
+from search.results import trial_status
 
 __all__ = ["OptunaMirror", "open_storage"]
 
@@ -56,12 +80,14 @@ class OptunaMirror(tune.Callback):
     ``searcher`` is the study's ``ConcurrencyLimiter`` (or the ``OptunaSearch`` itself);
     its study is read at each event, so a searcher that Ray restores in place is followed.
     ``metric`` names the objective in the dashboard; ``name_of(trial)`` gives a Ray trial's name.
+    ``max_epochs`` is the study's: a trial that ended before it (and did not diverge) was stopped
+    by ASHA and is copied as ``PRUNED``; without it, no trial is.
     """
 
     def __init__(self, searcher, path: str, study_name: str, *, metric: str | None = None, name_of=str,
-                 min_interval_s: float = 1.0):
+                 min_interval_s: float = 1.0, max_epochs: int | None = None):
         self.searcher, self.path, self.study_name, self.metric = searcher, path, study_name, metric
-        self.name_of, self.min_interval_s = name_of, min_interval_s
+        self.name_of, self.min_interval_s, self.max_epochs = name_of, min_interval_s, max_epochs
         self._reset()
 
     def _reset(self) -> None:
@@ -71,6 +97,7 @@ class OptunaMirror(tune.Callback):
         self._copied: dict[int, dict] = {}  # trial number -> what optuna.db holds of it
         self._ray: dict[int, dict] = {}  # trial number -> {"ray_trial_id", "trial_name"}
         self._epochs: dict[int, dict] = {}  # trial number -> {epoch: metric} from Ray's results
+        self._diverged: dict[int, bool] = {}  # trial number -> whether its last result had a NaN or inf loss
         self._last_sync = 0.0
         self._failing = False
 
@@ -80,7 +107,7 @@ class OptunaMirror(tune.Callback):
         return {"path": None, "study_name": self.study_name}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(searcher=None, metric=None, name_of=str, min_interval_s=1.0, **state)
+        self.__dict__.update(searcher=None, metric=None, name_of=str, min_interval_s=1.0, max_epochs=None, **state)
         self._reset()
 
     # --- Ray Tune's hooks: every event that can change the study (the searcher hears of it first) ---
@@ -140,7 +167,8 @@ class OptunaMirror(tune.Callback):
         return getattr(optuna_search, "_ot_study", None)
 
     def _learn(self, trials) -> None:
-        """Each Ray trial's id and name, and its last result's epoch and metric, by Optuna trial number."""
+        """Each Ray trial's id and name, its last result's epoch and metric, and whether it diverged, by Optuna
+        trial number."""
         for trial in trials or ():
             number = trial.config.get("trial_number")
             if not isinstance(number, int):
@@ -151,6 +179,8 @@ class OptunaMirror(tune.Callback):
             step, value = result.get("training_iteration"), result.get(self.metric)
             if isinstance(step, int) and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._epochs.setdefault(number, {})[step] = float(value)
+            if result:
+                self._diverged[number] = bool(result.get("diverged"))  # trainables.train reports it every epoch
 
     def _intermediate(self, trial) -> dict:
         """The searcher's intermediate values of ``trial``, and, once it is finished, its last epoch's."""
@@ -159,6 +189,26 @@ class OptunaMirror(tune.Callback):
             for step, value in self._epochs.get(trial.number, {}).items():
                 values.setdefault(step, value)
         return values
+
+    def _ending(self, trial, study) -> tuple[TrialState, list | None]:
+        """The state and values the copy records of the searcher's ``trial`` (see the module's docstring).
+
+        A ``COMPLETE`` trial gets its best epoch's value, and becomes ``PRUNED`` if ASHA stopped it;
+        a ``PRUNED`` one (Ray's when the last result lacked the metric) gets its best epoch's value too.
+        Others (running, failed), and multi-objective studies, are copied as they are.
+        """
+        state, values = trial.state, trial.values
+        if state not in (TrialState.COMPLETE, TrialState.PRUNED) or len(study.directions) != 1:
+            return state, values
+        epochs = self._intermediate(trial)
+        scores = [v for v in epochs.values() if math.isfinite(v)]
+        if scores:
+            values = [max(scores) if study.direction == StudyDirection.MAXIMIZE else min(scores)]
+        if state == TrialState.COMPLETE and epochs and self.max_epochs is not None:
+            status = trial_status(max(epochs), self.max_epochs, diverged=self._diverged.get(trial.number, False))
+            if status == "stopped":
+                state = TrialState.PRUNED
+        return state, values
 
     def _attach(self, study) -> None:
         """Point the copy at ``study``: keep ``optuna.db`` if it is a prefix of it, else rebuild it."""
@@ -169,7 +219,8 @@ class OptunaMirror(tune.Callback):
         study_id = studies.pop(self.study_name, None)
         for other in studies.values():  # the file is this folder's study alone (a folder copied under a new name)
             storage.delete_study(other)
-        if study_id is not None and not _is_prefix(storage.get_all_trials(study_id, deepcopy=False), memory):
+        ending = functools.partial(self._ending, study=study)
+        if study_id is not None and not _is_prefix(storage.get_all_trials(study_id, deepcopy=False), memory, ending):
             storage.delete_study(study_id)  # ahead of the restored searcher, or another search's: start again
             study_id = None
         if study_id is None:
@@ -197,8 +248,9 @@ class OptunaMirror(tune.Callback):
             copied = self._copied.get(trial.number)
             extra = self._ray.get(trial.number, {})
             if copied is None:
+                state, values = self._ending(trial, study)
                 template = optuna.trial.FrozenTrial(
-                    number=trial.number, state=trial.state, value=None, values=trial.values,
+                    number=trial.number, state=state, value=None, values=values,
                     datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete,
                     params=trial.params, distributions=trial.distributions,
                     user_attrs={**trial.user_attrs, **extra}, system_attrs=trial.system_attrs,
@@ -230,7 +282,7 @@ class OptunaMirror(tune.Callback):
                     storage.set_trial_system_attr(trial_id, key, value)
                     copied["system_attrs"][key] = value
             if trial.state != copied["state"] and trial.state.is_finished():
-                storage.set_trial_state_values(trial_id, trial.state, trial.values)
+                storage.set_trial_state_values(trial_id, *self._ending(trial, study))
                 copied["state"] = trial.state
 
 
@@ -248,22 +300,25 @@ def _same(a, b) -> bool:
     return a == b or (a != a and b != b)  # NaN equals NaN here
 
 
-def _is_prefix(copied: list, memory: list) -> bool:
+def _is_prefix(copied: list, memory: list, ending) -> bool:
     """Whether the trials in ``optuna.db`` are an earlier state of the searcher's (so the copy just goes on).
 
     Not so when the file has a trial the searcher does not, a trial the file calls finished
-    but the searcher does not (or with another result), other parameters, or an epoch's
-    value the searcher lacks (but for a finished trial's last epoch, which the copy adds): a
-    driver that died after its last checkpoint, or another search.
+    but the searcher does not (or with another result than the copy would record, ``ending(trial)``:
+    its state and values), other parameters, or an epoch's value the searcher lacks (but for a
+    finished trial's last epoch, which the copy adds): a driver that died after its last
+    checkpoint, or another search.
     """
     if len(copied) > len(memory):
         return False
     for old, new in zip(sorted(copied, key=lambda t: t.number), memory):
         if old.number != new.number or old.params != new.params:
             return False
-        if old.state.is_finished() and (old.state != new.state or len(old.values or ()) != len(new.values or ())
-                                        or not all(map(_same, old.values or (), new.values or ()))):
-            return False
+        if old.state.is_finished():
+            state, values = ending(new)
+            if old.state != state or len(old.values or ()) != len(values or ()) or not all(
+                    map(_same, old.values or (), values or ())):
+                return False
         if any(not _same(value, new.intermediate_values[step]) if step in new.intermediate_values
                else not new.state.is_finished() for step, value in old.intermediate_values.items()):
             return False

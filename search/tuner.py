@@ -197,7 +197,7 @@ def dashboard_callbacks(study: Study, folder: StudyFolder, searcher, mlflow_uri:
         from search.optuna_mirror import OptunaMirror
 
         callbacks.append(OptunaMirror(searcher, f"{folder.path}/{OPTUNA_DB}", study.name, metric=study.metric,
-                                      name_of=trial_name))
+                                      name_of=trial_name, max_epochs=study.max_epochs))
     if mlflow_uri:
         callbacks.append(mlflow_callback(mlflow_uri, study.name))
     print(dashboards_line(folder, mlflow_uri=mlflow_uri), flush=True)

