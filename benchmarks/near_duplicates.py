@@ -41,8 +41,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from trainables.datasets import load_table  # noqa: E402
-from trainables.datasets.near_duplicates import (  # noqa: E402
-    Settings, embedding_pairs, hash_pairs, image_embeddings, image_hashes,
+from trainables.near_duplicates import (  # noqa: E402
+    CLUSTER_COLUMN, Settings, embedding_pairs, find_near_duplicates, hash_pairs, image_embeddings, image_hashes,
 )
 
 SEED = 0
@@ -170,8 +170,6 @@ def measure_planted(table, copies, hashes, embeddings) -> dict:
 
 
 def measure_melanoma(data_dir: str, settings: Settings, embeddings) -> dict:
-    from trainables.datasets import find_near_duplicates
-    from trainables.datasets.near_duplicates import CLUSTER_COLUMN
     from trainables.splits import assign_splits
 
     table = load_table("melanoma", data_dir)

@@ -16,7 +16,7 @@ from search.study import Study, StudyError, cv_folds
 from trainables.data import DIGEST_PREFIX, data_digest, decode_images
 from trainables.datasets import DatasetError, load_table
 from trainables.datasets.integrity import find_corrupt_cached, find_duplicates
-from trainables.datasets.near_duplicates import CLUSTER_COLUMN, NearDuplicates, find_near_duplicates, settings_from
+from trainables.near_duplicates import CLUSTER_COLUMN, NearDuplicates, find_near_duplicates, settings_from
 from trainables.splits import assign_folds, assign_splits, group_by, subsample
 
 SMOKE_IMAGES_PER_SPLIT = 64

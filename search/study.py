@@ -71,7 +71,7 @@ class Dataset:
     options: dict = dataclasses.field(default_factory=dict)  # passed to the loader
     seed: int = 0  # the split's seed
     # The leakage audit before every study: True (default thresholds), False (off), or a dict of
-    # thresholds and options (trainables.datasets.near_duplicates.Settings), e.g. {"hash_distance": 30}.
+    # thresholds and options (trainables.near_duplicates.Settings), e.g. {"hash_distance": 30}.
     near_duplicates: bool | dict = True
 
 
@@ -184,7 +184,7 @@ def _check_dataset(ds: Dataset, *, loaders: list[str], protocols: list[str]) -> 
 
 def _check_near_duplicates(ds: Dataset) -> None:
     """The audit's thresholds, and a split grouped by near-duplicate clusters only while the audit is on."""
-    from trainables.datasets.near_duplicates import settings_from
+    from trainables.near_duplicates import settings_from
     from trainables.splits import group_by
 
     try:

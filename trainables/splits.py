@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from trainables.datasets import DatasetError
-from trainables.datasets.near_duplicates import CLUSTER_COLUMN
+from trainables.near_duplicates import CLUSTER_COLUMN
 
 SPLITS = ("train", "val", "test")
 
@@ -269,7 +269,7 @@ def grouped(table: pd.DataFrame, *, seed: int, val: float = 0.15, test: float = 
 
     ``by`` names what makes a group: ``"group"`` (the loader's patient or
     lesion id), ``"near_duplicates"`` (the image's near-duplicate cluster, set
-    by ``search.prepare`` from ``trainables.datasets.near_duplicates``: the
+    by ``search.prepare`` from ``trainables.near_duplicates``: the
     only leak-free split for data without patient ids), or both as a list:
     images sharing either land together, transitively.
 
@@ -360,7 +360,7 @@ def _group_column(table: pd.DataFrame, name: str) -> pd.Series:
             f"split protocol 'grouped' with by='near_duplicates' needs each image's near-duplicate cluster "
             f"(column {column!r}), which search.prepare adds when the study's near-duplicate audit is on; "
             "turn it on (Dataset(near_duplicates=True)), or add the column from "
-            "trainables.datasets.find_near_duplicates(table).clusters"
+            "trainables.near_duplicates.find_near_duplicates(table).clusters"
         )
     if column not in table.columns or table[column].isna().all():
         raise DatasetError(

@@ -236,7 +236,7 @@ def test_prepare_ships_only_train_and_val_and_decodes_nothing_else(tmp_path, mon
     import trainables.data
     from fixtures.datasets import make_folder
     from search.prepare import prepare_data
-    from trainables.datasets.near_duplicates import Settings
+    from trainables.near_duplicates import Settings
 
     monkeypatch.setenv("MEDSEARCH_CACHE", str(tmp_path / "cache"))  # nothing decoded yet: every decode is real
     decoded = []

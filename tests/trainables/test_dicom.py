@@ -273,7 +273,7 @@ def test_listing_messages_name_dicom(tmp_path):
 
 def test_the_near_duplicate_hash_sees_the_decoded_pixels(tmp_path):
     """The audit hashes what training sees: a windowed DICOM hashes like a PNG of its windowed pixels."""
-    from trainables.datasets.near_duplicates import image_hash
+    from trainables.near_duplicates import image_hash
 
     rng = np.random.default_rng(3)
     modality = rng.integers(-400, 600, (48, 48))

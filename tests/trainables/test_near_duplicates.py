@@ -20,9 +20,9 @@ from search.prepare import prepare_data
 from search.run import prepare
 from search.storage import StudyFolder
 from search.study import Dataset, Study, StudyError
-from trainables.datasets import DatasetError, find_near_duplicates, load_table
-from trainables.datasets.near_duplicates import (
-    PAIR_COLUMNS, SPLIT_COLUMNS, Settings, recorded_settings, settings_from,
+from trainables.datasets import DatasetError, load_table
+from trainables.near_duplicates import (
+    PAIR_COLUMNS, SPLIT_COLUMNS, Settings, find_near_duplicates, recorded_settings, settings_from,
 )
 
 N_DISTINCT = 24

@@ -8,7 +8,7 @@ import pytest
 
 from fixtures.datasets import fake_table, shared_dataset
 from trainables.datasets import DatasetError
-from trainables.datasets.near_duplicates import CLUSTER_COLUMN
+from trainables.near_duplicates import CLUSTER_COLUMN
 from trainables.splits import assign_splits, list_protocols, stratified, subsample, three_way
 
 # Tables of the published shapes (fake paths: the splits only read labels, origins and groups).

@@ -22,7 +22,5 @@ from trainables.datasets import folder as _folder  # noqa: F401  (registers "fol
 from trainables.datasets import covid as _covid  # noqa: F401  (registers "covid")
 from trainables.datasets import ham10000 as _ham10000  # noqa: F401  (registers "ham10000")
 from trainables.datasets import melanoma as _melanoma  # noqa: F401  (registers "melanoma")
-from trainables.datasets.near_duplicates import NearDuplicates, find_near_duplicates
 
-__all__ = ["DatasetError", "LoaderSpec", "NearDuplicates", "find_near_duplicates", "get_loader", "list_loaders",
-           "load_table", "register_loader"]
+__all__ = ["DatasetError", "LoaderSpec", "get_loader", "list_loaders", "load_table", "register_loader"]

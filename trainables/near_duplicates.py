@@ -49,7 +49,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from trainables.backbones import create_backbone, get_backbone_spec, list_backbones
 from trainables.checks import is_int, is_number, unknown_name_message
+from trainables.data import cache_key, cache_root, decode_images, eight_bit, open_image
+from trainables.datasets import DatasetError
 
 HASH_SIDE = 16  # imagehash's hash_size: a 16 x 16 DCT block, 256 bits
 HASH_BITS = HASH_SIDE * HASH_SIDE
@@ -128,8 +131,6 @@ def _check_settings(s: Settings) -> None:
         if not isinstance(getattr(s, key), bool):
             bad(key, "use True or False")
     if s.embedding is not None:
-        from trainables.backbones import get_backbone_spec, list_backbones
-
         if s.embedding not in list_backbones():
             raise ValueError("embedding: " + unknown_name_message("backbone", s.embedding, list_backbones()))
         spec = get_backbone_spec(s.embedding)
@@ -147,8 +148,6 @@ def image_hash(path: str | Path) -> np.ndarray:
     """(4, 256) bool: the pHash of the image and of its left-right, top-bottom and double flip."""
     import imagehash
 
-    from trainables.data import eight_bit, open_image
-
     side = 4 * HASH_SIDE  # the 64 x 64 grey image imagehash.phash takes its DCT of
     with open_image(path) as image:  # the training decoder's pixels: a DICOM file rescaled and windowed, not PIL's
         if image.format == "JPEG":
@@ -160,8 +159,6 @@ def image_hash(path: str | Path) -> np.ndarray:
 
 def image_hashes(paths: Iterable[str | Path], *, workers: int | None = None) -> np.ndarray:
     """(N, 4, 256) bool hashes of ``paths``, remembered on disk for an unchanged set of files."""
-    from trainables.data import cache_key
-
     paths = [str(p) for p in paths]
     record = _cache_dir() / f"phash{HASH_SIDE}-v{_HASH_VERSION}-{cache_key(paths, 0)}.npy"
     if record.exists():
@@ -177,8 +174,6 @@ def _hash_or_say_which(path: str) -> np.ndarray:
     try:
         return image_hash(path)
     except Exception as exc:  # PIL raises many types for bad files
-        from trainables.datasets import DatasetError
-
         raise DatasetError(f"near-duplicate audit: cannot read image {path!r} ({type(exc).__name__}: {exc}); "
                            "replace or delete it, or pass --skip-corrupt") from exc
 
@@ -215,9 +210,7 @@ def image_embeddings(paths: Iterable[str | Path], backbone: str, *, size: int = 
     keep_gpus_for_trials()
     import keras
 
-    from trainables.activation_cache import model_identity
-    from trainables.backbones import create_backbone
-    from trainables.data import cache_key, decode_images
+    from trainables.activation_cache import model_identity  # imports keras
 
     paths = [str(p) for p in paths]
     model = create_backbone(backbone, input_shape=(size, size, 3), weights="imagenet", weights_dir=weights_dir)
@@ -404,8 +397,6 @@ def _describe(pairs: pd.DataFrame, rows: pd.DataFrame, cluster: np.ndarray) -> p
 
 
 def _cache_dir() -> Path:
-    from trainables.data import cache_root
-
     return cache_root() / "near_duplicates"
 
 
