@@ -34,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.files import FINAL_MODEL
+
 __all__ = ["ECE_BINS", "FINAL_MODEL", "T_BOUNDS", "CalibrationError", "apply_temperature", "brier",
            "calibration_scores", "ece", "fit_temperature", "nll", "read_final_model", "reliability_bins",
            "trial_calibration"]
 
-FINAL_MODEL = "final_model.json"
 ECE_BINS = 15
 T_BOUNDS = (0.1, 10.0)  # a fitted T at a bound means the validation set could not pin it down
 _EPS = 1e-7  # the clip of trainables.metrics' loss

@@ -37,12 +37,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from analysis.bootstrap import resample_counts
+from analysis.errors import AnalysisError
+from analysis.figures import Plot, figure, save
+from analysis.files import TEST_LOG, predictions_file
+from analysis.operating_point import rule_text
+from analysis.records import latest_evaluation, read_evaluations
+from analysis.tables import label
 
 __all__ = ["ROC_GRID", "PR_GRID", "ClassCurves", "CurvesError", "class_curves", "curves_for", "final_model_curves",
            "roc_plot", "pr_plot", "curve_plots", "main"]
@@ -156,8 +163,6 @@ def class_curves(is_positive, scores, *, name: str = "positive", n_boot: int = 1
     """The ROC and PR curves of ``scores`` for ``is_positive``, with bootstrap bands; ``threshold`` is marked."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    from analysis.evaluate import resample_counts
-
     is_pos = np.asarray(is_positive, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
     if is_pos.all() or not is_pos.any():
@@ -238,14 +243,15 @@ def final_model_curves(run_dir: str | Path, evaluation: dict | None = None) -> t
     """
     import pandas as pd
 
-    from analysis.calibration import apply_temperature
-
     run_dir = Path(run_dir)
     if evaluation is None:
-        evaluation = _latest_final(run_dir / "test_evaluation.json")
+        try:
+            evaluation = latest_evaluation(read_evaluations(run_dir), final=True)
+        except AnalysisError as exc:
+            raise CurvesError(str(exc)) from None
     final = (evaluation or {}).get("final")
     if not final:
-        raise CurvesError(f"{str(run_dir / 'test_evaluation.json')!r} holds no evaluation of a final model; run "
+        raise CurvesError(f"{str(run_dir / TEST_LOG)!r} holds no evaluation of a final model; run "
                           f"python -m analysis.evaluate {run_dir} first")
     split = evaluation.get("split", "test")
     models = {m["label"]: m for m in final.get("models") or []}
@@ -254,7 +260,7 @@ def final_model_curves(run_dir: str | Path, evaluation: dict | None = None) -> t
         raise CurvesError(f"the evaluation names {final['model']!r} as the final model but scores only "
                           f"{sorted(models)}; run python -m analysis.evaluate {run_dir} again")
     classes = next((t.get("class_names") for t in evaluation.get("trials") or [] if t.get("class_names")), None)
-    path = run_dir / f"{split}_predictions.parquet"
+    path = run_dir / predictions_file(split)
     if not path.is_file():
         raise CurvesError(f"{str(path)!r} is missing; run python -m analysis.evaluate {run_dir} to write it")
     try:
@@ -270,7 +276,7 @@ def final_model_curves(run_dir: str | Path, evaluation: dict | None = None) -> t
         raise CurvesError(f"{str(path)!r} holds no predictions of the final model {final['model']!r}; was it "
                           f"written by another evaluation? Run python -m analysis.evaluate {run_dir} again")
     temperature = float(chosen.get("calibration", {}).get("temperature", 1.0))
-    probs = apply_temperature(rows[columns].to_numpy(dtype=np.float64), temperature)
+    probs = rows[columns].to_numpy(dtype=np.float64)  # as the model ships them: calibrated by ``temperature``
     y = rows["label_index"].to_numpy(dtype=np.int64)
     op = chosen.get("operating_point")
     positive = classes.index(op["class"]) if op and op.get("class") in classes else \
@@ -288,15 +294,6 @@ def final_model_curves(run_dir: str | Path, evaluation: dict | None = None) -> t
                     "threshold": op, "n_boot": n_boot, "seed": seed, "level": level, "classes": classes}
 
 
-def _latest_final(path: Path) -> dict | None:
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        raise CurvesError(f"{str(path)!r} is unreadable; run python -m analysis.evaluate again") from None
-    evaluations = [e for e in (record or {}).get("evaluations") or [] if e.get("final")]
-    return evaluations[-1] if evaluations else None
-
-
 # --------------------------------------------------------------------------
 # the plots
 # --------------------------------------------------------------------------
@@ -305,18 +302,14 @@ def _latest_final(path: Path) -> dict | None:
 def _point_label(point: dict) -> str:
     if point["kind"] == "argmax":
         return "argmax decision"
-    from analysis.operating_point import rule_text
-
     rule = rule_text(point) if point.get("rule") else "given"
     return f"threshold {point['threshold']:.3f} ({rule})"
 
 
 def _panels(curves: list[ClassCurves]):
-    from analysis.plots import _figure
-
     cols = min(len(curves), 4)
     rows = math.ceil(len(curves) / cols)
-    fig = _figure((4.8 * cols, 6.6 * rows))  # room for the legend under each panel
+    fig = figure((4.8 * cols, 6.6 * rows))  # room for the legend under each panel
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(len(curves))]
     return fig, axes
 
@@ -324,9 +317,6 @@ def _panels(curves: list[ClassCurves]):
 def roc_plot(curves: list[ClassCurves], out_dir: Path, *, name: str = "roc_test", title: str = "ROC curves",
              note: str = ""):
     """One ROC panel per entry of ``curves``: the curve, its band, the chance diagonal and the marked point."""
-    from analysis.plots import Plot, _save
-    from analysis.tables import label
-
     if not curves:
         return Plot(name, title, None, "skipped: no curve to draw")
     fig, axes = _panels(curves)
@@ -344,15 +334,12 @@ def roc_plot(curves: list[ClassCurves], out_dir: Path, *, name: str = "roc_test"
                     label=f"{_point_label(c.point)}\nTPR {c.point['tpr']:.3f}, FPR {c.point['fpr']:.3f} on these images")
         _finish_panel(ax, c, label("fpr"), label("tpr"))
     fig.suptitle(title, fontsize=10)
-    return Plot(name, title.replace("\n", ", "), _save(fig, out_dir, name), note)
+    return Plot(name, title.replace("\n", ", "), save(fig, out_dir, name), note)
 
 
 def pr_plot(curves: list[ClassCurves], out_dir: Path, *, name: str = "pr_test",
             title: str = "Precision-recall curves", note: str = ""):
     """One precision-recall panel per entry of ``curves``: the step curve, its band, the prevalence and the point."""
-    from analysis.plots import Plot, _save
-    from analysis.tables import label
-
     if not curves:
         return Plot(name, title, None, "skipped: no curve to draw")
     fig, axes = _panels(curves)
@@ -372,7 +359,7 @@ def pr_plot(curves: list[ClassCurves], out_dir: Path, *, name: str = "pr_test",
                                                f"precision {c.point['precision']:.3f} on these images")
         _finish_panel(ax, c, f"{label('recall')} ({label('sensitivity')})", label("ppv"))
     fig.suptitle(title, fontsize=10)
-    return Plot(name, title.replace("\n", ", "), _save(fig, out_dir, name), note)
+    return Plot(name, title.replace("\n", ", "), save(fig, out_dir, name), note)
 
 
 def _finish_panel(ax, c, xlabel: str, ylabel: str) -> None:
@@ -393,8 +380,6 @@ def curve_plots(run_dir: str | Path, evaluation: dict | None = None, out_dir: st
     Returns ``(plots, curves, info)``; a folder without a final evaluation gives
     two skipped plots whose note says why, and no curves.
     """
-    from analysis.plots import Plot
-
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report_files"
     split = (evaluation or {}).get("split", "test")
@@ -430,8 +415,6 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Example: python -m analysis.curves runs/quickstart")
     parser.add_argument("run_dir", help="a study's results folder, evaluated by python -m analysis.evaluate")
     args = parser.parse_args(argv)
-    from analysis.tables import AnalysisError
-
     run_dir = Path(args.run_dir)
     try:
         plots, curves, info = curve_plots(run_dir)

@@ -46,6 +46,14 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.document import Section
+from analysis.errors import AnalysisError
+from analysis.figures import Plot, figure, save
+from analysis.files import PLOTS_DIR, evaluation_file, predictions_file
+from analysis.reader import choose_trial, load_trial_model
+from analysis.records import best_evaluated, final_evaluated
+from analysis.splits import decode_split, image_names
+
 __all__ = ["ExplainError", "Target", "target_layer", "gradcam", "overlay", "overlay_names", "write_overlays",
            "explain_predictions", "explain_section", "PANEL_NAME"]
 
@@ -320,7 +328,7 @@ def explain_predictions(model, table, files: list[Path], images_dir: Path, size:
 
 
 def explain_section(run, evaluation: dict | None):
-    """Section "Where the model looks": Grad-CAM overlays of the best evaluated trial on test images.
+    """Section "Where the model looks": Grad-CAM overlays of the final model (its first member) on test images.
 
     ``run`` is ``analysis.tables.load_run(RUN_DIR)``; ``evaluation`` the newest
     record of ``test_evaluation.json`` (``analysis.plots.latest_evaluation``).
@@ -334,26 +342,23 @@ def explain_section(run, evaluation: dict | None):
     ``test_predictions.parquet`` (written by ``python -m analysis.evaluate``) it
     draws nothing and says so. It never starts an evaluation or logs a new use of
     the test split; it decodes only images that evaluation already scored (the
-    best trial's rows of ``test_predictions.parquet`` whose paths
+    final model's rows of ``test_predictions.parquet`` whose paths
     ``splits.parquet`` lists in the evaluated split), to show where the model
     looked on them. A lost checkpoint or image gives a note, not an error.
     """
-    from analysis.plots import best_evaluated
-    from analysis.report import Section
-    from analysis.tables import AnalysisError
-
     s = Section("Where the model looks")
     split = (evaluation or {}).get("split", "test")
-    record = run.path / f"{split}_evaluation.json"
-    predictions = run.path / f"{split}_predictions.parquet"
-    best = best_evaluated(evaluation)
-    if best is None or not record.is_file() or not predictions.is_file():
+    record = run.path / evaluation_file(split)
+    predictions = run.path / predictions_file(split)
+    entry = final_evaluated(evaluation) or best_evaluated(evaluation)
+    if entry is None or not record.is_file() or not predictions.is_file():
         s.text(f"Not drawn: Grad-CAM overlays of {split} images come with the held-out evaluation "
-               f"(`python -m analysis.evaluate {run.path}`), which writes {record.name} and "
+               f"(`python -m analysis.evaluate RUN_DIR`), which writes {record.name} and "
                f"{predictions.name}; this panel never reads the {split} split by itself.")
         return s
+    name = str(entry.get("label") or entry["trial_name"])
     try:
-        _panel(s, run, str(best["trial_name"]), split, predictions)
+        _panel(s, run, name, list(entry.get("trials") or [name]), split, predictions)
     except AnalysisError:  # the PNG could not be written (a full disk): as for every plot of the report
         raise
     except Exception as exc:  # a lost checkpoint or image must not stop the report
@@ -361,23 +366,20 @@ def explain_section(run, evaluation: dict | None):
     return s
 
 
-def _panel(s, run, name: str, split: str, predictions: Path) -> None:
+def _panel(s, run, name: str, members: list[str], split: str, predictions: Path) -> None:
     import pandas as pd
-
-    from analysis.evaluate import decode_split
-    from analysis.plots import Plot, _figure, _save
-    from analysis.reader import choose_trial, load_trial_model
-    from analysis.report import PLOTS_DIR
 
     table = pd.read_parquet(predictions)
     table = table[table["trial"] == name]
     if run.splits is not None and "split" in run.splits.columns:  # images splits.parquet lists in that split
-        listed = set(run.splits.loc[run.splits["split"] == split, "path"].astype(str))
-        table = table[table["path"].astype(str).isin(listed)]
+        listed = run.splits.loc[run.splits["split"] == split, "path"].astype(str).tolist()
+        where = dict(zip(image_names(run.path, listed), listed))  # as written in the predictions -> on disk
+        table = table[table["path"].astype(str).isin(where)].assign(path=lambda t: t["path"].astype(str).map(where))
     if table.empty:
         s.text(f"Not drawn: {predictions.name} holds no predictions of {name} on images of the {split} split.")
         return
-    model, class_names, size = load_trial_model(choose_trial(run.path, run.study, name), run.path, run.study)
+    member = members[0]
+    model, class_names, size = load_trial_model(choose_trial(run.path, run.study, member), run.path, run.study)
     seed = int(run.study.get("seed", 0) or 0)
     rng = np.random.default_rng(seed)
     labels = table["label"].astype(str)
@@ -393,14 +395,14 @@ def _panel(s, run, name: str, split: str, predictions: Path) -> None:
     missing = [p for p in shown["path"].astype(str) if not Path(p).is_file()]
     if missing:
         s.text(f"Not drawn: {len(missing)} sampled {split} image(s) are no longer at their recorded paths "
-               f"(e.g. {missing[0]}).")
+               f"(e.g. {Path(missing[0]).name}).")
         return
     images = decode_split(shown, size)
     target = target_layer(model)
     maps = gradcam(model, images, [class_names.index(p) for p in shown["predicted"].astype(str)], target=target)
 
     k, cols = PANEL_PER_GROUP, 2 * PANEL_PER_GROUP
-    fig = _figure(figsize=(1.75 * cols + 0.6, 1.9 * len(class_names) + 0.5))
+    fig = figure(figsize=(1.75 * cols + 0.6, 1.9 * len(class_names) + 0.5))
     i = 0
     for row, cls in enumerate(class_names):
         for right in (True, False):
@@ -424,12 +426,13 @@ def _panel(s, run, name: str, split: str, predictions: Path) -> None:
                              + ("" if p is None or pd.isna(p) else f" {float(p):.2f}"),
                              fontsize=7, color="black" if right else "firebrick")
                 i += 1
-    fig.suptitle(f"Grad-CAM of {name} on {split} images; left: correctly classified, right: wrongly "
-                 "(title: predicted class and its probability)", fontsize=9)
-    path = _save(fig, run.path / PLOTS_DIR, PANEL_NAME)
+    of = f"{member}, the first member of {name}" if member != name else name
+    fig.suptitle(f"Grad-CAM of {of} on {split} images; left: correctly classified, right: wrongly "
+                 "(title: the final model's decision and its calibrated probability)", fontsize=9)
+    path = save(fig, run.path / PLOTS_DIR, PANEL_NAME)
     counts = ", ".join(f"{cls}: {int((correct & (labels == cls)).sum())} correct, "
                        f"{int((~correct & (labels == cls)).sum())} wrong" for cls in class_names)
-    s.text(f"Grad-CAM of the best evaluated trial, {name}: the gradient of the predicted class's logit weighs the "
+    s.text(f"Grad-CAM of {of}, at the decisions the final model ships with: the gradient of the predicted class's logit weighs the "
            f"channels of the feature map `{target.name}`. Images of the held-out {split} split that "
            f"`analysis.evaluate` already scored ({counts}); per true class up to {k} correctly and {k} wrongly "
            f"classified ones, drawn with the study's seed ({seed}), so the panel is the same in every report. Red "

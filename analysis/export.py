@@ -1,14 +1,18 @@
-"""``python -m analysis.export RUN_DIR --format keras|tflite|savedmodel|onnx``: a deployable copy of a trial's model.
+"""``python -m analysis.export RUN_DIR --format keras|tflite|savedmodel|onnx``: a deployable copy of the final model.
 
-The model is the checkpoint of the study's best trial (``analysis.reader``'s
-choice: the study's metric and mode on validation), or of ``--trial NAME``.
-Every backbone preprocesses inside the model, so the exported artifact takes
-raw RGB in [0, 255] (float32, NHWC, decoded like ``trainables.data.decode_image``)
-and returns softmax probabilities in ``class_names`` order, calibrated (below).
+The model is the study's final model (``analysis.final_model``): the members,
+test-time views, temperature and decision threshold ``analysis.evaluate`` fitted
+on validation (``final_model.json``), or, before any evaluation, the best trial,
+uncalibrated; ``--trial NAME`` exports one trial alone. The ensemble, the views
+and the temperature are inside the exported graph (``FinalModel.keras_model``),
+so every format returns what ``search.predict`` returns. Every backbone
+preprocesses inside the model, so the artifact takes raw RGB in [0, 255]
+(float32, NHWC, decoded like ``trainables.data.decode_image``) and returns
+probabilities in ``class_names`` order.
 
-- ``keras``: the checkpoint re-saved without optimizer state. Loading it
-  needs ``import trainables.preprocess, trainables.calibrated`` (the custom
-  ``Preprocess`` and ``TemperatureScaling`` layers).
+- ``keras``: the graph saved without optimizer state. Loading it needs
+  ``import trainables.preprocess, trainables.calibrated`` (the custom
+  ``Preprocess``, ``TemperatureScaling`` and ``DihedralView`` layers).
 - ``savedmodel``: a TensorFlow SavedModel with a ``serve`` / ``serving_default``
   signature; needs only TensorFlow.
 - ``tflite``: converted from that SavedModel with ``tf.lite.TFLiteConverter``.
@@ -17,30 +21,22 @@ and returns softmax probabilities in ``class_names`` order, calibrated (below).
   ``probabilities``. Needs the ``onnx`` extra: ``pip install 'medsearch[onnx]'``;
   without it, ``--format onnx`` is a ``MissingConverterError`` before any work.
 
-**Calibration.** When ``final_model.json`` (written by ``analysis.evaluate``)
-holds a temperature ``T`` fitted on validation for the exported trial, the
-exported model ends in ``trainables.calibrated.TemperatureScaling(T)``: it
-outputs ``softmax(log p / T)``, what ``analysis.calibration.apply_temperature``
-computes from the checkpoint's probabilities ``p``, and what the threshold
-stored beside ``T`` was chosen on. ``--uncalibrated`` exports the raw model; with
-no ``final_model.json`` (or none for this trial) the raw model is exported, with
-a note. The sidecar records the temperature, whether the file applies it, the
-threshold (value, class, rule) and the decision rule in words. A format that
-cannot carry the calibration would be refused before any work
-(``CalibrationNotCarriedError``; every format here carries it).
+``--uncalibrated`` leaves the temperature out of the file (the sidecar records
+it). A format that could not carry the calibration would be refused before any
+work (``CalibrationNotCarriedError``; every format here carries it).
 
 The SavedModel, TFLite and ONNX graphs are traced with ``training=False``: the
 augmentation layers and dropout are inactive there, so their random ops never
 reach the graph (a plain ``model.export`` keeps them and TFLite rejects them).
 
-After writing, the artifact's predictions are compared with the checkpoint's
-(calibrated like the export: ``Decision.calibrate(model.predict(x))``) on the
-test split (``--verify-on val`` for the validation split; ``none`` to skip): the
-labels under the sidecar's decision rule must be identical and the
-probabilities within ``TOLERANCES`` (the measured worst cases are noted there).
-A reading of the test split is logged in ``RUN_DIR/test_evaluation.json``.
-A sidecar ``<out>.json`` records the trial, classes, input size, calibration,
-decision and the check; its paths are relative to the results folder.
+After writing, the artifact's predictions are compared with
+``FinalModel.predict`` on the validation split (``--verify-split``; ``test`` or
+``none`` on request): the labels under the decision rule must be identical and
+the probabilities within ``TOLERANCES``. A numeric check needs no labels, so the
+default never reads the test split; an explicit ``--verify-split test`` is logged
+as a test read in ``RUN_DIR/test_evaluation.json``. A sidecar ``<out>.json``
+records the model, classes, input size, calibration, decision and the check; its
+paths are relative to the results folder.
 """
 
 from __future__ import annotations
@@ -61,6 +57,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from analysis.errors import EvaluateError, ResultsFolderError
+from analysis.files import EXPORT_DIR, FINAL_MODEL
+from analysis.final_model import FinalModel, load_final_model
+from analysis.reader import read_study
+from analysis.splits import decode_split, log_test_use, read_split
 
 __all__ = ["FORMATS", "TOLERANCES", "CARRIES_CALIBRATION", "ONNX_OPSET", "ExportError", "MissingConverterError",
            "CalibrationNotCarriedError", "Verification", "require_converter", "check_calibration", "decision_text",
@@ -100,15 +102,20 @@ class Verification:
     max_diff: float  # largest |probability difference| over images and classes
     tolerance: float
     labels: str = "argmax"  # the rule that turned probabilities into labels
+    # Images whose label differs although their probabilities agree within the tolerance: they sit on the
+    # decision boundary (a Youden threshold is a validation image's own score), where float rounding decides.
+    at_boundary: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.labels_agree == self.n and self.max_diff <= self.tolerance
+        return self.labels_agree + self.at_boundary == self.n and self.max_diff <= self.tolerance
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
+        boundary = (f" ({self.at_boundary} more on the decision boundary, within the tolerance)"
+                    if self.at_boundary else "")
         return (f"verified on the {self.split} split ({self.n} images): labels identical {self.labels_agree}/{self.n}"
-                f"{'' if self.labels == 'argmax' else f' ({self.labels})'}, "
+                f"{'' if self.labels == 'argmax' else f' ({self.labels})'}{boundary}, "
                 f"max |prob diff| {self.max_diff:.2e} (tolerance {self.tolerance:.0e}): {verdict}")
 
 
@@ -127,7 +134,7 @@ def default_out(run_dir: Path, trial: str, fmt: str) -> Path:
         raise ExportError(f"{exc}; it comes from leaderboard.parquet: name the file to write with --out") from None
     name = {"keras": f"{trial}.keras", "tflite": f"{trial}.tflite", "savedmodel": f"{trial}_savedmodel",
             "onnx": f"{trial}.onnx"}[fmt]
-    return run_dir / "export" / name
+    return run_dir / EXPORT_DIR / name
 
 
 def require_converter(fmt: str, import_module=importlib.import_module) -> None:
@@ -348,9 +355,11 @@ def verify_export(reference: np.ndarray, exported: np.ndarray, *, split: str, to
     if reference.shape != exported.shape:
         raise ExportError(f"the export returns shape {exported.shape}, the checkpoint {reference.shape}")
     decide = decide or (lambda probs: probs.argmax(axis=1))
-    agree = int((np.asarray(decide(reference)) == np.asarray(decide(exported))).sum())
-    diff = float(np.abs(reference - exported).max()) if reference.size else 0.0
-    return Verification(split, len(reference), agree, diff, tolerance, labels)
+    same = np.asarray(decide(reference)) == np.asarray(decide(exported))
+    rows = np.abs(reference - exported).max(axis=1) if reference.size else np.zeros(len(reference))
+    boundary = int((~same & (rows <= tolerance)).sum())
+    diff = float(rows.max()) if reference.size else 0.0
+    return Verification(split, len(reference), int(same.sum()), diff, tolerance, labels, boundary)
 
 
 def decision_text(class_names: list[str], threshold: dict | None, temperature: float | None,
@@ -375,22 +384,22 @@ def decision_text(class_names: list[str], threshold: dict | None, temperature: f
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.export", allow_abbrev=False,
-        description="Export the best trial of a study (or --trial NAME) as a Keras file, a TFLite file, a "
-        "TensorFlow SavedModel or an ONNX file, calibrated with the temperature analysis.evaluate fitted on "
-        "validation (final_model.json), then check that it predicts what the calibrated checkpoint predicts on "
-        "the test split. Exit status 1 if it does not.",
+        description="Export the final model of a study (final_model.json: its ensemble, test-time views and "
+        "temperature, fitted on validation by analysis.evaluate; else its best trial, uncalibrated; or --trial "
+        "NAME) as a Keras file, a TFLite file, a TensorFlow SavedModel or an ONNX file, then check that it "
+        "predicts what search.predict predicts on the validation split. Exit status 1 if it does not.",
         epilog="Example: python -m analysis.export runs/melanoma --format tflite --out melanoma.tflite")
     parser.add_argument("run_dir", help="a study's results folder, e.g. runs/quickstart")
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
-    parser.add_argument("--trial", help="export this trial (its trial_name) instead of the best")
+    parser.add_argument("--trial", help="export this trial alone (its trial_name) instead of the final model")
     parser.add_argument("--out", help="file (keras: *.keras, tflite, onnx) or folder (savedmodel) to write; default "
-                        "RUN_DIR/export/<trial>.keras|.tflite|.onnx|_savedmodel")
+                        "RUN_DIR/export/final_model.keras|.tflite|.onnx|_savedmodel (or <trial>.* with --trial)")
     parser.add_argument("--uncalibrated", action="store_true",
-                        help="export the raw model, without the temperature of final_model.json (the sidecar "
-                        "records it, and that the file does not apply it)")
-    parser.add_argument("--verify-on", choices=("test", "val", "none"), default=None,
-                        help="split to compare predictions on: test (default; val when the study has no test "
-                        "split), val, or none to skip the check")
+                        help="leave the temperature of final_model.json out of the file (the sidecar records it, "
+                        "and that the file does not apply it)")
+    parser.add_argument("--verify-split", "--verify-on", dest="verify_split", choices=("val", "test", "none"),
+                        default="val", help="split whose images the export is checked on: val (default: a numeric "
+                        "check needs no labels), test (logged as a read of the test split), or none to skip")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed |probability difference| (default: 1e-4 keras/savedmodel, 1e-3 tflite/onnx)")
     return parser.parse_args(argv)
@@ -398,54 +407,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from analysis.evaluate import EvaluateError, decode_split, log_test_use, read_split
-    from analysis.reader import (ResultsFolderError, choose_trial, load_trial_model, read_class_names,
-                                 read_decision, read_study)
     from search.storage import OutsideFolderError
     from trainables.datasets import DatasetError
 
     try:
         require_converter(args.format)
         run_dir = Path(args.run_dir).expanduser().resolve()
-        study = read_study(run_dir)
-        trial = choose_trial(run_dir, study, args.trial)
-        out = Path(args.out).expanduser().resolve() if args.out else default_out(run_dir, trial.name, args.format)
-        class_names = read_class_names(trial.checkpoint, run_dir, study)
-        decision = read_decision(run_dir, study, trial.name, class_names, None)
-        threshold = _stored_threshold(run_dir, trial.name, class_names, decision)
-        applied = decision.temperature is not None and not args.uncalibrated
-        check_calibration(args.format, decision.temperature if applied else None)
-        _print_calibration_notes(run_dir, decision, args.uncalibrated)
-        model, class_names, size = load_trial_model(trial, run_dir, study)
-        split = args.verify_on
-        if split is None:
-            split = "test" if _has_split(run_dir, "test") else "val"
-            if split == "val":
-                print("note: the study's split has no test images; verifying on the validation split", file=sys.stderr)
-        rows = None if split == "none" else read_split(run_dir, split)
-        export_model(model, args.format, out, temperature=decision.temperature if applied else None)
-        how = (f"calibrated (temperature {decision.temperature:.4f}, fitted on validation)" if applied else
-               "uncalibrated (--uncalibrated)" if decision.temperature is not None else "uncalibrated")
-        print(f"exported {trial.name} ({trial.backbone}, {trial.metric} {trial.value:.4f}) as {args.format}, "
-              f"{how}: {out}")
-        rule = decision_text(class_names, threshold, decision.temperature, applied)
+        final = load_final_model(run_dir, trial=args.trial)
+        name = final.label if args.trial or not final.fitted else "final_model"
+        out = Path(args.out).expanduser().resolve() if args.out else default_out(run_dir, name, args.format)
+        applied = final.temperature is not None and not args.uncalibrated
+        check_calibration(args.format, final.temperature if applied else None)
+        _print_notes(final, args.uncalibrated)
+        rows = None if args.verify_split == "none" else read_split(run_dir, args.verify_split)
+        export_model(final.keras_model(calibrated=applied), args.format, out)
+        how = (f"calibrated (temperature {final.temperature:.4f}, fitted on validation)" if applied else
+               "uncalibrated (--uncalibrated)" if final.temperature is not None else "uncalibrated")
+        print(f"exported {final.label} ({', '.join(final.trials)}{'; TTA ' + final.tta if final.tta else ''}) as "
+              f"{args.format}, {how}: {out}")
+        rule = decision_text(list(final.class_names), _threshold(final), final.temperature, applied)
         print(f"decision: {rule}")
         check = None
         if rows is not None:
-            images = decode_split(rows, size)
-            if split == "test":
-                log_test_use(run_dir, trials=[trial.name], n_test=len(rows), by="analysis.export",
+            images = decode_split(rows, final.image_size)
+            if args.verify_split == "test":
+                log_test_use(run_dir, trials=final.trials, n_test=len(rows), by="analysis.export",
                              format=args.format, out=_shown(out, run_dir), calibrated=applied)
-            raw = model.predict(images, batch_size=_BATCH, verbose=0)
-            reference = decision.calibrate(raw) if applied else raw
+            raw = final.raw_probabilities(images)
+            reference = final.calibrate(raw) if applied else raw
             tolerance = TOLERANCES[args.format] if args.tolerance is None else args.tolerance
-            decide, labels = _labels(decision, applied)
-            check = verify_export(reference, predict_exported(out, args.format, images), split=split,
+            decide, labels = _labels(final, applied)
+            check = verify_export(reference, predict_exported(out, args.format, images), split=args.verify_split,
                                   tolerance=tolerance, decide=decide, labels=labels)
         else:
-            print("warning: not verified (--verify-on none)", file=sys.stderr)
-        _write_sidecar(out, run_dir, study, trial, args.format, class_names, size, check, decision=decision,
-                       threshold=threshold, applied=applied, rule=rule)
+            print("warning: not verified (--verify-split none)", file=sys.stderr)
+        _write_sidecar(out, run_dir, final, args.format, check, applied=applied, rule=rule)
     except (ResultsFolderError, EvaluateError, ExportError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -453,55 +449,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(check.summary())
     if not check.ok:
-        print(f"error: the {args.format} export does not reproduce the checkpoint's predictions; do not deploy "
+        print(f"error: the {args.format} export does not reproduce the model's predictions; do not deploy "
               f"{str(out)!r} (try --format savedmodel or keras, or report the backbone)", file=sys.stderr)
         return EXIT_MISMATCH
     return 0
 
 
-def _stored_threshold(run_dir: Path, trial: str, class_names: list[str], decision) -> dict | None:
-    """``{value, class, rule}`` of the threshold ``final_model.json`` holds for ``trial``, or None."""
-    if decision.threshold is None:
+def _threshold(final: FinalModel) -> dict | None:
+    """``{value, class, rule}`` of the model's decision threshold, or None for the argmax."""
+    if final.threshold is None:
         return None
-    from analysis.calibration import read_final_model, trial_calibration
-
-    stored = (trial_calibration(read_final_model(run_dir), trial, class_names) or {}).get("threshold") or {}
-    return {"value": float(decision.threshold), "class": class_names[decision.positive], "rule": stored.get("rule")}
+    return {"value": float(final.threshold), "class": final.class_names[final.positive], "rule": final.rule}
 
 
-def _print_calibration_notes(run_dir: Path, decision, uncalibrated: bool) -> None:
-    from analysis.calibration import FINAL_MODEL
-
-    if decision.temperature is None:
-        if not (run_dir / FINAL_MODEL).is_file():
-            print(f"note: no calibration was fitted ({FINAL_MODEL} is missing): exporting the raw model; run "
-                  f"python -m analysis.evaluate {run_dir} first to fit a temperature and a threshold on validation",
-                  file=sys.stderr)
-        else:
-            for note in decision.notes:
-                print(f"note: {note}; exporting the raw model", file=sys.stderr)
-        return
-    for note in _notes(decision):
+def _print_notes(final: FinalModel, uncalibrated: bool) -> None:
+    print(f"note: {final.provenance()}", file=sys.stderr)
+    for note in final.notes:
         print(f"note: {note}", file=sys.stderr)
-    if uncalibrated:
+    if uncalibrated and final.temperature is not None:
         print(f"note: --uncalibrated: the file outputs the raw probabilities; the temperature "
-              f"{decision.temperature:.4f} fitted on validation is in the sidecar, not in the model", file=sys.stderr)
+              f"{final.temperature:.4f} fitted on validation is in the sidecar, not in the model", file=sys.stderr)
 
 
-def _notes(decision, run_dir: Path | None = None) -> list[str]:
-    """``read_decision``'s notes (written for search.predict), worded for an export; with ``run_dir``, the
-    folder's path in them reads ``RUN_DIR`` (for the sidecar: the folder's location is not recorded)."""
-    notes = [note.replace("this prediction uses", "the export is") for note in decision.notes]
-    return notes if run_dir is None else [note.replace(str(run_dir), "RUN_DIR") for note in notes]
-
-
-def _labels(decision, applied: bool):
+def _labels(final: FinalModel, applied: bool):
     """How the deployment turns the file's output into classes: ``(decide, name)`` for ``verify_export``."""
-    if decision.threshold is None:
+    if final.threshold is None:
         return None, "argmax"
-    if applied or decision.temperature is None:
-        return decision.classes, "threshold"
-    return (lambda probs: decision.classes(decision.calibrate(probs))), "calibrated, then threshold"
+    if applied or final.temperature is None:
+        return final.decide, "threshold"
+    return (lambda probs: final.decide(final.calibrate(probs))), "calibrated, then threshold"
 
 
 def _shown(path: Path, run_dir: Path) -> str:
@@ -512,28 +488,18 @@ def _shown(path: Path, run_dir: Path) -> str:
         return Path(path).name
 
 
-def _has_split(run_dir: Path, split: str) -> bool:
-    import pandas as pd
-
-    try:
-        return bool((pd.read_parquet(run_dir / "splits.parquet", columns=["split"])["split"] == split).any())
-    except Exception:  # a missing file is reported by read_split
-        return True
-
-
-def _write_sidecar(out: Path, run_dir: Path, study: dict, trial, fmt: str, class_names: list[str], size: int,
-                   check: Verification | None, *, decision, threshold: dict | None, applied: bool, rule: str) -> None:
+def _write_sidecar(out: Path, run_dir: Path, final: FinalModel, fmt: str, check: Verification | None, *,
+                   applied: bool, rule: str) -> None:
     """What a deployment needs beside the file: class order, input size, calibration, decision, and the check.
 
-    Paths in it are relative to the results folder (``checkpoint``); the folder's own location is not recorded.
+    Paths in it are relative to the results folder (``checkpoints``); the folder's own location is not recorded.
     """
-    from analysis.calibration import FINAL_MODEL
     from trainables.calibrated import LOG_FLOOR
 
-    temperature = decision.temperature
+    temperature, size = final.temperature, final.image_size
     calibration = None if temperature is None else {
         "temperature": temperature, "applied_in_model": applied, "fitted_on": "val", "source": FINAL_MODEL,
-        "formula": f"softmax(log(max(p, {LOG_FLOOR:g})) / temperature) of the checkpoint's probabilities p",
+        "formula": f"softmax(log(max(p, {LOG_FLOOR:g})) / temperature) of the members' mean probabilities p",
     }
     if temperature is None:
         output = "softmax probabilities, one per class, in class_names order (uncalibrated: no temperature fitted)"
@@ -544,17 +510,18 @@ def _write_sidecar(out: Path, run_dir: Path, study: dict, trial, fmt: str, class
         output = (f"uncalibrated softmax probabilities p, one per class, in class_names order (--uncalibrated): "
                   f"apply softmax(log p / {temperature:.4f}) before the threshold")
     record = {
-        "format": fmt, "trial": trial.name, "backbone": trial.backbone, "study": study.get("name"),
-        "checkpoint": trial.checkpoint.relative_to(run_dir).as_posix(), "validation": {trial.metric: trial.value},
-        "class_names": class_names, "image_size": size,
+        "format": fmt, "model": final.label, "trials": final.trials, "study": _study_name(run_dir),
+        "checkpoints": [m.checkpoint for m in final.members], "tta": final.tta, "source": final.source,
+        "provenance": final.provenance().replace(str(run_dir), "RUN_DIR"),
+        "class_names": list(final.class_names), "image_size": size,
         "input": f"float32 (N, {size}, {size}, 3) raw RGB in [0, 255], decoded and resized like "
                  "trainables.data.decode_image (bilinear)",
         "output": output,
         "calibration": calibration,
         "temperature": temperature,
-        "threshold": threshold,
+        "threshold": _threshold(final),
         "decision": rule,
-        "notes": _notes(decision, run_dir),
+        "notes": [n.replace(str(run_dir), "RUN_DIR") for n in final.notes],
         "verification": None if check is None else {**asdict(check), "ok": check.ok},
     }
     if fmt == "onnx":
@@ -571,6 +538,10 @@ def _write_sidecar(out: Path, run_dir: Path, study: dict, trial, fmt: str, class
     except OSError as exc:
         raise ExportError(f"cannot write {str(sidecar)!r} ({exc.strerror or exc}); free some space and run again: "
                           f"without it {str(out)!r} has no class names or threshold beside it") from None
+
+
+def _study_name(run_dir: Path) -> str | None:
+    return read_study(run_dir).get("name")
 
 
 if __name__ == "__main__":

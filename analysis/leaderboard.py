@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import tables as T
+from analysis.files import write_file
 
 DEFAULT_OUT = "cross_study_leaderboard.parquet"
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -102,8 +103,8 @@ def write(board: pd.DataFrame, out: str | Path) -> tuple[Path, Path]:
             frame[col] = frame[col].map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    T.write_file(parquet, buffer.getvalue())
-    T.write_file(md, (to_markdown(board) + "\n").encode("utf-8"))
+    write_file(parquet, buffer.getvalue())
+    write_file(md, (to_markdown(board) + "\n").encode("utf-8"))
     return parquet, md
 
 

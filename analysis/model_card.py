@@ -23,9 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.calibration import ECE_BINS
+from analysis.files import EXPORT_DIR, FINAL_MODEL, MODEL_CARD, TEST_LOG, predictions_file
+from analysis.operating_point import rule_text
+from analysis.records import latest_evaluation, read_evaluations
+from analysis.errors import AnalysisError
+from analysis.files import shown_path, write_file
+from analysis.tables import format_value, hyperparameter_columns, to_markdown
+
 __all__ = ["MODEL_CARD", "build_card", "write_model_card", "main"]
 
-MODEL_CARD = "model_card.md"
 WORST_CLASSES = 3
 WRONG_EXAMPLES = 10
 
@@ -55,19 +62,17 @@ def _ci(value, interval) -> str:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    from analysis.tables import to_markdown
-
     return to_markdown(frame)
 
 
 def latest_final(run_dir: Path) -> tuple[dict, dict]:
     """The latest test evaluation that scored a final model, and the test_evaluation.json record."""
-    record = _read_json(run_dir / "test_evaluation.json")
-    evaluations = [e for e in (record or {}).get("evaluations") or [] if e.get("final")]
-    if not evaluations:
-        raise ModelCardError(f"{str(run_dir / 'test_evaluation.json')!r} holds no evaluation of a final model; run "
+    record = read_evaluations(run_dir)
+    evaluation = latest_evaluation(record, final=True)
+    if evaluation is None:
+        raise ModelCardError(f"{str(run_dir / TEST_LOG)!r} holds no evaluation of a final model; run "
                              f"python -m analysis.evaluate {run_dir} first")
-    return evaluations[-1], record
+    return evaluation, record
 
 
 def build_card(run_dir: str | Path) -> str:
@@ -75,7 +80,7 @@ def build_card(run_dir: str | Path) -> str:
     study_record = _read_json(run_dir / "study.json")
     if study_record is None:
         raise ModelCardError(f"{str(run_dir)!r} has no readable study.json; is it a results folder?")
-    final_model = _read_json(run_dir / "final_model.json")
+    final_model = _read_json(run_dir / FINAL_MODEL)
     if final_model is None:
         raise ModelCardError(f"{str(run_dir / 'final_model.json')!r} is missing; run python -m analysis.evaluate "
                              f"{run_dir} first")
@@ -103,8 +108,6 @@ def build_card(run_dir: str | Path) -> str:
 
 
 def write_model_card(run_dir: str | Path) -> Path:
-    from analysis.tables import write_file
-
     run_dir = Path(run_dir).expanduser().resolve()
     return write_file(run_dir / MODEL_CARD, build_card(run_dir).encode("utf-8"))
 
@@ -127,7 +130,7 @@ def _intended_use(study: dict) -> str:
 def _data(run_dir: Path, study: dict, study_record: dict) -> str:
     ds = study.get("dataset") or {}
     lines = ["## Data", "_From study.json and splits.parquet._", "",
-             f"- loader `{ds.get('loader')}`, path `{ds.get('path')}`, images resized to "
+             f"- loader `{ds.get('loader')}`, path `{shown_path(ds.get('path'))}`, images resized to "
              f"{ds.get('image_size')} x {ds.get('image_size')} px",
              f"- positive class (study): {ds.get('positive_class') or 'none'}",
              f"- unreadable images left out (--skip-corrupt): {len(study_record.get('skipped_images') or [])}"]
@@ -146,7 +149,7 @@ def _near_duplicates_line(run_dir: Path) -> str:
     pairs_path, splits_path = run_dir / "near_duplicates.parquet", run_dir / "splits.parquet"
     if not (pairs_path.is_file() and splits_path.is_file()):
         return "- near-duplicate images: no audit recorded (no near_duplicates.parquet)"
-    from trainables.datasets.near_duplicates import contamination
+    from trainables.near_duplicates import contamination
 
     f = contamination(pd.read_parquet(pairs_path), pd.read_parquet(splits_path))
     shares = "; ".join(f"{f[f'{s}_share_with_train_near_duplicate']:.1%} of {s} images have a near-duplicate in train"
@@ -196,8 +199,6 @@ def _protocol(run_dir: Path, study: dict, record: dict) -> str:
 
 
 def _model(run_dir: Path, final_model: dict, study: dict) -> str:
-    from analysis.tables import format_value, hyperparameter_columns
-
     lines = ["## Model", "_From final_model.json and leaderboard.parquet._", "",
              f"- final model: {final_model.get('model')} (trials {', '.join(final_model.get('trials') or [])})",
              f"- test-time augmentation: {final_model.get('tta') or 'none'}",
@@ -231,8 +232,8 @@ def _results(evaluation: dict, chosen: dict, models: dict) -> str:
     rows = [{"model": label + (" (final)" if m is chosen else ""),
              **{n.replace("_", " "): _ci(m["metrics"].get(n), m["ci"].get(n)) for n in names}}
             for label, m in models.items()]
-    lines += ["Argmax metrics of the uncalibrated probabilities (the temperature does not change the argmax):", "",
-              _table(pd.DataFrame(rows))]
+    lines += [f"Each model at the decision it ships with ({evaluation.get('decision') or 'its decision rule'}), "
+              "on its calibrated probabilities:", "", _table(pd.DataFrame(rows))]
     op = chosen.get("operating_point")
     if op:
         at, ci = op["at_threshold"], op["ci"]
@@ -243,7 +244,7 @@ def _results(evaluation: dict, chosen: dict, models: dict) -> str:
                   "", f"Confusion at the threshold: TP {at['tp']}, FN {at['fn']}, FP {at['fp']}, TN {at['tn']}."]
     ovr = chosen.get("one_vs_rest")
     if ovr:
-        lines += ["", "Per class, one vs rest at the argmax:", "",
+        lines += ["", "Per class, one vs rest at the shipped decision:", "",
                   _table(pd.DataFrame([{"class": c, "sensitivity": _ci(o["sensitivity"], o["ci"]["sensitivity"]),
                                         "specificity": _ci(o["specificity"], o["ci"]["specificity"])}
                                        for c, o in ovr.items()]))]
@@ -251,14 +252,10 @@ def _results(evaluation: dict, chosen: dict, models: dict) -> str:
 
 
 def _rule(op: dict) -> str:
-    from analysis.operating_point import rule_text
-
     return rule_text(op)
 
 
 def _calibration(final: dict, models: dict) -> str:
-    from analysis.calibration import ECE_BINS
-
     lines = ["## Calibration", f"_From test_evaluation.json. ECE: top-label confidence, {ECE_BINS} equal-width bins; "
              "Brier: mean squared distance to the one-hot label (halved for two classes); temperature fitted on "
              "validation._", ""]
@@ -276,15 +273,12 @@ def _calibration(final: dict, models: dict) -> str:
 
 
 def _failure_modes(run_dir: Path, chosen: dict, final_model: dict, evaluation: dict) -> str:
-    from analysis.calibration import apply_temperature
-    from analysis.operating_point import decide
-
     lines = ["## Failure modes", "_From test_evaluation.json and test_predictions.parquet._", ""]
     classes = final_model.get("class_names") or []
     recalls = sorted(((chosen["metrics"].get(f"recall_{c}"), c) for c in classes), key=lambda t: (t[0] is None, t[0]))
-    lines.append("Lowest recall (argmax): " + "; ".join(
+    lines.append("Lowest recall (at the shipped decision): " + "; ".join(
         f"{c} {_ci(r, chosen['ci'].get(f'recall_{c}'))}" for r, c in recalls[:WORST_CLASSES]))
-    path = run_dir / f"{evaluation.get('split', 'test')}_predictions.parquet"
+    path = run_dir / predictions_file(evaluation.get("split", "test"))
     if not path.is_file():
         lines.append(f"\n{path.name} is missing: no examples to list.")
         return "\n".join(lines)
@@ -293,10 +287,8 @@ def _failure_modes(run_dir: Path, chosen: dict, final_model: dict, evaluation: d
     if rows.empty:
         lines.append(f"\n{path.name} holds no predictions of {chosen['label']!r}.")
         return "\n".join(lines)
-    probs = apply_temperature(rows[[f"prob_{c}" for c in classes]].to_numpy(), final_model.get("temperature") or 1.0)
-    threshold, positive = final_model.get("threshold"), final_model.get("positive_class")
-    predicted = decide(probs, classes.index(positive), threshold) if threshold is not None and positive in classes \
-        else probs.argmax(axis=1)
+    probs = rows[[f"prob_{c}" for c in classes]].to_numpy()  # calibrated, as shipped
+    predicted = rows["predicted"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
     wrong = np.flatnonzero(predicted != rows["label_index"].to_numpy())
     confidence = probs[wrong, predicted[wrong]]
     order = wrong[np.argsort(-confidence, kind="stable")][:WRONG_EXAMPLES]
@@ -341,14 +333,19 @@ def _limitations(evaluation: dict, chosen: dict, final_model: dict, record: dict
 
 
 def _export(run_dir: Path) -> str:
-    lines = ["## Export", "_From export/*.json (analysis.export's sidecars)._", ""]
-    sidecars = sorted((run_dir / "export").glob("*.json")) if (run_dir / "export").is_dir() else []
+    lines = ["## Export", "_From export/*.json (analysis.export's sidecars) and final_model.json._", ""]
+    folder = run_dir / EXPORT_DIR
+    sidecars = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not sidecars:
         lines.append("No export sidecar in export/: the model has not been exported (python -m analysis.export).")
+    final = _read_json(run_dir / FINAL_MODEL) or {}
     for path in sidecars:
         side = _read_json(path) or {}
         check = side.get("verification") or {}
-        lines.append(f"- {path.name}: format {side.get('format')}, trial {side.get('trial')}, verified "
+        same = side.get("trials") == final.get("trials") and side.get("tta") == final.get("tta")
+        what = "the final model" if same else "NOT the final model (exported before the last evaluation, or --trial)"
+        lines.append(f"- {path.name}: format {side.get('format')}, {side.get('model')} "
+                     f"({', '.join(side.get('trials') or [])}), {what}; verified "
                      + (f"on {check.get('split')}: {'ok' if check.get('ok') else 'FAILED'}" if check else "no"))
         if side.get("output"):
             lines.append(f"  - outputs {side['output']}")
@@ -361,7 +358,8 @@ def _software(study_record: dict) -> str:
     versions = study_record.get("versions") or {}
     lines = ["## Software", "_From study.json._", "", f"- python {study_record.get('python', 'not recorded')}"]
     lines += [f"- {name} {version}" for name, version in sorted(versions.items())]
-    lines.append(f"- study file `{study_record.get('study_file')}` (SHA-256 {study_record.get('study_file_sha256')})")
+    lines.append(f"- study file `{shown_path(study_record.get('study_file'))}` (SHA-256 "
+                 f"{study_record.get('study_file_sha256')})")
     return "\n".join(lines)
 
 
@@ -375,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Write RUN_DIR/model_card.md from the results folder's files.")
     parser.add_argument("run_dir", help="a study's results folder, evaluated by python -m analysis.evaluate")
     args = parser.parse_args(argv)
-    from analysis.tables import AnalysisError
-
     try:
         path = write_model_card(args.run_dir)
     except (ModelCardError, AnalysisError) as exc:

@@ -28,11 +28,9 @@ other interval of the evaluation, so they are paired with them.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from analysis.evaluate import resample_counts
+from analysis.bootstrap import percentile_interval, resample_counts
 
 __all__ = ["BINARY_METRICS", "OperatingPointError", "binary_at", "binary_ci", "choose_threshold", "decide",
            "one_vs_rest", "one_vs_rest_ci", "rule_text"]
@@ -183,11 +181,4 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _percentiles(parts: list[dict], names, level: float) -> dict[str, tuple[float, float]]:
-    q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
-    out = {}
-    for name in names:
-        values = np.concatenate([p[name] for p in parts])
-        values = values[~np.isnan(values)]
-        out[name] = (float(np.percentile(values, q[0])), float(np.percentile(values, q[1]))) if len(values) \
-            else (math.nan, math.nan)
-    return out
+    return {name: percentile_interval(np.concatenate([p[name] for p in parts]), level) for name in names}

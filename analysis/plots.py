@@ -16,9 +16,6 @@ cannot be written (a full disk) raises ``AnalysisError``, leaving no partial fil
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
 import math
 import warnings
 from pathlib import Path
@@ -26,35 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables import (Run, asha_budget, best_so_far, category_order, label, parameter_kind,
-                             order_note, scored, searched_parameters, write_file)
+from analysis.figures import Plot, figure, save
+from analysis.records import best_evaluated, final_evaluated, latest_evaluation, read_evaluations
+from analysis.efficiency import asha_budget, best_so_far, order_note
+from analysis.tables import Run, category_order, label, parameter_kind, scored, searched_parameters
 
-FIGSIZE = (7.0, 4.2)
-DPI = 100
 STATUS_MARKERS = {"finished": "o", "stopped": "x", "running": "s", "interrupted": "s", "errored": "v"}
 EDGE_FRACTION = 0.1  # a best value in the outer 10% of the sampled range is "at the edge"
-
-
-@dataclasses.dataclass
-class Plot:
-    name: str  # file stem, e.g. "learning_curves"
-    title: str
-    path: Path | None  # None when skipped
-    note: str = ""
-
-
-def _figure(figsize=FIGSIZE):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
-    return fig
-
-
-def _save(fig, out_dir: Path, name: str) -> Path:
-    """Render in memory, then write whole: a full disk leaves no half PNG (``AnalysisError`` instead)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return write_file(out_dir / f"{name}.png", buffer.getvalue())
 
 
 def _colours(values) -> dict:
@@ -94,7 +69,7 @@ def learning_curves(run: Run, out_dir: Path) -> Plot:
     board = run.board.set_index("trial_id")
     backbone = _backbone_of(run).set_axis(run.board["trial_id"])
     colours = _colours(_backbones(run))
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     stopped_n = 0
     for trial_id, rows in epochs.sort_values("epoch").groupby("trial_id", sort=False):
@@ -124,7 +99,7 @@ def learning_curves(run: Run, out_dir: Path) -> Plot:
     ax.grid(alpha=0.3)
     ax.set_title(title)
     note = f"{epochs['trial_id'].nunique()} trials; x marks the epoch after which ASHA stopped a trial ({stopped_n})"
-    return Plot("learning_curves", title, _save(fig, out_dir, "learning_curves"), note)
+    return Plot("learning_curves", title, save(fig, out_dir, "learning_curves"), note)
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -148,7 +123,7 @@ def _one_parameter(run: Run, ranked: pd.DataFrame, param: str, out_dir: Path) ->
     kind = parameter_kind(run.board[param], param)
     colours = _colours(_backbones(run))
     best = rows.iloc[0] if len(rows) else None
-    fig = _figure((6.0, 3.8))
+    fig = figure((6.0, 3.8))
     ax = fig.add_subplot()
     rng = np.random.default_rng(0)
     note_parts = []
@@ -201,7 +176,7 @@ def _one_parameter(run: Run, ranked: pd.DataFrame, param: str, out_dir: Path) ->
                               "so read the edge with care")
     if unset:
         note_parts.append(f"{unset} scored trial(s) do not set {param} (a conditional parameter)")
-    return Plot(f"hparam_{_safe(param)}", title, _save(fig, out_dir, f"hparam_{_safe(param)}"), "; ".join(note_parts))
+    return Plot(f"hparam_{_safe(param)}", title, save(fig, out_dir, f"hparam_{_safe(param)}"), "; ".join(note_parts))
 
 
 def _legend(colours: dict, statuses: set) -> list:
@@ -359,7 +334,7 @@ def importance_plot(run: Run, out_dir: Path, importances: pd.Series | None = Non
         importances, note = param_importances(run)
     if importances is None:
         return Plot("importance", title, None, note or "skipped")
-    fig = _figure((6.0, 0.5 + 0.45 * max(len(importances), 2)))
+    fig = figure((6.0, 0.5 + 0.45 * max(len(importances), 2)))
     ax = fig.add_subplot()
     ordered = importances.sort_values()
     ax.barh([label(p) for p in ordered.index], ordered.values, color="tab:blue")
@@ -368,51 +343,14 @@ def importance_plot(run: Run, out_dir: Path, importances: pd.Series | None = Non
     ax.set_xlim(0, max(1.0, float(ordered.max()) * 1.15))
     ax.set_xlabel("importance (sums to 1)")
     ax.set_title(title, fontsize=10)
-    return Plot("importance", title, _save(fig, out_dir, "importance"), note or "")
+    return Plot("importance", title, save(fig, out_dir, "importance"), note or "")
 
 
 # ---------------------------------------------------------------- test confusion matrix
 
 def read_test_evaluation(run: Run, split: str = "test") -> dict | None:
-    """``RUN_DIR/<split>_evaluation.json`` as written by analysis.evaluate (None if absent).
-
-    A damaged one is an ``AnalysisError`` naming it: read as absent, a report would say the test split
-    was never read, when its log says otherwise.
-    """
-    from analysis.tables import AnalysisError
-
-    path = run.path / f"{split}_evaluation.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AnalysisError(f"{str(path)!r} is unreadable ({type(exc).__name__}: {exc}); it logs every use of the "
-                            f"{split} split, so restore it from the original folder rather than deleting it") from None
-    if not isinstance(record, dict):
-        raise AnalysisError(f"{str(path)!r} holds no evaluation record (a JSON object); restore it from the original folder")
-    return record
-
-
-def latest_evaluation(record: dict | None) -> dict | None:
-    """The newest entry of ``evaluations`` (analysis.evaluate appends one per run); None if there is none.
-
-    A record that is itself one evaluation (it has ``trials``) is returned as is.
-    """
-    if not record:
-        return None
-    if record.get("trials"):
-        return record
-    evaluations = [e for e in record.get("evaluations") or [] if e.get("trials")]
-    return evaluations[-1] if evaluations else None
-
-
-def best_evaluated(evaluation: dict | None) -> dict | None:
-    """The evaluated trial that ranked first on validation (``rank`` 1)."""
-    trials = (evaluation or {}).get("trials") or []
-    if not trials:
-        return None
-    return sorted(trials, key=lambda t: t.get("rank", 0))[0]
+    """``RUN_DIR/<split>_evaluation.json`` (``analysis.records.read_evaluations``)."""
+    return read_evaluations(run.path, split)
 
 
 def confusion_from(entry: dict) -> tuple[np.ndarray, list[str]] | None:
@@ -429,18 +367,18 @@ def confusion_from(entry: dict) -> tuple[np.ndarray, list[str]] | None:
 
 
 def confusion_plot(run: Run, out_dir: Path, evaluation: dict | None = None) -> Plot:
-    title = "Confusion matrix of the best trial on the held-out test split"
+    title = "Confusion matrix of the final model at its shipped decision, on the held-out test split"
     evaluation = latest_evaluation(evaluation if evaluation is not None else read_test_evaluation(run))
     if evaluation is None:
         return Plot("confusion_test", title, None,
-                    f"not run yet: python -m analysis.evaluate {run.path} (or add --evaluate to analysis.report)")
-    entry = best_evaluated(evaluation)
+                    "not run yet: python -m analysis.evaluate RUN_DIR (or add --evaluate to analysis.report)")
+    entry = final_evaluated(evaluation) or best_evaluated(evaluation)
     found = confusion_from(entry) if entry else None
     if found is None:
         return Plot("confusion_test", title, None, "skipped: test_evaluation.json holds no confusion matrix")
     matrix, classes = found
     size = max(3.5, 0.6 * len(classes) + 2.5)
-    fig = _figure((size + 0.8, size))
+    fig = figure((size + 0.8, size))
     ax = fig.add_subplot()
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
@@ -454,12 +392,12 @@ def confusion_plot(run: Run, out_dir: Path, evaluation: dict | None = None) -> P
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(image, ax=ax, label="share of the true class")
-    name = entry.get("trial_name", "best trial")
+    name = entry.get("label") or entry.get("trial_name", "best trial")
     split = evaluation.get("split", "test")
     ax.set_title(f"{name} on {split}", fontsize=10)
-    return Plot("confusion_test", title, _save(fig, out_dir, "confusion_test"),
-                f"{name} (best on validation), {int(matrix.sum())} {split} images; rows are the true class "
-                "(count and share of the row)")
+    return Plot("confusion_test", title, save(fig, out_dir, "confusion_test"),
+                f"{name} at the decision it ships with ({evaluation.get('decision') or 'its decision rule'}), "
+                f"{int(matrix.sum())} {split} images; rows are the true class (count and share of the row)")
 
 
 # ---------------------------------------------------------------- search efficiency
@@ -469,7 +407,7 @@ def best_so_far_plot(run: Run, out_dir: Path) -> Plot:
     curve = best_so_far(run)
     if curve["best_so_far"].notna().sum() == 0:
         return Plot("best_so_far", title, None, "skipped: no trial has a score yet")
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     minutes = curve["cumulative_s"] / 60.0
     score = curve[run.score_column]
@@ -488,7 +426,7 @@ def best_so_far_plot(run: Run, out_dir: Path) -> Plot:
     ax.set_title(title, fontsize=10)
     note = (f"{budget['epochs_run']} of {budget['full_epochs']} epochs run ({budget['trials']} trials x "
             f"{budget['max_epochs']}); ASHA saved {budget['saved_by_asha']} epochs; trials in {order_note(how)}")
-    return Plot("best_so_far", title, _save(fig, out_dir, "best_so_far"), note)
+    return Plot("best_so_far", title, save(fig, out_dir, "best_so_far"), note)
 
 
 # ---------------------------------------------------------------- all of them
@@ -516,7 +454,7 @@ def reliability_plot(curves: dict[str, dict], out_dir: Path, *, name: str = "rel
     the images per bin below. Empty bins are left out."""
     if not curves:
         return Plot(name, title, None, "skipped: no predictions to draw")
-    fig = _figure((6.0, 6.0))
+    fig = figure((6.0, 6.0))
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     edges = None
@@ -541,4 +479,4 @@ def reliability_plot(curves: dict[str, dict], out_dir: Path, *, name: str = "rel
     bottom.set_xlabel(f"confidence (top-label probability), {len(edges) - 1} equal-width bins")
     bottom.set_ylabel("images")
     bottom.grid(alpha=0.3)
-    return Plot(name, title, _save(fig, out_dir, name), note)
+    return Plot(name, title, save(fig, out_dir, name), note)

@@ -23,17 +23,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ResultsFolderError", "ChosenTrial", "Decision", "read_record", "read_study", "read_table",
-           "read_leaderboard", "has_checkpoint", "ranked_trials", "choose_trial", "trial_from_row", "locate_checkpoint",
-           "load_trial_model", "read_class_names", "read_decision"]
+from analysis.errors import ResultsFolderError
+from analysis.files import LEADERBOARD, SPLITS, STUDY_JSON
 
-STUDY_JSON, LEADERBOARD, SPLITS = "study.json", "leaderboard.parquet", "splits.parquet"
+__all__ = ["ResultsFolderError", "ChosenTrial", "read_record", "read_study", "read_table",
+           "read_leaderboard", "has_checkpoint", "ranked_trials", "choose_trial", "trial_from_row", "locate_checkpoint",
+           "load_trial_model", "read_class_names"]
+
 DEFAULT_METRIC, DEFAULT_MODE = "val_balanced_accuracy", "max"
 _DAMAGED = "was it cut short (a crash, a full disk, an interrupted copy)? Restore it from the original folder"
-
-
-class ResultsFolderError(ValueError):
-    """The folder is not a results folder, a file in it is damaged, or it lacks what was asked for."""
 
 
 @dataclass(frozen=True)
@@ -259,86 +257,6 @@ def read_class_names(checkpoint: Path, run_dir: Path, study: dict) -> list[str]:
         return [str(c) for c in classes]
     raise ResultsFolderError(f"cannot tell the class names: {str(Path(checkpoint) / 'trial.json')!r} and "
                              f"{str(splits)!r} are missing or unreadable")
-
-
-# --------------------------------------------------------------------------
-# calibration and threshold (final_model.json)
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    """How probabilities are calibrated and turned into a class, and where that came from."""
-
-    temperature: float | None  # None: the model's own probabilities
-    threshold: float | None  # None: the argmax
-    positive: int | None  # the class the threshold is for
-    notes: tuple[str, ...] = ()
-
-    def calibrate(self, probs):
-        """``probs`` with the temperature applied (rows of unreadable images stay NaN)."""
-        if self.temperature is None:
-            return probs
-        import numpy as np
-
-        from analysis.calibration import apply_temperature
-
-        out = np.array(probs, dtype=np.float64)
-        good = ~np.isnan(out).any(axis=1)
-        out[good] = apply_temperature(out[good], self.temperature)
-        return out
-
-    def classes(self, probs):
-        """Class index per row: the positive class at or above the threshold, else the argmax."""
-        if self.threshold is None:
-            return probs.argmax(axis=1)
-        from analysis.operating_point import decide
-
-        return decide(probs, self.positive, self.threshold)
-
-
-def read_decision(run_dir: Path, study: dict, trial: str, class_names: list[str], threshold: float | None) -> Decision:
-    """The temperature and threshold ``analysis.evaluate`` fitted on validation for ``trial`` alone
-    (``final_model.json``), with ``threshold`` (``--threshold``) replacing the stored threshold."""
-    from analysis.calibration import FINAL_MODEL, CalibrationError, read_final_model, trial_calibration
-
-    try:
-        record = read_final_model(run_dir)
-        fitted = trial_calibration(record, trial, class_names)
-    except CalibrationError as exc:
-        raise ResultsFolderError(str(exc)) from None
-    notes = []
-    if record is None:
-        notes.append(f"uncalibrated: no {FINAL_MODEL} in the results folder (python -m analysis.evaluate "
-                     f"{run_dir} fits a temperature and a threshold on validation)")
-    elif fitted is None:
-        notes.append(f"uncalibrated: {FINAL_MODEL} fitted nothing for {trial} (it covers "
-                     f"{', '.join(record['per_trial']) or 'no trial'})")
-    elif record.get("trials") != [trial] or record.get("tta"):
-        notes.append(f"{FINAL_MODEL}'s final model is {record.get('model')!r}; this prediction uses {trial} alone, "
-                     "with the temperature and threshold fitted on validation for it")
-    temperature = None if fitted is None else fitted["temperature"]
-    stored = (fitted or {}).get("threshold")
-    positive = None
-    if threshold is not None:
-        name = (stored or {}).get("class") or (record or {}).get("positive_class") or (
-            study.get("dataset", {}).get("positive_class") if len(class_names) == 2 else None)
-        if name is None and len(class_names) == 2:
-            name = class_names[-1]
-        if name not in class_names:
-            raise ResultsFolderError(f"--threshold {threshold}: no positive class to apply it to among the "
-                                     f"{len(class_names)} classes {class_names}; run python -m analysis.evaluate "
-                                     f"{run_dir} --positive-class NAME first, which records one")
-        positive = class_names.index(name)
-        notes.append(f"threshold {threshold} from --threshold" + (
-            f" (replaces {stored['value']:.4f} of {FINAL_MODEL})" if stored else ""))
-    elif stored is not None:
-        if stored.get("class") not in class_names:
-            raise ResultsFolderError(f"{FINAL_MODEL}: per_trial.{trial}.threshold.class is {stored.get('class')!r}, "
-                                     f"not one of {class_names}; run python -m analysis.evaluate again to rewrite it")
-        threshold, positive = float(stored["value"]), class_names.index(stored["class"])
-        notes.append(f"threshold {threshold:.4f} from {FINAL_MODEL} ({stored.get('rule')})")
-    return Decision(temperature, threshold, positive, tuple(notes))
 
 
 def _names(rows) -> str:

@@ -5,7 +5,9 @@ What ``search.run_study`` returns, and what a notebook opens later:
     results = load_results("runs/quickstart")
     results.leaderboard        # pandas DataFrame, best first
     results.best_trial         # name, config, metrics, checkpoint of the best trial
-    model = results.load_model()
+    results.final_model        # the model the study ships (analysis.final_model.FinalModel)
+    results.predict(["img.jpg"])   # its calibrated probabilities and decisions
+    model = results.load_model()   # the same model as one Keras graph
 
 "The best trial" is ``analysis.reader``'s rule, which ``search.predict``,
 ``analysis.evaluate``, ``analysis.export`` and the report use too: the best
@@ -24,6 +26,12 @@ import math
 from pathlib import Path
 
 import pandas as pd
+
+from analysis.files import FINAL_MODEL
+from analysis.final_model import FinalModel, Prediction, load_final_model
+from analysis.reader import choose_trial, read_record, read_study, read_table
+from analysis.tables import hyperparameter_columns
+from trainables.hparams import HPARAM_NAMES
 
 __all__ = ["Results", "TrialRecord", "load_results"]
 
@@ -47,6 +55,7 @@ class Results:
     path: Path
     record: dict  # study.json
     leaderboard: pd.DataFrame
+    _final: tuple | None = dataclasses.field(default=None, repr=False)  # (final_model.json's mtime, its model)
 
     @property
     def study(self) -> dict:
@@ -68,8 +77,6 @@ class Results:
 
     def trial(self, name: str | None) -> TrialRecord:
         """Trial ``name`` (its ``trial_name``), or the best one with a checkpoint."""
-        from analysis.reader import choose_trial
-
         chosen = choose_trial(self.path, self.study, name)
         row = self.leaderboard[self.leaderboard["trial_name"] == chosen.name].iloc[0]
         return TrialRecord(name=chosen.name, config=_config(row, self.leaderboard, self._recorded(chosen.checkpoint)),
@@ -89,19 +96,29 @@ class Results:
             return {}
         return hparams if isinstance(hparams, dict) else {}
 
+    @property
+    def final_model(self) -> FinalModel:
+        """The model the study ships: ``final_model.json`` (fitted on validation by ``analysis.evaluate``), else
+        the best trial, uncalibrated (``FinalModel.provenance`` says which)."""
+        record = self.path / FINAL_MODEL  # analysis.evaluate may have written a new one since
+        stamp = record.stat().st_mtime_ns if record.is_file() else None
+        if self._final is None or self._final[0] != stamp:
+            self._final = (stamp, load_final_model(self.path))
+        return self._final[1]
+
+    def predict(self, paths, batch_size: int = 64) -> Prediction:
+        """The final model on image files: calibrated ``probabilities`` (N, classes), ``decisions`` (class indices
+        under the shipped decision rule) and ``labels``, exactly what ``search.predict`` writes."""
+        return self.final_model.predict_paths(paths if isinstance(paths, (list, tuple)) else [paths], batch_size)
 
     def load_model(self, trial: str | None = None):
-        """The Keras classifier of the best trial (or of ``trial``): raw RGB in [0, 255] -> probabilities."""
-        from analysis.reader import choose_trial, load_trial_model
-
-        model, _, _ = load_trial_model(choose_trial(self.path, self.study, trial), self.path, self.study)
-        return model
+        """The final model (or trial ``trial`` alone, with what was fitted for it) as one Keras model: raw RGB
+        in [0, 255] -> probabilities, calibrated where a temperature was fitted, ensemble and views inside."""
+        return (self.final_model if trial is None else load_final_model(self.path, trial=trial)).keras_model()
 
 
 def load_results(folder: str | Path) -> Results:
     """The results folder ``folder`` (``STORAGE/<study name>``), finished or not."""
-    from analysis.reader import read_record, read_study, read_table
-
     path = Path(folder).expanduser().resolve()
     read_study(path)  # names what is missing or broken
     return Results(path=path, record=read_record(path), leaderboard=read_table(path / "leaderboard.parquet"))
@@ -118,9 +135,6 @@ def _config(row: pd.Series, board: pd.DataFrame, recorded: dict) -> dict:
     '40', and an int column with a missing value reads back 128.0. Without a record, the row's value
     is mended for the whole-number hyperparameters.
     """
-    from analysis.tables import hyperparameter_columns
-    from trainables.hparams import HPARAM_NAMES
-
     names = [k for k in hyperparameter_columns(board) if k in HPARAM_NAMES and not _missing(row[k])]
     return {k: recorded[k] if k in recorded else _whole(k, _plain(row[k])) for k in names}
 

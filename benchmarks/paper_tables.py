@@ -411,7 +411,7 @@ def validation_metrics(folder: Path, members: list[str], tta: str | None) -> dic
     import numpy as np
     import pandas as pd
 
-    from analysis.evaluate import bootstrap_ci, point_metrics
+    from analysis.bootstrap import bootstrap_ci, point_metrics
 
     path = folder / "val_predictions_cache.parquet"
     if not path.is_file():

@@ -19,6 +19,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from search.argtypes import non_empty, non_negative_float, non_negative_int, positive_float, positive_int
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 the legacy reporter stays quiet; ProgressPrinter speaks
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # we checkpoint only on improvement
@@ -35,21 +37,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Example: python -m search.run spaces/quickstart.py --num-samples 8",
     )
     parser.add_argument("study_file", help="a study file, e.g. spaces/quickstart.py")
-    parser.add_argument("--num-samples", type=_positive_int, help="number of trials (overrides the study)")
-    parser.add_argument("--max-epochs", type=_positive_int, help="epochs per trial at most (overrides the study)")
-    parser.add_argument("--storage", type=_non_empty, default="runs",
+    parser.add_argument("--num-samples", type=positive_int, help="number of trials (overrides the study)")
+    parser.add_argument("--max-epochs", type=positive_int, help="epochs per trial at most (overrides the study)")
+    parser.add_argument("--storage", type=non_empty, default="runs",
                         help="results folder; one subfolder per study (default: ./runs)")
-    parser.add_argument("--address", type=_non_empty,
+    parser.add_argument("--address", type=non_empty,
                         help="an existing Ray cluster, e.g. 'auto' or 'ray://head:10001' (default: start local Ray)")
-    parser.add_argument("--data-dir", type=_non_empty, help="dataset location (overrides the study's dataset path)")
-    parser.add_argument("--weights-dir", type=_non_empty,
+    parser.add_argument("--data-dir", type=non_empty, help="dataset location (overrides the study's dataset path)")
+    parser.add_argument("--weights-dir", type=non_empty,
                         help="folder of official Keras ImageNet weight files, for offline machines")
-    parser.add_argument("--seed", type=_non_negative_int, help="seed for the sampler and trials (overrides the study)")
-    parser.add_argument("--cpus-per-trial", type=_positive_float, help="CPUs each trial reserves (overrides the study)")
-    parser.add_argument("--gpus-per-trial", type=_non_negative_float,
+    parser.add_argument("--seed", type=non_negative_int, help="seed for the sampler and trials (overrides the study)")
+    parser.add_argument("--cpus-per-trial", type=positive_float, help="CPUs each trial reserves (overrides the study)")
+    parser.add_argument("--gpus-per-trial", type=non_negative_float,
                         help="GPUs each trial reserves, e.g. 0.25 or 0 for CPU only (overrides the study)")
-    parser.add_argument("--max-concurrent", type=_positive_int, help="trials running at once (overrides the study)")
-    parser.add_argument("--cv-folds", type=_positive_int, metavar="K",
+    parser.add_argument("--max-concurrent", type=positive_int, help="trials running at once (overrides the study)")
+    parser.add_argument("--cv-folds", type=positive_int, metavar="K",
                         help="select by K-fold cross-validation on train+val: each trial trains K models and reports "
                         "their mean; 1 = one validation split (overrides the study)")
     parser.add_argument("--no-activation-cache", dest="activation_cache", action="store_false", default=None,
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-near-duplicates", dest="near_duplicates", action="store_false", default=None,
                         help="skip the leakage audit (near-duplicate images across splits), which runs before "
                         "every study: a forward pass of efficientnet_lite0 over the images, once per image set")
-    parser.add_argument("--name", type=_non_empty, help="results folder name under --storage (default: the study's name; "
+    parser.add_argument("--name", type=non_empty, help="results folder name under --storage (default: the study's name; "
                         "a completed study there gets a numbered new folder, NAME-2, NAME-3, ...)")
     parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
     parser.add_argument("--force", action="store_true", help="with --resume: resume even if the study file changed")
@@ -65,53 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="leave unreadable images out (they are counted and listed) instead of stopping")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the trials' own logs")
-    parser.add_argument("--mlflow-uri", type=_non_empty, metavar="URI",
+    parser.add_argument("--mlflow-uri", type=non_empty, metavar="URI",
                         help="also log each trial as an MLflow run there, e.g. file:///path/mlruns, sqlite:///mlflow.db "
                         "or http://host:5000 (needs: pip install 'medsearch[mlflow]')")
     return parser.parse_args(argv)
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):  # float() reads "nan" and "inf"; neither is a resource request
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
-
-
-def _non_empty(text: str) -> str:
-    """A path or address: an empty one would silently mean the current folder, or no flag at all."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}; leave the flag out for its default")
-    return text
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return value
 
 
 # Flags that define the search. Recorded in study.json when a study starts and re-applied by --resume;

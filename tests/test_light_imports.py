@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("tensorflow", "keras", "ray")
 # Printed last by every case: the heavy top-level packages the interpreter loaded.
 _REPORT = f"\nimport sys\nprint('HEAVY', sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
-CLIS = ("search.run", "search.predict", "search.weights",
+CLIS = ("search.run", "search.predict", "analysis.predict", "search.weights",
         "analysis.report", "analysis.evaluate", "analysis.export", "analysis.leaderboard", "search.cli")
 
 

@@ -49,3 +49,30 @@ def with_temperature(model: keras.Model, temperature: float) -> keras.Model:
     inputs = keras.Input(shape=model.input_shape[1:], name="image", dtype="float32")
     outputs = TemperatureScaling(temperature, name="temperature_scaling", dtype="float32")(model(inputs))
     return keras.Model(inputs, outputs, name=f"{model.name}_calibrated")
+
+
+@keras.saving.register_keras_serializable(package="trainables")
+class DihedralView(keras.layers.Layer):
+    """One symmetry of the square, on a batch (N, H, W, C) with H == W: rotated by ``turns`` x 90 degrees
+    (``numpy.rot90(x, turns, axes=(1, 2))``), then mirrored left-right when ``mirror``. Test-time augmentation
+    views (``analysis.final_model.tta_views``) as a layer, so an exported graph averages the same views."""
+
+    def __init__(self, turns: int = 0, mirror: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.turns, self.mirror = int(turns) % 4, bool(mirror)
+
+    def call(self, images):
+        x = images
+        if self.turns == 1:  # numpy.rot90, k = 1: flip the second axis, then swap the two
+            x = ops.transpose(ops.flip(x, axis=2), (0, 2, 1, 3))
+        elif self.turns == 2:
+            x = ops.flip(ops.flip(x, axis=1), axis=2)
+        elif self.turns == 3:  # k = 3: swap, then flip the second axis
+            x = ops.flip(ops.transpose(x, (0, 2, 1, 3)), axis=2)
+        return ops.flip(x, axis=2) if self.mirror else x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "turns": self.turns, "mirror": self.mirror}

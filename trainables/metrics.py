@@ -24,8 +24,12 @@ def is_better(value: float | None, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-def classification_metrics(y_true, probs, class_names: list[str], *, positive: int | None = None) -> dict[str, float]:
+def classification_metrics(y_true, probs, class_names: list[str], *, positive: int | None = None,
+                           predicted=None) -> dict[str, float]:
     """Loss, accuracy, balanced accuracy, macro F1, AUC and per-class recall.
+
+    The decision metrics are at ``predicted`` (class indices; default the argmax
+    of ``probs``); loss and AUC are from ``probs``.
 
     AUC is the positive class's ROC AUC for two classes (``positive`` defaults
     to the last class), else one-vs-rest macro AUC. It is NaN when ``y_true``
@@ -36,7 +40,7 @@ def classification_metrics(y_true, probs, class_names: list[str], *, positive: i
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
     labels = list(range(len(class_names)))
-    y_pred = probs.argmax(axis=1)
+    y_pred = probs.argmax(axis=1) if predicted is None else np.asarray(predicted, dtype=int)
     eps = 1e-7
     out = {
         "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0)))),

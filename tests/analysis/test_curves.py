@@ -44,7 +44,7 @@ def test_the_band_contains_the_curve_and_the_areas_are_scikit_learns():
 
 def test_the_band_uses_the_evaluations_own_resamples():
     """Same seed, same resamples: the AUC interval equals analysis.evaluate's for the same predictions."""
-    from analysis.evaluate import bootstrap_ci
+    from analysis.bootstrap import bootstrap_ci
 
     y, probs = _predictions(n=120, seed=5)
     c = C.class_curves(y == 1, probs[:, 1], n_boot=400, seed=11)
@@ -112,15 +112,18 @@ def test_a_class_without_positives_is_a_named_error():
 
 
 def _evaluated_folder(tmp_path, temperature=2.0, threshold=0.6):
-    """A synthetic folder with what analysis.evaluate writes for the final model: predictions and the record."""
+    """A synthetic folder with what analysis.evaluate writes for the final model: predictions (calibrated, as the
+    model ships them) and the record."""
+    from analysis.calibration import apply_temperature
     from analysis.operating_point import binary_at
 
     folder = make_run_dir(tmp_path)
     y, probs = _predictions(n=80, seed=7)
+    shipped = apply_temperature(probs, temperature)
     rows = pd.DataFrame({"trial": "trial_004_mobilenet_v2", "path": [f"x/{i}.png" for i in range(80)],
                          "label": np.array(["benign", "malignant"])[y], "label_index": y,
-                         "predicted": np.array(["benign", "malignant"])[probs.argmax(axis=1)],
-                         "prob_benign": probs[:, 0], "prob_malignant": probs[:, 1]})
+                         "predicted": np.array(["benign", "malignant"])[(shipped[:, 1] >= threshold).astype(int)],
+                         "prob_benign": shipped[:, 0], "prob_malignant": shipped[:, 1]})
     other = rows.assign(trial="trial_001_mobilenet_v2", prob_benign=0.5, prob_malignant=0.5)
     pd.concat([other, rows]).to_parquet(folder / "test_predictions.parquet", index=False)
     final = {"model": "trial_004_mobilenet_v2", "models": [{

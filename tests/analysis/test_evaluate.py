@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from analysis.evaluate import (EvaluateError, _weighted_metrics, bootstrap_ci, decode_split, evaluate_top_k,
-                               log_test_use, main, point_metrics, read_split)
+from analysis.bootstrap import _weighted_metrics, bootstrap_ci, point_metrics
+from analysis.evaluate import EvaluateError, evaluate_top_k, main
+from analysis.splits import decode_split, image_names, log_test_use, read_split
 
 CLASSES = ["benign", "malignant"]
 
@@ -55,9 +56,13 @@ def test_top_k_are_chosen_by_validation_and_every_test_image_is_predicted(evalua
     splits = pd.read_parquet(folder / "splits.parquet")
     test_paths = splits.loc[splits["split"] == "test", "path"].tolist()
     predictions = pd.read_parquet(folder / "test_predictions.parquet")
-    assert list(predictions.columns) == ["trial", "path", "label", "label_index", "predicted", *(f"prob_{c}" for c in CLASSES)]
+    assert list(predictions.columns) == ["trial", "members", "tta", "temperature", "threshold", "positive_class",
+                                         "final", "path", "label", "label_index", "predicted",
+                                         *(f"prob_{c}" for c in CLASSES)]
+    names = image_names(folder, test_paths)  # relative to the dataset's root: the folder names no place
+    assert not any(Path(n).is_absolute() for n in names) and len(set(names)) == len(names)
     for name, rows in predictions.groupby("trial"):
-        assert rows["path"].tolist() == test_paths
+        assert rows["path"].tolist() == names
         assert np.allclose(rows[[f"prob_{c}" for c in CLASSES]].sum(axis=1), 1.0, atol=1e-5)
     assert (table["n"] == len(test_paths)).all() and (table["split"] == "test").all()
 
@@ -69,7 +74,9 @@ def test_metrics_equal_sklearn_on_the_saved_predictions(evaluated):
     for _, ours in table.iterrows():
         rows = predictions[predictions["trial"] == ours["trial_name"]]
         y, probs = rows["label_index"].to_numpy(), rows[[f"prob_{c}" for c in CLASSES]].to_numpy()
-        y_pred = probs.argmax(axis=1)
+        # metrics at the decision the model ships with: its (calibrated) probabilities and its threshold
+        threshold = rows["threshold"].iloc[0]
+        y_pred = (probs[:, 1] >= threshold).astype(int) if not np.isnan(threshold) else probs.argmax(axis=1)
         assert (rows["predicted"] == [CLASSES[i] for i in y_pred]).all()
         expected = {
             "accuracy": skm.accuracy_score(y, y_pred),
@@ -194,7 +201,7 @@ def test_each_resample_scores_exactly_like_classification_metrics(k):
     picks.append(np.flatnonzero(y != 0)[:10].repeat(2))  # class 0 absent: no AUC, balanced accuracy without it
     picks.append(np.flatnonzero(probs.argmax(axis=1) == 0)[:12])  # one predicted class only: zero divisions
     counts = np.stack([np.bincount(p, minlength=40) for p in picks])
-    bulk = _weighted_metrics(y, probs, counts, names, positive=None)
+    bulk = _weighted_metrics(y, probs, probs.argmax(axis=1), counts, names, positive=None)
     for r, p in enumerate(picks):
         with np.errstate(all="ignore"):
             expected = point_metrics(y[p], probs[p], names, positive=None)
@@ -321,10 +328,10 @@ def val_probs(folder: Path, trial: str, tta: str = "none") -> tuple[np.ndarray, 
 
 def test_validation_predictions_are_recomputed_exactly_as_the_trials_scored_them(final_stage):
     folder, _, notes = final_stage
-    val_paths = pd.read_parquet(folder / "splits.parquet").query("split == 'val'")["path"].tolist()
+    val_paths = image_names(folder, pd.read_parquet(folder / "splits.parquet").query("split == 'val'")["path"])
     cached = pd.read_parquet(folder / "val_predictions_cache.parquet")
-    assert list(cached.columns) == ["trial", "path", "label", "label_index", "predicted",
-                                    *(f"prob_{c}" for c in CLASSES), "tta", "checkpoint"]
+    assert list(cached.columns) == ["trial", "path", "label", "label_index", *(f"prob_{c}" for c in CLASSES), "tta",
+                                    "checkpoint"]
     board = pd.read_parquet(folder / "leaderboard.parquet").set_index("trial_name")
     from trainables.metrics import classification_metrics
 
@@ -416,9 +423,13 @@ def test_the_final_models_are_scored_beside_the_single_best_with_intervals(final
     assert len(record["test_split_log"]) == 1 and record["test_split_log"][0]["trials"] == top2  # read once
 
     predictions = pd.read_parquet(folder / "test_predictions.parquet")
-    probs = {name: rows[[f"prob_{c}" for c in CLASSES]].to_numpy() for name, rows in predictions.groupby("trial")}
+    # each model's rows hold what it ships: calibrated by its own temperature; softmax(log p / T) undone by 1 / T
+    shipped = {name: rows[[f"prob_{c}" for c in CLASSES]].to_numpy() for name, rows in predictions.groupby("trial")}
+    called = {name: rows["predicted"].map(CLASSES.index).to_numpy() for name, rows in predictions.groupby("trial")}
+    temperature = {name: rows["temperature"].iloc[0] for name, rows in predictions.groupby("trial")}
+    probs = {name: apply_temperature(p, 1 / temperature[name]) for name, p in shipped.items()}
     y = predictions.loc[predictions["trial"] == top2[0], "label_index"].to_numpy()
-    np.testing.assert_allclose(probs["ensemble of top 2"], (probs[top2[0]] + probs[top2[1]]) / 2, atol=1e-12)
+    np.testing.assert_allclose(probs["ensemble of top 2"], (probs[top2[0]] + probs[top2[1]]) / 2, atol=1e-9)
     # TTA: the mean over the image and its three mirror images, straight from the checkpoint
     model = load_classifier(folder / evaluation["trials"][0]["checkpoint"])
     images = decode_split(read_split(folder, "test"), model.input_shape[1])
@@ -429,13 +440,16 @@ def test_the_final_models_are_scored_beside_the_single_best_with_intervals(final
 
     for m in final["models"]:
         p = probs[m["label"]]
-        assert m["metrics"]["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p.argmax(axis=1)))
+        # the metrics are at the shipped decision: the stored threshold on the calibrated probabilities
+        assert (called[m["label"]] == (shipped[m["label"]][:, 1] >= m["operating_point"]["value"])).all()
+        assert m["metrics"]["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, called[m["label"]]))
         for name, value in m["metrics"].items():
             low, high = m["ci"][name]
             assert low is None or low - 1e-9 <= value <= high + 1e-9, (m["label"], name)
         c = m["calibration"]
         calibrated = apply_temperature(p, c["temperature"])
         assert c["before"] == pytest.approx(calibration_scores(p, y)) and c["after"] == pytest.approx(calibration_scores(calibrated, y))
+        np.testing.assert_allclose(calibrated, shipped[m["label"]], atol=1e-9)
         op = m["operating_point"]
         assert op["class"] == "malignant" and op["rule"] == "target_sensitivity" and op["validation"]["sensitivity"] >= 0.9
         at = binary_at(y == 1, calibrated[:, 1], op["value"])
@@ -469,7 +483,7 @@ def test_search_predict_applies_what_the_evaluation_fitted(final_stage, tmp_path
     """Through the real chain: search.predict on copies of the validation images gives the stored temperature
     applied to the validation predictions, and the stored threshold's decisions."""
     from analysis.calibration import apply_temperature
-    from search.predict import main as predict
+    from analysis.predict import main as predict
 
     folder, _, _ = final_stage
     best = expected_order(folder)[0]
@@ -479,10 +493,11 @@ def test_search_predict_applies_what_the_evaluation_fitted(final_stage, tmp_path
     for i, path in enumerate(val["path"]):
         images.mkdir(exist_ok=True)
         shutil.copy(path, images / f"{i:04d}.png")
-    assert predict([str(folder), str(images), "--out", str(tmp_path / "p.csv")]) == 0
+    assert predict([str(folder), str(images), "--out", str(tmp_path / "p.csv"), "--trial", best]) == 0
     out = capsys.readouterr().out
-    assert f"temperature {stored['temperature']:.4f}, fitted on validation" in out
-    assert f"malignant when its probability is >= {stored['threshold']['value']:.4f}" in out
+    assert f"temperature {stored['temperature']:.4f}" in out
+    assert f"'malignant' when its calibrated probability >= {stored['threshold']['value']:.4f}" in out
+    assert "final model is 'ensemble of top 2 + TTA flips'; this uses " + best + " alone" in out
     table = pd.read_csv(tmp_path / "p.csv").sort_values("file")
     _, raw = val_probs(folder, best)
     expected = apply_temperature(raw, stored["temperature"])
@@ -537,15 +552,20 @@ def test_the_model_card_holds_the_evaluations_numbers(final_stage, tmp_path):
     # The export section states what the exported file outputs and how it decides, from its sidecar.
     (copy / "export").mkdir()
     (copy / "export" / "best.onnx.json").write_text(json.dumps({
-        "format": "onnx", "trial": best_name, "verification": {"split": "test", "ok": True},
+        "format": "onnx", "model": best_name, "trials": [best_name], "tta": None, "verification": {"split": "val", "ok": True},
         "output": "calibrated probabilities softmax(log p / 1.2345)", "decision": "predict 'malignant' when >= 0.4"}))
+    (copy / "export" / "final.onnx.json").write_text(json.dumps({
+        "format": "onnx", "model": final_model["model"], "trials": final_model["trials"], "tta": final_model["tta"],
+        "verification": {"split": "val", "ok": True}}))
     card = build_card(copy)
-    assert f"- best.onnx.json: format onnx, trial {best_name}, verified on test: ok" in card
+    assert (f"- best.onnx.json: format onnx, {best_name} ({best_name}), NOT the final model (exported before the "
+            "last evaluation, or --trial); verified on val: ok") in card
+    assert f"- final.onnx.json: format onnx, {final_model['model']} ({', '.join(final_model['trials'])}), the final model" in card
     assert "  - outputs calibrated probabilities softmax(log p / 1.2345)" in card
     assert "  - decision: predict 'malignant' when >= 0.4" in card
 
     # The leakage audit's figures come from near_duplicates.parquet: plant a cross-split pair and see it stated.
-    from trainables.datasets.near_duplicates import contamination
+    from trainables.near_duplicates import contamination
 
     train, test = (splits.loc[splits["split"] == s, "path"].iloc[0] for s in ("train", "test"))
     planted = pd.DataFrame({"path_a": [train], "path_b": [test], "split_a": ["train"], "split_b": ["test"],
@@ -607,14 +627,14 @@ def test_a_folder_without_checkpoints_is_refused_before_any_work(tmp_path):
     ({"tta": "rotate"}, "--tta must be one of flips, dihedral"),
 ])
 def test_options_that_do_not_fit_the_study_are_named(options, match):
-    from analysis.evaluate import plan_final
+    from analysis.selection import plan_final
 
     with pytest.raises(EvaluateError, match=match):
         plan_final({"dataset": {}}, ["a", "b", "c"], 3, Path("/r"), **options)
 
 
 def test_a_multiclass_study_gets_a_threshold_only_for_a_named_class():
-    from analysis.evaluate import plan_final
+    from analysis.selection import plan_final
 
     assert plan_final({"dataset": {}}, ["a", "b", "c"], 3, Path("/r")).positive is None
     assert plan_final({"dataset": {}}, ["a", "b", "c"], 3, Path("/r"), positive_class="c",
@@ -641,7 +661,7 @@ def test_bad_final_stage_flags_exit_2(argv, message, capsys):
 
 
 def test_auto_picks_the_ensemble_size_that_scores_best_on_validation():
-    from analysis.evaluate import choose_ensemble_size
+    from analysis.selection import choose_ensemble_size
 
     y = np.array([0, 1] * 10)
     right = np.eye(2)[y] * 0.6 + 0.2
@@ -659,7 +679,7 @@ def test_auto_picks_the_ensemble_size_that_scores_best_on_validation():
 
 
 def test_the_final_model_is_the_best_on_validation_only_with_an_auto_option():
-    from analysis.evaluate import FinalPlan, choose_final
+    from analysis.selection import FinalPlan, choose_final
 
     candidates = [("best", ["a"], None), ("ensemble of top 2", ["a", "b"], None), ("best + TTA dihedral", ["a"],
                   "dihedral"), ("ensemble of top 2 + TTA dihedral", ["a", "b"], "dihedral")]
@@ -695,7 +715,7 @@ def test_auto_options_make_the_final_model_the_candidate_best_on_validation(run_
 
 
 def test_tta_views_are_the_symmetries_of_the_square():
-    from analysis.evaluate import tta_views
+    from analysis.final_model import tta_views
 
     image = np.arange(2 * 3 * 3 * 1, dtype=np.float32).reshape(2, 3, 3, 1)  # no symmetry of its own
     for mode, n in (("flips", 4), ("dihedral", 8)):
@@ -709,8 +729,10 @@ def test_tta_views_are_the_symmetries_of_the_square():
 
 def test_a_multiclass_final_model_gets_one_vs_rest_and_a_threshold_for_the_named_class():
     from analysis.calibration import apply_temperature
-    from analysis.evaluate import _jsonable, fit_on_validation, plan_final, score_final
+    from analysis.evaluate import Shipped, score_model
+    from analysis.selection import Candidate, fit_on_validation, plan_final
     from analysis.operating_point import decide, one_vs_rest
+    from analysis.splits import jsonable
 
     names = ["a", "b", "c"]
     y_val, p_val = synthetic(300, k=3, seed=5)
@@ -718,16 +740,18 @@ def test_a_multiclass_final_model_gets_one_vs_rest_and_a_threshold_for_the_named
     plan = plan_final({"dataset": {}}, names, 3, Path("/r"), positive_class="c", target_sensitivity=0.9)
     fitted = fit_on_validation(p_val, y_val, plan)
     assert fitted["threshold"]["validation"]["sensitivity"] >= 0.9
-    record = score_final("m", ["t"], None, fitted, y, p, names, plan, n_boot=200, seed=0, level=0.95,
-                         positive_for_auc=None)
+    shipped = Shipped(Candidate("m", ("t",), None), fitted, p, positive=plan.positive)
+    record = score_model(shipped, y, names, n_boot=200, seed=0, level=0.95, positive_for_auc=None)
     calibrated = apply_temperature(p, fitted["temperature"]["temperature"])
     called = decide(calibrated, 2, fitted["threshold"]["value"])
     assert record["operating_point"]["class"] == "c"
     assert record["confusion_matrix"] == skm.confusion_matrix(y, called, labels=[0, 1, 2]).tolist()
     assert record["operating_point"]["at_threshold"]["sensitivity"] == pytest.approx((called[y == 2] == 2).mean())
-    expected = one_vs_rest(y, calibrated.argmax(axis=1), names)
+    assert record["metrics"]["recall_c"] == pytest.approx((called[y == 2] == 2).mean())  # at the shipped decision
+    assert record["confusion_matrix_argmax"] == skm.confusion_matrix(y, calibrated.argmax(axis=1), labels=[0, 1, 2]).tolist()
+    expected = one_vs_rest(y, called, names)
     for c in names:
         assert record["one_vs_rest"][c]["sensitivity"] == pytest.approx(expected[c]["sensitivity"])
         low, high = record["one_vs_rest"][c]["ci"]["specificity"]
         assert low <= record["one_vs_rest"][c]["specificity"] <= high
-    json.dumps(_jsonable(record), allow_nan=False)  # what test_evaluation.json stores
+    json.dumps(jsonable(record), allow_nan=False)  # what test_evaluation.json stores

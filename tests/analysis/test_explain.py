@@ -262,7 +262,9 @@ def evaluated_run(folder: Path, *, evaluated: bool = True) -> Path:
         wrong = np.arange(len(test)) % 3 == 0
         predicted = [P.CLASSES[1 - k] if w else P.CLASSES[k] for k, w in zip(test["label_index"], wrong)]
         p = np.where(wrong, 0.3, 0.8)
-        pd.DataFrame({"trial": "trial_000_cnn_s3", "path": test["path"], "label": test["label"],
+        # paths as analysis.evaluate writes them: relative to the dataset's root (the folder stays sealed)
+        pd.DataFrame({"trial": "trial_000_cnn_s3", "path": [f"{label}/{Path(p).name}" for label, p in
+                                                            zip(test["label"], test["path"])], "label": test["label"],
                       "label_index": test["label_index"], "predicted": predicted,
                       "prob_benign": np.where(test["label_index"] == 0, p, 1 - p),
                       "prob_malignant": np.where(test["label_index"] == 1, p, 1 - p)}
@@ -275,19 +277,20 @@ def evaluated_run(folder: Path, *, evaluated: bool = True) -> Path:
 
 
 def test_the_panel_is_a_seeded_sample_of_correct_and_wrong_test_images(tmp_path, monkeypatch):
-    from analysis import evaluate
-    from analysis.plots import latest_evaluation, read_test_evaluation
+    from analysis import explain
+    from analysis.plots import read_test_evaluation
+    from analysis.records import latest_evaluation
     from analysis.tables import load_run
 
     run_dir = evaluated_run(tmp_path)
     decoded = []
-    real = evaluate.decode_split
+    real = explain.decode_split
 
     def decode_split(rows, size):
         decoded.append(list(rows["path"]))
         return real(rows, size)
 
-    monkeypatch.setattr(evaluate, "decode_split", decode_split)
+    monkeypatch.setattr(explain, "decode_split", decode_split)
     run = load_run(run_dir)
     section = explain_section(run, latest_evaluation(read_test_evaluation(run)))
     assert section.title == "Where the model looks"
@@ -307,14 +310,15 @@ def test_the_panel_is_a_seeded_sample_of_correct_and_wrong_test_images(tmp_path,
 
 
 def test_without_a_test_evaluation_no_test_image_is_read(tmp_path, monkeypatch):
-    from analysis import evaluate
-    from analysis.plots import latest_evaluation, read_test_evaluation
+    from analysis import explain
+    from analysis.plots import read_test_evaluation
+    from analysis.records import latest_evaluation
     from analysis.tables import load_run
 
     def refuse(rows, size):
         raise AssertionError("the panel read test images before analysis.evaluate ran")
 
-    monkeypatch.setattr(evaluate, "decode_split", refuse)
+    monkeypatch.setattr(explain, "decode_split", refuse)
     run = load_run(evaluated_run(tmp_path, evaluated=False))
     section = explain_section(run, latest_evaluation(read_test_evaluation(run)))
     text = " ".join(block for kind, block in section.blocks if kind == "text")

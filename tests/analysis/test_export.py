@@ -37,7 +37,8 @@ def calibrated_copy(run_dir, tmp_path_factory):
     threshold = float((middle[widest] + middle[widest + 1]) / 2)
     (folder / "final_model.json").write_text(json.dumps({
         "by": "analysis.evaluate", "class_names": ["benign", "malignant"], "positive_class": "malignant",
-        "model": trial.name, "trials": [trial.name], "tta": None, "temperature": TEMPERATURE, "threshold": threshold,
+        "model": trial.name, "trials": [trial.name], "checkpoints": [trial.checkpoint.relative_to(folder).as_posix()],
+        "tta": None, "temperature": TEMPERATURE, "threshold": threshold, "threshold_rule": "target sensitivity 0.95 on validation",
         "per_trial": {trial.name: {"temperature": TEMPERATURE, "threshold": {
             "class": "malignant", "value": threshold, "rule": "target sensitivity 0.95 on validation"}}}}))
     return folder, threshold
@@ -45,7 +46,7 @@ def calibrated_copy(run_dir, tmp_path_factory):
 
 def checkpoint_predictions(folder, split="test"):
     """The best trial's checkpoint on a split (raw probabilities), loaded and decoded the way search.predict does."""
-    from analysis.evaluate import decode_split, read_split
+    from analysis.splits import decode_split, read_split
     from analysis.reader import choose_trial, load_trial_model, read_study
 
     study = read_study(folder)
@@ -57,7 +58,8 @@ def checkpoint_predictions(folder, split="test"):
 
 def test_tflite_export_agrees_with_the_keras_model(run_copy, tmp_path, capsys):
     out = tmp_path / "model.tflite"
-    assert main([str(run_copy), "--format", "tflite", "--out", str(out)]) == 0
+    # an explicit test verification, logged as a read of the test split (the default, val, is not)
+    assert main([str(run_copy), "--format", "tflite", "--out", str(out), "--verify-split", "test"]) == 0
     printed = capsys.readouterr().out
     assert "labels identical" in printed and "max |prob diff|" in printed and printed.rstrip().endswith("OK")
 
@@ -67,10 +69,10 @@ def test_tflite_export_agrees_with_the_keras_model(run_copy, tmp_path, capsys):
     assert np.abs(exported - reference).max() < 1e-3
 
     sidecar = json.loads((tmp_path / "model.tflite.json").read_text())
-    assert sidecar["trial"] == trial.name and sidecar["class_names"] == ["benign", "malignant"]
+    assert sidecar["trials"] == [trial.name] and sidecar["class_names"] == ["benign", "malignant"]
     assert sidecar["verification"]["ok"] and sidecar["verification"]["n"] == len(images)
     assert "run_dir" not in sidecar and str(run_copy) not in json.dumps(sidecar)  # the folder is sealed
-    assert sidecar["checkpoint"] == trial.checkpoint.relative_to(run_copy).as_posix()
+    assert sidecar["checkpoints"] == [trial.checkpoint.relative_to(run_copy).as_posix()]
     log = json.loads((run_copy / "test_evaluation.json").read_text())["test_split_log"]
     assert log[-1]["by"] == "analysis.export" and log[-1]["trials"] == [trial.name] and log[-1]["format"] == "tflite"
 
@@ -124,9 +126,12 @@ def test_verification_needs_identical_labels_and_close_probabilities():
     assert verify_export(reference, reference + 1e-5, split="test", tolerance=1e-4).ok
     assert not verify_export(reference, reference + 2e-4, split="test", tolerance=1e-4).ok
     flipped = reference.copy()
-    flipped[2] = [0.4996, 0.5004]  # within 1e-3, but the label changes
+    flipped[2] = [0.4996, 0.5004]  # within 1e-3, but the label changes: the image sits on the decision boundary
     check = verify_export(reference, flipped, split="test", tolerance=1e-3)
-    assert check == Verification("test", 3, 2, pytest.approx(8e-4), 1e-3) and not check.ok
+    assert check == Verification("test", 3, 2, pytest.approx(8e-4), 1e-3, at_boundary=1) and check.ok
+    assert "1 more on the decision boundary" in check.summary()
+    check = verify_export(reference, flipped, split="test", tolerance=1e-4)  # beyond the tolerance: a mismatch
+    assert check.at_boundary == 0 and not check.ok
 
 
 def test_decision_text_names_the_threshold_class_and_the_other():
@@ -150,16 +155,17 @@ def test_onnx_export_of_the_best_trial_matches_the_checkpoint(run_copy, tmp_path
     assert main([str(run_copy), "--format", "onnx", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.out.rstrip().endswith("OK") and "labels identical" in captured.out
-    assert "no calibration was fitted" in captured.err and "python -m analysis.evaluate" in captured.err
+    assert "no final_model.json in the results folder" in captured.err and "python -m analysis.evaluate" in captured.err
+    assert "verified on the val split" in captured.out  # the default: a numeric check needs no test labels
 
-    trial, _, images, reference = checkpoint_predictions(run_copy)
+    trial, _, images, reference = checkpoint_predictions(run_copy, "val")
     exported = predict_exported(out, "onnx", images)
     assert np.array_equal(exported.argmax(axis=1), reference.argmax(axis=1))
     assert np.abs(exported - reference).max() <= TOLERANCES["onnx"]
 
     sidecar = json.loads((tmp_path / "model.onnx.json").read_text())
     assert sidecar["calibration"] is None and sidecar["temperature"] is None and sidecar["threshold"] is None
-    assert sidecar["trial"] == trial.name and sidecar["class_names"] == ["benign", "malignant"]
+    assert sidecar["trials"] == [trial.name] and sidecar["class_names"] == ["benign", "malignant"]
     assert sidecar["onnx"]["input"] == "image" and sidecar["onnx"]["output"] == "probabilities"
     assert sidecar["verification"]["ok"] and sidecar["verification"]["tolerance"] == TOLERANCES["onnx"]
 
@@ -188,7 +194,7 @@ def test_every_format_exports_the_calibrated_probabilities(calibrated_copy, tmp_
     assert sidecar["calibration"]["source"] == "final_model.json"
     assert sidecar["threshold"] == {"value": threshold, "class": "malignant",
                                     "rule": "target sensitivity 0.95 on validation"}
-    assert sidecar["class_names"] == ["benign", "malignant"] and sidecar["trial"] == trial.name
+    assert sidecar["class_names"] == ["benign", "malignant"] and sidecar["trials"] == [trial.name]
     assert sidecar["decision"] == f"predict 'malignant' when its calibrated probability >= {threshold:.4f}, else 'benign'"
     assert sidecar["verification"]["labels"] == "threshold" and sidecar["verification"]["ok"]
     assert str(folder) not in json.dumps(sidecar)

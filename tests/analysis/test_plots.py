@@ -130,13 +130,13 @@ def test_axis_labels_and_titles_are_words_not_column_names(tmp_path, monkeypatch
     import re
 
     drawn = []
-    real_save = P._save
+    real_save = P.save
 
     def save(fig, out_dir, name):
         drawn.append(fig)
         return real_save(fig, out_dir, name)
 
-    monkeypatch.setattr(P, "_save", save)
+    monkeypatch.setattr(P, "save", save)
     run = T.load_run(make_run_dir(tmp_path))
     P.make_all(run, tmp_path / "out")
     texts = []

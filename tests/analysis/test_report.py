@@ -7,11 +7,11 @@ import json
 import re
 import shutil
 import sys
-import types
 
 import pytest
 
 from analysis import report as R
+from analysis import report_evaluation
 from fixtures.runs import DAMAGES, damage, files_under, make_run_dir, run_with_file_size_limit
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -145,7 +145,7 @@ def test_evaluate_flag_runs_the_test_evaluation_first(tmp_path, monkeypatch):
         calls.append(k)
         _fake_evaluation(run_dir, k=k)
 
-    monkeypatch.setitem(sys.modules, "analysis.evaluate", types.SimpleNamespace(evaluate_top_k=evaluate_top_k))
+    monkeypatch.setattr(R, "evaluate_top_k", evaluate_top_k)
     folder = make_run_dir(tmp_path)
     assert R.main([str(folder), "--evaluate", "--top-k", "2"]) == 0
     assert calls == [2]
@@ -163,7 +163,7 @@ def test_a_failed_evaluation_is_reported_and_the_report_still_written(tmp_path, 
     def evaluate_top_k(run_dir, k=3, n_boot=1000, seed=0):
         raise ValueError("the study's split holds no test images")
 
-    monkeypatch.setitem(sys.modules, "analysis.evaluate", types.SimpleNamespace(evaluate_top_k=evaluate_top_k))
+    monkeypatch.setattr(R, "evaluate_top_k", evaluate_top_k)
     folder = make_run_dir(tmp_path)
     assert R.main([str(folder), "--evaluate"]) == R.EXIT_FAILED
     assert "test evaluation failed" in capsys.readouterr().err
@@ -197,16 +197,16 @@ def test_the_module_runs_from_the_command_line(tmp_path):
 
 
 def _evaluate_without_models(folder, *, temperature=1.5, threshold=0.55, n_boot=200):
-    """What analysis.evaluate writes for a finished run (its schema, its own metric and interval functions), with
-    synthetic probabilities for the run's real test images instead of loading the checkpoints."""
+    """What analysis.evaluate writes for a finished run (its own scoring and record functions), with synthetic
+    probabilities for the run's real test images instead of loading the checkpoints."""
     import numpy as np
     import pandas as pd
-    from sklearn.metrics import classification_report, confusion_matrix
 
     from analysis import tables as T
-    from analysis.calibration import apply_temperature, calibration_scores, reliability_bins
-    from analysis.evaluate import _jsonable, _prediction_rows, bootstrap_ci, point_metrics
-    from analysis.operating_point import binary_at, binary_ci
+    from analysis.evaluate import Shipped, score_model
+    from analysis.selection import Candidate
+    from analysis.operating_point import binary_at
+    from analysis.splits import jsonable
 
     run = T.load_run(folder)
     splits = run.splits
@@ -215,45 +215,37 @@ def _evaluate_without_models(folder, *, temperature=1.5, threshold=0.55, n_boot=
     y = rows["label_index"].to_numpy()
     positive = classes.index("malignant")
     ranked = T.scored(run).head(2)
-    records, predictions = [], []
+    records, predictions, shipped_best = [], [], None
     for rank, (_, trial) in enumerate(ranked.iterrows(), start=1):
         rng = np.random.default_rng(rank)
         logits = rng.normal(size=(len(y), len(classes)))
         logits[np.arange(len(y)), y] += 0.8
         p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        metrics = point_metrics(y, p, classes, positive)
-        ci = bootstrap_ci(y, p, classes, n_boot=n_boot, seed=0, positive=positive)
+        scores = p[:, positive]
+        fitted = {"temperature": {"temperature": temperature, "at_bound": False, "nll_before": 0.5, "nll_after": 0.4},
+                  "threshold": {"value": threshold, "rule": "youden", "target": None,
+                                "validation": binary_at(y == positive, scores, threshold)}}
+        shipped = Shipped(Candidate(trial["trial_name"], (trial["trial_name"],), None), fitted, p, positive=positive)
+        result = score_model(shipped, y, classes, n_boot=n_boot, seed=0, level=0.95, positive_for_auc=positive)
         records.append({"rank": rank, "trial_name": trial["trial_name"], "checkpoint": "x",
-                        run.score_column: trial[run.score_column], "best_epoch": trial["best_epoch"],
-                        "metrics": metrics, "ci": {m: list(v) for m, v in ci.items()},
-                        "classification_report": classification_report(y, p.argmax(1), labels=[0, 1], target_names=classes,
-                                                                       output_dict=True, zero_division=0),
-                        "confusion_matrix": confusion_matrix(y, p.argmax(1), labels=[0, 1]).tolist(),
-                        "class_names": classes})
-        predictions.append(_prediction_rows(trial["trial_name"], rows, y, p, classes))
-        if rank == 1:
-            best_probs = p
-    calibrated = apply_temperature(best_probs, temperature)
-    scores, is_pos = calibrated[:, positive], y == positive
-    model = {"label": records[0]["trial_name"], "trials": [records[0]["trial_name"]], "tta": None,
-             "metrics": records[0]["metrics"], "ci": records[0]["ci"],
-             "calibration": {"temperature": temperature, "validation": {"at_bound": False},
-                             "before": calibration_scores(best_probs, y), "after": calibration_scores(calibrated, y),
-                             "bins_before": reliability_bins(best_probs, y), "bins_after": reliability_bins(calibrated, y)},
-             "operating_point": {"class": "malignant", "value": threshold, "rule": "youden", "target": None,
-                                 "validation": binary_at(is_pos, scores, threshold),
-                                 "at_threshold": binary_at(is_pos, scores, threshold),
-                                 "ci": {m: list(v) for m, v in binary_ci(is_pos, scores, threshold, n_boot=n_boot).items()}},
-             "confusion_matrix": confusion_matrix(y, calibrated.argmax(1), labels=[0, 1]).tolist()}
+                        run.score_column: trial[run.score_column], "best_epoch": trial["best_epoch"], **result})
+        frame = pd.DataFrame({"trial": trial["trial_name"], "final": rank == 1, "path": rows["path"].astype(str),
+                              "label": rows["label"].astype(str), "label_index": y,
+                              "predicted": [classes[i] for i in shipped.decisions]})
+        for i, c in enumerate(classes):
+            frame[f"prob_{c}"] = shipped.probs[:, i]
+        predictions.append(frame)
+        shipped_best = shipped_best or result
     evaluation = {"evaluated_at": "2025-01-02T00:00:01+00:00", "split": "test", "n": len(y), "metric": run.metric,
                   "mode": run.mode, "k": 2, "n_boot": n_boot, "seed": 0, "level": 0.95, "positive_class": "malignant",
-                  "notes": [], "trials": records,
-                  "final": {"model": model["label"], "final_model": "final_model.json", "ensemble": None, "tta": None,
-                            "reliability_plot": None, "fitted_on_evaluated_split": False, "models": [model]}}
+                  "notes": [], "trials": records, "decision": "malignant if its calibrated probability >= threshold",
+                  "final": {"model": shipped_best["label"], "final_model": "final_model.json", "ensemble": None,
+                            "tta": None, "reliability_plot": None, "fitted_on_evaluated_split": False,
+                            "models": [shipped_best]}}
     record = {"test_split_log": [{"test_split_used_at": "2025-01-02T00:00:00+00:00", "by": "analysis.evaluate",
                                   "trials": [r["trial_name"] for r in records], "n_test": len(y)}],
               "evaluations": [evaluation]}
-    (folder / "test_evaluation.json").write_text(json.dumps(_jsonable(record)))
+    (folder / "test_evaluation.json").write_text(json.dumps(jsonable(record)))
     pd.concat(predictions, ignore_index=True).to_parquet(folder / "test_predictions.parquet", index=False)
     (folder / "model_card.md").write_text("# Model card: tiny\n")
     return evaluation
@@ -277,7 +269,7 @@ def test_the_report_of_an_evaluated_run_fits_reads_in_words_and_states_its_resol
         s.text(f"Grad-CAM stub for {evaluation['trials'][0]['trial_name']}")
         return s
 
-    monkeypatch.setitem(sys.modules, "analysis.explain", types.SimpleNamespace(explain_section=explain_section))
+    monkeypatch.setattr(report_evaluation, "explain_section", explain_section)
     evaluation = _evaluate_without_models(real_copy)
     md_path, html_path = R.write_report(real_copy)
     html, md = html_path.read_text(), md_path.read_text()
@@ -325,8 +317,11 @@ def test_the_report_of_an_evaluated_run_fits_reads_in_words_and_states_its_resol
     assert html.count('<a href="model_card.md">model_card.md</a>') == 2 and "[model_card.md](model_card.md)" in md
 
 
-def test_the_grad_cam_place_works_before_analysis_explain_exists(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "analysis.explain", None)  # import fails as for a missing module
+def test_a_failing_grad_cam_panel_is_a_note_and_the_report_is_still_written(tmp_path, monkeypatch):
+    def explain_section(run, evaluation):
+        raise RuntimeError("lost checkpoint")
+
+    monkeypatch.setattr(report_evaluation, "explain_section", explain_section)
     md = R.write_report(make_run_dir(tmp_path))[0].read_text()
     section = md.split("\n## Where the model looks\n", 1)[1].split("\n## ", 1)[0]
-    assert "Not available in this installation" in section
+    assert "Not drawn: RuntimeError: lost checkpoint" in section

@@ -40,7 +40,8 @@ def test_the_leaderboard_records_checkpoints_relative_to_the_folder(run_dir):
 
 def test_a_copy_is_evaluated_with_its_own_models_not_those_where_it_was_made(run_dir, tmp_path):
     """Copy runs/tiny away, run a new study under the old name, evaluate the copy: the copy's models are scored."""
-    from analysis.evaluate import decode_split, evaluate_top_k, read_split
+    from analysis.evaluate import evaluate_top_k
+    from analysis.splits import decode_split, read_split
     from trainables.checkpoint import load_classifier
 
     first = shutil.copytree(run_dir, tmp_path / "runs" / "tiny")
@@ -57,8 +58,11 @@ def test_a_copy_is_evaluated_with_its_own_models_not_those_where_it_was_made(run
     images = decode_split(read_split(copy, "test"), own.input_shape[1])
     expected = own.predict(images, verbose=0)
     assert not np.allclose(load_classifier(first / best).predict(images, verbose=0), expected, atol=1e-4)
-    predicted = pd.read_parquet(copy / "test_predictions.parquet")[[f"prob_{c}" for c in CLASSES]].to_numpy()
-    np.testing.assert_allclose(predicted, expected, atol=1e-6)
+    rows = pd.read_parquet(copy / "test_predictions.parquet")  # calibrated, as the model ships: undo T to compare
+    from analysis.calibration import apply_temperature
+
+    raw = apply_temperature(rows[[f"prob_{c}" for c in CLASSES]].to_numpy(), 1 / rows["temperature"].iloc[0])
+    np.testing.assert_allclose(raw, expected, atol=1e-6)
     record = json.loads((copy / "test_evaluation.json").read_text())["evaluations"][-1]["trials"][0]
     assert record["checkpoint"] == best  # recorded relative to the folder too
 

@@ -11,6 +11,7 @@ import math
 import pandas as pd
 import pytest
 
+from analysis import efficiency as E
 from analysis import tables as T
 from fixtures.runs import CLASSES, MIXED, make_run_dir  # noqa: F401
 
@@ -55,7 +56,7 @@ def test_unfreeze_groups_default_when_the_study_does_not_set_it(run_dir):
 
 def test_asha_budget_on_the_real_study(run_dir):
     run = T.load_run(run_dir)
-    budget = T.asha_budget(run)
+    budget = E.asha_budget(run)
     board = run.board
     assert budget["trials"] == len(board) == 4 and budget["max_epochs"] == 3
     assert budget["epochs_run"] == len(run.epochs) == board["epochs"].sum()
@@ -99,7 +100,7 @@ def test_backbone_by_unfreeze_in_depth_order(mixed):
 
 
 def test_asha_budget_arithmetic(mixed):
-    b = T.asha_budget(mixed)
+    b = E.asha_budget(mixed)
     # epochs run: 4 + 4 + 2 + 1 + 4 + 0 = 15 of 6 trials x 4 epochs = 24
     assert (b["epochs_run"], b["full_epochs"], b["unused_epochs"]) == (15, 24, 9)
     assert b["saved_by_asha"] == (4 - 2) + (4 - 1) == 5
@@ -112,7 +113,7 @@ def test_asha_budget_arithmetic(mixed):
 
 
 def test_best_so_far_against_cumulative_compute(mixed):
-    curve = T.best_so_far(mixed)
+    curve = E.best_so_far(mixed)
     assert curve.attrs["order"] == "trial_number"  # no Ray trial folders here
     assert curve["trial_number"].tolist() == [0, 1, 2, 3, 4, 5]
     assert curve["cumulative_s"].tolist() == pytest.approx([8, 16, 20, 22, 30, 30])
@@ -125,7 +126,7 @@ def test_completion_order_prefers_ray_result_timestamps(tmp_path):
     for name, stamp in [("trial_000_cnn_s3", 50), ("trial_001_mobilenet_v2", 10), ("trial_004_mobilenet_v2", 20)]:
         (run.path / name).mkdir()
         (run.path / name / "result.json").write_text(json.dumps({"timestamp": 1}) + "\n" + json.dumps({"timestamp": stamp}) + "\n")
-    order = T.completion_order(run)
+    order = E.completion_order(run)
     assert order.attrs["order"].startswith("completion")
     assert order["trial_number"].tolist()[:3] == [1, 4, 0]  # timed trials first, by end time; the rest by number
 
@@ -135,7 +136,7 @@ def test_minimise_mode(tmp_path):
     run = T.load_run(make_run_dir(tmp_path, trials, metric="val_loss", mode="min", max_epochs=2))
     table = T.best_per_backbone(run)
     assert table["trial_name"].tolist() == ["trial_000_cnn_s3"] and table["best_val_loss"].iloc[0] == pytest.approx(0.3)
-    assert T.best_so_far(run)["best_so_far"].tolist() == pytest.approx([0.3, 0.3])
+    assert E.best_so_far(run)["best_so_far"].tolist() == pytest.approx([0.3, 0.3])
 
 
 def test_a_study_still_running_is_partial(tmp_path):
@@ -146,7 +147,7 @@ def test_a_study_still_running_is_partial(tmp_path):
     assert state["partial"]
     assert any("2 trial(s) still running" in r for r in state["reasons"])
     assert any("3 of 5 trials" in r for r in state["reasons"])
-    b = T.asha_budget(run)
+    b = E.asha_budget(run)
     assert b["epochs_run"] == 2 + 1 + 1 and b["still_running"] == 2
     assert T.best_per_backbone(run)["trial_name"].tolist() == ["trial_000_cnn_s3"]
 
@@ -162,15 +163,15 @@ def test_a_single_trial(tmp_path):
     run = T.load_run(make_run_dir(tmp_path, [(0, "cnn_s3", "all", 1e-3, None, "finished", [0.5, 0.6])], max_epochs=2))
     assert len(T.best_per_backbone(run)) == 1 and len(T.best_per_backbone_unfreeze(run)) == 1
     assert T.searched_parameters(run) == []
-    assert T.asha_budget(run)["saved_by_asha"] == 0
+    assert E.asha_budget(run)["saved_by_asha"] == 0
 
 
 def test_every_trial_errored(tmp_path):
     trials = [(0, "cnn_s3", "all", 1e-3, None, "errored", []), (1, "cnn_s2", "all", 2e-3, None, "errored", [])]
     run = T.load_run(make_run_dir(tmp_path, trials))
     assert T.best_per_backbone(run).empty and T.best_trial(run) is None
-    assert T.asha_budget(run)["lost_to_errors"] == 8
-    assert T.best_so_far(run)["best_so_far"].isna().all()
+    assert E.asha_budget(run)["lost_to_errors"] == 8
+    assert E.best_so_far(run)["best_so_far"].isna().all()
     assert len(T.all_trials(run)) == 2
 
 
@@ -184,7 +185,7 @@ def test_a_study_with_no_leaderboard_yet(tmp_path):
     (folder / "leaderboard.parquet").unlink()
     run = T.load_run(folder)
     assert run.board.empty and T.run_state(run)["partial"]
-    assert T.best_per_backbone(run).empty and T.asha_budget(run)["epochs_run"] == 0
+    assert T.best_per_backbone(run).empty and E.asha_budget(run)["epochs_run"] == 0
 
 
 def test_optuna_duplicates_of_a_hyperparameter_are_left_out(tmp_path):

@@ -15,7 +15,7 @@ def test_a_cross_validated_study_reports_fold_means_and_predicts_with_the_fold_e
 
     from analysis.results import load_results
     from fixtures.studies import TINY_STUDY
-    from search.predict import main as predict
+    from analysis.predict import main as predict
     from search.run import main
     from trainables.checkpoint import fold_folders
     from trainables.data import decode_images

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from analysis.reader import ResultsFolderError
-from search.predict import choose_trial, main, parse_args
+from analysis.predict import main, parse_args
+from analysis.reader import choose_trial
 
 CLASSES = ["benign", "malignant"]
 
@@ -321,14 +322,16 @@ def test_mixed_images_are_predicted_with_the_best_trial(tiny_run, tmp_path, caps
     code, stdout, err = run([tiny_run, images, "--out", out], capsys)
     assert code == 0, err
     table = pd.read_csv(out)
-    assert list(table.columns) == ["file", "predicted", "prob_benign", "prob_malignant"]
+    assert list(table.columns) == ["file", "predicted", "prob_benign", "prob_malignant", "model", "members", "tta",
+                                   "temperature", "threshold"]
     assert sorted(table["file"]) == sorted(modes)  # one row per image, relative paths, subfolders searched
     probs = table[["prob_benign", "prob_malignant"]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and (probs >= 0).all()
     assert (table["predicted"] == [CLASSES[k] for k in probs.argmax(axis=1)]).all()
 
     best = expected_best(pd.read_parquet(tiny_run / "leaderboard.parquet"))
-    assert f"trial   {best} (cnn_s" in stdout and "val_balanced_accuracy 0." in stdout
+    assert f"the final model is the best trial on validation, {best}, uncalibrated" in stdout
+    assert set(table["model"]) == {best} and table["temperature"].isna().all()
     assert "predicted 3 image(s)" in stdout and f"predictions: {out}" in stdout
     counts = table["predicted"].value_counts()
     for name in CLASSES:
@@ -373,7 +376,7 @@ def test_another_trial_can_be_chosen(tiny_run, tmp_path, capsys):
     write_images(images)
     code, stdout, err = run([tiny_run, images, "--trial", other, "--out", tmp_path / "p.csv"], capsys)
     assert code == 0, err
-    assert f"trial   {other} " in stdout
+    assert f"trial {other} alone (--trial), uncalibrated" in stdout
     code, _, err = run([tiny_run, images, "--trial", other[:-1]], capsys)
     assert code == 2 and f"did you mean {other!r}?" in err
 
@@ -398,7 +401,8 @@ def test_corrupt_images_stop_the_run_unless_skipped(tiny_run, tmp_path, capsys):
     assert "skipped 2 unreadable image(s)" in err and "garbage.jpg" in err
     assert "predicted 1 image(s)" in stdout
     table = pd.read_csv(out, keep_default_na=False).set_index("file")
-    assert list(table.columns) == ["predicted", "prob_benign", "prob_malignant", "error"]
+    assert list(table.columns) == ["predicted", "prob_benign", "prob_malignant", "model", "members", "tta",
+                                   "temperature", "threshold", "error"]
     assert table.loc["good.png", "predicted"] in CLASSES and table.loc["good.png", "error"] == ""
     for name in ("garbage.jpg", "truncated.png"):
         assert table.loc[name, "predicted"] == "" and table.loc[name, "error"]
@@ -417,7 +421,7 @@ def test_moved_run_folder_still_works_and_a_lost_checkpoint_is_named(tiny_run, t
 
     code, stdout, err = run([moved, images], capsys)
     assert code == 0, err
-    assert "checkpoint found in the moved run folder, not at /gone/runs/tiny/" in stdout
+    assert "note: checkpoint found in the moved run folder, not at /gone/runs/tiny/" in stdout
     assert len(pd.read_csv(moved / "predictions.csv")) == 3
 
     for trial_dir in moved.glob("trial_*"):
@@ -447,14 +451,17 @@ def test_the_stored_temperature_and_threshold_are_applied_and_threshold_override
     write_images(images)
     code, stdout, err = run([folder, images, "--out", tmp_path / "raw.csv"], capsys)
     assert code == 0, err
-    assert "uncalibrated: no final_model.json" in stdout
+    assert "no final_model.json in the results folder" in stdout
     raw = pd.read_csv(tmp_path / "raw.csv").set_index("file")[["prob_benign", "prob_malignant"]].to_numpy()
 
     best = expected_best(pd.read_parquet(folder / "leaderboard.parquet"))
     calibrated = apply_temperature(raw, 3.0)
     threshold = float(np.sort(calibrated[:, 1])[:2].mean())  # between the lowest two: one benign, two malignant
+    checkpoint = pd.read_parquet(folder / "leaderboard.parquet").set_index("trial_name").loc[best, "checkpoint_path"]
     (folder / "final_model.json").write_text(json.dumps({
         "class_names": CLASSES, "positive_class": "malignant", "model": best, "trials": [best], "tta": None,
+        "checkpoints": [checkpoint], "temperature": 3.0, "threshold": threshold,
+        "threshold_rule": "target sensitivity 0.95 on validation", "chosen_by": "given",
         "per_trial": {best: {"temperature": 3.0, "threshold": {"class": "malignant", "value": threshold,
                                                                "rule": "target sensitivity 0.95 on validation"}}}}))
     code, stdout, err = run([folder, images, "--out", tmp_path / "p.csv"], capsys)
@@ -463,8 +470,8 @@ def test_the_stored_temperature_and_threshold_are_applied_and_threshold_override
     np.testing.assert_allclose(table[["prob_benign", "prob_malignant"]].to_numpy(), calibrated, atol=2e-6)
     assert table["predicted"].tolist() == ["malignant" if p >= threshold else "benign" for p in calibrated[:, 1]]
     assert sorted(table["predicted"]) == ["benign", "malignant", "malignant"]
-    assert "probabilities calibrated: temperature 3.0000, fitted on validation" in stdout
-    assert f"malignant when its probability is >= {threshold:.4f}" in stdout and "target sensitivity 0.95" in stdout
+    assert "temperature 3.0000" in stdout
+    assert f"'malignant' when its calibrated probability >= {threshold:.4f}" in stdout
 
     code, stdout, err = run([folder, images, "--out", tmp_path / "q.csv", "--threshold", "0.999999"], capsys)
     assert code == 0, err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fixtures.datasets import make_folder, symlink, write_image
-from search.predict import PredictError, find_images
+from analysis.predict import PredictError, find_images
 from trainables.datasets import load_table
 
 

@@ -292,7 +292,7 @@ def test_search_predict_classifies_a_folder_of_dicom_files(tmp_path, capsys):
     import keras
 
     from fixtures.runs import make_run_dir
-    from search.predict import main
+    from analysis.predict import main
 
     run_dir = make_run_dir(tmp_path, [(0, "cnn_s3", "all", 1e-3, None, "finished", [0.7])])
     board = pd.read_parquet(run_dir / "leaderboard.parquet")
