@@ -365,9 +365,10 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
             versions[package] = None
     record = {
         "study": {k: v for k, v in dataclasses.asdict(study).items() if k != "space"},
-        "study_file": str(Path(args.study_file).resolve()) if args.study_file is not None else None,
+        # as typed, not resolved: the folder names no place on the machine it did not need (its copy is study_file.py)
+        "study_file": args.study_file,
         "study_file_sha256": study_hash,
-        "command": shlex.join([sys.executable, "-m", "search.run", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "search.run", *sys.argv[1:]]),  # the interpreter: "python" above
         "smoke": args.smoke,
         "flags": given_flags(args),  # what --resume re-applies
         "skipped_images": [{"path": p, "reason": why} for p, why in skipped],

@@ -39,6 +39,18 @@ def test_a_study_built_in_code_runs_and_its_results_load(tmp_path):
     assert best.metrics["best_val_balanced_accuracy"] == board["best_val_balanced_accuracy"].max()
     model = results.load_model()
     assert model.predict(np.zeros((2, 32, 32, 3)), verbose=0).shape == (2, 2)
+    # The README's final model, from Python: evaluate, then predict with what was chosen on validation.
+    from analysis.evaluate import evaluate_top_k
+    from analysis.splits import read_split
+
+    assert "no final_model.json" in results.final_model.provenance()
+    evaluate_top_k(results.path, ensemble="auto", tta="auto", n_boot=50, log=lambda _: None)
+    assert results.final_model.fitted and "final_model.json" in results.final_model.provenance()
+    shipped = pd.read_parquet(results.path / "test_predictions.parquet").query("final")
+    prediction = results.predict(read_split(results.path, "test")["path"].tolist())
+    np.testing.assert_allclose(prediction.probabilities, shipped.filter(like="prob_").to_numpy(), atol=1e-5)
+    assert prediction.labels == shipped["predicted"].tolist()
+    assert results.load_model().predict(np.zeros((2, 32, 32, 3)), verbose=0).shape == (2, 2)
     again = load_results(tmp_path / "api")
     assert again.best_trial == best and again.leaderboard.equals(board)
     # Run again: a completed study's folder is kept, and the new run gets the next numbered one.
