@@ -18,7 +18,7 @@ COMMANDS = {
     "report": ("analysis.report", "write report.md and report.html for a results folder"),
     "evaluate": ("analysis.evaluate", "score the top trials on the held-out test split (the one reader of it)"),
     "export": ("analysis.export", "export the best trial's model (keras, savedmodel, tflite, onnx), calibrated, verified"),
-    "predict": ("analysis.predict", "classify a folder of new images with the model a study ships"),
+    "predict": ("search.predict", "classify a folder of new images with the model a study ships"),
     "weights": ("search.weights", "download or check official Keras ImageNet weight files"),
     "leaderboard": ("analysis.leaderboard", "one table of the trials of one or more results folders"),
 }
