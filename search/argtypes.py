@@ -25,11 +25,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text)
     if not math.isfinite(value):  # float() reads "nan" and "inf"; neither is a resource request
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     if value < 0:
@@ -45,10 +49,7 @@ def positive_float(text: str) -> float:
 
 
 def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text!r}")
     return value
