@@ -165,16 +165,20 @@ def published_section(run: T.Run, evaluation: dict | None) -> Section:
 
 
 def _ours_for_published(run: T.Run, evaluation: dict | None) -> tuple[pd.DataFrame, str, str]:
-    """Our rows for published.compare: the test evaluation's best trial if there is one, else validation bests."""
-    best = best_evaluated(evaluation)
+    """Our rows for published.compare: the test evaluation's final model (the model that ships) if there is one,
+    else validation bests."""
+    final = final_evaluated(evaluation)
+    best = final or best_evaluated(evaluation)
     if best is not None and best.get("metrics"):
-        row = {"trial_name": best.get("trial_name"), "split": evaluation.get("split", "test")}
+        row = {"trial_name": best.get("label") or best.get("trial_name"), "split": evaluation.get("split", "test")}
         for m, v in best["metrics"].items():
             row[m] = v
             low_high = (best.get("ci") or {}).get(m)
             if low_high:
                 row[f"{m}_ci_low"], row[f"{m}_ci_high"] = low_high
-        return pd.DataFrame([row]), "", f"the best trial on validation, scored on the {row['split']} split (95% CI)"
+        what = f"the final model, {row['trial_name']}," if final else "the best trial on validation,"
+        return pd.DataFrame([row]), "", (f"{what} scored on the {row['split']} split at the decision it ships with "
+                                         "(95% CI)")
     table = T.best_per_backbone(run)
     table = table.assign(split="val")
     return table, "best_val_", ("each backbone's best trial on the validation split (no test evaluation yet: "
