@@ -57,7 +57,7 @@ from analysis.selection import (CHOSEN_ON_VALIDATION, TTA_AUTO, Candidate, Final
                                 per_trial_entry, plan_final)
 from analysis.records import format_final, format_table
 from analysis.reader import load_trial_model, ranked_trials, read_study, trial_from_row
-from analysis.splits import (SPLIT_NAMES, append_record, decode_split, fold_rows, image_names, jsonable,
+from analysis.splits import (DATA_DIR_HELP, SPLIT_NAMES, append_record, decode_split, fold_rows, jsonable,
                              label_indices, log_test_use, now, read_split, split_class_names)
 from analysis.files import write_file
 
@@ -69,15 +69,15 @@ __all__ = ["EvaluateError", "evaluate_top_k", "validation_predictions", "predict
 # --------------------------------------------------------------------------
 
 
-def validation_rows(run_dir: Path, rows: pd.DataFrame, split: str) -> pd.DataFrame:
+def validation_rows(run_dir: Path, rows: pd.DataFrame, split: str, data_dir: str | None = None) -> pd.DataFrame:
     """The rows the final model's temperature and threshold are fitted on: the val split, or, for a
     cross-validated study (``cv_folds``: a ``fold`` column in splits.parquet), all of train ∪ val, each
     predicted by the one fold model that never trained on it (``predict_rows``): the out-of-fold predictions
     are the only held-out predictions such a study has, and they cover k times more images than val."""
-    folds = fold_rows(run_dir)
+    folds = fold_rows(run_dir, data_dir)
     if folds is not None:
         return folds
-    return rows if split == "val" else read_split(run_dir, "val")
+    return rows if split == "val" else read_split(run_dir, "val", data_dir)
 
 
 def predict_rows(model, images: np.ndarray, rows: pd.DataFrame, mode: str | None, batch_size: int) -> np.ndarray:
@@ -114,7 +114,7 @@ def validation_predictions(run_dir: Path, rows: pd.DataFrame, models: list, mode
 
     path = run_dir / VAL_PREDICTIONS
     cached = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
-    names = image_names(run_dir, rows["path"])
+    names = rows["image"].tolist()
     out, fresh, decoded = {}, [], {}
     for m in models:
         checkpoint = m.trial.checkpoint.relative_to(run_dir).as_posix()
@@ -275,7 +275,8 @@ class Fit:
 def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: int = 0, *, split: str = "test",
                    batch_size: int = 64, level: float = LEVEL, log=print, ensemble: int | str | None = None,
                    tta: str | None = None, target_sensitivity: float | None = None,
-                   target_specificity: float | None = None, positive_class: str | None = None) -> pd.DataFrame:
+                   target_specificity: float | None = None, positive_class: str | None = None,
+                   data_dir: str | None = None) -> pd.DataFrame:
     """Fit the final model on validation, then score it and the ``k`` best trials on ``split``; write the records.
 
     Returns one row per evaluated trial, best first: ``rank``, ``trial_name``,
@@ -285,13 +286,14 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     candidate (``rank`` empty, ``trial_name`` its label). Trials without a
     checkpoint, or whose checkpoint cannot be loaded, are skipped with a note
     (``log``) and the next one is taken, so a study still running can be evaluated.
+    ``data_dir``: where the study's dataset now lives, if it moved (``analysis.splits.image_paths``).
     """
     if k < 1:
         raise EvaluateError(f"k must be >= 1, got {k}")
     ev = open_evaluation(Path(run_dir).expanduser().resolve(), k, split, n_boot=n_boot, seed=seed, level=level,
                          batch_size=batch_size, log=log, ensemble=ensemble, tta=tta,
                          target_sensitivity=target_sensitivity, target_specificity=target_specificity,
-                         positive_class=positive_class)
+                         positive_class=positive_class, data_dir=data_dir)
     val = validation_predictions(ev.run_dir, ev.val_rows, ev.models, ev.modes, batch_size=batch_size, log=log)
     fit = fit_final(ev, val)
     probs = split_predictions(ev, fit, val)
@@ -302,15 +304,16 @@ def open_evaluation(run_dir: Path, k: int, split: str, **options) -> Evaluation:
     """Stage 1: the folder's record, split, ranking and plan, then the top trials' models (lost ones skipped)."""
     plan_options = {n: options.pop(n) for n in ("ensemble", "tta", "target_sensitivity", "target_specificity",
                                                  "positive_class")}
+    data_dir = options.pop("data_dir", None)
     try:
         study = read_study(run_dir)
-        rows = read_split(run_dir, split)
-        val_rows = validation_rows(run_dir, rows, split)  # out-of-fold train ∪ val for a cross-validated study
         ranked, notes = ranked_trials(run_dir, study)
+        classes = split_class_names(run_dir)
+        plan = plan_final(study, classes, len(ranked), run_dir, **plan_options)  # bad options: before the images
+        rows = read_split(run_dir, split, data_dir)
+        val_rows = validation_rows(run_dir, rows, split, data_dir)  # out-of-fold train ∪ val for a cross-validated study
     except ResultsFolderError as exc:
         raise EvaluateError(str(exc)) from None
-    classes = split_class_names(run_dir)
-    plan = plan_final(study, classes, len(ranked), run_dir, **plan_options)
     models = []
     for _, row in ranked.iterrows():
         if len(models) == max(k, plan.n_members_max):
@@ -472,7 +475,7 @@ def _prediction_rows(ev: Evaluation, shipped: Shipped, final_label: str) -> pd.D
         "temperature": shipped.fitted["temperature"]["temperature"],
         "threshold": math.nan if threshold is None else threshold["value"],
         "positive_class": None if threshold is None else ev.classes[shipped.positive],
-        "final": c.label == final_label, "path": image_names(ev.run_dir, ev.rows["path"]),
+        "final": c.label == final_label, "path": ev.rows["image"].tolist(),
         "label": ev.rows["label"].astype(str), "label_index": label_indices(ev.rows, ev.classes),
         "predicted": [ev.classes[i] for i in shipped.decisions]})
     for i, cls in enumerate(ev.classes):
@@ -485,23 +488,12 @@ def _prediction_rows(ev: Evaluation, shipped: Shipped, final_label: str) -> pd.D
 # --------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m analysis.evaluate", allow_abbrev=False,
-        description="Fit the final model on validation (final_model.json: what search.predict, analysis.export "
-        "and the report serve), then score it and the k best trials of a study (chosen by its validation metric) "
-        "on the held-out test split at the decision each ships with, with 95% bootstrap intervals. Writes "
-        "RUN_DIR/test_predictions.parquet and appends to RUN_DIR/test_evaluation.json, which logs every use of "
-        "the test split.",
-        epilog="Example: python -m analysis.evaluate runs/melanoma --top-k 3 --bootstrap 2000")
-    parser.add_argument("run_dir", help="a study's results folder, e.g. runs/quickstart")
-    parser.add_argument("--top-k", type=int, default=3, help="how many trials, best by validation first (default 3)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
-    parser.add_argument("--split", choices=SPLIT_NAMES, default="test",
-                        help="test (default), or val for studies without a test split (S4, S5): optimistic, "
-                        "as the trials were chosen on it")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+FINAL_MODEL_OPTIONS = ("ensemble", "tta", "target_sensitivity", "target_specificity", "positive_class", "data_dir")
+
+
+def add_final_model_arguments(parser) -> None:
+    """The options that choose the final model (and find the images), shared by analysis.report --evaluate."""
+    parser.add_argument("--data-dir", metavar="DIR", default=None, help=DATA_DIR_HELP)
     final = parser.add_argument_group(
         "the final model", "fitted on the validation split only, written to RUN_DIR/final_model.json (used by "
         "python -m search.predict), then scored on the test split beside the single best trial")
@@ -521,10 +513,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     final.add_argument("--positive-class", metavar="NAME", default=None,
                        help="the class the threshold is for (default: the study's positive_class; for more than two "
                        "classes, naming one adds a threshold for it, e.g. mel)")
-    args = parser.parse_args(argv)
-    for name in ("top_k", "bootstrap", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def check_final_model_arguments(parser, args) -> None:
+    """``parser.error`` on a bad final-model option; ``args.ensemble`` parsed."""
     for flag in ("target_sensitivity", "target_specificity"):
         value = getattr(args, flag)
         if value is not None and not 0 < value < 1:
@@ -533,6 +525,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ensemble = parse_ensemble(args.ensemble)
     except EvaluateError as exc:
         parser.error(str(exc))
+
+
+def final_model_options(args) -> dict:
+    """The final-model options of parsed ``args``, as ``evaluate_top_k`` takes them."""
+    return {name: getattr(args, name) for name in FINAL_MODEL_OPTIONS}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.evaluate", allow_abbrev=False,
+        description="Fit the final model on validation (final_model.json: what search.predict, analysis.export "
+        "and the report serve), then score it and the k best trials of a study (chosen by its validation metric) "
+        "on the held-out test split at the decision each ships with, with 95% bootstrap intervals. Writes "
+        "RUN_DIR/test_predictions.parquet and appends to RUN_DIR/test_evaluation.json, which logs every use of "
+        "the test split.",
+        epilog="Example: python -m analysis.evaluate runs/melanoma --top-k 3 --bootstrap 2000")
+    parser.add_argument("run_dir", help="a study's results folder, e.g. runs/quickstart")
+    parser.add_argument("--top-k", type=int, default=3, help="how many trials, best by validation first (default 3)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
+    parser.add_argument("--split", choices=SPLIT_NAMES, default="test",
+                        help="test (default), or val for studies without a test split (S4, S5): optimistic, "
+                        "as the trials were chosen on it")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    add_final_model_arguments(parser)
+    args = parser.parse_args(argv)
+    for name in ("top_k", "bootstrap", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_final_model_arguments(parser, args)
     return args
 
 
@@ -545,8 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = evaluate_top_k(run_dir, args.top_k, args.bootstrap, args.seed, split=args.split,
                                batch_size=args.batch_size, log=lambda line: print(line, file=sys.stderr),
-                               ensemble=args.ensemble, tta=args.tta, target_sensitivity=args.target_sensitivity,
-                               target_specificity=args.target_specificity, positive_class=args.positive_class)
+                               **final_model_options(args))
     except (EvaluateError, OutsideFolderError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

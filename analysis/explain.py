@@ -52,7 +52,7 @@ from analysis.figures import Plot, figure, save
 from analysis.files import PLOTS_DIR, evaluation_file, predictions_file
 from analysis.reader import choose_trial, load_trial_model
 from analysis.records import best_evaluated, final_evaluated
-from analysis.splits import decode_split, image_names
+from analysis.splits import decode_split, image_names, image_paths
 
 __all__ = ["ExplainError", "Target", "target_layer", "gradcam", "overlay", "overlay_names", "write_overlays",
            "explain_predictions", "explain_section", "PANEL_NAME"]
@@ -373,7 +373,7 @@ def _panel(s, run, name: str, members: list[str], split: str, predictions: Path)
     table = table[table["trial"] == name]
     if run.splits is not None and "split" in run.splits.columns:  # images splits.parquet lists in that split
         listed = run.splits.loc[run.splits["split"] == split, "path"].astype(str).tolist()
-        where = dict(zip(image_names(run.path, listed), listed))  # as written in the predictions -> on disk
+        where = dict(zip(image_names(run.path, listed), image_paths(run.path, listed, run.data_dir)))  # as recorded -> on disk
         table = table[table["path"].astype(str).isin(where)].assign(path=lambda t: t["path"].astype(str).map(where))
     if table.empty:
         s.text(f"Not drawn: {predictions.name} holds no predictions of {name} on images of the {split} split.")

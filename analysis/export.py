@@ -62,7 +62,7 @@ from analysis.errors import EvaluateError, ResultsFolderError
 from analysis.files import EXPORT_DIR, FINAL_MODEL
 from analysis.final_model import FinalModel, load_final_model
 from analysis.reader import read_study
-from analysis.splits import decode_split, log_test_use, read_split
+from analysis.splits import DATA_DIR_HELP, decode_split, log_test_use, read_split
 
 __all__ = ["FORMATS", "TOLERANCES", "CARRIES_CALIBRATION", "ONNX_OPSET", "ExportError", "MissingConverterError",
            "CalibrationNotCarriedError", "Verification", "require_converter", "check_calibration", "decision_text",
@@ -402,6 +402,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "check needs no labels), test (logged as a read of the test split), or none to skip")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed |probability difference| (default: 1e-4 keras/savedmodel, 1e-3 tflite/onnx)")
+    parser.add_argument("--data-dir", metavar="DIR", default=None, help=DATA_DIR_HELP + " (for the verification)")
     return parser.parse_args(argv)
 
 
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         applied = final.temperature is not None and not args.uncalibrated
         check_calibration(args.format, final.temperature if applied else None)
         _print_notes(final, args.uncalibrated)
-        rows = None if args.verify_split == "none" else read_split(run_dir, args.verify_split)
+        rows = None if args.verify_split == "none" else read_split(run_dir, args.verify_split, args.data_dir)
         export_model(final.keras_model(calibrated=applied), args.format, out)
         how = (f"calibrated (temperature {final.temperature:.4f}, fitted on validation)" if applied else
                "uncalibrated (--uncalibrated)" if final.temperature is not None else "uncalibrated")

@@ -30,9 +30,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from analysis.errors import ResultsFolderError
+from analysis.errors import EvaluateError, ResultsFolderError
 from analysis.explain import ExplainError, explain_predictions
 from analysis.final_model import FinalModel, load_final_model
+from analysis.splits import image_paths
 from search.argtypes import positive_int, probability
 
 EXIT_USAGE = 2
@@ -241,10 +242,15 @@ def _seen_in_study(run_dir: Path, files: list[Path]) -> dict[str, int]:
         return {}
     wanted = {str(f) for f in files}
     names = {f.name for f in files}
-    paths = table["path"].astype(str)
-    # Resolve only the few whose file name can match: splits may list tens of thousands.
-    same = [os.path.basename(p) in names and str(Path(p).resolve()) in wanted for p in paths]
-    seen = table[same]
+    # Locate only the few whose file name can match: splits may list tens of thousands.
+    table = table[[os.path.basename(p) in names for p in table["path"].astype(str)]]
+    if table.empty:
+        return {}
+    try:
+        paths = image_paths(run_dir, table["path"])
+    except EvaluateError:  # the dataset is not on this machine: none of these files can be its images
+        return {}
+    seen = table[[str(Path(p).resolve()) in wanted for p in paths]]
     return {str(k): int(v) for k, v in seen["split"].value_counts().items()}
 
 

@@ -23,11 +23,14 @@ import pandas as pd
 from analysis import efficiency as E
 from analysis import tables as T
 from analysis.document import Section, render_html, render_markdown
-from analysis.evaluate import evaluate_top_k
+from analysis.errors import EvaluateError
+from analysis.evaluate import (add_final_model_arguments, check_final_model_arguments, evaluate_top_k,
+                               final_model_options)
 from analysis.figures import Plot, figure, save
 from analysis.files import MODEL_CARD, PLOTS_DIR, REPORT_HTML, REPORT_MD, shown_command, shown_path, write_file
 from analysis.plots import make_all
 from analysis.records import latest_evaluation, read_evaluations
+from analysis.splits import image_paths
 from search.argtypes import positive_int
 from analysis.report_evaluation import (curves_section, decimals_for, explain_part, final_model_section, image_step,
                                         published_section, split_class_counts, test_section, validation_resolution)
@@ -60,7 +63,14 @@ def parse_args(argv):
     parser.add_argument("--evaluate", action="store_true",
                         help="first evaluate the top-k trials on the held-out test split (analysis.evaluate)")
     parser.add_argument("--top-k", type=positive_int, default=3, help="trials to evaluate with --evaluate (default: 3)")
-    return parser.parse_args(argv)
+    add_final_model_arguments(parser)  # as analysis.evaluate takes them, for --evaluate
+    args = parser.parse_args(argv)
+    check_final_model_arguments(parser, args)
+    given = [name for name, value in final_model_options(args).items() if value is not None and name != "data_dir"]
+    if given and not args.evaluate:
+        parser.error(f"--{given[0].replace('_', '-')} chooses the final model, which only --evaluate fits; "
+                     "add --evaluate (or run python -m analysis.evaluate first)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -74,12 +84,12 @@ def main(argv=None) -> int:
     code = EXIT_OK
     eval_error = None
     if args.evaluate:
-        eval_error = run_evaluation(run_dir, args.top_k)
+        eval_error = run_evaluation(run_dir, args.top_k, **final_model_options(args))
         if eval_error:
             print(f"warning: test evaluation failed: {eval_error}", file=sys.stderr)
             code = EXIT_FAILED
     try:
-        md, html_path = write_report(run_dir, eval_error=eval_error)
+        md, html_path = write_report(run_dir, eval_error=eval_error, data_dir=args.data_dir)
     except T.AnalysisError as exc:  # a file that cannot be written (a full disk): nothing partial is left
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -87,18 +97,19 @@ def main(argv=None) -> int:
     return code
 
 
-def run_evaluation(run_dir: Path, k: int) -> str | None:
-    """Run analysis.evaluate.evaluate_top_k; the error's text if it fails, else None."""
+def run_evaluation(run_dir: Path, k: int, **options) -> str | None:
+    """Run analysis.evaluate.evaluate_top_k (``options``: the final model's); the error's text if it fails, else None."""
     try:
-        evaluate_top_k(run_dir, k=k)
+        evaluate_top_k(run_dir, k=k, **options)
     except Exception as exc:  # noqa: BLE001 - reported in the report and on stderr
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
-def write_report(run_dir: str | Path, eval_error: str | None = None) -> tuple[Path, Path]:
-    """Build every section and write report.md and report.html into ``run_dir``."""
-    run = T.load_run(run_dir)
+def write_report(run_dir: str | Path, eval_error: str | None = None, data_dir: str | None = None) -> tuple[Path, Path]:
+    """Build every section and write report.md and report.html into ``run_dir`` (``data_dir``: where the dataset
+    now lives, if it moved, for the panels that show images)."""
+    run = T.load_run(run_dir, data_dir)
     sections, header = build(run, eval_error=eval_error)
     md_path, html_path = run.path / REPORT_MD, run.path / REPORT_HTML
     write_file(md_path, render_markdown(header, sections, run.path).encode("utf-8"))
@@ -250,15 +261,20 @@ def near_duplicates_section(run: T.Run) -> Section:
         "similarity": crossing["embedding_similarity"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
     })
     s.table(shown)
-    s.plot(near_duplicates_panel(crossing.head(NEAR_DUPLICATES_PANEL), run.path / PLOTS_DIR))
+    s.plot(near_duplicates_panel(crossing.head(NEAR_DUPLICATES_PANEL), run.path / PLOTS_DIR, run.path, run.data_dir))
     return s
 
 
-def near_duplicates_panel(pairs: pd.DataFrame, out_dir: Path) -> Plot:
+def near_duplicates_panel(pairs: pd.DataFrame, out_dir: Path, run_dir: Path, data_dir: str | None = None) -> Plot:
     """The pairs side by side, one row each, titled with split, label and distance; skipped if the images are gone."""
     from trainables.data import eight_bit, open_image
 
     title = "Closest near-duplicate pairs across splits"
+    try:  # the names as recorded -> where they are on this machine
+        pairs = pairs.assign(path_a=image_paths(run_dir, pairs["path_a"], data_dir),
+                             path_b=image_paths(run_dir, pairs["path_b"], data_dir))
+    except EvaluateError as exc:
+        return Plot("near_duplicates", title, None, f"not drawn: {exc}")
     missing = [p for p in list(pairs["path_a"]) + list(pairs["path_b"]) if not Path(p).is_file()]
     if missing:
         return Plot("near_duplicates", title, None, f"not drawn: {len(missing)} image(s) are no longer at their "

@@ -71,7 +71,8 @@ class Run:
     record: dict  # study.json
     board: pd.DataFrame  # leaderboard.parquet (empty if not written yet)
     epochs: pd.DataFrame  # epochs.parquet (empty if not written yet)
-    splits: pd.DataFrame | None  # splits.parquet, if present
+    splits: pd.DataFrame | None  # splits.parquet, if present (images named relative to the dataset's root)
+    data_dir: str | None = None  # where the dataset now lives, if it moved (--data-dir; analysis.splits.image_paths)
 
     @property
     def study(self) -> dict:
@@ -106,7 +107,7 @@ class Run:
         return (self.study.get("dataset") or {}).get("positive_class")
 
 
-def load_run(run_dir: str | Path) -> Run:
+def load_run(run_dir: str | Path, data_dir: str | None = None) -> Run:
     """Read ``study.json``, ``leaderboard.parquet``, ``epochs.parquet`` and ``splits.parquet`` (``analysis.reader``).
 
     A damaged file (cut short by a crash, a full disk or an interrupted copy) is an ``AnalysisError`` naming it.
@@ -129,7 +130,8 @@ def load_run(run_dir: str | Path) -> Run:
         if missing:
             extra = pd.DataFrame({"trial_id": missing, "status": "running"})
             board = pd.concat([board, extra], ignore_index=True)
-    return Run(path=path, record=record, board=board.reset_index(drop=True), epochs=epochs, splits=splits)
+    return Run(path=path, record=record, board=board.reset_index(drop=True), epochs=epochs, splits=splits,
+               data_dir=data_dir)
 
 
 def read_table(path: Path) -> pd.DataFrame:

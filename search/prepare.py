@@ -14,7 +14,7 @@ import pandas as pd
 
 from search.study import Study, StudyError, cv_folds
 from trainables.data import DIGEST_PREFIX, data_digest, decode_images
-from trainables.datasets import DatasetError, load_table
+from trainables.datasets import DatasetError, image_root, load_table, relative_names
 from trainables.datasets.integrity import find_corrupt_cached, find_duplicates
 from trainables.near_duplicates import CLUSTER_COLUMN, NearDuplicates, find_near_duplicates, settings_from
 from trainables.splits import assign_folds, assign_splits, group_by, subsample
@@ -31,6 +31,11 @@ class Prepared:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason) left out
     duplicates: pd.DataFrame | None = None  # byte-identical pairs, see integrity.find_duplicates
     near_duplicates: NearDuplicates | None = None  # the leakage audit (None when turned off)
+    image_root: str = ""  # the folder every listed image is under; the results folder names images relative to it
+
+    def names(self, paths) -> list[str]:
+        """``paths`` as the results folder records them: relative to ``image_root``."""
+        return relative_names(paths, self.image_root or image_root(paths))
 
 
 def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = False,
@@ -41,6 +46,7 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
     if ds.classes is not None and ds.loader == "folder":
         options["classes"] = ds.classes
     table = load_table(ds.loader, path, **options)
+    root = image_root(table["path"])  # of the whole listing, as analysis.splits lists it again to find the images
     table, skipped = drop_corrupt(table, skip=skip_corrupt)
     class_names = list(ds.classes) if ds.classes else sorted(table["label"].unique())
     unknown = sorted(set(table["label"]) - set(class_names))
@@ -75,7 +81,7 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
         if "fold" in rows.columns:  # the trials train fold k on train ∪ val minus fold k (trainables.train)
             arrays[f"fold_{split}"] = rows["fold"].to_numpy(dtype="int64")
     duplicates = find_duplicates(table[table["split"] != "unused"])
-    return Prepared(table, class_names, positive, arrays, skipped, duplicates, near)
+    return Prepared(table, class_names, positive, arrays, skipped, duplicates, near, root)
 
 
 def _folds(table: pd.DataFrame, study: Study) -> pd.Series:
@@ -106,9 +112,12 @@ def _refuse_label_conflicts(near: NearDuplicates, table: pd.DataFrame, shown: in
                        "Dataset(near_duplicates={'stop_on_label_conflict': False}) to be warned and go on.")
 
 
-def write_near_duplicates(near: NearDuplicates, folder) -> str:
+def write_near_duplicates(prepared: Prepared, folder) -> str:
     """``near_duplicates.parquet`` in a ``search.storage.StudyFolder``: every pair, closest first."""
-    return folder.write_parquet("near_duplicates.parquet", near.recorded())
+    pairs = prepared.near_duplicates.recorded()
+    for col in ("path_a", "path_b"):
+        pairs[col] = prepared.names(pairs[col])
+    return folder.write_parquet("near_duplicates.parquet", pairs)
 
 
 def check_fits_in_memory(n_images: int, image_size: int, available: tuple[int, str] | None = None) -> None:
@@ -190,10 +199,13 @@ def _check_metric_reported(study: Study, class_names: list[str]) -> None:
         raise StudyError("metric: " + unknown_name_message("metric", study.metric, reported) + " (trials never report it)")
 
 
-def write_splits(splits: pd.DataFrame, folder) -> str:
-    """``splits.parquet`` in a ``search.storage.StudyFolder``: every image with its split, written out."""
+def write_splits(prepared: Prepared, folder) -> str:
+    """``splits.parquet`` in a ``search.storage.StudyFolder``: every image with its split, written out, each
+    named relative to the dataset's root (``analysis.splits.image_paths`` finds them again)."""
+    splits = prepared.splits
     out = splits[["path", "label", "label_index", "group", "origin", "split"]
                  + (["fold"] if "fold" in splits.columns else [])].copy()  # fold: cv_folds, <NA> outside train ∪ val
+    out["path"] = prepared.names(out["path"])
     for col in ("path", "label", "group", "origin", "split"):
         out[col] = out[col].astype("string")
     return folder.write_parquet("splits.parquet", out)

@@ -220,7 +220,8 @@ def execute(args, study=None, callbacks: tuple = (), deadline: float | None = No
     weights, random_init = study_weight_files(study, smoke=args.smoke)
     prepared = prepare(study, args, folder)
     study_hash = file_hash(args.study_file) if args.study_file is not None else None
-    write_study_json(study, args, folder, study_hash, skipped=prepared.skipped)
+    write_study_json(study, args, folder, study_hash,
+                     skipped=list(zip(prepared.names([p for p, _ in prepared.skipped]), [w for _, w in prepared.skipped])))
     run_tuner(study, args, folder, prepared, weights, random_init, callbacks=callbacks, deadline=deadline)
     return folder
 
@@ -327,7 +328,7 @@ def prepare(study, args, folder):
     started = time.monotonic()
     print(f"study {study.name}: loading {study.dataset.loader} data at {study.dataset.image_size} px ...", flush=True)
     prepared = prepare_data(study, data_dir=args.data_dir, smoke=args.smoke, skip_corrupt=args.skip_corrupt)
-    write_splits(prepared.splits, folder)
+    write_splits(prepared, folder)
     counts = prepared.splits["split"].value_counts().to_dict()
     print(f"  classes {prepared.class_names}; images per split {counts}; "
           f"{time.monotonic() - started:.1f} s (test split not loaded)", flush=True)
@@ -336,17 +337,19 @@ def prepare(study, args, folder):
         more = f" and {len(prepared.skipped) - 5} more" if len(prepared.skipped) > 5 else ""
         print(f"  skipped {len(prepared.skipped)} unreadable image(s) (--skip-corrupt): {listed}{more}; "
               "all are listed in study.json", flush=True)
-    report_duplicates(prepared.duplicates, folder)
+    report_duplicates(prepared, folder)
     if prepared.near_duplicates is not None:  # the leakage audit (Dataset.near_duplicates): one line and its file
-        write_near_duplicates(prepared.near_duplicates, folder)
+        write_near_duplicates(prepared, folder)
         print(f"  {prepared.near_duplicates.summary(prepared.splits)}", flush=True)
     return prepared
 
 
-def report_duplicates(pairs, folder) -> None:
+def report_duplicates(prepared, folder) -> None:
     """Byte-identical images inflate scores when copies land in different splits: say so, and list them."""
+    pairs = prepared.duplicates
     if pairs is None or pairs.empty:
         return
+    pairs = pairs.assign(**{c: prepared.names(pairs[c]) for c in ("path_a", "path_b") if c in pairs})
     folder.write_parquet("duplicates.parquet", pairs)
     crossing = int(pairs["cross_split"].sum())
     conflicting = int((~pairs["same_label"]).sum())
@@ -364,7 +367,8 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
         except metadata.PackageNotFoundError:
             versions[package] = None
     record = {
-        "study": {k: v for k, v in dataclasses.asdict(study).items() if k != "space"},
+        # not "source": that is the study file resolved, a place on this machine; study_file has it as typed
+        "study": {k: v for k, v in dataclasses.asdict(study).items() if k not in ("space", "source")},
         # as typed, not resolved: the folder names no place on the machine it did not need (its copy is study_file.py)
         "study_file": args.study_file,
         "study_file_sha256": study_hash,

@@ -1,5 +1,7 @@
 """A small finished study folder, run once with real Ray, for every analysis test."""
 
+import os
+
 import pytest
 
 from fixtures.studies import TINY_STUDY
@@ -13,5 +15,10 @@ def run_dir(tmp_path_factory):
     study = folder / "tiny.py"
     study.write_text("from search import Dataset, Study\n"
                      + TINY_STUDY.replace("NUM_SAMPLES", "4").replace("MAX_EPOCHS", "3"))
-    assert main([str(study), "--storage", str(folder / "runs"), "--seed", "1"]) == 0
+    here = os.getcwd()
+    os.chdir(folder)  # typed as a user types them, relative: study.json records the command as typed
+    try:
+        assert main(["tiny.py", "--storage", "runs", "--seed", "1"]) == 0
+    finally:
+        os.chdir(here)
     return folder / "runs" / "tiny"

@@ -222,9 +222,10 @@ def test_bad_bootstrap_arguments_name_the_fix():
 
 def test_the_real_search_decoded_train_and_val_but_never_test(run_dir):
     """The study run by the fixture left one decoded array per split it shipped: train and val, not test."""
+    from analysis.splits import located
     from trainables.data import cache_dir, cache_key
 
-    splits = pd.read_parquet(run_dir / "splits.parquet")
+    splits = located(run_dir, pd.read_parquet(run_dir / "splits.parquet"))  # where the images are on this machine
     size = json.loads((run_dir / "study.json").read_text())["study"]["dataset"]["image_size"]
     cached = {split: (cache_dir() / f"{cache_key(rows['path'].tolist(), size)}.npy").exists()
               for split, rows in splits.groupby("split")}
@@ -489,7 +490,7 @@ def test_search_predict_applies_what_the_evaluation_fitted(final_stage, tmp_path
     best = expected_order(folder)[0]
     stored = json.loads((folder / "final_model.json").read_text())["per_trial"][best]
     images = tmp_path / "val"
-    val = pd.read_parquet(folder / "splits.parquet").query("split == 'val'")
+    val = read_split(folder, "val")  # path: where each image is on this machine
     for i, path in enumerate(val["path"]):
         images.mkdir(exist_ok=True)
         shutil.copy(path, images / f"{i:04d}.png")

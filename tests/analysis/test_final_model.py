@@ -165,28 +165,48 @@ def test_each_checkpoint_and_view_is_predicted_once(run_dir, tmp_path, monkeypat
     assert len(calls) == len(set(calls)) == 2 * loaded  # each (model, view) once: plain and dihedral
 
 
-def test_nothing_written_into_the_folder_names_a_place_on_the_machine(shipped, tmp_path, monkeypatch):
-    from analysis import report as R
-    from analysis import report_evaluation
+# Ray's own resume state: it records the storage path it was given and pickles the study file's place (the
+# searcher loads its space from there); Ray rewrites the former when a copied folder is resumed (tests/e2e/test_resume.py).
+RAY_STATE = ("tuner.pkl", "experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+
+
+def texts(path: Path) -> str:
+    """Every string a file holds: a Parquet file's cells, a SQLite file's values, else its bytes."""
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path).astype(str).to_csv()
+    if path.suffix == ".db":
+        import sqlite3
+
+        with sqlite3.connect(path) as db:
+            tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            return "\n".join(str(v) for t in tables for row in db.execute(f"SELECT * FROM {t}") for v in row)
+    return path.read_bytes().decode("latin-1")
+
+
+def test_nothing_written_into_the_folder_names_a_place_on_the_machine(shipped, tmp_path):
     from analysis.export import main as export
-    from analysis.splits import dataset_root, read_split
+    from analysis.report import write_report
+    from analysis.splits import image_paths, listed_root
     from search.predict import main as predict
 
     folder, _ = shipped
-    monkeypatch.setattr(report_evaluation, "explain_section", lambda run, evaluation: R.Section("stub"))
-    R.write_report(folder)
+    write_report(folder)
     assert export([str(folder), "--format", "keras"]) == 0
     images = tmp_path / "new"
     images.mkdir()
-    shutil.copy(read_split(folder, "test")["path"].iloc[0], images / "one.png")
+    test_images = pd.read_parquet(folder / "splits.parquet").query("split == 'test'")["path"]
+    shutil.copy(image_paths(folder, test_images[:1])[0], images / "one.png")
     assert predict([str(folder), str(images)]) == 0
-    places = {str(folder), str(folder.parent), str(dataset_root(folder)), sys.executable, sys.prefix}
-    written = ["test_predictions.parquet", "val_predictions_cache.parquet", "test_evaluation.json", "final_model.json",
-               "model_card.md", "report.md", "report.html", "predictions.csv", *[
-                   p.relative_to(folder).as_posix() for p in (folder / "export").glob("*.json")]]
-    for name in written:
-        path = folder / name
-        assert path.is_file(), name
-        text = (pd.read_parquet(path).astype(str).to_csv() if name.endswith(".parquet") else path.read_text())
+    root = image_paths(folder, test_images[:1])[0].removesuffix(test_images.iloc[0])
+    places = {str(folder), str(folder.parent.parent), root.rstrip("/"), sys.executable, sys.prefix, str(Path.home())}
+    ray_state = {p for pattern in RAY_STATE for p in folder.glob(pattern)}
+    written = [p for p in folder.rglob("*") if p.is_file() and p not in ray_state]
+    names = {p.relative_to(folder).as_posix() for p in written}
+    assert {"splits.parquet", "study.json", "leaderboard.parquet", "epochs.parquet", "optuna.db", "final_model.json",
+            "test_predictions.parquet", "val_predictions_cache.parquet", "test_evaluation.json", "report.md",
+            "report.html", "model_card.md", "predictions.csv"} <= names
+    assert any(n.endswith("/trial.json") for n in names) and any(n.startswith("export/") for n in names)
+    for path in written:
+        text = texts(path)
         found = [p for p in places if p and p in text]
-        assert not found, f"{name} names {found}"
+        assert not found, f"{path.relative_to(folder)} names {found}"

@@ -141,7 +141,7 @@ def _fake_evaluation(run_dir, *, k):
 def test_evaluate_flag_runs_the_test_evaluation_first(tmp_path, monkeypatch):
     calls = []
 
-    def evaluate_top_k(run_dir, k=3, n_boot=1000, seed=0):
+    def evaluate_top_k(run_dir, k=3, n_boot=1000, seed=0, **options):
         calls.append(k)
         _fake_evaluation(run_dir, k=k)
 
@@ -159,8 +159,29 @@ def test_evaluate_flag_runs_the_test_evaluation_first(tmp_path, monkeypatch):
     assert len(_embedded_pngs((folder / "report.html").read_text())) == len(re.findall(r"!\[", md))
 
 
+def test_evaluate_takes_the_final_model_options_of_analysis_evaluate(real_copy):
+    """report --evaluate chooses the final model as analysis.evaluate would: TTA, ensemble, target sensitivity."""
+    assert R.main([str(real_copy), "--evaluate", "--top-k", "2", "--ensemble", "2", "--tta", "flips",
+                   "--target-sensitivity", "0.9"]) == 0
+    final = json.loads((real_copy / "final_model.json").read_text())
+    assert final["tta"] == "flips" and len(final["trials"]) == 2
+    assert final["threshold_rule"] == "target sensitivity 0.9 on validation"
+    assert f"threshold {final['threshold']:.4f} (target sensitivity 0.9 on validation)" in \
+        (real_copy / "model_card.md").read_text()
+
+
+@pytest.mark.parametrize("flag", [["--tta", "flips"], ["--target-sensitivity", "0.9"], ["--ensemble", "auto"]])
+def test_a_final_model_option_without_evaluate_is_refused(tmp_path, capsys, flag):
+    folder = make_run_dir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        R.main([str(folder), *flag])
+    assert stop.value.code == 2
+    assert f"{flag[0]} chooses the final model, which only --evaluate fits" in capsys.readouterr().err
+    assert not (folder / "report.md").exists()
+
+
 def test_a_failed_evaluation_is_reported_and_the_report_still_written(tmp_path, monkeypatch, capsys):
-    def evaluate_top_k(run_dir, k=3, n_boot=1000, seed=0):
+    def evaluate_top_k(run_dir, k=3, n_boot=1000, seed=0, **options):
         raise ValueError("the study's split holds no test images")
 
     monkeypatch.setattr(R, "evaluate_top_k", evaluate_top_k)

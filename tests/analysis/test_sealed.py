@@ -128,3 +128,52 @@ def test_a_trial_name_that_leaves_the_folder_is_not_an_export_file_name(run_dir,
     err = capsys.readouterr().err
     assert err.startswith("error: trial_name '../../pwned_export'") and "--out" in err
     assert not list(tmp_path.rglob("*pwned*")) and not (folder / "export").exists()
+
+
+def _on_a_folder_dataset(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the study whose dataset is a folder of its own (the embedded images, copied): the folder names
+    each image relative to that dataset's root, so the dataset can move without the results."""
+    from analysis.splits import image_paths
+
+    folder = shutil.copytree(run_dir, tmp_path / "runs" / "tiny")
+    splits = pd.read_parquet(folder / "splits.parquet")
+    assert not any(Path(p).is_absolute() for p in splits["path"])  # names, not places
+    source = Path(image_paths(folder, splits["path"][:1])[0]).parent.parent  # root of the class folders
+    data = shutil.copytree(source, tmp_path / "data", ignore=shutil.ignore_patterns("*.json"))
+    record = json.loads((folder / "study.json").read_text())
+    record["study"]["dataset"].update(loader="folder", path=str(data), options={})
+    (folder / "study.json").write_text(json.dumps(record))
+    return folder, data
+
+
+def test_a_moved_dataset_is_named_with_the_flag_that_finds_it_and_the_flag_works(run_dir, tmp_path, capsys):
+    from analysis.evaluate import main
+
+    folder, data = _on_a_folder_dataset(run_dir, tmp_path)
+    assert main([str(folder), "--top-k", "1", "--bootstrap", "10"]) == 0
+    capsys.readouterr()
+    before = pd.read_parquet(folder / "test_predictions.parquet")
+    moved = data.rename(tmp_path / "elsewhere")
+    log = (folder / "test_evaluation.json").read_text()
+
+    assert main([str(folder), "--top-k", "1", "--bootstrap", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the study's images cannot be found") and repr(str(data)) in err
+    assert "--data-dir DIR" in err and "Traceback" not in err
+    assert (folder / "test_evaluation.json").read_text() == log  # nothing read, nothing logged
+
+    assert main([str(folder), "--top-k", "1", "--bootstrap", "10", "--data-dir", str(moved)]) == 0
+    after = pd.read_parquet(folder / "test_predictions.parquet")
+    pd.testing.assert_frame_equal(after, before)  # the same images, by name, found at their new place
+
+
+def test_another_dataset_at_the_recorded_place_is_refused_by_name(run_dir, tmp_path, capsys):
+    from analysis.export import main
+
+    folder, data = _on_a_folder_dataset(run_dir, tmp_path)
+    gone = sorted((data / "malignant").iterdir())[-1]
+    gone.unlink()  # one image of the study is no longer in its dataset
+    assert main([str(folder), "--format", "keras", "--verify-split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "not 1 of the" in err and "is it the study's dataset?" in err and "--data-dir" in err
+    assert not (folder / "export").exists()

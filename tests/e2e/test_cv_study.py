@@ -13,6 +13,7 @@ pytestmark = pytest.mark.e2e
 def test_a_cross_validated_study_reports_fold_means_and_predicts_with_the_fold_ensemble(tmp_path):
     import keras
 
+    from analysis.splits import located
     from analysis.results import load_results
     from fixtures.studies import TINY_STUDY
     from analysis.predict import main as predict
@@ -42,7 +43,7 @@ def test_a_cross_validated_study_reports_fold_means_and_predicts_with_the_fold_e
     assert json.loads((checkpoint / "trial.json").read_text())["cv_folds"] == 2
     subs = fold_folders(checkpoint)
     assert [p.name for p in subs] == ["fold_0", "fold_1"] and all((p / "model.keras").is_file() for p in subs)
-    rows = splits[pool].reset_index(drop=True)
+    rows = located(folder, splits[pool].reset_index(drop=True))  # path: where each image is on this machine
     images = decode_images(rows["path"].tolist(), 32)
     classes = ["benign", "malignant"]
     members = [keras.saving.load_model(p / "model.keras", compile=False) for p in subs]

@@ -348,8 +348,9 @@ def test_predictions_reproduce_the_validation_metric(tiny_run, tmp_path, capsys)
     """Decoding and resizing match training: on the val split the CSV gives the leaderboard's numbers."""
     from trainables.metrics import classification_metrics
 
-    splits = pd.read_parquet(tiny_run / "splits.parquet")
-    val = splits[splits["split"] == "val"]
+    from analysis.splits import read_split
+
+    val = read_split(tiny_run, "val")  # path: where each image is on this machine
     images = tmp_path / "val"
     for row in val.itertuples():
         (images / row.label).mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ keeps every cluster together, and bad settings are named before Ray starts.
 
 from __future__ import annotations
 
+import dataclasses
 import argparse
 
 import numpy as np
@@ -250,11 +251,13 @@ def test_the_report_shows_the_contamination_and_a_panel_of_the_closest_cross_spl
     from search.prepare import write_near_duplicates, write_splits
 
     planted = write_dataset(tmp_path / "data")
-    prepared = prepare_data(_study(tmp_path / "data"))
-    run_dir = make_run_dir(tmp_path / "runs")  # a synthetic results folder; its split and audit replaced by ours
+    study = _study(tmp_path / "data")
+    prepared = prepare_data(study)
+    # a synthetic results folder; its dataset, split and audit replaced by ours
+    run_dir = make_run_dir(tmp_path / "runs", dataset=dataclasses.asdict(study.dataset))
     folder = StudyFolder(tmp_path / "runs", run_dir.name)
-    write_splits(prepared.splits, folder)
-    write_near_duplicates(prepared.near_duplicates, folder)
+    write_splits(prepared, folder)
+    write_near_duplicates(prepared, folder)
     figures = prepared.near_duplicates.contamination(prepared.splits)
     assert figures["cross_split_pairs"] > 0  # the split at seed 0 leaves at least one copy apart from its original
 
@@ -278,8 +281,8 @@ def test_the_file_records_the_settings_that_ran_and_the_report_shows_them(tmp_pa
     prepared = prepare_data(_study(tmp_path / "data", near_duplicates={"hash_distance": 20, **HASH_ONLY}))
     run_dir = make_run_dir(tmp_path / "runs")  # its study.json says near_duplicates=True (today's defaults)
     folder = StudyFolder(tmp_path / "runs", run_dir.name)
-    write_splits(prepared.splits, folder)
-    write_near_duplicates(prepared.near_duplicates, folder)
+    write_splits(prepared, folder)
+    write_near_duplicates(prepared, folder)
     written = pd.read_parquet(run_dir / "near_duplicates.parquet")
     assert recorded_settings(written) == Settings(hash_distance=20, embedding=None)
     section = write_report(run_dir)[0].read_text().split("## Near-duplicate audit")[1].split("\n## ")[0]

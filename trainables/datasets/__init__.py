@@ -2,7 +2,7 @@
 
 An image table is a ``pandas.DataFrame`` with one row per image:
 
-- ``path``: absolute path of the image file
+- ``path``: absolute path of the image file (a results folder records it relative to ``image_root``)
 - ``label``: class name (str)
 - ``group``: patient or lesion id when the dataset has one, else ``None``
 - ``origin``: the folder split the dataset ships with (``"train"``, ``"test"``) or ``""``
@@ -14,13 +14,15 @@ from trainables.datasets._registry import (
     DatasetError,
     LoaderSpec,
     get_loader,
+    image_root,
     list_loaders,
     load_table,
     register_loader,
+    relative_names,
 )
 from trainables.datasets import folder as _folder  # noqa: F401  (registers "folder" and "embedded")
 from trainables.datasets import covid as _covid  # noqa: F401  (registers "covid")
 from trainables.datasets import ham10000 as _ham10000  # noqa: F401  (registers "ham10000")
 from trainables.datasets import melanoma as _melanoma  # noqa: F401  (registers "melanoma")
 
-__all__ = ["DatasetError", "LoaderSpec", "get_loader", "list_loaders", "load_table", "register_loader"]
+__all__ = ["DatasetError", "LoaderSpec", "get_loader", "image_root", "list_loaders", "load_table", "register_loader", "relative_names"]

@@ -42,6 +42,18 @@ def register_loader(name: str, *, layout: str, url: str = "", needs_path: bool =
     return wrap
 
 
+def image_root(paths) -> str:
+    """The deepest folder holding every image of ``paths``: what a results folder's image names are relative to,
+    so that a folder names no place on the machine that wrote it."""
+    folders = sorted({os.path.dirname(os.path.abspath(str(p))) for p in paths})
+    return os.path.commonpath(folders) if folders else ""
+
+
+def relative_names(paths, root: str) -> list[str]:
+    """``paths`` relative to ``root`` (``image_root``), with forward slashes: how a results folder names images."""
+    return [Path(os.path.relpath(os.path.abspath(str(p)), root)).as_posix() for p in paths]
+
+
 def list_loaders() -> list[str]:
     return sorted(_LOADERS)
 
