@@ -16,7 +16,7 @@ import numpy as np
 
 from analysis.errors import EvaluateError
 
-__all__ = ["LEVEL", "point_metrics", "bootstrap_ci", "resample_counts", "percentile_interval"]
+__all__ = ["LEVEL", "point_metrics", "bootstrap_ci", "resample_counts", "percentile_interval", "wilson_interval"]
 
 LEVEL = 0.95
 _CELLS_PER_CHUNK = 4_000_000  # resamples x images held in memory at once (~32 MB of float64)
@@ -72,6 +72,22 @@ def percentile_interval(values, level: float = LEVEL) -> tuple[float, float]:
     if not len(values):
         return math.nan, math.nan
     return float(np.percentile(values, 100 * (1 - level) / 2)), float(np.percentile(values, 100 * (1 + level) / 2))
+
+
+def wilson_interval(k, n, level: float = LEVEL) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``k / n`` (STARD-style reporting of sensitivity, specificity,
+    PPV and NPV): unlike the bootstrap it stays informative at 0/n and n/n and at small n. NaN, NaN for n = 0."""
+    from scipy.stats import norm
+
+    if not n:
+        return math.nan, math.nan
+    z = float(norm.ppf((1 + level) / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low, high = centre - half, centre + half
+    # at 0/n and n/n one end is exactly 0 or 1; rounding leaves ~1e-17 there
+    return (0.0 if k == 0 else max(0.0, low)), (1.0 if k == n else min(1.0, high))
 
 
 def resample_counts(n: int, n_boot: int, seed: int):

@@ -37,7 +37,7 @@ import numpy as np
 from analysis.files import FINAL_MODEL
 
 __all__ = ["ECE_BINS", "FINAL_MODEL", "T_BOUNDS", "CalibrationError", "apply_temperature", "brier",
-           "calibration_scores", "ece", "fit_temperature", "nll", "read_final_model", "reliability_bins",
+           "calibration_scores", "diagram_bins", "MIN_PER_BIN", "ece", "fit_temperature", "nll", "read_final_model", "reliability_bins",
            "trial_calibration"]
 
 ECE_BINS = 15
@@ -126,6 +126,29 @@ def reliability_bins(probs, y_true, n_bins: int = ECE_BINS) -> dict[str, np.ndar
         accuracy = np.bincount(index, weights=correct, minlength=n_bins) / count
     return {"edges": np.linspace(0.0, 1.0, n_bins + 1), "count": count, "confidence": mean_conf,
             "accuracy": accuracy}
+
+
+MIN_PER_BIN = 10  # images per bin of the reliability diagram: fewer make a bin's accuracy noise
+
+
+def diagram_bins(probs, y_true, min_per_bin: int = MIN_PER_BIN, max_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """The reliability diagram's bins: equal-count (each about ``n / k`` images, at least ``min_per_bin``; at most
+    ``max_bins``), so a small test set draws few well-filled bins instead of 15 mostly empty ones. Per bin:
+    ``count``, mean ``confidence``, ``accuracy`` and its Wilson interval ``low``/``high``, and the ``edges``."""
+    from analysis.bootstrap import wilson_interval
+
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(y_true, dtype=np.int64)
+    k = int(max(1, min(max_bins, len(confidence) // min_per_bin)))
+    order = np.argsort(confidence, kind="stable")
+    groups = [g for g in np.array_split(order, k) if len(g)]
+    edges = [0.0] + [float(confidence[g].max()) for g in groups[:-1]] + [1.0]
+    count = np.array([len(g) for g in groups], dtype=np.float64)
+    hits = np.array([correct[g].sum() for g in groups], dtype=np.float64)
+    intervals = np.array([wilson_interval(h, c) for h, c in zip(hits, count)]).reshape(-1, 2)
+    return {"edges": np.array(edges), "count": count, "confidence": np.array([confidence[g].mean() for g in groups]),
+            "accuracy": hits / count, "low": intervals[:, 0], "high": intervals[:, 1]}
 
 
 def ece(probs, y_true, n_bins: int = ECE_BINS) -> float:

@@ -92,10 +92,12 @@ def render_html(header: dict, sections: list[Section], root: Path) -> str:
             f"<p class=\"state{' partial' if state['partial'] else ''}\">{_inline(header['state_text'])}</p>",
             f"<p class=\"note\">Generated {html.escape(header['generated'])} from the results folder "
             f"<code>{html.escape(root.name)}</code>.</p>",
-            *([f"<p>{_inline(MODEL_CARD_LINE)}</p>"] if header.get("model_card") else []),
-            "<nav><ol>" + "".join(f"<li><a href=\"#{_anchor(s.title)}\">{html.escape(s.title)}</a></li>" for s in sections)
-            + "</ol></nav>"]
-    for section in sections:
+            *([f"<p>{_inline(MODEL_CARD_LINE)}</p>"] if header.get("model_card") else [])]
+    nav = ("<nav><ol>" + "".join(f"<li><a href=\"#{_anchor(s.title)}\">{html.escape(s.title)}</a></li>" for s in sections)
+           + "</ol></nav>")
+    for i, section in enumerate(sections):
+        if i == 1:  # the contents after the first section: the answer comes first, on the first screen
+            body.append(nav)
         body.append(f"<h2 id=\"{_anchor(section.title)}\">{html.escape(section.title)}</h2>")
         for kind, value in section.blocks:
             if kind == "text":

@@ -46,18 +46,19 @@ import pandas as pd
 
 from analysis import operating_point as op
 from analysis.bootstrap import LEVEL, bootstrap_ci, point_metrics
-from analysis.calibration import apply_temperature, calibration_scores, reliability_bins
+from analysis.calibration import apply_temperature, calibration_scores, diagram_bins
 from analysis.errors import EvaluateError, ResultsFolderError
 from analysis.files import FINAL_MODEL, PLOTS_DIR, VAL_PREDICTIONS, evaluation_file, predictions_file
-from analysis.final_model import TTA_MODES, member_probabilities
+from analysis.final_model import member_probabilities
 from analysis.model_card import write_model_card
 from analysis.plots import reliability_plot
-from analysis.selection import (CHOSEN_ON_VALIDATION, TTA_AUTO, Candidate, FinalPlan, candidates_for, choose_final,
-                                ensemble_sizes, final_model_record, fit_on_validation, parse_ensemble,
-                                per_trial_entry, plan_final)
-from analysis.records import format_final, format_table
-from analysis.reader import load_trial_model, ranked_trials, read_study, trial_from_row
-from analysis.splits import (DATA_DIR_HELP, SPLIT_NAMES, append_record, decode_split, fold_rows, jsonable,
+from analysis.options import add_final_model_arguments, check_final_model_arguments, final_model_options
+from analysis.prevalence import at_prevalences, check_prevalence, prevalences_for
+from analysis.selection import (CHOSEN_ON_VALIDATION, Candidate, FinalPlan, candidates_for, choose_final,
+                                ensemble_sizes, final_model_record, fit_on_validation, per_trial_entry, plan_final)
+from analysis.records import format_final, format_table, read_evaluations
+from analysis.reader import load_trial_model, ranked_trials, read_record, read_study, trial_from_row
+from analysis.splits import (SPLIT_NAMES, append_record, decode_split, fold_rows, jsonable,
                              label_indices, log_test_use, now, read_split, split_class_names)
 from analysis.files import write_file
 
@@ -166,7 +167,7 @@ class Shipped:
 
 
 def score_model(shipped: Shipped, y, class_names: list[str], *, n_boot: int, seed: int, level: float,
-                positive_for_auc: int | None) -> dict:
+                positive_for_auc: int | None, prevalence: float | None = None) -> dict:
     """One model on the evaluated split, at its shipped decision: every metric with its interval, the confusion
     matrix (and the argmax one, labelled), calibration before and after, and the operating point or, for more
     than two classes, per-class one-vs-rest sensitivity and specificity."""
@@ -184,7 +185,7 @@ def score_model(shipped: Shipped, y, class_names: list[str], *, n_boot: int, see
         "calibration": {"temperature": shipped.fitted["temperature"]["temperature"],
                         "validation": shipped.fitted["temperature"],
                         "before": calibration_scores(shipped.raw, y), "after": calibration_scores(probs, y),
-                        "bins_before": reliability_bins(shipped.raw, y), "bins_after": reliability_bins(probs, y)},
+                        "bins_before": diagram_bins(shipped.raw, y), "bins_after": diagram_bins(probs, y)},
         "confusion_matrix": confusion_matrix(y, decisions, labels=labels).tolist(),
         "confusion_matrix_argmax": confusion_matrix(y, probs.argmax(axis=1), labels=labels).tolist(),
         "classification_report": classification_report(y, decisions, labels=labels, target_names=class_names,
@@ -199,6 +200,11 @@ def score_model(shipped: Shipped, y, class_names: list[str], *, n_boot: int, see
             "class": class_names[shipped.positive], **threshold, "at_threshold": op.binary_at(is_pos, scores, threshold["value"]),
             "ci": {m: list(v) for m, v in op.binary_ci(is_pos, scores, threshold["value"], n_boot=n_boot, seed=seed,
                                                        level=level).items()},
+            "wilson": op.wilson_intervals(op.binary_at(is_pos, scores, threshold["value"]), level),
+            # PPV and NPV hold only at a prevalence: the test set's, and the intended setting's (or typical ones)
+            "at_prevalence": at_prevalences(is_pos, scores >= threshold["value"],
+                                            prevalences_for(prevalence, float(is_pos.mean())),
+                                            n_boot=n_boot, seed=seed, level=level),
         }
     if len(class_names) > 2:
         ovr = op.one_vs_rest(y, decisions, class_names)
@@ -242,6 +248,8 @@ class Evaluation:
     level: float
     batch_size: int
     log: object
+    prevalence: float | None = None  # of the positive class where the model will be used (stated), if any
+    prevalence_source: str | None = None  # "--prevalence" or "Study(prevalence=...)"
 
     @property
     def names(self) -> list[str]:
@@ -276,7 +284,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
                    batch_size: int = 64, level: float = LEVEL, log=print, ensemble: int | str | None = None,
                    tta: str | None = None, target_sensitivity: float | None = None,
                    target_specificity: float | None = None, positive_class: str | None = None,
-                   data_dir: str | None = None) -> pd.DataFrame:
+                   prevalence: float | None = None, data_dir: str | None = None) -> pd.DataFrame:
     """Fit the final model on validation, then score it and the ``k`` best trials on ``split``; write the records.
 
     Returns one row per evaluated trial, best first: ``rank``, ``trial_name``,
@@ -286,6 +294,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     candidate (``rank`` empty, ``trial_name`` its label). Trials without a
     checkpoint, or whose checkpoint cannot be loaded, are skipped with a note
     (``log``) and the next one is taken, so a study still running can be evaluated.
+    ``prevalence``: the positive class's share where the model will be used (else the study's), for PPV and NPV.
     ``data_dir``: where the study's dataset now lives, if it moved (``analysis.splits.image_paths``).
     """
     if k < 1:
@@ -293,7 +302,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     ev = open_evaluation(Path(run_dir).expanduser().resolve(), k, split, n_boot=n_boot, seed=seed, level=level,
                          batch_size=batch_size, log=log, ensemble=ensemble, tta=tta,
                          target_sensitivity=target_sensitivity, target_specificity=target_specificity,
-                         positive_class=positive_class, data_dir=data_dir)
+                         positive_class=positive_class, prevalence=prevalence, data_dir=data_dir)
     val = validation_predictions(ev.run_dir, ev.val_rows, ev.models, ev.modes, batch_size=batch_size, log=log)
     fit = fit_final(ev, val)
     probs = split_predictions(ev, fit, val)
@@ -305,6 +314,7 @@ def open_evaluation(run_dir: Path, k: int, split: str, **options) -> Evaluation:
     plan_options = {n: options.pop(n) for n in ("ensemble", "tta", "target_sensitivity", "target_specificity",
                                                  "positive_class")}
     data_dir = options.pop("data_dir", None)
+    prevalence, source = stated_prevalence(options.pop("prevalence", None), read_record(run_dir))
     try:
         study = read_study(run_dir)
         ranked, notes = ranked_trials(run_dir, study)
@@ -332,7 +342,18 @@ def open_evaluation(run_dir: Path, k: int, split: str, **options) -> Evaluation:
     for note in notes:
         options["log"](f"note: {note}")
     _check_models(run_dir, models, plan, classes, len(ranked))
-    return Evaluation(run_dir, study, split, rows, val_rows, classes, plan, models, notes, k, **options)
+    return Evaluation(run_dir, study, split, rows, val_rows, classes, plan, models, notes, k, **options,
+                      prevalence=prevalence, prevalence_source=source)
+
+
+def stated_prevalence(given: float | None, record: dict) -> tuple[float | None, str | None]:
+    """The intended setting's prevalence: ``--prevalence``, else the study's ``prevalence``; with where it came from."""
+    if given is not None:
+        return check_prevalence(given), "--prevalence"
+    study = record.get("study") or {}
+    if study.get("prevalence") is not None:
+        return check_prevalence(study["prevalence"], "Study(prevalence=...)"), "Study(prevalence=...)"
+    return None, None
 
 
 def _check_models(run_dir: Path, models: list[Loaded], plan: FinalPlan, classes: list[str], n_ranked: int) -> None:
@@ -400,6 +421,12 @@ def split_predictions(ev: Evaluation, fit: Fit, val: dict) -> dict:
         return {key: val[key] for key in wanted}
     needed = [n for n in ev.names if any(n == w for w, _ in wanted)]  # in rank order
     if ev.split == "test":  # record the look at the test set before anything can fail
+        reads = len((read_evaluations(ev.run_dir) or {}).get("test_split_log") or [])
+        if reads:  # said aloud before reading, not only logged
+            ev.log(f"note: the test split has been read {reads} time(s) before (test_evaluation.json's "
+                   "test_split_log). Each look lets later choices (trials, thresholds, ensembles) drift toward it, so "
+                   "these numbers are less of an unseen-data estimate than the first; choose on validation "
+                   "(--split val) and read test once")
         log_test_use(ev.run_dir, trials=needed, n_test=len(ev.rows), by="analysis.evaluate")
     decoded = {size: decode_split(ev.rows, size) for size in sorted({m.size for m in ev.models if m.trial.name in needed})}
     return {(m.trial.name, mode): predict_rows(m.model, decoded[m.size], ev.rows, None if mode == "none" else mode,
@@ -411,7 +438,8 @@ def write_evaluation(ev: Evaluation, fit: Fit, probs: dict) -> pd.DataFrame:
     """Stages 5 and 6: score every model as it ships, then write the predictions, the record and the card."""
     y = label_indices(ev.rows, ev.classes)
     metric_column = f"best_{ev.study.get('metric', 'val_balanced_accuracy')}"
-    score = {"n_boot": ev.n_boot, "seed": ev.seed, "level": ev.level, "positive_for_auc": ev.positive_for_auc}
+    score = {"n_boot": ev.n_boot, "seed": ev.seed, "level": ev.level, "positive_for_auc": ev.positive_for_auc,
+             "prevalence": ev.prevalence}
     table, predictions, records, scored = [], [], [], []
     for rank, m in enumerate(ev.models[:ev.k], start=1):
         shipped = Shipped(Candidate(m.trial.name, (m.trial.name,), None), fit.fitted[m.trial.name],
@@ -438,6 +466,7 @@ def write_evaluation(ev: Evaluation, fit: Fit, probs: dict) -> pd.DataFrame:
         "evaluated_at": now(), "split": ev.split, "n": len(ev.rows), "metric": ev.study.get("metric"),
         "mode": ev.study.get("mode"), "k": ev.k, "n_boot": ev.n_boot, "seed": ev.seed, "level": ev.level,
         "positive_class": ev.study.get("dataset", {}).get("positive_class"), "notes": ev.notes, "trials": records,
+        "prevalence": {"stated": ev.prevalence, "from": ev.prevalence_source},
         "decision": fit.record["decision"],
         "final": {"model": fit.final.label, "final_model": FINAL_MODEL, "ensemble": fit.record["ensemble"],
                   "tta": ev.plan.tta, "chosen_by": fit.record["chosen_by"],
@@ -486,50 +515,6 @@ def _prediction_rows(ev: Evaluation, shipped: Shipped, final_label: str) -> pd.D
 # --------------------------------------------------------------------------
 # the command line
 # --------------------------------------------------------------------------
-
-
-FINAL_MODEL_OPTIONS = ("ensemble", "tta", "target_sensitivity", "target_specificity", "positive_class", "data_dir")
-
-
-def add_final_model_arguments(parser) -> None:
-    """The options that choose the final model (and find the images), shared by analysis.report --evaluate."""
-    parser.add_argument("--data-dir", metavar="DIR", default=None, help=DATA_DIR_HELP)
-    final = parser.add_argument_group(
-        "the final model", "fitted on the validation split only, written to RUN_DIR/final_model.json (used by "
-        "python -m search.predict), then scored on the test split beside the single best trial")
-    final.add_argument("--ensemble", metavar="K|auto", default=None,
-                       help="also score the mean of the top K trials' probabilities; auto: K (1-5) chosen on "
-                       "validation by the study's metric. With auto (here or in --tta) the final model is the "
-                       "candidate that scores best on validation; otherwise it is the combination asked for")
-    final.add_argument("--tta", choices=(*TTA_MODES, TTA_AUTO), default=None,
-                       help="also score test-time augmentation: flips (4 views: mirrored left-right, up-down, both) "
-                       "or dihedral (8 views: also rotated by 90 degrees; for images with no up, e.g. dermoscopy); "
-                       "auto: with and without dihedral, whichever scores higher on validation")
-    final.add_argument("--target-sensitivity", type=float, metavar="S", default=None,
-                       help="threshold: the highest whose validation sensitivity for the positive class is >= S "
-                       "(e.g. 0.95 for screening); default: Youden's J")
-    final.add_argument("--target-specificity", type=float, metavar="S", default=None,
-                       help="threshold: the lowest whose validation specificity is >= S")
-    final.add_argument("--positive-class", metavar="NAME", default=None,
-                       help="the class the threshold is for (default: the study's positive_class; for more than two "
-                       "classes, naming one adds a threshold for it, e.g. mel)")
-
-
-def check_final_model_arguments(parser, args) -> None:
-    """``parser.error`` on a bad final-model option; ``args.ensemble`` parsed."""
-    for flag in ("target_sensitivity", "target_specificity"):
-        value = getattr(args, flag)
-        if value is not None and not 0 < value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be strictly between 0 and 1, got {value}; e.g. 0.95")
-    try:
-        args.ensemble = parse_ensemble(args.ensemble)
-    except EvaluateError as exc:
-        parser.error(str(exc))
-
-
-def final_model_options(args) -> dict:
-    """The final-model options of parsed ``args``, as ``evaluate_top_k`` takes them."""
-    return {name: getattr(args, name) for name in FINAL_MODEL_OPTIONS}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

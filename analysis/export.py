@@ -61,7 +61,10 @@ import numpy as np
 from analysis.errors import EvaluateError, ResultsFolderError
 from analysis.files import EXPORT_DIR, FINAL_MODEL
 from analysis.final_model import FinalModel, load_final_model
+from analysis.intended_use import intended_use
+from analysis.prevalence import PREVALENCE_NOTE
 from analysis.reader import read_study
+from analysis.records import final_evaluated, latest_evaluation, read_evaluations
 from analysis.splits import DATA_DIR_HELP, decode_split, log_test_use, read_split
 
 __all__ = ["FORMATS", "TOLERANCES", "CARRIES_CALIBRATION", "ONNX_OPSET", "ExportError", "MissingConverterError",
@@ -524,6 +527,8 @@ def _write_sidecar(out: Path, run_dir: Path, final: FinalModel, fmt: str, check:
         "decision": rule,
         "notes": [n.replace(str(run_dir), "RUN_DIR") for n in final.notes],
         "verification": None if check is None else {**asdict(check), "ok": check.ok},
+        "intended_use": intended_use(read_study(run_dir)),  # with "synthetic data: not for clinical use" where so
+        "ppv_npv": _ppv_npv(run_dir, final),
     }
     if fmt == "onnx":
         record["onnx"] = {"opset": ONNX_OPSET, "input": "image", "output": "probabilities",
@@ -539,6 +544,18 @@ def _write_sidecar(out: Path, run_dir: Path, final: FinalModel, fmt: str, check:
     except OSError as exc:
         raise ExportError(f"cannot write {str(sidecar)!r} ({exc.strerror or exc}); free some space and run again: "
                           f"without it {str(out)!r} has no class names or threshold beside it") from None
+
+
+def _ppv_npv(run_dir: Path, final: FinalModel) -> dict | None:
+    """PPV and NPV of this model at the prevalences its latest test evaluation reported (each names its own);
+    None when that evaluation scored another model, or none has been run."""
+    evaluation = latest_evaluation(read_evaluations(run_dir), final=True)
+    scored = final_evaluated(evaluation)
+    op = (scored or {}).get("operating_point") or {}
+    if not op.get("at_prevalence") or list(scored.get("trials") or []) != list(final.trials):
+        return None
+    return {"class": op["class"], "threshold": op["value"], "split": evaluation.get("split"), "n": evaluation.get("n"),
+            "note": PREVALENCE_NOTE, "at_prevalence": op["at_prevalence"]}
 
 
 def _study_name(run_dir: Path) -> str | None:

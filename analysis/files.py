@@ -11,7 +11,7 @@ from pathlib import Path
 
 from analysis.errors import AnalysisError
 
-__all__ = ["write_file", "shown_path", "shown_command", "STUDY_JSON", "LEADERBOARD", "EPOCHS", "SPLITS", "NEAR_DUPLICATES", "FINAL_MODEL", "TEST_LOG",
+__all__ = ["write_file", "shown_path", "shown_command", "STUDY_JSON", "LEADERBOARD", "EPOCHS", "SPLITS", "NEAR_DUPLICATES", "FINAL_MODEL", "OOD_REFERENCE", "TEST_LOG",
            "VAL_PREDICTIONS", "PLOTS_DIR", "MODEL_CARD", "REPORT_MD", "REPORT_HTML", "EXPORT_DIR", "evaluation_file",
            "predictions_file"]
 
@@ -24,6 +24,7 @@ NEAR_DUPLICATES = "near_duplicates.parquet"
 
 # written by analysis
 FINAL_MODEL = "final_model.json"  # the model a study ships (analysis.final_model)
+OOD_REFERENCE = "ood_reference.parquet"  # what the training images look like, for predict's warnings (analysis.ood)
 TEST_LOG = "test_evaluation.json"  # evaluations of the test split, and the log of every look at it
 VAL_PREDICTIONS = "val_predictions_cache.parquet"  # not val_predictions.parquet: --split val writes that
 PLOTS_DIR = "report_files"

@@ -60,6 +60,10 @@ class Prediction:
     probabilities: np.ndarray  # (N, classes), calibrated when the model has a temperature
     decisions: np.ndarray  # (N,) class indices under the model's decision rule
     class_names: tuple[str, ...]
+    # Per image, from analysis.ood (Results.predict fills them; None: not checked): whether it looks unlike the
+    # training images, and every reason in words ("" when there is none), as search.predict's CSV has them.
+    ood: np.ndarray | None = None
+    warnings: tuple[str, ...] | None = None
 
     @property
     def labels(self) -> list[str]:

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.bootstrap import percentile_interval, resample_counts
+from analysis.bootstrap import percentile_interval, resample_counts, wilson_interval
 
-__all__ = ["BINARY_METRICS", "OperatingPointError", "binary_at", "binary_ci", "choose_threshold", "decide",
+__all__ = ["BINARY_METRICS", "OperatingPointError", "binary_at", "binary_ci", "wilson_intervals", "choose_threshold", "decide",
            "one_vs_rest", "one_vs_rest_ci", "rule_text"]
 
 BINARY_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -140,6 +140,13 @@ def binary_ci(is_positive, scores, threshold: float, *, n_boot: int = 1000, seed
     parts = [_weighted_binary(is_positive, called, counts)
              for counts in resample_counts(len(is_positive), n_boot, seed)]
     return _percentiles(parts, BINARY_METRICS, level)
+
+
+def wilson_intervals(at: dict, level: float) -> dict[str, list[float]]:
+    """Wilson intervals of sensitivity, specificity, PPV and NPV from the confusion counts at the threshold."""
+    tp, fn, fp, tn = at["tp"], at["fn"], at["fp"], at["tn"]
+    return {name: list(wilson_interval(k, n, level)) for name, k, n in
+            (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp), ("ppv", tp, tp + fp), ("npv", tn, tn + fn))}
 
 
 def one_vs_rest(y_true, predicted, class_names: list[str]) -> dict[str, dict]:

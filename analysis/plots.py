@@ -29,6 +29,7 @@ from analysis.efficiency import asha_budget, best_so_far, order_note
 from analysis.tables import Run, category_order, label, parameter_kind, scored, searched_parameters
 
 STATUS_MARKERS = {"finished": "o", "stopped": "x", "running": "s", "interrupted": "s", "errored": "v"}
+MIN_TRIALS_FOR_IMPORTANCE = 8  # finished trials below which no importance chart is drawn, only a sentence
 EDGE_FRACTION = 0.1  # a best value in the outer 10% of the sampled range is "at the edge"
 
 
@@ -312,6 +313,9 @@ def param_importances(run: Run, statuses=("finished",), seed: int = 0) -> tuple[
     values = [t.value for t in study.trials]
     if len(set(values)) < 2:
         return None, f"skipped: all {len(values)} {'/'.join(statuses)} trials have the same score, nothing to explain"
+    if len(study.trials) < MIN_TRIALS_FOR_IMPORTANCE:  # fANOVA on a handful of points is noise that sums to 1
+        return None, (f"skipped: {len(study.trials)} {'/'.join(statuses)} trial(s); parameter importances from "
+                      f"fewer than {MIN_TRIALS_FOR_IMPORTANCE} would look precise and mean nothing")
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
     try:
         with warnings.catch_warnings():
@@ -324,7 +328,7 @@ def param_importances(run: Run, statuses=("finished",), seed: int = 0) -> tuple[
     note = (f"fANOVA (Optuna) on {len(study.trials)} {'/'.join(statuses)} trials, {len(shared)} parameter(s)"
             + (f"; conditional parameters left out (not set by every trial): {', '.join(left_out)}" if left_out else "")
             + ("; ASHA-stopped trials are not used: their scores come from fewer epochs" if "stopped" not in statuses else "")
-            + (f"; only {len(study.trials)} trials: read as a rough indication" if len(study.trials) < 10 else ""))
+            + (f"; only {len(study.trials)} trials: read as a rough indication" if len(study.trials) < 20 else ""))
     return importances, note
 
 
@@ -463,10 +467,16 @@ def reliability_plot(curves: dict[str, dict], out_dir: Path, *, name: str = "rel
         filled = count > 0
         confidence = np.asarray(bins["confidence"], dtype=float)[filled]
         accuracy = np.asarray(bins["accuracy"], dtype=float)[filled]
-        top.plot(confidence, accuracy, "o-", color=f"C{i}", label=name_of_curve, markersize=4)
+        if "low" in bins:  # equal-count bins with the Wilson interval of each bin's accuracy
+            low = accuracy - np.asarray(bins["low"], dtype=float)[filled]
+            high = np.asarray(bins["high"], dtype=float)[filled] - accuracy
+            top.errorbar(confidence, accuracy, yerr=[low, high], fmt="o-", color=f"C{i}", label=name_of_curve,
+                         markersize=4, capsize=3, alpha=0.85)
+        else:
+            top.plot(confidence, accuracy, "o-", color=f"C{i}", label=name_of_curve, markersize=4)
         edges = np.asarray(bins["edges"], dtype=float)
-        width = (edges[1] - edges[0]) / (len(curves) + 0.5)
-        bottom.bar(edges[:-1] + width * (i + 0.25), count, width=width, align="edge", color=f"C{i}", alpha=0.7)
+        widths = np.diff(edges) / (len(curves) + 0.5)
+        bottom.bar(edges[:-1] + widths * (i + 0.25), count, width=widths, align="edge", color=f"C{i}", alpha=0.7)
     top.set_ylabel("accuracy in the bin")
     # the top-label confidence of k classes is at least 1/k: start at the first bin holding images
     low = min(float(np.asarray(b["edges"])[np.flatnonzero(np.asarray(b["count"]) > 0)].min(initial=1.0))
@@ -476,7 +486,9 @@ def reliability_plot(curves: dict[str, dict], out_dir: Path, *, name: str = "rel
     top.grid(alpha=0.3)
     top.legend(fontsize=8, loc="upper left")
     top.set_title(title, fontsize=10)
-    bottom.set_xlabel(f"confidence (top-label probability), {len(edges) - 1} equal-width bins")
+    equal_count = all("low" in b for b in curves.values())
+    bottom.set_xlabel(f"confidence (top-label probability), {len(edges) - 1} "
+                      + ("equal-count bins (bars: 95% Wilson intervals)" if equal_count else "equal-width bins"))
     bottom.set_ylabel("images")
     bottom.grid(alpha=0.3)
     return Plot(name, title, save(fig, out_dir, name), note)

@@ -12,10 +12,16 @@ by ``trainables.data.decode_image``, the very function that decoded the training
 images, so training and prediction see the same pixels.
 
 Output: a CSV with ``file`` (path relative to IMAGES_DIR), ``predicted`` (the
-shipped decision), one ``prob_<class>`` column per class, and the model that made
-them (``model``, ``members``, ``tta``, ``temperature``, ``threshold``); and a short
-summary on stdout. With ``--explain DIR``, also one Grad-CAM overlay PNG per image
-in DIR, for its predicted class (``analysis.explain``; of the first member).
+shipped decision), one ``prob_<class>`` column per class, the model that made
+them (``model``, ``members``, ``tta``, ``temperature``, ``threshold``), and the
+out-of-distribution check (``analysis.ood``): ``ood`` (the image looks unlike the
+training images: native size, or features farther from them than 99 % of the
+validation images'), ``feature_distance``, ``study_image`` (the study image it is a
+copy of, by content, wherever it lies) and ``warning`` (every reason in words;
+all four empty when the check could not run); and a short summary on stdout,
+which counts the images that look unlike the training images. With
+``--explain DIR``, also one Grad-CAM overlay PNG per image in DIR, for its
+predicted class (``analysis.explain``; of the first member).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from pathlib import Path
 from analysis.errors import EvaluateError, ResultsFolderError
 from analysis.explain import ExplainError, explain_predictions
 from analysis.final_model import FinalModel, load_final_model
-from analysis.splits import image_paths
+from analysis.ood import CHECK_COLUMNS, OODError, check_study, summary_lines
+from analysis.splits import DATA_DIR_HELP, image_paths
 from search.argtypes import positive_int, probability
 
 EXIT_USAGE = 2
@@ -70,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=probability, default=None, metavar="P",
                         help="call the positive class when its (calibrated) probability is >= P, overriding the "
                         "threshold in RUN_DIR/final_model.json (default: that threshold, else the argmax)")
+    parser.add_argument("--data-dir", help="for the out-of-distribution check, fitted on the study's train and "
+                        f"validation images on first use: {DATA_DIR_HELP}")
     parser.add_argument("--explain", metavar="DIR",
                         help="also write one Grad-CAM overlay PNG per image into DIR (created if missing), named after "
                         "the image's relative path, showing where the model looked for the predicted class")
@@ -106,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {_listing(bad, files, images_dir)}\n"
                 "Fix or remove them, or add --skip-corrupt to predict the rest (they are kept in the CSV with their error)."
             )
-        table = prediction_table(files, images_dir, final.calibrate(raw), final, bad)
+        seen = _seen_in_study(run_dir, files)
+        checks, ood_lines = ood_checks(run_dir, files, images_dir, bad, args.data_dir, sum(seen.values()))
+        table = prediction_table(files, images_dir, final.calibrate(raw), final, bad, checks)
         write_csv(table, out)
         if explain_dir is not None:
             explained = explain_predictions(final.models()[0], table, files, images_dir, final.image_size,
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"warning: skipped {len(bad)} unreadable image(s) (--skip-corrupt); they are in the CSV with an "
               f"empty 'predicted' and their 'error':\n  {_listing(bad, files, images_dir)}", file=sys.stderr)
-    print(summary(table, final, images_dir, out, time.monotonic() - started, _seen_in_study(run_dir, files)))
+    print(summary(table, final, images_dir, out, time.monotonic() - started, seen, ood_lines))
     if explain_dir is not None:
         member = f" (of {final.trials[0]}, the first of its {len(final.members)} members)" if len(final.members) > 1 else ""
         print(f"explanations: {len(explained)} Grad-CAM overlay(s){member} in {explain_dir}")
@@ -185,8 +196,10 @@ def predict_files(final: FinalModel, files: list[Path], *, batch_size: int, stop
     return probs, bad
 
 
-def prediction_table(files: list[Path], images_dir: Path, probs, final: FinalModel, bad: dict[int, str]):
-    """One row per file: its shipped decision, calibrated probabilities, and the model that made them."""
+def prediction_table(files: list[Path], images_dir: Path, probs, final: FinalModel, bad: dict[int, str],
+                     checks=None):
+    """One row per file: its shipped decision, calibrated probabilities, the model that made them, and its
+    out-of-distribution check (``checks``: ``analysis.ood.check``'s rows, one per file; None: not checked)."""
     import pandas as pd
 
     names = list(final.class_names)
@@ -200,6 +213,8 @@ def prediction_table(files: list[Path], images_dir: Path, probs, final: FinalMod
     table["tta"] = final.tta or "none"
     table["temperature"] = final.temperature
     table["threshold"] = final.threshold
+    for column in CHECK_COLUMNS:
+        table[column] = None if checks is None else checks[column].to_numpy()
     if bad:
         table["error"] = [bad.get(i, "") for i in range(len(files))]
     return table
@@ -225,8 +240,26 @@ def _listing(bad: dict[int, str], files: list[Path], images_dir: Path) -> str:
 
 
 # --------------------------------------------------------------------------
-# the summary
+# the out-of-distribution check, and the summary
 # --------------------------------------------------------------------------
+
+
+def ood_checks(run_dir: Path, files: list[Path], images_dir: Path, bad: dict[int, str], data_dir: str | None,
+               seen: int = 0):
+    """``(checks, lines)``: ``analysis.ood.check``'s rows for ``files`` (unreadable ones empty) and the summary's
+    lines about them (``seen``: how many are the study's own files by path, noted already); ``(None, [note])``
+    when the study has no reference and none can be fitted here."""
+    import pandas as pd
+
+    good = [i for i in range(len(files)) if i not in bad]
+    try:
+        found = check_study(run_dir, [files[i] for i in good], data_dir)
+    except OODError as exc:
+        return None, [f"  note: no out-of-distribution check (the 'ood' column is empty): {exc}"]
+    checks = pd.DataFrame({c: [None] * len(files) for c in CHECK_COLUMNS}, dtype=object)
+    checks.iloc[good] = found.to_numpy(dtype=object)
+    names = [files[i].relative_to(images_dir).as_posix() for i in good]
+    return checks, summary_lines(found, names, noted=seen)
 
 
 def _seen_in_study(run_dir: Path, files: list[Path]) -> dict[str, int]:
@@ -254,7 +287,8 @@ def _seen_in_study(run_dir: Path, files: list[Path]) -> dict[str, int]:
     return {str(k): int(v) for k, v in seen["split"].value_counts().items()}
 
 
-def summary(table, final: FinalModel, images_dir: Path, out: Path, seconds: float, seen: dict[str, int]) -> str:
+def summary(table, final: FinalModel, images_dir: Path, out: Path, seconds: float, seen: dict[str, int],
+            ood_lines=()) -> str:
     predicted = table["predicted"].dropna()
     names = list(final.class_names)
     lines = [f"predicted {len(predicted)} image(s) from {images_dir} in {seconds:.1f} s",
@@ -270,6 +304,7 @@ def summary(table, final: FinalModel, images_dir: Path, out: Path, seconds: floa
         parts = ", ".join(f"{n} {split}" for split, n in sorted(seen.items()))
         lines.append(f"  note: {sum(seen.values())} of these images are in the study's splits ({parts}); "
                      "predictions on train/val images are no fair test")
+    lines += list(ood_lines)
     lines.append(f"predictions: {out}")
     return "\n".join(lines)
 

@@ -24,29 +24,35 @@ from analysis import efficiency as E
 from analysis import tables as T
 from analysis.document import Section, render_html, render_markdown
 from analysis.errors import EvaluateError
-from analysis.evaluate import (add_final_model_arguments, check_final_model_arguments, evaluate_top_k,
-                               final_model_options)
+from analysis.headline import headline, headline_text
+from analysis.intended_use import intended_use
+from analysis.evaluate import evaluate_top_k
+from analysis.options import add_final_model_arguments, check_final_model_arguments, final_model_options
 from analysis.figures import Plot, figure, save
 from analysis.files import MODEL_CARD, PLOTS_DIR, REPORT_HTML, REPORT_MD, shown_command, shown_path, write_file
 from analysis.plots import make_all
 from analysis.records import latest_evaluation, read_evaluations
 from analysis.splits import image_paths
+from analysis.subgroups import subgroup_section
 from search.argtypes import positive_int
 from analysis.report_evaluation import (curves_section, decimals_for, explain_part, final_model_section, image_step,
                                         published_section, split_class_counts, test_section, validation_resolution)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+ANSWER_TITLE = "The answer in short"
 LONG_TABLE = 40  # trial-by-trial tables longer than this are shortened
 SECTIONS = (
+    ANSWER_TITLE,
     "Study summary",
-    "Near-duplicate audit",
     "Best trial per backbone",
     "Backbone x unfreeze depth",
     "Published results beside ours",
     "Held-out test evaluation",
     "Final model: ensemble, calibration, operating point",
     "ROC and precision-recall curves",
+    "Results by subgroup",
     "Where the model looks",
+    "Near-duplicate audit",
     "Plots",
     "Search efficiency",
     "All trials",
@@ -128,15 +134,17 @@ def build(run: T.Run, eval_error: str | None = None) -> tuple[list[Section], dic
               "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "model_card": (run.path / MODEL_CARD).is_file()}
     sections = [
+        answer_section(run, record, evaluation),
         summary_section(run, state),
-        near_duplicates_section(run),
         best_backbone_section(run),
         unfreeze_section(run),
         published_section(run, evaluation),
         test_section(run, record, evaluation, eval_error),
         final_model_section(run, evaluation),
         curves_section(run, evaluation),
+        subgroup_section(run, evaluation),
         explain_part(run, evaluation),
+        near_duplicates_section(run),
         plots_section(plots),
         efficiency_section(run),
         all_trials_section(run),
@@ -144,6 +152,31 @@ def build(run: T.Run, eval_error: str | None = None) -> tuple[list[Section], dic
     ]
     assert [s.title for s in sections] == list(SECTIONS)
     return sections, header
+
+
+def answer_section(run: T.Run, record: dict | None, evaluation: dict | None) -> Section:
+    """The first screen: the answer (``analysis.headline``), or what to run to get one."""
+    s = Section(ANSWER_TITLE)
+    use = intended_use(run.study)
+    if use["warning"]:
+        s.text(f"**{use['warning'].capitalize()}.** The images of this study are generated "
+               f"({(run.study.get('dataset') or {}).get('loader')} loader).")
+    if use["intended_use"]:
+        s.text(f"Intended use: {use['intended_use']}" + (f" Not for: {use['not_for']}." if use["not_for"] else ""))
+    final = latest_evaluation(record, final=True)
+    facts = headline(run.study, final, record) if final else None
+    if facts is None:
+        s.text("No final model has been evaluated on held-out images yet, so there is no answer to give: run "
+               f"`python -m analysis.report {shown_path(run.path)} --evaluate` (add `--target-sensitivity 0.95` "
+               "for a screening threshold). The search's validation scores below chose the trials; they are "
+               "optimistic as an estimate.")
+        return s
+    s.text(headline_text(facts))
+    if facts.rule == "Youden's J on validation":
+        s.text(f"The threshold is the default (Youden's J): it weighs a missed {facts.positive} the same as a false "
+               "alarm. For screening, ask for the sensitivity you need: `--target-sensitivity 0.95` (analysis.evaluate "
+               "or analysis.report --evaluate).")
+    return s
 
 
 def state_line(state: dict) -> str:

@@ -7,18 +7,19 @@ and never reads the test split itself.
 
 from __future__ import annotations
 
-import math
 
 import pandas as pd
 
 from analysis import published
 from analysis import tables as T
+from analysis.tables import decimals_for
 from analysis.curves import curve_plots
 from analysis.document import Section
 from analysis.explain import explain_section
 from analysis.figures import Plot
 from analysis.files import PLOTS_DIR
 from analysis.operating_point import BINARY_METRICS, rule_text
+from analysis.prevalence import PREVALENCE_NOTE, prevalence_frame
 from analysis.records import best_evaluated, final_evaluated, latest_evaluation, read_evaluations
 
 __all__ = ["test_section", "final_model_section", "curves_section", "explain_part", "published_section",
@@ -60,13 +61,6 @@ def image_step(metric: str, counts: dict[str, int]) -> tuple[float, str, str] | 
         n = present[name[len("recall_"):]]
         return 1 / n, f"1/{n}", f"one {name[len('recall_'):]} image"
     return None
-
-
-def decimals_for(step: float | None) -> int:
-    """Decimals that show a step of ``step`` and no finer: 1/20 -> 2, 1/120 -> 3, 1/2000 -> 4."""
-    if not step or step <= 0 or math.isnan(step):
-        return 4
-    return max(2, min(4, math.ceil(-math.log10(step) - 1e-9)))
 
 
 def _images(gap: float, step: float) -> str:
@@ -310,9 +304,23 @@ def final_model_section(run: T.Run, evaluation: dict | None) -> Section:
         s.sub(f"Operating point for {op['class']}: threshold {op['value']:.4f} ({rule_text(op)})")
         s.table(pd.DataFrame([{"": split, **{T.label(m): ci_cell(at[m], *ci[m][:2], digits=d) for m in BINARY_METRICS},
                                "TP / FN / FP / TN": f"{at['tp']} / {at['fn']} / {at['fp']} / {at['tn']}"},
-                              {"": "validation", **{T.label(m): f"{op['validation'][m]:.{d}f}" for m in BINARY_METRICS},
+                              {"": "validation", **{T.label(m): ci_cell(op["validation"][m], None, None, d) or "n/a"
+                                                   for m in BINARY_METRICS},
                                "TP / FN / FP / TN": " / ".join(str(op["validation"].get(k, "")) for k in
                                                                ("tp", "fn", "fp", "tn"))}]))
+        if op.get("wilson"):  # STARD-style: proportions with Wilson intervals, beside the bootstrap
+            s.text(f"{int(round(100 * evaluation.get('level', 0.95)))}% Wilson intervals of the {split} proportions "
+                   "(from the confusion counts; beside the bootstrap's above, and informative at 0/n and n/n): "
+                   + ", ".join(f"{T.label(m)} [{lo:.{d}f}, {hi:.{d}f}]" for m, (lo, hi) in op["wilson"].items()
+                               if lo is not None and hi is not None) + ".")
+        if op.get("at_prevalence"):
+            s.sub(f"PPV and NPV where the model is used ({op['class']} at its threshold, sensitivity and specificity "
+                  f"from {split})")
+            s.text(PREVALENCE_NOTE + " The first row is this test set's; the others are "
+                   + ("the intended setting's, stated for the study." if any(r["source"] == "stated" for r in
+                                                                          op["at_prevalence"]) else
+                      "typical settings, as none was stated (`Study(prevalence=...)` or `--prevalence P`)."))
+            s.table(prevalence_frame(op["at_prevalence"], d))
     if chosen.get("one_vs_rest"):
         s.sub("Per class, one vs rest at the shipped decision")
         s.table(pd.DataFrame([{"class": c, T.label("sensitivity"): ci_cell(o["sensitivity"], *o["ci"]["sensitivity"][:2], digits=d),

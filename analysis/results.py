@@ -108,8 +108,20 @@ class Results:
 
     def predict(self, paths, batch_size: int = 64) -> Prediction:
         """The final model on image files: calibrated ``probabilities`` (N, classes), ``decisions`` (class indices
-        under the shipped decision rule) and ``labels``, exactly what ``search.predict`` writes."""
-        return self.final_model.predict_paths(paths if isinstance(paths, (list, tuple)) else [paths], batch_size)
+        under the shipped decision rule) and ``labels``, exactly what ``search.predict`` writes; and its
+        out-of-distribution check (``analysis.ood``): ``ood`` (N,) and ``warnings``, the reasons in words, ""
+        for none (both None, with a printed note, when the study's reference cannot be fitted here)."""
+        from analysis.ood import OODError, check_study
+
+        paths = list(paths) if isinstance(paths, (list, tuple)) else [paths]
+        prediction = self.final_model.predict_paths(paths, batch_size)
+        try:
+            checks = check_study(self.path, paths)
+        except OODError as exc:
+            print(f"note: no out-of-distribution check: {exc}")
+            return prediction
+        return dataclasses.replace(prediction, ood=checks["ood"].to_numpy(dtype=bool),
+                                   warnings=tuple(checks["warning"].astype(str)))
 
     def load_model(self, trial: str | None = None):
         """The final model (or trial ``trial`` alone, with what was fitted for it) as one Keras model: raw RGB

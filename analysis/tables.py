@@ -14,6 +14,7 @@ so their numbers can be checked against ``leaderboard.parquet``; ``pretty`` and
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -106,6 +107,14 @@ class Run:
     def positive_class(self) -> str | None:
         return (self.study.get("dataset") or {}).get("positive_class")
 
+
+
+def decimals_for(step: float | None) -> int:
+    """Decimals that show a step of ``step`` and no finer: 1/20 -> 2, 1/120 -> 3, 1/2000 -> 4. Every value over n
+    images is printed with ``decimals_for(1 / n)``: one image moves it by that step, so finer digits are noise."""
+    if not step or step <= 0 or math.isnan(step):
+        return 4
+    return max(2, min(4, math.ceil(-math.log10(step) - 1e-9)))
 
 def load_run(run_dir: str | Path, data_dir: str | None = None) -> Run:
     """Read ``study.json``, ``leaderboard.parquet``, ``epochs.parquet`` and ``splits.parquet`` (``analysis.reader``).

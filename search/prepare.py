@@ -14,7 +14,7 @@ import pandas as pd
 
 from search.study import Study, StudyError, cv_folds
 from trainables.data import DIGEST_PREFIX, data_digest, decode_images
-from trainables.datasets import DatasetError, image_root, load_table, relative_names
+from trainables.datasets import DatasetError, image_root, load_table, metadata_columns, relative_names
 from trainables.datasets.integrity import find_corrupt_cached, find_duplicates
 from trainables.near_duplicates import CLUSTER_COLUMN, NearDuplicates, find_near_duplicates, settings_from
 from trainables.splits import assign_folds, assign_splits, group_by, subsample
@@ -203,9 +203,12 @@ def write_splits(prepared: Prepared, folder) -> str:
     """``splits.parquet`` in a ``search.storage.StudyFolder``: every image with its split, written out, each
     named relative to the dataset's root (``analysis.splits.image_paths`` finds them again)."""
     splits = prepared.splits
+    metadata = metadata_columns(splits)  # age, sex, ...: for analysis.subgroups
     out = splits[["path", "label", "label_index", "group", "origin", "split"]
-                 + (["fold"] if "fold" in splits.columns else [])].copy()  # fold: cv_folds, <NA> outside train ∪ val
+                 + (["fold"] if "fold" in splits.columns else [])  # fold: cv_folds, <NA> outside train ∪ val
+                 + metadata].copy()
     out["path"] = prepared.names(out["path"])
-    for col in ("path", "label", "group", "origin", "split"):
+    text = [c for c in metadata if not pd.api.types.is_numeric_dtype(out[c]) or pd.api.types.is_bool_dtype(out[c])]
+    for col in ("path", "label", "group", "origin", "split", *text):
         out[col] = out[col].astype("string")
     return folder.write_parquet("splits.parquet", out)

@@ -84,6 +84,12 @@ class Study:
     space: Callable[[Any], dict]  # define-by-run: space(optuna_trial) -> hyperparameters
     dataset: Dataset = dataclasses.field(default_factory=Dataset)
     description: str = ""
+    # What the model is for, shown first in the model card and the report (TRIPOD+AI, CLAIM): who uses it, on whom,
+    # where it must not be used, and the positive class's share where it will be used (for PPV and NPV).
+    intended_use: str = ""  # e.g. "triage of dermoscopy images of pigmented lesions in a referral clinic"
+    intended_users: str = ""  # e.g. "dermatologists, as a second reader"
+    not_for: str = ""  # e.g. "diagnosis without a clinician; images other than dermoscopy; children"
+    prevalence: float | None = None  # e.g. 0.02: the positive class's share in the intended setting
     fixed: dict = dataclasses.field(default_factory=dict)  # hyperparameters every trial shares
     metric: str = "val_balanced_accuracy"
     mode: str = "max"
@@ -153,10 +159,25 @@ def validate(study: Study) -> None:
     if not is_one_of(study.mixed_precision, (True, False, "auto")):
         _fail("mixed_precision", study.mixed_precision, "use True, False or 'auto'")
     _check_path("weights_dir", study.weights_dir)
+    _check_intended_use(study)
     if not isinstance(study.fixed, dict):
         _fail("fixed", study.fixed, "use a dict of hyperparameters, e.g. {'batch_size': 16}")
     _check_hparams("fixed", study.fixed)
     dry_run_space(study)
+
+
+def _check_intended_use(study: Study) -> None:
+    for field in ("description", "intended_use", "intended_users", "not_for"):
+        if not isinstance(getattr(study, field), str):
+            _fail(field, getattr(study, field), "use a sentence in quotes, or leave it out")
+    p = study.prevalence
+    if p is not None:
+        if isinstance(p, bool) or not is_number(p) or not 0 < p < 1:
+            _fail("prevalence", p, "give the positive class's share in the intended setting, strictly between 0 "
+                  "and 1 (e.g. 0.02 for 2%), or None")
+        if study.dataset.positive_class is None:
+            _fail("prevalence", p, "a prevalence is of the positive class: set dataset.positive_class too "
+                  "(e.g. Dataset(..., positive_class='malignant'))")
 
 
 def _check_dataset(ds: Dataset, *, loaders: list[str], protocols: list[str]) -> None:

@@ -7,6 +7,9 @@ import pytest
 from fixtures.studies import TINY_STUDY
 from search.run import main
 
+INTENDED_USE = "a test of the tooling on generated lesions"  # what the card and the report must carry
+NOT_FOR = "any patient"
+
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
@@ -14,7 +17,8 @@ def run_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("analysis")
     study = folder / "tiny.py"
     study.write_text("from search import Dataset, Study\n"
-                     + TINY_STUDY.replace("NUM_SAMPLES", "4").replace("MAX_EPOCHS", "3"))
+                     + TINY_STUDY.replace("NUM_SAMPLES", "4").replace("MAX_EPOCHS", "3")
+                     .replace('name="tiny",', f'name="tiny", intended_use="{INTENDED_USE}", not_for="{NOT_FOR}",'))
     here = os.getcwd()
     os.chdir(folder)  # typed as a user types them, relative: study.json records the command as typed
     try:

@@ -84,3 +84,27 @@ def test_the_final_model_record_is_read_per_trial_and_refused_for_other_classes(
     (tmp_path / "final_model.json").write_text("{broken")
     with pytest.raises(CalibrationError, match="unreadable .* analysis.evaluate"):
         read_final_model(tmp_path)
+
+
+def test_the_diagram_draws_equal_count_bins_of_at_least_ten_images_with_wilson_intervals():
+    from analysis.calibration import MIN_PER_BIN, diagram_bins
+
+    y, probs, _ = overconfident(120, k=2, seed=3)
+    bins = diagram_bins(probs, y)
+    assert len(bins["count"]) == 120 // MIN_PER_BIN and bins["count"].sum() == 120
+    assert bins["count"].min() >= MIN_PER_BIN and bins["count"].max() - bins["count"].min() <= 1  # equal count
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y
+    first = np.argsort(confidence, kind="stable")[: int(bins["count"][0])]
+    assert bins["accuracy"][0] == pytest.approx(correct[first].mean())
+    assert (bins["low"] <= bins["accuracy"]).all() and (bins["accuracy"] <= bins["high"]).all()
+    assert len(diagram_bins(probs[:15], y[:15])["count"]) == 1  # 15 images: one bin, not 15 near-empty ones
+
+
+def test_the_wilson_interval_matches_its_closed_form_and_stays_inside_zero_one():
+    from analysis.bootstrap import wilson_interval
+
+    low, high = wilson_interval(8, 10)  # the textbook example: 0.4902 to 0.9433
+    assert (low, high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 12)[0] == 0.0 and 0 < wilson_interval(0, 12)[1] < 0.3  # informative at 0/n
+    assert wilson_interval(12, 12)[1] == 1.0 and wilson_interval(12, 12)[0] > 0.7
+    assert all(np.isnan(wilson_interval(0, 0)))

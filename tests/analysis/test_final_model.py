@@ -173,7 +173,8 @@ RAY_STATE = ("tuner.pkl", "experiment_state-*.json", "search_gen_state-*.json", 
 def texts(path: Path) -> str:
     """Every string a file holds: a Parquet file's cells, a SQLite file's values, else its bytes."""
     if path.suffix == ".parquet":
-        return pd.read_parquet(path).astype(str).to_csv()
+        table = pd.read_parquet(path)
+        return "\n".join(str(v) for column in table.columns for v in table[column].tolist())
     if path.suffix == ".db":
         import sqlite3
 

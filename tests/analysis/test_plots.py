@@ -66,12 +66,25 @@ def test_importance_with_two_varying_parameters(tmp_path):
 
 
 def test_importance_leaves_out_conditional_parameters_and_names_them(tmp_path):
-    run = T.load_run(make_run_dir(tmp_path))  # 3 finished trials; only the mobilenet ones set dropout
+    trials = [(i, "mobilenet_v2" if i % 2 else "cnn_s3", [0, 20, "all"][i % 3], 10 ** (-4 + i / 4),
+               0.1 + i / 40 if i % 2 else None, "finished", [0.5 + 0.03 * i]) for i in range(10)]
+    trials.append((10, "cnn_s3", "all", 1e-3, None, "stopped", [0.4]))
+    run = T.load_run(make_run_dir(tmp_path, trials, max_epochs=1))  # only the mobilenet trials set dropout
     importances, note = P.param_importances(run)
     assert importances is not None, note
     assert set(importances.index) == {"backbone", "unfreeze", "learning_rate"}
     assert "left out (not set by every trial): dropout" in note
-    assert "ASHA-stopped trials are not used" in note and "3 finished trials" in note
+    assert "ASHA-stopped trials are not used" in note and "10 finished trials" in note
+
+
+def test_importance_from_fewer_trials_than_the_minimum_is_a_sentence_not_a_chart(tmp_path):
+    run = T.load_run(make_run_dir(tmp_path))  # 3 finished trials with varying parameters
+    importances, note = P.param_importances(run)
+    assert importances is None
+    assert note == (f"skipped: 3 finished trial(s); parameter importances from fewer than "
+                    f"{P.MIN_TRIALS_FOR_IMPORTANCE} would look precise and mean nothing")
+    plot = P.importance_plot(run, tmp_path / "out")
+    assert plot.path is None and plot.note == note
 
 
 def test_importance_is_skipped_with_a_reason(tmp_path):

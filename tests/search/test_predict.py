@@ -323,7 +323,7 @@ def test_mixed_images_are_predicted_with_the_best_trial(tiny_run, tmp_path, caps
     assert code == 0, err
     table = pd.read_csv(out)
     assert list(table.columns) == ["file", "predicted", "prob_benign", "prob_malignant", "model", "members", "tta",
-                                   "temperature", "threshold"]
+                                   "temperature", "threshold", "ood", "feature_distance", "study_image", "warning"]
     assert sorted(table["file"]) == sorted(modes)  # one row per image, relative paths, subfolders searched
     probs = table[["prob_benign", "prob_malignant"]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and (probs >= 0).all()
@@ -357,7 +357,7 @@ def test_predictions_reproduce_the_validation_metric(tiny_run, tmp_path, capsys)
         shutil.copy(row.path, images / row.label / Path(row.path).name)
     code, stdout, err = run([tiny_run, images], capsys)  # default out: RUN_DIR/predictions.csv
     assert code == 0, err
-    assert "in the study's splits" not in stdout  # copies are not the study's own files
+    assert "in the study's splits" not in stdout  # copies are not the study's own files by path (by content: ood.py)
     table = pd.read_csv(tiny_run / "predictions.csv")
     assert len(table) == len(val)
     y_true = table["file"].str.split("/").str[0].map(CLASSES.index).to_numpy()
@@ -403,7 +403,8 @@ def test_corrupt_images_stop_the_run_unless_skipped(tiny_run, tmp_path, capsys):
     assert "predicted 1 image(s)" in stdout
     table = pd.read_csv(out, keep_default_na=False).set_index("file")
     assert list(table.columns) == ["predicted", "prob_benign", "prob_malignant", "model", "members", "tta",
-                                   "temperature", "threshold", "error"]
+                                   "temperature", "threshold", "ood", "feature_distance", "study_image", "warning",
+                                   "error"]
     assert table.loc["good.png", "predicted"] in CLASSES and table.loc["good.png", "error"] == ""
     for name in ("garbage.jpg", "truncated.png"):
         assert table.loc[name, "predicted"] == "" and table.loc[name, "error"]

@@ -49,7 +49,7 @@ def test_duplicates_are_found_and_written(tmp_path, capsys):
     pairs = prepared.duplicates
     assert len(pairs) == 1 and not pairs["same_label"].iloc[0]
 
-    report_duplicates(pairs, StudyFolder(tmp_path, "run"))
+    report_duplicates(prepared, StudyFolder(tmp_path, "run"))
     assert "1 pair(s) of identical image files" in capsys.readouterr().out
     assert len(pd.read_parquet(tmp_path / "run" / "duplicates.parquet")) == 1
 

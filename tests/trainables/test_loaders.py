@@ -11,7 +11,10 @@ import pandas as pd
 import pytest
 
 from fixtures.datasets import (
+    HAM_AGES,
     HAM_COUNTS,
+    HAM_SEXES,
+    HAM_SITES,
     copy_file,
     make_covid,
     make_folder,
@@ -24,7 +27,7 @@ from fixtures.datasets import (
     write_truncated_jpeg,
 )
 from trainables.data import decode_image, decode_images
-from trainables.datasets import DatasetError, list_loaders, load_table
+from trainables.datasets import DatasetError, list_loaders, load_table, metadata_columns
 from trainables.datasets.integrity import find_corrupt, find_duplicates
 
 
@@ -57,6 +60,18 @@ def test_ham10000_binary_target(tmp_path):
     table = load_table("ham10000", make_ham10000(tmp_path / "ham"), target="binary")
     malignant = HAM_COUNTS["mel"] + HAM_COUNTS["bcc"] + HAM_COUNTS["akiec"]
     assert _counts(table) == {"benign": sum(HAM_COUNTS.values()) - malignant, "malignant": malignant}
+
+
+def test_ham10000_carries_age_sex_and_site(tmp_path):
+    table = load_table("ham10000", make_ham10000(tmp_path / "ham"))
+    assert metadata_columns(table) == ["age", "sex", "localization", "dx_type"]
+    n = len(table)  # rows in image_id order, as the fixture numbers them
+    assert table["age"].dtype == "float64" and table["age"].iloc[: n - 1].tolist() == [
+        HAM_AGES[i % len(HAM_AGES)] for i in range(n - 1)]
+    assert pd.isna(table["age"].iloc[-1])  # an empty cell is NaN, not 0 or ""
+    assert table["sex"].tolist() == [HAM_SEXES[i % 2] for i in range(n)]
+    assert table["localization"].tolist() == [HAM_SITES[i % 3] for i in range(n)]
+    assert isinstance(table["sex"].dtype, pd.StringDtype) and set(table["dx_type"]) == {"histo"}
 
 
 def test_ham10000_bad_target_and_option(tmp_path):
@@ -247,6 +262,66 @@ def test_folder_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DatasetError, match=r"has no images. Expected layout:\n  ROOT/"):
         load_table("folder", empty)
+
+
+def _metadata_csv(root: Path, rows: list[tuple], columns=("file", "age", "sex")) -> None:
+    pd.DataFrame(rows, columns=list(columns)).to_csv(root / "meta.csv", index=False)
+
+
+def test_folder_metadata_csv_joins_by_path_or_file_name(tmp_path):
+    root = make_folder(tmp_path / "histo", n=3)
+    # by path relative to the root, by a unique file name, with an empty age; malignant_1.png has no row
+    _metadata_csv(root, [("benign/benign_0.png", 30, "female"), ("benign_1.png", 71, "male"),
+                         ("malignant/malignant_0.png", None, "female")])
+    table = load_table("folder", root, metadata="meta.csv")
+    table.index = [Path(p).name for p in table["path"]]
+    assert metadata_columns(table) == ["age", "sex"]
+    assert table["age"].dtype == "float64" and isinstance(table["sex"].dtype, pd.StringDtype)
+    assert table.loc["benign_0.png", "age"] == 30 and table.loc["benign_1.png", "sex"] == "male"
+    assert pd.isna(table.loc["malignant_0.png", "age"]) and table.loc["malignant_0.png", "sex"] == "female"
+    assert table.loc[["benign_2.png", "malignant_1.png"], ["age", "sex"]].isna().all().all()  # no row: NA
+    assert load_table("folder", root, metadata=str(root / "meta.csv"))["sex"].notna().sum() == 3  # absolute path
+
+
+def test_folder_bad_metadata_csv_is_refused_by_name(tmp_path):
+    root = make_folder(tmp_path / "histo", n=3)
+    with pytest.raises(DatasetError, match=r"metadata file .*meta.csv' not found; give options=\{'metadata'"):
+        load_table("folder", root, metadata="meta.csv")
+    _metadata_csv(root, [("benign/benign_0.png", 30, "f")], columns=("image", "age", "sex"))
+    with pytest.raises(DatasetError, match=r"'meta.csv' has no 'file' column \(its columns: \['image', 'age', "
+                                           r"'sex'\]\); add one naming each image relative to the dataset folder"):
+        load_table("folder", root, metadata="meta.csv")
+    _metadata_csv(root, [("benign/benign_0.png", 30, "f"), ("benign/nope.png", 40, "m"), ("x.png", 1, "m")])
+    with pytest.raises(DatasetError, match=r"2 file\(s\) of 'meta.csv' are no image of the dataset \(e.g. "
+                                           r"benign/nope.png, x.png\); name each image relative to"):
+        load_table("folder", root, metadata="meta.csv")
+    _metadata_csv(root, [("benign/benign_0.png", 30, "f"), ("benign_0.png", 40, "m")])  # one image, two rows
+    with pytest.raises(DatasetError, match=r"1 image\(s\) have more than one row in 'meta.csv' .*keep one row per"):
+        load_table("folder", root, metadata="meta.csv")
+    _metadata_csv(root, [("benign/benign_0.png", "a"), ("benign/benign_0.png", "b")], columns=("file", "site"))
+    with pytest.raises(DatasetError, match=r"more than one row"):
+        load_table("folder", root, metadata="meta.csv")
+    _metadata_csv(root, [("benign/benign_0.png", "x", "f")], columns=("file", "label", "split"))
+    with pytest.raises(DatasetError, match=r"column\(s\) \['label', 'split'\], names the image table already uses"):
+        load_table("folder", root, metadata="meta.csv")
+
+
+def test_a_file_name_of_two_images_must_be_given_by_path(tmp_path):
+    root = make_folder(tmp_path / "histo", n=1)
+    copy_file(root / "benign" / "benign_0.png", root / "malignant" / "benign_0.png")
+    _metadata_csv(root, [("benign_0.png", 30, "f")])
+    with pytest.raises(DatasetError, match=r"benign_0.png: a file name of several images; give its path"):
+        load_table("folder", root, metadata="meta.csv")
+
+
+def test_a_loader_metadata_column_may_not_take_a_pipeline_name():
+    from trainables.datasets._registry import PIPELINE_COLUMNS, check_table
+    from trainables.near_duplicates import CLUSTER_COLUMN
+
+    assert CLUSTER_COLUMN in PIPELINE_COLUMNS  # the one name kept in step by hand
+    table = pd.DataFrame({"path": ["a", "b"], "label": ["x", "y"], "group": None, "origin": "", "split": "z"})
+    with pytest.raises(DatasetError, match=r"metadata column\(s\) \['split'\] take names the pipeline adds"):
+        check_table(table, "mine")
 
 
 def test_missing_path_errors(tmp_path):

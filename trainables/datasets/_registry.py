@@ -12,6 +12,9 @@ from typing import Callable
 import pandas as pd
 
 TABLE_COLUMNS = ("path", "label", "group", "origin")
+# Added to the table after loading (search.prepare, analysis.splits), so a loader's metadata column may not take
+# these names. "near_duplicate_cluster" is trainables.near_duplicates.CLUSTER_COLUMN (that module imports this one).
+PIPELINE_COLUMNS = ("label_index", "split", "fold", "near_duplicate_cluster", "image")
 DICOM_SUFFIXES = (".dcm",)  # decoded by trainables.data.read_dicom (pydicom), every other suffix by PIL
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", *DICOM_SUFFIXES)  # the files a listing takes, in any letter case
 IMAGE_KINDS = "/".join(IMAGE_SUFFIXES)  # ".jpg/.jpeg/.png/.dcm": how every message names them
@@ -29,14 +32,15 @@ class LoaderSpec:
     layout: str  # the expected folder layout, shown when the path is wrong
     url: str = ""  # where users download the dataset
     needs_path: bool = True
+    synthetic: bool = False  # generated images: every report and card says "not for clinical use"
 
 
 _LOADERS: dict[str, LoaderSpec] = {}
 
 
-def register_loader(name: str, *, layout: str, url: str = "", needs_path: bool = True):
+def register_loader(name: str, *, layout: str, url: str = "", needs_path: bool = True, synthetic: bool = False):
     def wrap(load):
-        _LOADERS[name] = LoaderSpec(name, load, layout, url, needs_path)
+        _LOADERS[name] = LoaderSpec(name, load, layout, url, needs_path, synthetic)
         return load
 
     return wrap
@@ -106,10 +110,20 @@ def _check_options(spec: LoaderSpec, options: dict) -> None:
         )
 
 
+def metadata_columns(table: pd.DataFrame) -> list[str]:
+    """The per-image metadata of an image table (or of ``splits.parquet``): every column that is neither in
+    ``TABLE_COLUMNS`` nor one the pipeline adds (``PIPELINE_COLUMNS``), e.g. HAM10000's age, sex, localization."""
+    return [str(c) for c in table.columns if c not in TABLE_COLUMNS and c not in PIPELINE_COLUMNS]
+
+
 def check_table(table: pd.DataFrame, name: str, *, layout: str = "") -> pd.DataFrame:
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise DatasetError(f"loader {name!r} returned a table without columns {missing}")
+    taken = [str(c) for c in table.columns if c in PIPELINE_COLUMNS]
+    if taken:
+        raise DatasetError(f"dataset {name!r}: metadata column(s) {taken} take names the pipeline adds "
+                           f"({list(PIPELINE_COLUMNS)}); rename them (e.g. {taken[0] + '_given'!r})")
     expected = f" Expected layout:\n{layout}" if layout else ""
     if table.empty:
         raise DatasetError(f"dataset {name!r} has no images.{expected}")

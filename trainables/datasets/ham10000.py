@@ -32,6 +32,10 @@ CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 MALIGNANT = ("akiec", "bcc", "mel")
 BENIGN = ("bkl", "df", "nv", "vasc")
 TARGETS = ("dx", "binary")
+# Per-image metadata carried into the table (and splits.parquet) for subgroup results (analysis.subgroups).
+# dx_type is how the diagnosis was confirmed (histo, follow_up, consensus, confocal).
+METADATA_COLUMNS = ("age", "sex", "localization", "dx_type")
+NUMERIC_METADATA = ("age",)
 
 URL = "https://www.kaggle.com/datasets/kmader/skin-cancer-mnist-ham10000 or https://doi.org/10.7910/DVN/DBW86T"
 _LAYOUT = f"""  ROOT/
@@ -51,6 +55,8 @@ def load_ham10000(path: Path, *, target: str = "dx", strict: bool = True) -> pd.
     ``target="binary"`` labels it ``malignant`` (mel, bcc, akiec) or ``benign``
     (nv, bkl, df, vasc). With ``strict=False``, metadata rows without an image
     file and image files without a row are dropped instead of raising.
+    The table also carries the metadata columns the CSV has of ``METADATA_COLUMNS``
+    (``age`` a number, the others text; empty cells are NA).
     """
     if target not in TARGETS:
         raise DatasetError(f"ham10000: target must be one of {list(TARGETS)}, got {target!r}")
@@ -65,9 +71,20 @@ def load_ham10000(path: Path, *, target: str = "dx", strict: bool = True) -> pd.
             "label": labels.astype(str),
             "group": meta["lesion_id"].astype(str),
             "origin": "",
+            **_metadata(meta),
         }
     ).reset_index(drop=True)
     return with_left_out(table, path, left_out)
+
+
+def _metadata(meta: pd.DataFrame) -> dict[str, pd.Series]:
+    """The CSV's ``METADATA_COLUMNS`` it has: numbers as floats (a bad or empty cell is NaN), text as strings."""
+    out = {}
+    for col in METADATA_COLUMNS:
+        if col in meta.columns:
+            values = meta[col]
+            out[col] = pd.to_numeric(values, errors="coerce") if col in NUMERIC_METADATA else values.astype("string")
+    return out
 
 
 def _read_metadata(root: Path) -> pd.DataFrame:
