@@ -38,6 +38,7 @@ class Headline:
     rule: str | None
     sensitivity: tuple | None  # (value, low, high)
     specificity: tuple | None
+    validation_sensitivity: float | None  # where the threshold was fitted
     balanced_accuracy: tuple
     ece: float | None
     caveats: list[str]
@@ -65,6 +66,7 @@ def headline(study: dict, evaluation: dict, record: dict | None = None) -> Headl
         threshold=op["value"] if op else None, rule=rule_text(op) if op else None,
         sensitivity=triple("sensitivity", op["at_threshold"], op["ci"]) if op else None,
         specificity=triple("specificity", op["at_threshold"], op["ci"]) if op else None,
+        validation_sensitivity=(op.get("validation") or {}).get("sensitivity") if op else None,
         balanced_accuracy=triple("balanced_accuracy", chosen["metrics"], chosen["ci"]),
         ece=(chosen.get("calibration") or {}).get("after", {}).get("ece"), caveats=caveats)
 

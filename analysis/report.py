@@ -173,9 +173,12 @@ def answer_section(run: T.Run, record: dict | None, evaluation: dict | None) -> 
         return s
     s.text(headline_text(facts))
     if facts.rule == "Youden's J on validation":
+        d = decimals_for(1 / facts.n) if facts.n else 3
+        gave = (f" It gave sensitivity {facts.validation_sensitivity:.{d}f} on validation and "
+                f"{facts.sensitivity[0]:.{d}f} on {facts.split}." if facts.validation_sensitivity is not None else "")
         s.text(f"The threshold is the default (Youden's J): it weighs a missed {facts.positive} the same as a false "
-               "alarm. For screening, ask for the sensitivity you need: `--target-sensitivity 0.95` (analysis.evaluate "
-               "or analysis.report --evaluate).")
+               f"alarm.{gave} For screening, ask for the sensitivity you need: `--target-sensitivity 0.95` "
+               "(analysis.evaluate or analysis.report --evaluate).")
     return s
 
 
