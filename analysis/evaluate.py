@@ -47,7 +47,7 @@ import pandas as pd
 from analysis import operating_point as op
 from analysis.bootstrap import LEVEL, bootstrap_ci, point_metrics
 from analysis.calibration import apply_temperature, calibration_scores, diagram_bins
-from analysis.errors import EvaluateError, ResultsFolderError
+from analysis.errors import AnalysisError, EvaluateError, ResultsFolderError
 from analysis.files import FINAL_MODEL, PLOTS_DIR, VAL_PREDICTIONS, evaluation_file, predictions_file
 from analysis.final_model import member_probabilities
 from analysis.model_card import write_model_card
@@ -60,7 +60,7 @@ from analysis.records import format_final, format_table, read_evaluations
 from analysis.reader import load_trial_model, ranked_trials, read_record, read_study, trial_from_row
 from analysis.splits import (SPLIT_NAMES, append_record, decode_split, fold_rows, jsonable,
                              label_indices, log_test_use, now, read_split, split_class_names)
-from analysis.files import write_file
+from analysis.files import write_file, write_table
 
 __all__ = ["EvaluateError", "evaluate_top_k", "validation_predictions", "predict_rows", "Shipped", "score_model",
            "main"]
@@ -111,8 +111,6 @@ def validation_predictions(run_dir: Path, rows: pd.DataFrame, models: list, mode
     reused only for the same trial, checkpoint, mode and validation images in the
     same order, so a resumed study that checkpointed a better epoch is scored again.
     """
-    from search.storage import write_parquet
-
     path = run_dir / VAL_PREDICTIONS
     cached = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
     names = rows["image"].tolist()
@@ -138,7 +136,7 @@ def validation_predictions(run_dir: Path, rows: pd.DataFrame, models: list, mode
     if fresh:
         keys = {(t["trial"].iloc[0], t["tta"].iloc[0]) for t in fresh}
         kept = cached[[(a, b) not in keys for a, b in zip(cached["trial"], cached["tta"])]] if len(cached) else cached
-        write_parquet(pd.concat([kept, *fresh], ignore_index=True), path)
+        write_table(pd.concat([kept, *fresh], ignore_index=True), path)
         log(f"note: validation predictions of {len(fresh)} model/view set(s) computed and cached in {VAL_PREDICTIONS}")
     return out
 
@@ -459,9 +457,7 @@ def write_evaluation(ev: Evaluation, fit: Fit, probs: dict) -> pd.DataFrame:
                           **_table_cells(ev, scored[-1])})
     plot = _reliability(ev.run_dir, next(m for m in scored if m["label"] == fit.final.label), ev.split)
 
-    from search.storage import write_parquet
-
-    write_parquet(pd.concat(predictions, ignore_index=True), ev.run_dir / predictions_file(ev.split))
+    write_table(pd.concat(predictions, ignore_index=True), ev.run_dir / predictions_file(ev.split))
     append_record(ev.run_dir / evaluation_file(ev.split), "evaluations", {
         "evaluated_at": now(), "split": ev.split, "n": len(ev.rows), "metric": ev.study.get("metric"),
         "mode": ev.study.get("mode"), "k": ev.k, "n_boot": ev.n_boot, "seed": ev.seed, "level": ev.level,
@@ -553,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         table = evaluate_top_k(run_dir, args.top_k, args.bootstrap, args.seed, split=args.split,
                                batch_size=args.batch_size, log=lambda line: print(line, file=sys.stderr),
                                **final_model_options(args))
-    except (EvaluateError, OutsideFolderError, DatasetError) as exc:
+    except (EvaluateError, AnalysisError, OutsideFolderError, DatasetError) as exc:  # AnalysisError: a write failed
         print(f"error: {exc}", file=sys.stderr)
         return 2
     record = json.loads((run_dir / f"{args.split}_evaluation.json").read_text())["evaluations"][-1]

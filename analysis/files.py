@@ -11,7 +11,7 @@ from pathlib import Path
 
 from analysis.errors import AnalysisError
 
-__all__ = ["write_file", "shown_path", "shown_command", "STUDY_JSON", "LEADERBOARD", "EPOCHS", "SPLITS", "NEAR_DUPLICATES", "FINAL_MODEL", "OOD_REFERENCE", "TEST_LOG",
+__all__ = ["write_file", "write_table", "shown_path", "shown_command", "STUDY_JSON", "LEADERBOARD", "EPOCHS", "SPLITS", "NEAR_DUPLICATES", "FINAL_MODEL", "OOD_REFERENCE", "TEST_LOG",
            "VAL_PREDICTIONS", "PLOTS_DIR", "MODEL_CARD", "REPORT_MD", "REPORT_HTML", "EXPORT_DIR", "evaluation_file",
            "predictions_file"]
 
@@ -55,6 +55,13 @@ def write_file(path: Path, data: bytes) -> Path:
         raise AnalysisError(f"cannot write {str(path)!r} ({exc.strerror or exc}); free some space, or make the "
                             "folder writable, and run again") from None
     return path
+
+
+def write_table(frame, path: Path) -> Path:
+    """A Parquet file of the folder, written whole or not at all, like ``write_file``."""
+    from search.storage import parquet_bytes
+
+    return write_file(path, parquet_bytes(frame))
 
 
 def shown_path(path) -> str | None:

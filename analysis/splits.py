@@ -99,6 +99,14 @@ def log_test_use(run_dir: Path, *, trials: list[str], n_test: int, by: str, **ex
 
 def append_record(path: Path, key: str, item: dict) -> None:
     """Append ``item`` to the list ``key`` of a JSON file, under a lock, written atomically."""
+    try:
+        _append(path, key, item)
+    except OSError as exc:  # a read-only folder or a full disk: the log is not written, so nothing is read after it
+        raise EvaluateError(f"cannot write {str(path)!r} ({exc.strerror or exc}); make the results folder writable "
+                            "(or free some space) and run again: every look at the test split is logged first") from None
+
+
+def _append(path: Path, key: str, item: dict) -> None:
     with FileLock(str(path) + ".lock"):
         record = {}
         if path.exists():

@@ -761,3 +761,23 @@ def test_a_multiclass_final_model_gets_one_vs_rest_and_a_threshold_for_the_named
         low, high = record["one_vs_rest"][c]["ci"]["specificity"]
         assert low <= record["one_vs_rest"][c]["specificity"] <= high
     json.dumps(jsonable(record), allow_nan=False)  # what test_evaluation.json stores
+
+
+@pytest.mark.parametrize("limit, what", [(2_000, "val_predictions_cache.parquet"), (30_000, None)])
+def test_a_folder_that_cannot_be_written_is_a_named_error_not_a_traceback(run_dir, tmp_path, limit, what):
+    """Writes that fail (a read-only or full disk; here RLIMIT_FSIZE, which root cannot bypass as it can
+    permissions): exit 2 and one line naming the file, whatever write fails first, and no partial file."""
+    from fixtures.runs import files_under, run_with_file_size_limit
+
+    folder = copy_run(run_dir, tmp_path / "tiny")
+    (folder / "val_predictions_cache.parquet").unlink(missing_ok=True)
+    before = files_under(folder)
+    done = run_with_file_size_limit(["-m", "analysis.evaluate", folder, "--top-k", "1", "--bootstrap", "10"], limit)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    error = next(line for line in done.stderr.splitlines() if line.startswith("error: "))
+    assert error.startswith("error: cannot write '") and "writable" in error, error
+    if what:
+        assert what in error
+    assert not [p for p in folder.rglob("*.tmp*")]  # written whole or not at all
+    assert set(files_under(folder)) >= set(before)

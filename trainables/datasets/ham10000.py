@@ -34,7 +34,10 @@ BENIGN = ("bkl", "df", "nv", "vasc")
 TARGETS = ("dx", "binary")
 # Per-image metadata carried into the table (and splits.parquet) for subgroup results (analysis.subgroups).
 # dx_type is how the diagnosis was confirmed (histo, follow_up, consensus, confocal).
-METADATA_COLUMNS = ("age", "sex", "localization", "dx_type")
+METADATA_COLUMNS = ("age", "sex", "localization", "dx_type", "source")
+# The CSV's own name of a column, where ours differs: its "dataset" is the acquisition site (vidam, rosendahl, ...),
+# which in splits.parquet would read as a name of the whole data set.
+CSV_NAMES = {"source": "dataset"}
 NUMERIC_METADATA = ("age",)
 
 URL = "https://www.kaggle.com/datasets/kmader/skin-cancer-mnist-ham10000 or https://doi.org/10.7910/DVN/DBW86T"
@@ -81,8 +84,8 @@ def _metadata(meta: pd.DataFrame) -> dict[str, pd.Series]:
     """The CSV's ``METADATA_COLUMNS`` it has: numbers as floats (a bad or empty cell is NaN), text as strings."""
     out = {}
     for col in METADATA_COLUMNS:
-        if col in meta.columns:
-            values = meta[col]
+        if CSV_NAMES.get(col, col) in meta.columns:
+            values = meta[CSV_NAMES.get(col, col)]
             out[col] = pd.to_numeric(values, errors="coerce") if col in NUMERIC_METADATA else values.astype("string")
     return out
 
