@@ -192,7 +192,7 @@ def image_paths(run_dir: Path, names, data_dir: str | None = None) -> list[str]:
 def listed_root(run_dir: Path, data_dir: str | None = None, stamps: tuple = ()) -> str:
     """The root of the study's dataset on this machine: listed as the run listed it (``study.json``'s dataset, with
     the run's ``--data-dir`` or ``data_dir``), after checking that the listing holds every image the split names."""
-    from trainables.datasets import DatasetError, image_root, load_table, relative_names
+    from trainables.datasets import DatasetError, get_loader, image_root, load_table, relative_names
 
     record = read_record(run_dir)
     ds = (record.get("study") or {}).get("dataset") or {}
@@ -203,6 +203,9 @@ def listed_root(run_dir: Path, data_dir: str | None = None, stamps: tuple = ()) 
     fix = ("pass --data-dir DIR: the folder of the study's dataset on this machine (what search.run --data-dir "
            "takes)")
     try:
+        if data_dir is not None and not get_loader(loader).needs_path:
+            raise EvaluateError(f"--data-dir {data_dir!r}: the study's dataset ({loader!r}) is generated, not read "
+                                "from a folder; leave --data-dir out")
         listing = load_table(loader, given, **options)["path"]
     except DatasetError as exc:
         raise EvaluateError(f"the study's images cannot be found: its dataset ({loader!r} at {given!r}) does not "

@@ -177,3 +177,13 @@ def test_another_dataset_at_the_recorded_place_is_refused_by_name(run_dir, tmp_p
     err = capsys.readouterr().err
     assert "not 1 of the" in err and "is it the study's dataset?" in err and "--data-dir" in err
     assert not (folder / "export").exists()
+
+
+def test_a_data_dir_for_a_generated_dataset_is_refused_by_name(run_dir, tmp_path, capsys):
+    from analysis.evaluate import main
+
+    folder = shutil.copytree(run_dir, tmp_path / "tiny")
+    assert main([str(folder), "--top-k", "1", "--bootstrap", "10", "--data-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "the study's dataset ('embedded') is generated, not read from a folder; leave --data-dir out" in err
+    assert not (folder / "test_evaluation.json").exists() or "test_split_log" not in (folder / "test_evaluation.json").read_text()
