@@ -318,6 +318,9 @@ def open_evaluation(run_dir: Path, k: int, split: str, **options) -> Evaluation:
         ranked, notes = ranked_trials(run_dir, study)
         classes = split_class_names(run_dir)
         plan = plan_final(study, classes, len(ranked), run_dir, **plan_options)  # bad options: before the images
+        if prevalence is not None and plan.positive is None:
+            raise EvaluateError(f"{source}: a prevalence is of a positive class, and this evaluation has none "
+                                f"(classes {classes}); name one with --positive-class NAME, or leave the prevalence out")
         rows = read_split(run_dir, split, data_dir)
         val_rows = validation_rows(run_dir, rows, split, data_dir)  # out-of-fold train ∪ val for a cross-validated study
     except ResultsFolderError as exc:

@@ -12,6 +12,7 @@ import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis.prevalence import TYPICAL_PREVALENCES, at_prevalences, ppv_npv, prevalences_for
@@ -157,3 +158,22 @@ def test_a_second_evaluation_says_before_reading_how_often_the_test_split_was_re
     assert evaluate([str(folder), "--top-k", "1", "--bootstrap", "50"]) == 0
     err = capsys.readouterr().err
     assert f"note: the test split has been read {reads} time(s) before" in err
+
+
+def test_a_prevalence_without_a_positive_class_is_refused_by_name(tmp_path):
+    from analysis.evaluate import EvaluateError, evaluate_top_k
+    from fixtures.runs import make_run_dir
+
+    folder = make_run_dir(tmp_path, dataset={"loader": "embedded", "path": None, "image_size": 32, "classes": None,
+                                             "positive_class": None, "split": "stratified", "split_options": {},
+                                             "options": {}, "seed": 0})
+    splits = pd.read_parquet(folder / "splits.parquet")  # three classes: no positive one by default
+    splits["label_index"] = np.arange(len(splits)) % 3
+    splits["label"] = splits["label_index"].map({0: "a", 1: "b", 2: "c"})
+    splits.to_parquet(folder / "splits.parquet", index=False)
+    board = pd.read_parquet(folder / "leaderboard.parquet")
+    board.loc[0, "checkpoint_path"] = "trial_x/checkpoint_000000"  # the plan is made before any model is loaded
+    board.to_parquet(folder / "leaderboard.parquet", index=False)
+    with pytest.raises(EvaluateError, match=r"--prevalence: a prevalence is of a positive class, and this "
+                                            r"evaluation has none \(classes \['a', 'b', 'c'\]\); name one with --positive-class NAME"):
+        evaluate_top_k(folder, prevalence=0.02)
