@@ -248,11 +248,11 @@ def _sha256(path) -> str:
 
 
 def _native_size(path: str) -> tuple[int, int]:
-    """(width, height) of an image file as stored, from its header (DICOM: its pixel grid)."""
-    from trainables.data import open_image
+    """(width, height) of an image file as displayed, from its header: a 128 x 64 JPEG with EXIF orientation 6
+    is 64 x 128, as the decoder reads it (DICOM: its pixel grid)."""
+    from trainables.data import displayed_size
 
-    with open_image(path) as image:
-        return image.size
+    return displayed_size(path)
 
 
 def _feature_distance(queries: np.ndarray, train: np.ndarray) -> np.ndarray:

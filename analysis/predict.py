@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"warning: skipped {len(bad)} unreadable image(s) (--skip-corrupt); they are in the CSV with an "
               f"empty 'predicted' and their 'error':\n  {_listing(bad, files, images_dir)}", file=sys.stderr)
-    print(summary(table, final, images_dir, out, time.monotonic() - started, seen, ood_lines))
+    from trainables.data import turned_by_exif
+
+    rotated = len(turned_by_exif([f for i, f in enumerate(files) if i not in bad]))
+    print(summary(table, final, images_dir, out, time.monotonic() - started, seen, ood_lines, rotated))
     if explain_dir is not None:
         member = f" (of {final.trials[0]}, the first of its {len(final.members)} members)" if len(final.members) > 1 else ""
         print(f"explanations: {len(explained)} Grad-CAM overlay(s){member} in {explain_dir}")
@@ -288,7 +291,8 @@ def _seen_in_study(run_dir: Path, files: list[Path]) -> dict[str, int]:
 
 
 def summary(table, final: FinalModel, images_dir: Path, out: Path, seconds: float, seen: dict[str, int],
-            ood_lines=()) -> str:
+            ood_lines=(), rotated: int = 0) -> str:
+    """``rotated``: how many images the decoder turned upright by their EXIF orientation (``turned_by_exif``)."""
     predicted = table["predicted"].dropna()
     names = list(final.class_names)
     lines = [f"predicted {len(predicted)} image(s) from {images_dir} in {seconds:.1f} s",
@@ -304,6 +308,10 @@ def summary(table, final: FinalModel, images_dir: Path, out: Path, seconds: floa
         parts = ", ".join(f"{n} {split}" for split, n in sorted(seen.items()))
         lines.append(f"  note: {sum(seen.values())} of these images are in the study's splits ({parts}); "
                      "predictions on train/val images are no fair test")
+    if rotated:
+        from trainables.data import rotated_note
+
+        lines.append(f"  note: {rotated_note(rotated)}")
     lines += list(ood_lines)
     lines.append(f"predictions: {out}")
     return "\n".join(lines)

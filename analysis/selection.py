@@ -91,10 +91,15 @@ def plan_final(study: dict, class_names: list[str], n_with_checkpoint: int, run_
     if isinstance(ensemble, int) and ensemble > n_with_checkpoint:
         raise EvaluateError(f"--ensemble {ensemble}: only {n_with_checkpoint} trial(s) of {str(run_dir)!r} have a "
                             f"checkpoint; use --ensemble {n_with_checkpoint} or less, or --ensemble auto")
-    if positive_class is not None and positive_class not in class_names:
-        from trainables.checks import unknown_name_message
+    if positive_class is not None:  # by class_name: 'bénin' typed in NFC names the class a folder gave in NFD
+        from trainables.datasets._registry import class_name
 
-        raise EvaluateError("--positive-class: " + unknown_name_message("class", positive_class, class_names))
+        same = [c for c in class_names if class_name(c) == class_name(positive_class)]
+        if not same:
+            from trainables.checks import unknown_name_message
+
+            raise EvaluateError("--positive-class: " + unknown_name_message("class", positive_class, class_names))
+        positive_class = same[0]
     target = target_sensitivity is not None or target_specificity is not None
     if len(class_names) == 2:
         name = positive_class or study.get("dataset", {}).get("positive_class")

@@ -13,7 +13,7 @@ import os
 import pandas as pd
 
 from search.study import Study, StudyError, cv_folds
-from trainables.data import DIGEST_PREFIX, data_digest, decode_images
+from trainables.data import DIGEST_PREFIX, data_digest, decode_images, turned_by_exif
 from trainables.datasets import DatasetError, image_root, load_table, metadata_columns, relative_names
 from trainables.datasets.integrity import find_corrupt_cached, find_duplicates
 from trainables.near_duplicates import CLUSTER_COLUMN, NearDuplicates, find_near_duplicates, settings_from
@@ -32,6 +32,7 @@ class Prepared:
     duplicates: pd.DataFrame | None = None  # byte-identical pairs, see integrity.find_duplicates
     near_duplicates: NearDuplicates | None = None  # the leakage audit (None when turned off)
     image_root: str = ""  # the folder every listed image is under; the results folder names images relative to it
+    rotated: int = 0  # images of the splits the decoder turns upright by their EXIF orientation (said aloud)
 
     def names(self, paths) -> list[str]:
         """``paths`` as the results folder records them: relative to ``image_root``."""
@@ -81,7 +82,8 @@ def prepare_data(study: Study, *, data_dir: str | None = None, smoke: bool = Fal
         if "fold" in rows.columns:  # the trials train fold k on train ∪ val minus fold k (trainables.train)
             arrays[f"fold_{split}"] = rows["fold"].to_numpy(dtype="int64")
     duplicates = find_duplicates(table[table["split"] != "unused"])
-    return Prepared(table, class_names, positive, arrays, skipped, duplicates, near, root)
+    rotated = len(turned_by_exif(table.loc[table["split"] != "unused", "path"]))  # test too: evaluate decodes it
+    return Prepared(table, class_names, positive, arrays, skipped, duplicates, near, root, rotated)
 
 
 def _folds(table: pd.DataFrame, study: Study) -> pd.Series:

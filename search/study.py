@@ -74,6 +74,16 @@ class Dataset:
     # thresholds and options (trainables.near_duplicates.Settings), e.g. {"hash_distance": 30}.
     near_duplicates: bool | dict = True
 
+    def __post_init__(self):
+        # Class names in the form the loaders' labels take (trainables.datasets._registry.class_name): 'bénin'
+        # typed in NFC names the folder a Mac stored in NFD. Wrong types are left for _check_dataset to name.
+        from trainables.datasets._registry import class_name
+
+        if isinstance(self.classes, (list, tuple)):
+            self.classes = [class_name(c) if isinstance(c, str) else c for c in self.classes]
+        if isinstance(self.positive_class, str):
+            self.positive_class = class_name(self.positive_class)
+
 
 @_named_fields
 @dataclasses.dataclass
@@ -193,6 +203,13 @@ def _check_dataset(ds: Dataset, *, loaders: list[str], protocols: list[str]) -> 
         repeated = sorted({c for c in ds.classes if ds.classes.count(c) > 1})
         if repeated:
             _fail("dataset.classes", ds.classes, f"list each class once (repeated: {', '.join(repeated)})")
+        from trainables.datasets import DatasetError
+        from trainables.datasets._registry import check_distinct_names
+
+        try:  # ['benign', 'Benign']: two classes no reader tells apart
+            check_distinct_names(ds.classes, "dataset.classes: names", "List each class once, spelt as its folder is.")
+        except DatasetError as exc:
+            raise StudyError(str(exc)) from None
     # Without classes, the loader's class names are known only once the data is listed: search.prepare checks then.
     if ds.positive_class is not None and ds.classes is not None and ds.positive_class not in ds.classes:
         raise StudyError("dataset.positive_class: " + unknown_name_message("class", ds.positive_class, ds.classes))

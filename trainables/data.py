@@ -13,12 +13,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from trainables.datasets import DatasetError
 from trainables.datasets._registry import DICOM_SUFFIXES
 
-_DECODER_VERSION = 2  # bump when decoding changes, so cached arrays are rebuilt (2: 16-bit and float images)
+# Bump when decoding changes, so cached arrays (and the audits keyed by ``cache_key``) are rebuilt.
+# 2: 16-bit and float images; 3: EXIF orientation applied (a cache of stored, unturned pixels must not be reused).
+_DECODER_VERSION = 3
+# The EXIF/TIFF Orientation tag (PIL.ExifTags.Base.Orientation): 1 is upright as stored; 2-8 say how a viewer
+# turns or mirrors the stored pixels (phones store portrait photographs landscape, with 6 or 8).
+EXIF_ORIENTATION = 0x0112
+_UPRIGHT = 1
+_TRANSPOSED = frozenset({5, 6, 7, 8})  # orientations that swap width and height
 
 # PIL modes of 8-bit samples, which PIL converts to RGB faithfully (grey gets 3 channels, alpha is dropped).
 _EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
@@ -46,7 +53,8 @@ def cache_dir() -> Path:
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """Any JPEG/PNG (grayscale 8 or 16 bits, RGB, RGBA, any size) or DICOM -> (size, size, 3) uint8 RGB."""
+    """Any JPEG/PNG (grayscale 8 or 16 bits, RGB, RGBA, any size, upright by its EXIF orientation) or DICOM ->
+    (size, size, 3) uint8 RGB."""
     with open_image(path) as image:
         image = eight_bit(image, path).convert("RGB")  # grayscale gets 3 channels, RGBA drops alpha
         if image.size != (size, size):
@@ -59,16 +67,76 @@ def is_dicom(path: str | Path) -> bool:
     return Path(path).suffix.lower() in DICOM_SUFFIXES
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """``path`` as a PIL image, for ``eight_bit`` and PIL's resizing: every caller reads files through this.
+def open_image(path: str | Path, *, draft: tuple[str, tuple[int, int]] | None = None) -> Image.Image:
+    """``path`` as a PIL image, as a viewer shows it, for ``eight_bit`` and PIL's resizing: every caller reads
+    files through this.
 
     A DICOM file is decoded here by ``read_dicom`` (an 8-bit RGB image, as a
-    viewer would show it); anything else is ``Image.open``, lazily, so a JPEG
-    can still be drafted at reduced scale. Use it as a context manager.
+    viewer would show it). Anything else is ``Image.open``, lazily, turned
+    upright by its EXIF orientation (``exif_orientation``): a phone photograph
+    stored 128 x 64 with orientation 6 is the 64 x 128 image its owner saw,
+    and is read so in training, prediction and every audit. ``draft``:
+    ``(mode, (width, height))`` for ``Image.draft``, decoding a JPEG at reduced
+    scale; it must be given here, since turning an image decodes it. Use it as
+    a context manager.
     """
-    if is_dicom(path):
+    if is_dicom(path):  # DICOM has no EXIF: its pixel grid is as the modality wrote it
         return Image.fromarray(read_dicom(str(path)), "RGB")
-    return Image.open(path)
+    image = Image.open(path)
+    if draft is not None and image.format == "JPEG":
+        image.draft(*draft)
+    if exif_orientation(image) == _UPRIGHT:
+        return image  # still lazy
+    with image:
+        return ImageOps.exif_transpose(image)  # decodes, turns, and drops the tag from the copy
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation (1-8) of an opened image, from its header; 1 (upright) when absent or invalid."""
+    value = image.getexif().get(EXIF_ORIENTATION, _UPRIGHT)
+    return value if isinstance(value, int) and 1 <= value <= 8 else _UPRIGHT
+
+
+def _header_orientation(image: Image.Image) -> int:
+    """``exif_orientation`` without decoding: Pillow's PNG reader decodes the whole image to look for an eXIf
+    chunk after the pixel data, which the PNG specification places before them; a PNG without one there is
+    taken as upright (``open_image``, which decodes anyway, still finds a late one)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return _UPRIGHT
+    return exif_orientation(image)
+
+
+def displayed_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image as a viewer shows it (and ``open_image`` reads it), from its header alone:
+    the stored size, swapped for an EXIF orientation that turns it by 90 degrees (DICOM: its pixel grid)."""
+    if is_dicom(path):
+        with open_image(path) as image:
+            return image.size
+    with Image.open(path) as image:
+        width, height = image.size
+        return (height, width) if _header_orientation(image) in _TRANSPOSED else (width, height)
+
+
+def turned_by_exif(paths, *, workers: int | None = None) -> list[str]:
+    """The ``paths`` whose EXIF orientation turns or mirrors them (not 1), from their headers: what a run says it
+    rotated. Unreadable files are left to the decoder to name."""
+    def turned(path: str) -> bool:
+        if is_dicom(path):
+            return False
+        try:
+            with Image.open(path) as image:
+                return _header_orientation(image) != _UPRIGHT
+        except Exception:  # PIL raises many types for bad files; decode_images lists them
+            return False
+
+    paths = [str(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        return [p for p, t in zip(paths, pool.map(turned, paths)) if t]
+
+
+def rotated_note(n: int) -> str:
+    """The one line a run and a prediction print about ``turned_by_exif``'s images."""
+    return f"{n} image(s) rotated by their EXIF orientation (read upright, as a viewer shows them)"
 
 
 def read_dicom(path: str) -> np.ndarray:

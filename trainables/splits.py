@@ -102,6 +102,31 @@ def three_way(labels: pd.Series, *, val: float, test: float, seed: int, protocol
         ) from None
     split[test_idx] = "test"
     split[val_idx] = "val"
+    return _one_of_each_class_in_each_split(labels, split, [s for s in SPLITS if s != "test" or n_test], seed)
+
+
+def _one_of_each_class_in_each_split(labels: pd.Series, split: pd.Series, opened: list[str], seed: int) -> pd.Series:
+    """``split`` with every class of at least ``len(opened)`` images in each of the ``opened`` splits.
+
+    Stratification rounds a small class's share of a split down, to none where it is under half an image
+    (3 positives in 1,000 give 2 / 1 / 0 at 15 % test), although the minimum of 3 per class promises one
+    each. A class missing from split E takes one image from the split where it has most, and E gives that
+    split back an image of its own largest class, which has 2 or more there, so no split changes size and
+    no other class loses its last image. When E holds no such image (fewer images than classes), E grows by
+    one instead. Seeded, so the split stays reproducible.
+    """
+    rng = np.random.default_rng(seed)
+    split = split.copy()
+    for name in labels.value_counts()[lambda counts: counts >= len(opened)].index:
+        for empty in opened:
+            present = pd.crosstab(labels, split).reindex(index=labels.unique(), columns=opened, fill_value=0)
+            if present.at[name, empty] > 0:
+                continue
+            donor = present.loc[name].idxmax()  # >= 2 there: the class has >= len(opened) images, none in ``empty``
+            split[rng.choice(labels.index[((labels == name) & (split == donor)).to_numpy()])] = empty
+            back = present[empty].drop(index=name)
+            if back.max() >= 2:  # the largest class of ``empty`` gives one image back, keeping at least one
+                split[rng.choice(labels.index[((labels == back.idxmax()) & (split == empty)).to_numpy()])] = donor
     return split
 
 
@@ -300,8 +325,31 @@ def grouped(table: pd.DataFrame, *, seed: int, val: float = 0.15, test: float = 
         s = int(np.argmin(cost))
         current[s] += c
         assigned[g] = s
+    _one_group_of_each_class_in_each_split(per_group, assigned, np.flatnonzero(~closed))
     split_of_group = dict(zip(counts.index, np.array(SPLITS)[assigned]))
     return pd.Series(groups.map(split_of_group).to_numpy(), index=table.index, dtype=object)
+
+
+def _one_group_of_each_class_in_each_split(per_group: np.ndarray, assigned: np.ndarray, opened: np.ndarray) -> None:
+    """Move groups (in ``assigned``, in place) so that a class in at least ``len(opened)`` groups has a group
+    in each ``opened`` split, as ``three_way`` promises for images.
+
+    The greedy assignment can leave a rare class's few groups all in train. A split without the class takes,
+    from the split where it has most groups (2 or more), its smallest group whose move leaves no class of
+    that split without a group there. Where no group can move so, the class stays missing there, and
+    ``assign_splits`` warns.
+    """
+    has = per_group > 0  # (groups, classes)
+    for k in np.flatnonzero(has.sum(axis=0) >= len(opened)):
+        for empty in opened:
+            in_split = np.stack([has[assigned == s].sum(axis=0) for s in range(len(SPLITS))])  # (splits, classes)
+            if in_split[empty, k] > 0:
+                continue
+            donor = int(np.argmax(np.where(np.isin(np.arange(len(SPLITS)), opened), in_split[:, k], -1)))
+            movable = [g for g in np.flatnonzero((assigned == donor) & has[:, k])
+                       if not ((in_split[donor] - has[g]) == 0)[in_split[donor] > 0].any()]
+            if movable:
+                assigned[min(movable, key=lambda g: per_group[g].sum())] = empty
 
 
 # ``grouped``'s ``by`` names -> the image-table column that holds each image's key.

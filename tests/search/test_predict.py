@@ -370,6 +370,25 @@ def test_predictions_reproduce_the_validation_metric(tiny_run, tmp_path, capsys)
 
 
 @pytest.mark.e2e
+def test_a_photograph_stored_turned_is_predicted_upright(tiny_run, tmp_path, capsys):
+    """A JPEG stored 128 x 64 with EXIF orientation 6 used to get exactly the probabilities of its stored
+    (unturned) pixels; it gets those of the image a viewer shows, and the summary says it was rotated."""
+    from fixtures.datasets import upright_picture, write_rotated_jpeg
+
+    images = tmp_path / "phone"
+    shown = write_rotated_jpeg(images / "lesion.jpg", upright_picture())
+    Image.fromarray(shown).save(images / "upright.png")  # the pixels a viewer shows, stored upright, no tag
+    with Image.open(images / "lesion.jpg") as stored:
+        stored.convert("RGB").save(images / "as_stored.png")  # the stored pixels, as they were read before
+    code, stdout, err = run([tiny_run, images, "--out", tmp_path / "p.csv"], capsys)
+    assert code == 0, err
+    probs = pd.read_csv(tmp_path / "p.csv").set_index("file")[["prob_benign", "prob_malignant"]]
+    assert np.allclose(probs.loc["lesion.jpg"], probs.loc["upright.png"], atol=1e-6), probs
+    assert not np.allclose(probs.loc["lesion.jpg"], probs.loc["as_stored.png"], atol=1e-4), probs
+    assert "note: 1 image(s) rotated by their EXIF orientation (read upright, as a viewer shows them)" in stdout
+
+
+@pytest.mark.e2e
 def test_another_trial_can_be_chosen(tiny_run, tmp_path, capsys):
     board = pd.read_parquet(tiny_run / "leaderboard.parquet")
     other = board[board["trial_name"] != expected_best(board)].iloc[0]["trial_name"]
@@ -485,3 +504,19 @@ def test_the_stored_temperature_and_threshold_are_applied_and_threshold_override
     (folder / "final_model.json").write_text(json.dumps(record))
     code, _, err = run([folder, images, "--out", tmp_path / "r.csv"], capsys)
     assert code == 2 and "final_model.json was fitted for classes ['malignant', 'benign']" in err
+
+
+@pytest.mark.e2e
+def test_a_loop_of_links_in_the_images_folder_is_left_out_with_a_note(tiny_run, tmp_path, capsys):
+    """Following a link that loops raised OSError out of the listing (a traceback); now it is named and skipped."""
+    from PIL import Image
+
+    images = tmp_path / "new"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (180, 90, 60)).save(images / "lesion.png")
+    (images / "loop_a").symlink_to("loop_b")
+    (images / "loop_b").symlink_to("loop_a")
+    code, stdout, err = run([tiny_run, images, "--out", tmp_path / "p.csv"], capsys)
+    assert code == 0, err
+    assert "ignored 2 broken link(s) or special file(s) (loop_a, loop_b)" in stdout + err
+    assert pd.read_csv(tmp_path / "p.csv")["file"].tolist() == ["lesion.png"]

@@ -89,3 +89,25 @@ def test_a_misspelt_positive_class_gets_a_did_you_mean(tmp_path):
     study = folder_study(make_folder(tmp_path / "data", n=4), positive_class="malignent")  # classes come from the folder
     with pytest.raises(StudyError, match="dataset.positive_class: unknown class 'malignent'; did you mean 'malignant'"):
         prepare_data(study)
+
+
+def test_a_positive_class_typed_in_nfc_names_the_folder_stored_in_nfd(tmp_path):
+    """'bénin' typed in a study (NFC) and the folder a Mac wrote (NFD) used to give "unknown class 'bénin';
+    did you mean 'bénin'?"."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "bénin") for form in ("NFC", "NFD"))
+    study = folder_study(make_folder(tmp_path / "data", classes=(nfd, "malignant"), n=4), positive_class=nfc,
+                         near_duplicates=False)
+    prepared = prepare_data(study)
+    assert prepared.class_names == [nfc, "malignant"] and prepared.positive == 0
+
+
+def test_images_turned_by_their_exif_orientation_are_counted(tmp_path):
+    """The data-loading line says how many images were read upright by their EXIF orientation."""
+    from fixtures.datasets import upright_picture, write_rotated_jpeg
+
+    root = make_folder(tmp_path / "data", n=4)
+    write_rotated_jpeg(root / "benign" / "phone.jpg", upright_picture())
+    prepared = prepare_data(folder_study(root, near_duplicates=False))
+    assert prepared.rotated == 1

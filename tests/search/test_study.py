@@ -66,6 +66,12 @@ def test_defaults_are_valid():
         ({"dataset": Dataset(image_size=100000)}, "dataset.image_size: bad value 100000; use an integer from 16 to 4096"),
         ({"dataset": Dataset(classes=["a", "b", "a"])}, "dataset.classes: bad value ['a', 'b', 'a']; list each class once (repeated: a)"),
         ({"dataset": Dataset(classes="ab")}, "dataset.classes: bad value 'ab'; use a list of class names"),
+        ({"dataset": Dataset(classes=["benign", "Benign"])},  # two classes no reader tells apart
+         "dataset.classes: names that differ only in letter case or Unicode normalisation would be separate classes "
+         "that read the same:\n  'Benign' and 'benign' differ only in letter case: 'B' (U+0042) vs 'b' (U+0062)\n"
+         "List each class once, spelt as its folder is."),
+        ({"dataset": Dataset(classes=["be\u0301nin", "b\u00e9nin"])},  # NFD and NFC: one class, listed twice
+         "dataset.classes: bad value ['bénin', 'bénin']; list each class once (repeated: bénin)"),
         ({"dataset": Dataset(classes=["benign", "malignant"], positive_class="malignent")},
          "dataset.positive_class: unknown class 'malignent'; did you mean 'malignant'"),
         ({"dataset": Dataset(seed=True)}, "dataset.seed: bad value True"),  # was never checked
@@ -198,3 +204,10 @@ def test_error_inside_study_file_names_the_file(write_study):
     path = write_study("STUDY = Study(name='x', space=lambda trial: {}, max_epochs=0)\n")
     with pytest.raises(StudyError, match=r"study.py: max_epochs: bad value 0"):
         load_study(path)
+
+
+def test_class_names_are_compared_in_nfc():
+    """A study typed on one machine names the class folders another stored in NFD."""
+    nfc, nfd = "b\u00e9nin", "be\u0301nin"
+    study = make(dataset=Dataset(classes=[nfd, "malignant"], positive_class=nfc))
+    assert study.dataset.classes == [nfc, "malignant"] and study.dataset.positive_class == nfc

@@ -1,4 +1,5 @@
-"""Decoding images of more than 8 bits: 16-bit X-ray PNGs, 32-bit integer and float images.
+"""Decoding images of more than 8 bits: 16-bit X-ray PNGs, 32-bit integer and float images; and photographs
+stored turned, with an EXIF orientation.
 
 ``decode_image`` maps the sample type's full range to 0..255 (65535 -> 255), so
 intensities stay comparable across images; formats whose range it cannot know
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures.datasets import write_image16
+from fixtures.datasets import EXIF_ORIENTATION, upright_picture, write_image, write_image16, write_rotated_jpeg
 from trainables.data import UnsupportedImageError, decode_image, decode_images
 from trainables.datasets import DatasetError, load_table
 from trainables.datasets.integrity import find_corrupt
@@ -97,3 +98,70 @@ def _write_png16_rgb(path, rgb: np.ndarray) -> None:
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
     chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+# --- EXIF orientation (issue 27) -----------------------------------------------------------------------------------
+
+
+def _resized(pixels: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_a_photograph_stored_turned_is_decoded_upright(tmp_path, orientation):
+    """A JPEG stored 128 x 64 with orientation 6 (shown 64 x 128) used to train as its stored pixels."""
+    path = tmp_path / "lesion.jpg"
+    shown = write_rotated_jpeg(path, upright_picture(), orientation=orientation)
+    assert Image.open(path).size == (128, 64) and shown.shape == (128, 64, 3)  # stored wide, shown tall
+    with Image.open(path) as stored:
+        as_stored = np.asarray(stored.convert("RGB"))
+    for size in (32, 64):
+        decoded = decode_image(str(path), size)
+        assert np.array_equal(decoded, _resized(shown, size))
+        assert not np.array_equal(decoded, _resized(as_stored, size))
+    assert np.array_equal(decode_images([str(path)], 32, use_cache=False)[0], _resized(shown, 32))
+
+
+def test_every_reader_of_images_sees_the_displayed_orientation(tmp_path):
+    from analysis.ood import _native_size
+    from trainables.data import displayed_size, open_image, turned_by_exif
+    from trainables.near_duplicates import image_hash
+
+    turned = tmp_path / "turned.jpg"
+    shown = write_rotated_jpeg(turned, upright_picture())
+    upright = tmp_path / "upright.png"
+    Image.fromarray(shown).save(upright)  # the displayed pixels, stored upright without a tag
+    plain = write_image(tmp_path / "plain.png", size=8)
+    with open_image(turned) as image:
+        assert image.size == (64, 128) and EXIF_ORIENTATION not in image.getexif()
+    assert displayed_size(turned) == _native_size(str(turned)) == (64, 128)  # the OOD check's native size
+    assert displayed_size(upright) == (64, 128) and displayed_size(plain) == (8, 8)
+    # the near-duplicate audit hashes what training decodes: the turned file is its upright copy (a JPEG decoded
+    # at reduced scale differs by a few bits), and far from its stored pixels saved without the tag
+    as_stored = tmp_path / "as_stored.png"
+    with Image.open(turned) as stored:
+        stored.convert("RGB").save(as_stored)
+
+    def bits(a, b) -> int:  # the unflipped hashes' Hamming distance
+        return int((image_hash(a)[0] != image_hash(b)[0]).sum())
+
+    assert bits(turned, upright) <= 8 < 64 <= bits(as_stored, upright)
+    assert find_corrupt([turned, upright, plain]) == []
+    assert turned_by_exif([turned, upright, plain]) == [str(turned)]
+
+
+def test_a_cache_of_unturned_pixels_written_before_is_not_reused(tmp_path, monkeypatch):
+    """Decoded arrays are cached by files and size: the version in the key makes a cache of the stored
+    (unturned) pixels, from before orientation was read, a different entry."""
+    import trainables.data as data
+
+    path = tmp_path / "lesion.jpg"
+    shown = write_rotated_jpeg(path, upright_picture())
+    with Image.open(path) as stored:
+        as_stored = _resized(np.asarray(stored.convert("RGB")), 32)[None]
+    with monkeypatch.context() as m:
+        m.setattr(data, "_DECODER_VERSION", 2)  # the key of the cache written before the fix
+        old = data.cache_dir() / f"{data.cache_key([str(path)], 32)}.npy"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    np.save(old, as_stored)
+    assert np.array_equal(decode_images([str(path)], 32)[0], _resized(shown, 32))

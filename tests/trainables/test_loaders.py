@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +63,10 @@ def test_ham10000_binary_target(tmp_path):
     assert _counts(table) == {"benign": sum(HAM_COUNTS.values()) - malignant, "malignant": malignant}
 
 
-def test_ham10000_carries_age_sex_and_site(tmp_path):
+def test_ham10000_carries_age_sex_site_and_source(tmp_path):
     table = load_table("ham10000", make_ham10000(tmp_path / "ham"))
-    assert metadata_columns(table) == ["age", "sex", "localization", "dx_type"]
+    assert metadata_columns(table) == ["age", "sex", "localization", "dx_type", "source"]
+    assert set(table["source"]) == {"vidir_modern"}  # the CSV's "dataset": where the image was acquired
     n = len(table)  # rows in image_id order, as the fixture numbers them
     assert table["age"].dtype == "float64" and table["age"].iloc[: n - 1].tolist() == [
         HAM_AGES[i % len(HAM_AGES)] for i in range(n - 1)]
@@ -262,6 +264,54 @@ def test_folder_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DatasetError, match=r"has no images. Expected layout:\n  ROOT/"):
         load_table("folder", empty)
+
+
+NFC_BENIN, NFD_BENIN = unicodedata.normalize("NFC", "bénin"), unicodedata.normalize("NFD", "bénin")
+
+
+def test_class_folders_differing_only_in_case_are_refused(tmp_path):
+    """benign/ beside Benign/ used to give three classes, two of which read the same."""
+    root = make_folder(tmp_path / "histo", classes=("benign", "Benign", "malignant"))
+    message = (r"folder: class folders in '.*histo' that differ only in letter case or Unicode normalisation would "
+               r"be separate classes that read the same:\n  'Benign' and 'benign' differ only in letter case: "
+               r"'B' \(U\+0042\) vs 'b' \(U\+0062\)\nMerge them into one folder per class")
+    with pytest.raises(DatasetError, match=message):
+        load_table("folder", root)
+    with pytest.raises(DatasetError, match=message):  # picking one of them is no way round: which one is meant?
+        load_table("folder", root, classes=["benign", "malignant"])
+
+
+def test_class_folders_differing_only_in_unicode_normalisation_are_refused(tmp_path):
+    """'bénin' in NFC and in NFD used to give ['bénin', 'bénin', 'malignant']."""
+    root = make_folder(tmp_path / "derm", classes=(NFC_BENIN, NFD_BENIN, "malignant"))
+    if len([p for p in root.iterdir()]) < 3:
+        pytest.skip("this file system stores one normal form only")
+    with pytest.raises(DatasetError, match=re.escape(
+            "'be\\u0301nin' and 'bénin' differ only in Unicode normalisation: "
+            "'e\\u0301' (U+0065 U+0301) vs 'é' (U+00E9)")):
+        load_table("folder", root)
+
+
+def test_a_class_folder_named_in_nfd_is_the_class_typed_in_nfc(tmp_path):
+    """A folder named on macOS (NFD) and the name typed in a study (NFC) are one class, named in NFC."""
+    root = make_folder(tmp_path / "derm", classes=(NFD_BENIN, "malignant"))
+    table = load_table("folder", root)
+    assert set(table["label"]) == {NFC_BENIN, "malignant"}
+    picked = load_table("folder", root, classes=[NFC_BENIN, "malignant"])
+    assert _counts(picked) == {NFC_BENIN: 3, "malignant": 3}
+    assert _counts(load_table("folder", root, classes=[NFD_BENIN, "malignant"])) == _counts(picked)
+    # the metadata CSV names the image by its NFC path
+    _metadata_csv(root, [(f"{NFC_BENIN}/{NFD_BENIN}_0.png", 30, "female")])
+    with_meta = load_table("folder", root, metadata="meta.csv")
+    assert with_meta["age"].notna().sum() == 1
+
+
+def test_covid_folders_of_one_class_are_refused(tmp_path):
+    root = make_covid(tmp_path / "covid")
+    write_image(root / "covid" / "images" / "extra.png")  # COVID/ beside covid/: one was dropped without a word
+    with pytest.raises(DatasetError, match=r"covid: '.*covid' has both (COVID/ and covid/|covid/ and COVID/), which "
+                                           r"are both class 'COVID'; merge them into one COVID/ folder"):
+        load_table("covid", root)
 
 
 def _metadata_csv(root: Path, rows: list[tuple], columns=("file", "age", "sex")) -> None:

@@ -196,12 +196,38 @@ def test_too_few_images_for_the_fractions_is_named():
         assign_splits(fake_table({"a": 3, "b": 3}), "stratified", seed=0)
 
 
-def test_a_class_missing_from_a_split_is_warned(capsys):
-    table = fake_table({"common": 200, "rare": 3})
+@pytest.mark.parametrize("shape", [{"common": 200, "rare": 3}, {"negative": 997, "positive": 3},
+                                   {"a": 500, "b": 300, "c": 4, "d": 3}])
+def test_three_images_of_a_class_give_one_to_each_split(shape, capsys):
+    """Stratification rounded 0.45 test images of a 3-image class down to none (2 / 1 / 0, with only a
+    warning), although the minimum of 3 promises one each for train, val and test."""
+    table = fake_table(shape)
     split = assign_splits(table, "stratified", seed=0)
-    assert "test" not in set(split[table["label"] == "rare"])  # stratification rounds 0.45 test images down to 0
+    per_class = pd.crosstab(table["label"], split)
+    assert (per_class[["train", "val", "test"]] >= 1).all().all(), per_class
+    n = len(table)  # the split sizes are those asked for: the repair swaps images, it does not move them
+    assert _sizes(split) == {"test": -(-15 * n // 100), "val": -(-15 * n // 100), "train": n - 2 * -(-15 * n // 100)}
+    assert capsys.readouterr().err == ""
+    assert split.equals(assign_splits(table, "stratified", seed=0))
+
+
+def test_three_groups_of_a_class_give_one_to_each_grouped_split(capsys):
+    """The greedy grouped split left all 3 groups of a rare class in train and val."""
+    table = fake_table({"common": 600, "rare": 6}, groups={"common": lambda i: f"c{i // 3}", "rare": lambda i: f"r{i // 2}"})
+    split = assign_splits(table, "grouped", seed=0)
+    assert (table.assign(split=split).groupby("group")["split"].nunique() == 1).all()  # still leak-free
+    assert set(split[table["label"] == "rare"]) == {"train", "val", "test"}
+    assert capsys.readouterr().err == ""
+
+
+def test_a_class_missing_from_a_split_is_warned(capsys):
+    # 2 groups of a class cannot fill 3 splits: grouped says so
+    table = fake_table({"common": 200, "rare": 4}, groups={"common": str, "rare": lambda i: f"r{i // 2}"})
+    split = assign_splits(table, "grouped", seed=0)
+    missing = [s for s in ("train", "val", "test") if s not in set(split[table["label"] == "rare"])]
+    assert missing
     err = capsys.readouterr().err
-    assert "warning: split protocol 'stratified': class 'rare' (3 image(s)) has no test images" in err
+    assert f"warning: split protocol 'grouped': class 'rare' (4 image(s)) has no {' or '.join(missing)} images" in err
 
     # Protocols that do not stratify warn too: S1 shuffles a 1-image class into one split.
     assign_splits(fake_table({"a": 100, "b": 1}), "S1", seed=0)

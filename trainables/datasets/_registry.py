@@ -6,11 +6,15 @@ import dataclasses
 import inspect
 import os
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+# Class names are compared in this Unicode form: a folder named on macOS (NFD: 'e' + U+0301) and the same
+# name typed in a study file (NFC: U+00E9) are one class.
+CLASS_NAME_FORM = "NFC"
 TABLE_COLUMNS = ("path", "label", "group", "origin")
 # Added to the table after loading (search.prepare, analysis.splits), so a loader's metadata column may not take
 # these names. "near_duplicate_cluster" is trainables.near_duplicates.CLUSTER_COLUMN (that module imports this one).
@@ -116,6 +120,59 @@ def metadata_columns(table: pd.DataFrame) -> list[str]:
     return [str(c) for c in table.columns if c not in TABLE_COLUMNS and c not in PIPELINE_COLUMNS]
 
 
+def class_name(name: str) -> str:
+    """``name`` as class names are compared everywhere (``CLASS_NAME_FORM``): loaders' labels, a study's
+    ``classes`` and ``positive_class``, ``--positive-class``."""
+    return unicodedata.normalize(CLASS_NAME_FORM, name)
+
+
+def _name_key(name: str) -> str:
+    """Names that differ only by letter case or Unicode normalisation share this key."""
+    return class_name(class_name(name).casefold())
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted, combining marks and invisible characters escaped (``'e\\u0301'``), so two names that
+    render alike print differently."""
+    return "'" + "".join(f"\\u{ord(ch):04x}" if unicodedata.combining(ch) or not ch.isprintable() else ch
+                         for ch in text) + "'"
+
+
+def _difference(a: str, b: str) -> str:
+    """Where ``a`` and ``b`` differ, by code point: ``'e\\u0301' (U+0065 U+0301) vs 'é' (U+00E9)``."""
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    if start and any(unicodedata.combining(x[start]) for x in (a, b) if start < len(x)):
+        start -= 1  # show the letter an accent combines with, not the accent alone
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    parts = [(x[start:len(x) - end]) for x in (a, b)]
+    return " vs ".join(f"{_shown(p)} ({' '.join(f'U+{ord(ch):04X}' for ch in p)})" for p in parts)
+
+
+def check_distinct_names(names, what: str, fix: str) -> None:
+    """Refuse names that differ only by letter case or Unicode normalisation (``benign`` / ``Benign``, ``bénin``
+    typed as NFC and as NFD): they would become separate classes that read the same. ``what`` says what the
+    names are (``"dataset 'folder': class names"``); ``fix`` how to make them one."""
+    by_key: dict[str, list[str]] = {}
+    for name in dict.fromkeys(str(n) for n in names):
+        by_key.setdefault(_name_key(name), []).append(name)
+    clashes = [sorted(same) for same in by_key.values() if len(same) > 1]
+    if not clashes:
+        return
+    lines = []
+    for same in clashes:
+        a, b = same[0], same[1]
+        how = [h for h, differs in (("letter case", class_name(a) != class_name(b)),
+                                    ("Unicode normalisation", a.casefold() != b.casefold())) if differs]
+        lines.append(f"{' and '.join(_shown(n) for n in same)} differ only in {' and '.join(how)}: "
+                     f"{_difference(a, b)}")
+    raise DatasetError(f"{what} that differ only in letter case or Unicode normalisation would be separate "
+                       "classes that read the same:\n  " + "\n  ".join(lines) + f"\n{fix}")
+
+
 def check_table(table: pd.DataFrame, name: str, *, layout: str = "") -> pd.DataFrame:
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     if missing:
@@ -127,6 +184,9 @@ def check_table(table: pd.DataFrame, name: str, *, layout: str = "") -> pd.DataF
     expected = f" Expected layout:\n{layout}" if layout else ""
     if table.empty:
         raise DatasetError(f"dataset {name!r} has no images.{expected}")
+    check_distinct_names(table["label"].unique(), f"dataset {name!r}: class names",
+                         "Rename or merge the class folders (or labels) so each class has one name.")
+    table["label"] = table["label"].map(class_name)  # compared with a study's classes in this form
     counts = {k: int(v) for k, v in table["label"].value_counts().items()}
     if len(counts) < 2:
         raise DatasetError(
@@ -221,9 +281,14 @@ def _scan(folder: Path, recursive: bool, seen: set[str], listing: ImageListing) 
         return
     for entry in entries:
         path = Path(entry.path)
+        try:  # following a link can fail: a loop of links, a link into a folder we may not read
+            is_dir, is_file = entry.is_dir(), entry.is_file()
+        except OSError:
+            listing.left_out.add(path, BROKEN)
+            continue
         if is_hidden(entry.name):
             listing.left_out.add(path, HIDDEN)
-        elif entry.is_dir():  # follows links
+        elif is_dir:  # follows links
             if not recursive:
                 continue
             real = os.path.realpath(path)
@@ -232,7 +297,7 @@ def _scan(folder: Path, recursive: bool, seen: set[str], listing: ImageListing) 
                 continue
             seen.add(real)
             _scan(path, recursive, seen, listing)
-        elif entry.is_file():  # follows links
+        elif is_file:  # follows links
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 listing.images.append(path)
             else:

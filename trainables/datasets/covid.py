@@ -58,7 +58,14 @@ _CANONICAL = {_key(c): c for c in CLASSES}
 def load_covid(path: Path, *, classes: list[str] | None = None) -> pd.DataFrame:
     """One row per X-ray. ``classes`` picks classes (default: every class folder found)."""
     left_out = LeftOut()
-    found = {_CANONICAL[_key(p.name)]: p for p in class_folders(path, left_out) if _key(p.name) in _CANONICAL}
+    found: dict[str, Path] = {}
+    for folder in class_folders(path, left_out):
+        label = _CANONICAL.get(_key(folder.name))
+        if label in found:  # COVID/ beside covid/ (or COVID-19/): one would be dropped without a word
+            raise DatasetError(f"covid: {str(path)!r} has both {found[label].name}/ and {folder.name}/, which are "
+                               f"both class {label!r}; merge them into one {label}/ folder")
+        if label is not None:
+            found[label] = folder
     wanted = _wanted(classes, found, path)
     rows = []
     for label in wanted:

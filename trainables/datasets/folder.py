@@ -12,7 +12,9 @@ from trainables.datasets._registry import (
     TABLE_COLUMNS,
     DatasetError,
     LeftOut,
+    check_distinct_names,
     class_folders,
+    class_name,
     list_images,
     no_images_message,
     register_loader,
@@ -40,9 +42,12 @@ def load_folder(path: Path, *, classes: list[str] | None = None, metadata: str |
     ``metadata``: a CSV (relative to ``path``, or absolute) of per-image metadata, see ``read_metadata``.
     """
     left_out = LeftOut()
-    found = {p.name: p for p in class_folders(path, left_out) if p.name != UNLABELLED_FOLDER}
-    if classes is None:
-        classes = sorted(found)
+    folders = [p for p in class_folders(path, left_out) if p.name != UNLABELLED_FOLDER]
+    # Every class folder, picked or not: with benign/ beside Benign/, which one classes=['benign'] means is a guess.
+    check_distinct_names([p.name for p in folders], f"folder: class folders in {str(path)!r}",
+                         "Merge them into one folder per class (or rename one), then run again.")
+    found = {class_name(p.name): p for p in folders}  # a class is named in NFC, whatever the file system stores
+    classes = sorted(found) if classes is None else [class_name(c) for c in classes]
     rows = []
     for name in classes:
         if name not in found:
@@ -82,7 +87,7 @@ def read_metadata(table: pd.DataFrame, root: Path, csv: str) -> pd.DataFrame:
     if taken:
         raise DatasetError(f"folder: metadata file {where.name!r} has column(s) {taken}, names the image table "
                            f"already uses ({list(TABLE_COLUMNS + PIPELINE_COLUMNS)}); rename them")
-    names = meta[FILE_COLUMN].astype(str).str.strip().str.replace("\\", "/", regex=False)
+    names = meta[FILE_COLUMN].astype(str).str.strip().str.replace("\\", "/", regex=False).map(class_name)
     keys, ambiguous = _image_keys(table, root)
     unknown = sorted(set(names) - set(keys))
     if unknown:
@@ -108,7 +113,8 @@ def read_metadata(table: pd.DataFrame, root: Path, csv: str) -> pd.DataFrame:
 def _image_keys(table: pd.DataFrame, root: Path) -> tuple[dict, set]:
     """Image name -> table row, by path relative to ``root`` and by file name where only one image has it;
     and the file names several images share."""
-    relative = relative_names(table["path"], str(root))
+    # In NFC on both sides, as class names: a CSV typed on one machine names the folders another stored in NFD.
+    relative = [class_name(name) for name in relative_names(table["path"], str(root))]
     keys, by_name = dict(zip(relative, table.index)), {}
     for name, i in zip(relative, table.index):
         by_name.setdefault(Path(name).name, []).append(i)

@@ -29,7 +29,7 @@ def check_image(path: str | Path) -> str | None:
     The decoder's own bit-depth step then refuses what it cannot scale to 8
     bits (a float image outside 0..1), so this check and the decoder agree.
     """
-    from trainables.data import eight_bit, is_dicom, read_dicom
+    from trainables.data import eight_bit, is_dicom, open_image, read_dicom
 
     try:
         if os.path.getsize(path) == 0:
@@ -39,9 +39,8 @@ def check_image(path: str | Path) -> str | None:
             return None
         with Image.open(path) as image:
             image.verify()
-        with Image.open(path) as image:  # verify() leaves the image unusable: reopen to decode
-            if image.format == "JPEG":
-                image.draft("RGB", _JPEG_DRAFT)
+        # verify() leaves the image unusable: reopen to decode, as the decoder does (turned by its EXIF orientation)
+        with open_image(path, draft=("RGB", _JPEG_DRAFT)) as image:
             image.load()
             eight_bit(image, str(path))
     except FileNotFoundError:
