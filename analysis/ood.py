@@ -327,7 +327,7 @@ def _copies(reference: Reference, paths: list[str], hashes: np.ndarray, bits: in
     known = np.unpackbits(np.stack([np.frombuffer(bytes.fromhex(h), np.uint8) for h in hashed["phash"]]),
                           axis=1)[:, :bits]
     known = np.where(known, 1.0, -1.0).astype(np.float32)
-    queries = np.where(hashes, 1.0, -1.0).astype(np.float32)  # (N, 4 flips, bits)
+    queries = np.where(hashes, 1.0, -1.0).astype(np.float32)  # (N, views: flips, rotations, middle, bits)
     # Hamming distance = (bits - dot) / 2, the smallest over the query's flips (as the audit's hash_pairs).
     nearest, dot = np.empty(len(queries), np.int64), np.empty(len(queries), np.float32)
     for start in range(0, len(queries), _BLOCK):

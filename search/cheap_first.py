@@ -11,7 +11,7 @@ expensive trial would still be training. TPE then samples the whole space.
 
 The cheap trials are ordinary trials of the study: each is one of the space's
 own configurations, found by sampling ``space(trial)`` at random (seeded by the
-study) and kept when ``is_head_only`` says so, then queued in the searcher's
+study, on a stream of its own: ``search.distinct.stream_seed``) and kept when ``is_head_only`` says so, then queued in the searcher's
 Optuna study (Ray's ``OptunaSearch(points_to_evaluate=...)``, i.e.
 ``enqueue_trial``). Nothing else changes: the same trainable, ASHA, results.
 """
@@ -50,18 +50,23 @@ def cheap_first_points(study: Study, n: int | None = None) -> list[dict]:
     the study's space, in the order they were drawn; fewer when the space has fewer, none when it has none."""
     import optuna
 
+    from search.distinct import stream_seed, trained_config  # imports Ray: only when drawing
+
     n = cheap_first_count(study) if n is None else n
     if n <= 0:
         return []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=study.seed))
-    points: list[dict] = []
+    # Its own stream: with the study's seed itself, TPE's random start-up (a RandomSampler of the sampler's
+    # seed) replayed these draws, and trained the cheap configurations again (search.distinct).
+    draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=stream_seed(study.seed, "cheap_first")))
+    points: dict[tuple, dict] = {}  # trained configuration -> its Optuna parameters
     for _ in range(n * _DRAWS_PER_POINT):
         trial = draws.ask()
         hparams = {**study.fixed, **study.space(trial)}
         draws.tell(trial, 0.0)
-        if trial.params not in points and is_head_only(hparams, study.augment_views):
-            points.append(dict(trial.params))
+        key = trained_config(hparams, study.max_epochs)
+        if key not in points and is_head_only(hparams, study.augment_views):
+            points[key] = dict(trial.params)
             if len(points) == n:
                 break
-    return points
+    return list(points.values())

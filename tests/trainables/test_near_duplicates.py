@@ -324,3 +324,41 @@ def test_the_audit_leaves_the_gpus_to_the_trials(tmp_path, monkeypatch):
     write_dataset(tmp_path, copies={})
     find_near_duplicates(load_table("folder", tmp_path))
     assert hidden == [([], "GPU")]
+
+
+# Issue 27.10: the flips and right-angle rotations a pHash does not see by itself, and a crop of 5 % a side.
+TURNED = {name: (10 + i, lambda im, t=t: im.transpose(t), {}) for i, (name, t) in enumerate({
+    "rotate_90": Image.Transpose.ROTATE_90, "rotate_270": Image.Transpose.ROTATE_270,
+    "transpose": Image.Transpose.TRANSPOSE, "transverse": Image.Transpose.TRANSVERSE}.items())}
+
+
+def test_rotated_and_transposed_copies_are_found_by_the_hash(tmp_path):
+    planted = write_dataset(tmp_path, copies={**PLANTED, **TURNED})
+    near = find_near_duplicates(load_table("folder", tmp_path), settings_from(HASH_ONLY))
+    assert _pairs(near) == {frozenset(pair) for pair in planted.values()}  # each copy, and nothing else
+
+
+@pytest.mark.parametrize("copy_first", [False, True], ids=["original first", "copy first"])
+def test_a_copy_cropped_by_five_percent_a_side_is_found_by_the_hash(tmp_path, copy_first):
+    # The copy is the original's middle, either way round in the table (the middle is hashed for both).
+    crop = {"crop": (9, lambda im: im.crop((5, 5, 91, 91)), {"quality": 80})}
+    planted = write_dataset(tmp_path, copies=crop)
+    table = load_table("folder", tmp_path)
+    table = table.iloc[::-1].reset_index(drop=True) if copy_first else table
+    near = find_near_duplicates(table, settings_from(HASH_ONLY))
+    assert _pairs(near) == {frozenset(planted["crop"])}
+
+
+def test_the_audits_embedding_is_the_same_for_every_flip_and_rotation(tmp_path):
+    from trainables.near_duplicates import image_embeddings
+
+    original = generated(3)
+    paths = [tmp_path / "original.png"]
+    original.save(paths[0])
+    for t in Image.Transpose:  # the seven flips and rotations besides the image as it is
+        paths.append(tmp_path / f"{t.name}.png")
+        original.transpose(t).save(paths[-1])
+    as_is = image_embeddings(paths, "efficientnet_lite0", size=96)
+    turned = image_embeddings(paths, "efficientnet_lite0", size=96, dihedral=True)
+    assert (as_is[1:] @ as_is[0]).min() < 0.9  # one view: a rotated copy looks like another image
+    assert (turned[1:] @ turned[0]).min() > 0.999  # all eight: the same features, whichever way it is turned
