@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import re
 import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 from ray import tune
 
 from search.ranking import rank
@@ -25,6 +27,9 @@ _WRITE_EVERY_S = 5.0  # throttle for per-epoch rewrites; trial ends always write
 
 # interrupted: still running when the run ended (Ctrl+C, the study's time limit); --resume continues it.
 STATUSES = ("running", "finished", "stopped", "diverged", "errored", "interrupted")
+# Trials that ended for good: a resume keeps them as recorded (errored ones Ray retries: resume_errored).
+KEPT_ON_RESUME = ("finished", "stopped", "diverged")
+CHECKPOINT_FOLDER = re.compile(r"^checkpoint_(\d+)$")  # Ray's name for a trial's checkpoint folder
 
 
 def tidy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
@@ -90,13 +95,60 @@ class LeaderboardWriter(tune.Callback):
             for row in self.folder.read_parquet("leaderboard.parquet").to_dict("records"):
                 self.trials[row["trial_id"]] = {"row": row, "config": {}}
 
+    def ended_epochs(self) -> dict[str, list[dict]]:
+        """``trial_id -> its recorded epochs`` (oldest first) of every trial that ended for good
+        (``KEPT_ON_RESUME``): what a resume keeps instead of training it again (``search.tuner.StudyScheduler``)."""
+        ended = {tid for tid, entry in self.trials.items() if entry["row"].get("status") in KEPT_ON_RESUME}
+        epochs = {tid: [] for tid in ended}
+        for epoch in sorted((e for e in self.epochs if e["trial_id"] in ended), key=lambda e: e.get("epoch", 0)):
+            epochs[epoch["trial_id"]].append(epoch)
+        return epochs
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self._drop_lost_twin(trial)
         entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": {}})
         entry["config"] = self._config(trial)
-        entry["row"].update(status="running", trial_name=str(trial), ended_at=None)
+        checkpoint = self._restart(trial)
+        entry["row"].update(status="running", trial_name=str(trial), ended_at=None, error=None,
+                            checkpoint_path=checkpoint)
         entry["row"].setdefault("started_at", _now())  # a resumed trial keeps its first start
         self._write(force=True)
+
+    def _restart(self, trial) -> str | None:
+        """Make the trial's record the training this start continues: its epochs up to its checkpoint.
+
+        A trial starts from its last checkpoint that Ray knows of (none: from scratch), after a resume
+        or a failed attempt. The epochs recorded after that checkpoint belong to the attempt it replaces,
+        and so do checkpoint folders Ray wrote for that attempt but no longer knows of (a driver killed
+        between a checkpoint and Ray's state save): Ray would write this attempt's checkpoints into
+        those same folders, over files of the other training. Both go, so the row's epochs, best
+        epoch and checkpoint all come from one training. Returns the checkpoint it continues from,
+        relative to the results folder (None: from scratch).
+        """
+        result = getattr(trial, "latest_checkpoint_result", None)
+        resumes_at = int((result.metrics or {}).get("epoch", 0)) if result is not None else 0
+        self.epochs = [e for e in self.epochs if e["trial_id"] != trial.trial_id or e.get("epoch", 0) <= resumes_at]
+        checkpoint = result.checkpoint if result is not None else None
+        self._remove_stale_checkpoints(trial, checkpoint)
+        return self.folder.relative(checkpoint.path) if checkpoint is not None else None
+
+    @staticmethod
+    def _remove_stale_checkpoints(trial, checkpoint) -> None:
+        """Delete the trial's ``checkpoint_NNNNNN`` folders newer than ``checkpoint``, which Ray restarts it from."""
+        storage = getattr(trial, "storage", None)
+        if storage is None:  # a stub trial (tests) writes nowhere
+            return
+        newest = -1  # from scratch: every checkpoint folder is stale
+        if checkpoint is not None:
+            known = CHECKPOINT_FOLDER.match(posixpath.basename(checkpoint.path))
+            if known is None:  # not named as Ray names them: nothing here can be told stale
+                return
+            newest = int(known.group(1))
+        fs = storage.storage_filesystem
+        for info in fs.get_file_info(pafs.FileSelector(storage.trial_fs_path, allow_not_found=True)):
+            found = CHECKPOINT_FOLDER.match(info.base_name)
+            if found and info.type == pafs.FileType.Directory and int(found.group(1)) > newest:
+                fs.delete_dir(info.path)
 
     def _config(self, trial) -> dict:
         """The hyperparameters the trial really trains with, and ``adjusted``: how they differ from its config."""
@@ -107,15 +159,20 @@ class LeaderboardWriter(tune.Callback):
         return {**config, "adjusted": "; ".join(notes) or None}
 
     def _drop_lost_twin(self, trial) -> None:
-        """Forget a row left ``running`` by a killed driver whose trial the resumed search proposes again.
+        """Forget the row of a trial a killed driver recorded whose trial the resumed search proposes again.
 
         Ray's experiment state is saved every few seconds; a trial started after
         the last save is unknown to the restored search, which proposes the same
-        Optuna trial number again under a new trial id. Its old row would count twice.
+        Optuna trial number again under a new trial id. Its old row would count twice,
+        whatever its status: a trial that ended before its first checkpoint (one that
+        diverged at once) can have started and ended between two saves. The new
+        trial trains it again, so its row replaces the old one.
         """
         number = trial.config.get("trial_number")
+        if number is None:  # not proposed by the study's searcher: it has no twin
+            return
         lost = [tid for tid, entry in self.trials.items()
-                if tid != trial.trial_id and entry["row"].get("status") == "running"
+                if tid != trial.trial_id
                 and entry["row"].get("trial_number", entry["config"].get("trial_number")) == number]
         for tid in lost:
             del self.trials[tid]

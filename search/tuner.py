@@ -6,16 +6,18 @@ What to search lives in ``TuneConfig``, how to run it in ``RunConfig``, as in Ra
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 
 import optuna
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
-from ray.tune.search.optuna import OptunaSearch
 
 from search.accounting import TrialAccountant
+from search.distinct import DistinctSearch, searcher_exhausted, stream_seed
 from search.progress import ProgressPrinter
 from search.results import LeaderboardWriter
 from search.storage import StudyFolder
@@ -105,22 +107,80 @@ class ResumedSearch(SearchGenerator):
 def make_searcher(study: Study) -> ConcurrencyLimiter:
     from search.cheap_first import cheap_first_points
 
-    sampler = optuna.samplers.TPESampler(seed=study.seed)
+    # Its own stream: TPE's random start-up draws with a RandomSampler of this seed, which must not replay
+    # the cheap-first draws (search.distinct).
+    sampler = optuna.samplers.TPESampler(seed=stream_seed(study.seed, "sampler"))
     cheap = cheap_first_points(study)
     if cheap:
         print(f"Cheap first: the first {len(cheap)} trials train heads on cached features (cheap_first="
               f"{study.cheap_first!r}); then TPE samples the whole space", flush=True)
-    searcher = OptunaSearch(space=StudySpace(study), metric=study.metric, mode=study.mode, sampler=sampler,
-                            points_to_evaluate=cheap or None)
+    searcher = DistinctSearch(seed=study.seed, max_epochs=study.max_epochs, space=StudySpace(study),
+                              metric=study.metric, mode=study.mode, sampler=sampler, points_to_evaluate=cheap or None)
     return ConcurrencyLimiter(searcher, max_concurrent=study.max_concurrent)
 
 
-def make_scheduler(study: Study) -> ASHAScheduler:
-    return ASHAScheduler(
+class StudyScheduler(ASHAScheduler):
+    """ASHA, which on a resume also keeps ended the trials whose end the driver recorded after Ray's last state save.
+
+    Ray saves its experiment state every 10 s or so (and after each trial checkpoint), not when a trial ends.
+    A driver killed in between leaves a trial that the leaderboard records as finished (or stopped, diverged)
+    still running in Ray's state; ``resume_unfinished`` then trains it again from its last checkpoint, under
+    the same trial id, and its row mixed the two trainings (issue 27.3). ``ended`` holds, for each such trial
+    the leaderboard recorded as ended, its recorded epochs: Ray's restored trial is told them and is ended
+    before it is queued, as if Ray's state had seen its end (``keep_ended``).
+    """
+
+    def __init__(self, *, ended: dict[str, list[dict]] | None = None, **asha):
+        super().__init__(**asha)
+        self.ended = dict(ended or {})  # trial_id -> its recorded epochs, oldest first
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        epochs = self.ended.pop(trial.trial_id, None)
+        if epochs and trial.status == Trial.PENDING:  # restored as unfinished (TERMINATED ones need nothing)
+            keep_ended(tune_controller, trial, epochs)
+
+    def __getstate__(self):  # tuner.pkl: a later resume reads the leaderboard afresh
+        return {**self.__dict__, "ended": {}}
+
+
+def keep_ended(tune_controller, trial, epochs: list[dict]) -> None:
+    """End a restored ``trial`` the way Ray ends a trial, with the results the driver recorded after Ray's last save.
+
+    Called from ``StudyScheduler.on_trial_add``, while Ray's ``TuneController.add_trial`` restores it:
+    there the trial is already among the live trials but not yet filed by status, so setting it
+    TERMINATED here makes it what a trial restored TERMINATED is (never started; the callbacks'
+    resume baselines count it as done). The searcher hears the missing epochs and the end, as it
+    would have (TPE learns the trial's value and its ``ConcurrencyLimiter`` slot is given back).
+    """
+    searcher = tune_controller.search_alg
+    seen = int((trial.last_result or {}).get("epoch") or 0)  # Ray's last result of it, at its last state save
+    for row in epochs:
+        if int(row["epoch"]) <= seen:
+            continue
+        result = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+        result["training_iteration"] = int(row["epoch"])  # one report per epoch
+        trial.update_last_result(result)
+        searcher.on_trial_result(trial.trial_id, result)
+    searcher.on_trial_complete(trial.trial_id, result=trial.last_result)
+    tune_controller.get_live_trials().discard(trial)
+    trial.set_status(Trial.TERMINATED)
+
+
+def space_exhausted(tuner: tune.Tuner | None) -> bool:
+    """Whether ``tuner``'s searcher ended the study because every configuration of its space had run."""
+    local = getattr(tuner, "_local_tuner", None)  # noqa: SLF001 (the searcher Tune ran, as make_tuner reaches it)
+    return local is not None and searcher_exhausted(local._tune_config.search_alg)  # noqa: SLF001
+
+
+def make_scheduler(study: Study, ended: dict[str, list[dict]] | None = None) -> StudyScheduler:
+    """ASHA for ``study``; ``ended``: on a resume, the trials to keep ended (see ``StudyScheduler``)."""
+    return StudyScheduler(
         time_attr="training_iteration",  # one report per epoch, so rungs are epochs
         max_t=study.max_epochs,
         grace_period=study.grace_period,
         reduction_factor=study.reduction_factor,
+        ended=ended,
     )
 
 
@@ -155,6 +215,10 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
         bind_resumed(study)
         # Restoring brings back the searcher, scheduler and trials; callbacks are not saved.
         tuner = tune.Tuner.restore(folder.uri(), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # tuner.pkl holds the scheduler as it was before the first run's fit: this one is the same, and it keeps
+        # the trials whose end the leaderboard recorded ended even where Ray's state had them still running.
+        tuner._local_tuner._tune_config.scheduler = make_scheduler(  # noqa: SLF001
+            study, ended=reporters[0].ended_epochs())
         searcher = tuner._local_tuner._tune_config.search_alg  # noqa: SLF001 (the restored one, which Tune runs)
         run_config = tuner._local_tuner._run_config  # noqa: SLF001 (storage_path and name: the folder resumed)
         tuner._local_tuner._tune_config.search_alg = ResumedSearch(  # noqa: SLF001

@@ -132,6 +132,7 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
         main = prepare_fit(model, backbone, hp, hp["unfreeze"] if cacheable else None, data, settings, shared)
     start_epoch = restore(model, checkpoint, top=main.top if main is not None else None)
     report = ReportEpoch(None, data["y_val"], settings, hp, started, model=model, device=device)
+    report.best = checkpointed_best(checkpoint, settings.metric)
     class_weight = balanced_class_weight(data["y_train"]) if hp["class_weight"] else None
     for number, (first, end, lr, unfreeze) in enumerate(plan):
         if end <= start_epoch:
@@ -355,6 +356,20 @@ def restore(model, checkpoint, *, top=None) -> int:
         return int(json.loads((folder / "trial.json").read_text())["epoch"])
 
 
+def checkpointed_best(checkpoint, metric: str) -> float | None:
+    """The score the restored ``checkpoint`` was saved with (its ``trial.json``), or None without one.
+
+    A resumed trial checkpoints again only when it beats that score: else its first epoch after the
+    restore would always checkpoint (nothing to beat), and the trial's checkpoint, the newest, would
+    hold a worse epoch than the best one the leaderboard names.
+    """
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        value = json.loads((Path(folder) / "trial.json").read_text()).get(metric)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def predict_in_batches(model, x, batch_size: int) -> np.ndarray:
     """``model.predict(x)``, the same outputs, without its set-up on every call (a tf.data pipeline:
     ~0.1 s, more than a whole epoch of a head on cached features)."""
@@ -504,10 +519,11 @@ def fit_cross_validated(config: dict, data: dict, settings: TrialSettings, *, we
     folds = [Fold(model, backbone, fit_model, top, tr, x_all[tr], y_all[tr], x_all[va], y_all[va])
              for (model, backbone, fit_model, top), (tr, va) in zip(built, index)]
     del x_all
-    start_epoch = restore_folds(folds, tune.get_checkpoint())
+    checkpoint = tune.get_checkpoint()
+    start_epoch = restore_folds(folds, checkpoint)
     cached = frozen if any(f.top is not None for f in folds) else None
     batch = int(hp["batch_size"])
-    best, setup_s = None, None
+    best, setup_s = checkpointed_best(checkpoint, settings.metric), None
     for first, end, lr, unfreeze in phases(hp, settings.max_epochs):
         if end <= start_epoch:
             continue
