@@ -35,6 +35,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -297,14 +298,36 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     """
     if k < 1:
         raise EvaluateError(f"k must be >= 1, got {k}")
-    ev = open_evaluation(Path(run_dir).expanduser().resolve(), k, split, n_boot=n_boot, seed=seed, level=level,
-                         batch_size=batch_size, log=log, ensemble=ensemble, tta=tta,
-                         target_sensitivity=target_sensitivity, target_specificity=target_specificity,
-                         positive_class=positive_class, prevalence=prevalence, data_dir=data_dir)
-    val = validation_predictions(ev.run_dir, ev.val_rows, ev.models, ev.modes, batch_size=batch_size, log=log)
-    fit = fit_final(ev, val)
-    probs = split_predictions(ev, fit, val)
-    return write_evaluation(ev, fit, probs)
+    run_dir = Path(run_dir).expanduser().resolve()
+    with evaluation_lock(run_dir, log):  # two evaluations would interleave final_model.json and the test log
+        ev = open_evaluation(run_dir, k, split, n_boot=n_boot, seed=seed, level=level,
+                             batch_size=batch_size, log=log, ensemble=ensemble, tta=tta,
+                             target_sensitivity=target_sensitivity, target_specificity=target_specificity,
+                             positive_class=positive_class, prevalence=prevalence, data_dir=data_dir)
+        val = validation_predictions(ev.run_dir, ev.val_rows, ev.models, ev.modes, batch_size=batch_size, log=log)
+        fit = fit_final(ev, val)
+        probs = split_predictions(ev, fit, val)
+        return write_evaluation(ev, fit, probs)
+
+
+@contextlib.contextmanager
+def evaluation_lock(run_dir: Path, log=print):
+    """Hold ``run_dir``'s evaluation lock (``search.folder_lock``) while evaluating; another evaluation's is refused."""
+    from search.folder_lock import EVALUATE_LOCK, FolderLock, FolderLockedError
+    from search.storage import StudyFolder
+
+    if not run_dir.is_dir():
+        yield  # open_evaluation names the missing folder
+        return
+    lock = FolderLock(StudyFolder(run_dir.parent, run_dir.name), EVALUATE_LOCK, note=log)
+    try:
+        lock.acquire()
+    except FolderLockedError as exc:
+        raise EvaluateError(str(exc)) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def open_evaluation(run_dir: Path, k: int, split: str, **options) -> Evaluation:

@@ -16,6 +16,13 @@ random delay:
 - ``study end``: once every trial has ended on the leaderboard, before the outcome is recorded;
 - ``final summary``: when the leaderboard table starts printing.
 
+Two more faults, with ``--sigterms N`` and ``--disk-fills N``: the driver is sent
+SIGTERM (what a batch scheduler sends) at a seeded moment and must stop as Ctrl+C
+does, with exit 143, the resume command printed and no native stack dump; and the
+results folder's disk (a tmpfs mounted for the run; skipped where mounting needs
+root) is filled with ``dd`` while trials run, the driver must stop with its named
+error and exit 1, and the space is freed before the next resume.
+
 After a kill, whatever the driver's session left running (Ray's GCS, raylet,
 workers) is killed too, as when a machine's session ends, and the study is
 resumed as a user would: the same command plus ``--resume`` (where that is
@@ -48,6 +55,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +77,11 @@ STEP_TIMEOUT_S = 300.0
 RETRY_TIMEOUT_S = 120.0
 RAY_EXIT_S = 5.0  # how long Ray's processes get to end on their own after their driver is killed
 WORKER_MOMENT = "trial running"
+SIGTERM_EXIT_S = 180.0  # a SIGTERMed driver stops its trials and saves Ray's state before it exits
+EXIT_TERMINATED = 143  # search.run's exit code after SIGTERM (README: The command line)
+NATIVE_DUMP = ("*** SIGTERM received", "PC: @")  # what Ray's own SIGTERM handler printed as it aborted the driver
+DISK_SIZE = "300m"  # the tmpfs holding --storage when a disk fill is scheduled
+DISK_MOMENTS = ["first trial", "checkpoint write", "between trials"]  # trials still write then
 OUT = ROOT / "benchmarks/results/chaos"
 
 
@@ -132,19 +145,23 @@ LAST = ["study end", "final summary"]  # once each, in this order, after the res
 
 @dataclass
 class Step:
-    target: str  # "driver" or "worker"
+    target: str  # "driver" (SIGKILL), "sigterm" (SIGTERM to the driver), "worker" (SIGKILL) or "disk" (filled)
     moment: str
     delay_s: float = 0.0
 
 
-def make_schedule(kills: int, seed: int, worker_kill: bool = True) -> list[Step]:
-    """``kills`` driver kills (the issue's five moments first, then every moment once, then any that may repeat)."""
+def make_schedule(kills: int, seed: int, worker_kill: bool = True, sigterms: int = 0,
+                  disk_fills: int = 0) -> list[Step]:
+    """``kills`` driver kills (the issue's five moments first, then every moment once, then any that may repeat),
+    and ``sigterms`` SIGTERMs and ``disk_fills`` full disks at seeded moments among them, all before the last ones."""
     rng = random.Random(seed)
     names = (ISSUE_MOMENTS + [m for m in MID + LAST if m not in ISSUE_MOMENTS])[:kills]
     names += [rng.choice(MID) for _ in range(kills - len(names))]
-    middle = [n for n in names if n not in LAST]
+    middle = [Step("driver", n) for n in names if n not in LAST]
+    middle += [Step("sigterm", rng.choice(MID)) for _ in range(sigterms)]
+    middle += [Step("disk", rng.choice(DISK_MOMENTS)) for _ in range(disk_fills)]
     rng.shuffle(middle)
-    steps = [Step("driver", n) for n in middle + [n for n in LAST if n in names]]
+    steps = middle + [Step("driver", n) for n in LAST if n in names]
     if worker_kill:
         steps.insert(rng.randint(0, len(middle)), Step("worker", WORKER_MOMENT))  # while trials still run
     for step in steps:
@@ -161,6 +178,7 @@ class Run:
     num_samples: int
     seed: int
     env: dict = field(default_factory=dict)  # for every driver
+    disk: bool = False  # whether --storage is a tmpfs of its own, which a "disk" step fills
     driver: Driver | None = None
     ended: dict = field(default_factory=dict)  # trial_number -> epochs, for every trial seen ended
     board_reads: int = 0
@@ -199,6 +217,8 @@ def run_chaos(schedule: list[Step], *, workdir: Path, trials: int, epochs: int, 
     # Short, under /tmp: Ray's socket paths inside it must stay under 108 characters.
     ray_tmp = tempfile.mkdtemp(prefix="chaos-ray-")
     run = Run(study=study, storage=workdir / "runs", num_samples=trials, seed=seed, env={"RAY_TMPDIR": ray_tmp})
+    if any(step.target == "disk" for step in schedule):
+        run.disk = mount_tmpfs(run.storage)
     steps = []
     try:
         for number, step in enumerate(schedule, 1):
@@ -206,7 +226,7 @@ def run_chaos(schedule: list[Step], *, workdir: Path, trials: int, epochs: int, 
             record.update(run_step(run, step))
             record["at_s"] = round(time.monotonic() - started, 1)  # when the kill came, from the chaos run's start
             if record["outcome"] != "fatal":
-                record["checks"] = check_step(run)
+                record["checks"] = {**record.pop("fault_checks", {}), **check_step(run)}
             steps.append(record)
             say(format_step(record))
             if record["outcome"] == "fatal":
@@ -218,14 +238,22 @@ def run_chaos(schedule: list[Step], *, workdir: Path, trials: int, epochs: int, 
             run.driver.wait(timeout=60)
             kill_session(run.driver.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    final["board_reads"], final["board_read_errors"] = run.board_reads, run.board_read_errors
-    return {"schedule": [asdict(s) for s in schedule], "steps": steps, "final": final,
-            "totals": totals(steps, final, run), "wall_s": round(time.monotonic() - started, 1)}
+        if run.disk and sys.exc_info()[0] is not None:
+            subprocess.run(["umount", "-l", str(run.storage)], capture_output=True, check=False)
+    try:  # the end state is read from the folder: before its tmpfs goes
+        final["board_reads"], final["board_read_errors"] = run.board_reads, run.board_read_errors
+        return {"schedule": [asdict(s) for s in schedule], "steps": steps, "final": final,
+                "totals": totals(steps, final, run), "wall_s": round(time.monotonic() - started, 1)}
+    finally:
+        if run.disk:
+            subprocess.run(["umount", "-l", str(run.storage)], capture_output=True, check=False)
 
 
 def run_step(run: Run, step: Step) -> dict:
     """Wait for the step's moment (starting or resuming a driver if none runs), then kill."""
     record = {"launch": None}
+    if step.target == "disk" and not run.disk:
+        return {**record, "outcome": "skipped", "error": "no tmpfs could be mounted for --storage (needs root)"}
     if run.driver is None:
         record["launch"] = "start" if not run.folder.exists() else "--resume"
         run.launch(resume=record["launch"] == "--resume")
@@ -256,7 +284,73 @@ def run_step(run: Run, step: Step) -> dict:
     record["last_line"] = (watch.lines() or [""])[-1].strip()[:120]
     if step.target == "worker":
         return {**record, **kill_worker(run, watch)}
+    if step.target == "sigterm":
+        return {**record, **terminate_driver(run)}
+    if step.target == "disk":
+        return {**record, **fill_disk(run)}
     return {**record, **kill_driver(run)}
+
+
+def mount_tmpfs(where: Path) -> bool:
+    """A tmpfs of ``DISK_SIZE`` at ``where``, for a disk that can fill; False where mounting is not allowed."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs", str(where)], capture_output=True,
+                          check=False)
+    return done.returncode == 0
+
+
+def _end_of(run: Run, timeout: float) -> int | None:
+    """The driver's exit code within ``timeout`` s, or None (then it is SIGKILLed); its session is cleaned up."""
+    driver = run.driver
+    try:
+        code = driver.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        driver.proc.kill()
+        driver.wait(timeout=60)
+        code = None
+    deadline = time.monotonic() + RAY_EXIT_S
+    while session_processes(driver.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    kill_session(driver.pid)
+    run.driver = None
+    return code
+
+
+def terminate_driver(run: Run) -> dict:
+    """SIGTERM, as a batch scheduler stops a job: the driver must stop as Ctrl+C does, and say how to resume."""
+    driver = run.driver
+    driver.proc.send_signal(signal.SIGTERM)  # a no-op if it has already ended
+    code = _end_of(run, SIGTERM_EXIT_S)
+    output = driver.output
+    if code == 0:
+        return {"outcome": "missed", "signal": "SIGTERM", "exit_code": code}
+    checks = {
+        f"exit {EXIT_TERMINATED}": True if code == EXIT_TERMINATED else f"exit code {code}",
+        "resume command printed": True if "Resume with:" in output else "no 'Resume with:'",
+        "no native stack dump": True if not any(t in output for t in NATIVE_DUMP) else "Ray's abort printed",
+    }
+    return {"outcome": "killed" if code is not None else "fatal", "signal": "SIGTERM", "exit_code": code,
+            "fault_checks": checks, "output_tail": None if all(v is True for v in checks.values()) else output[-3000:]}
+
+
+def fill_disk(run: Run) -> dict:
+    """Fill the results folder's disk with ``dd``; the driver must stop by name; then the space is freed."""
+    driver = run.driver
+    filler = run.storage / f"chaos-filler-{len(driver.lines)}"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True, check=False)  # ends on ENOSPC
+    code = _end_of(run, STEP_TIMEOUT_S)
+    filler.unlink(missing_ok=True)  # freed before the next resume, as a user would
+    output = driver.output
+    if code == 0:
+        return {"outcome": "missed", "signal": "ENOSPC", "exit_code": code}
+    checks = {
+        "exit 1": True if code == 1 else f"exit code {code}",
+        "the full disk named": True if re.search(r"the study stopped: .*is (nearly )?full", output) else "no message",
+        "resume command printed": True if "resume with:" in output else "no 'resume with:'",
+        "no traceback": True if "Traceback" not in output else "a Python traceback",
+    }
+    return {"outcome": "killed" if code is not None else "fatal", "signal": "ENOSPC", "exit_code": code,
+            "fault_checks": checks, "output_tail": None if all(v is True for v in checks.values()) else output[-3000:]}
 
 
 def follow_advice(run: Run, launch: str | None) -> str | None:
@@ -444,6 +538,9 @@ def totals(steps: list[dict], final: dict, run: Run) -> dict:
     return {
         "driver_kills": sum(s["target"] == "driver" for s in killed),
         "worker_kills": sum(s["target"] == "worker" for s in killed),
+        "sigterms": sum(s["target"] == "sigterm" for s in killed),
+        "disk_fills": sum(s["target"] == "disk" for s in killed),
+        "faults_skipped": sum(s["outcome"] == "skipped" for s in steps),
         "kills_survived": sum(completed and all(v is True for v in s.get("checks", {}).values()) for s in killed),
         "kills_missed": sum(s["outcome"] == "missed" for s in steps),
         "trials_lost": len(expected - ended_now),
@@ -491,9 +588,12 @@ def to_markdown(report: dict, args: dict) -> str:
         f"# Chaos run: seed {args['seed']}, {args['kills']} driver kills, {t['num_samples']} trials x {args['epochs']} epochs",
         "", f"`python benchmarks/chaos.py --seed {args['seed']} --kills {args['kills']} --trials {args['trials']} "
         f"--epochs {args['epochs']}`, {report['wall_s']:.0f} s", "", *rows, "",
-        f"- kills survived: **{t['kills_survived']}** of {t['driver_kills'] + t['worker_kills']} "
-        f"({t['driver_kills']} of the driver, {t['worker_kills']} of a trial's Ray worker); "
-        f"{t['kills_missed']} scheduled kills missed (the driver ended before the moment came)",
+        f"- kills and faults survived: **{t['kills_survived']}** of "
+        f"{t['driver_kills'] + t['worker_kills'] + t['sigterms'] + t['disk_fills']} "
+        f"({t['driver_kills']} SIGKILLs of the driver, {t['worker_kills']} of a trial's Ray worker, "
+        f"{t['sigterms']} SIGTERMs of the driver, {t['disk_fills']} full disks freed before the resume); "
+        f"{t['kills_missed']} scheduled kills missed (the driver ended before the moment came), "
+        f"{t['faults_skipped']} skipped (no tmpfs could be mounted)",
         f"- trials lost: **{t['trials_lost']}**; duplicate trials: **{t['duplicate_trials']}**; "
         f"duplicate (trial, epoch) rows: **{t['duplicate_trial_epoch_rows']}**",
         f"- final: {t['trials']} trials of num_samples {t['num_samples']}; outcome `{t['outcome']}`",
@@ -506,13 +606,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the schedule of kills and the study")
     parser.add_argument("--kills", type=int, default=len(MOMENTS) - 1, help="driver kills (default: one per moment)")
     parser.add_argument("--no-worker-kill", dest="worker_kill", action="store_false", help="skip the Ray worker kill")
+    parser.add_argument("--sigterms", type=int, default=2, help="SIGTERMs of the driver at seeded moments (default 2)")
+    parser.add_argument("--disk-fills", type=int, default=1,
+                        help="times the results folder's disk (a tmpfs; needs root) fills while trials run (default 1)")
     parser.add_argument("--trials", type=int, default=10, help="the study's num_samples")
     parser.add_argument("--epochs", type=int, default=4, help="the study's max_epochs")
     parser.add_argument("--out", type=Path, default=OUT, help=f"where chaos.json and chaos.md go (default {OUT})")
     args = parser.parse_args(argv)
-    if args.kills < 0 or args.trials < 1 or args.epochs < 1:
-        parser.error(f"--kills must be >= 0, --trials and --epochs >= 1; got {args.kills}, {args.trials}, {args.epochs}")
-    schedule = make_schedule(args.kills, args.seed, args.worker_kill)
+    if min(args.kills, args.sigterms, args.disk_fills) < 0 or args.trials < 1 or args.epochs < 1:
+        parser.error(f"--kills, --sigterms and --disk-fills must be >= 0, --trials and --epochs >= 1; got {args.kills}, "
+                     f"{args.sigterms}, {args.disk_fills}, {args.trials}, {args.epochs}")
+    schedule = make_schedule(args.kills, args.seed, args.worker_kill, args.sigterms, args.disk_fills)
     print("schedule: " + ", ".join(f"{s.target} at {s.moment} +{s.delay_s:.2f} s" for s in schedule), flush=True)
     print("step  target  moment            delay  outcome  signal   exit  checks", flush=True)
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:

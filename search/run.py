@@ -13,7 +13,9 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
@@ -27,6 +29,8 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 SMOKE = {"num_samples": 2, "max_epochs": 2, "grace_period": 1}  # --smoke: try a study file in a minute
 EXIT_USAGE, EXIT_FAILED = 2, 1
+EXIT_INTERRUPTED = 130  # Ctrl+C (SIGINT): 128 + 2, as a shell reports it
+EXIT_TERMINATED = 143  # SIGTERM (a batch scheduler, Kubernetes, docker stop): 128 + 15, as those report it
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -156,7 +160,40 @@ def resume_command(args) -> str:
 
 
 class StudyInterrupted(Exception):
-    """The run stopped before the study ended (Ctrl+C, a signal); the message says how to resume it."""
+    """The run stopped before the study ended (Ctrl+C, SIGTERM); the message says how to resume it."""
+
+    def __init__(self, message: str, signal_name: str | None = None):
+        super().__init__(message)
+        self.signal_name = signal_name  # "SIGTERM", or None for Ctrl+C
+
+
+_RECEIVED: dict[str, str | None] = {"signal": None}  # the signal that stopped this run: its exit code and message
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM stops the run as Ctrl+C does: trials stopped and marked interrupted, Ray's state saved, resumable.
+
+    Without this, the handler ``ray.init`` installs (Ray's native one) aborts the driver with a
+    stack dump (exit 134), recording nothing. While the tuner runs, SIGINT's handler is Ray Tune's
+    (stop the trials, save, return); otherwise it is Python's, which raises KeyboardInterrupt.
+    """
+    _RECEIVED["signal"] = "SIGTERM"
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIGINT ignored or default: still stop
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
+def catch_sigterm():
+    """Route SIGTERM to ``_on_sigterm``; returns the handler it replaced (None off the main thread, where
+    Python cannot set one). Called again after ``ray.init``, which installs its own."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class StudyDiskFull(Exception):
+    """The disk holding the results folder filled during the run; the message says where, and how to resume."""
 
 
 class StudyFailed(Exception):
@@ -183,10 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except StudyInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
-        return 130
-    except StudyFailed as exc:
+        return EXIT_TERMINATED if exc.signal_name == "SIGTERM" else EXIT_INTERRUPTED
+    except (StudyFailed, StudyDiskFull) as exc:
         print(f"\n{exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # while the study file loaded: nothing was written yet
+        print("\ninterrupted before the study started; nothing was written", file=sys.stderr)
+        return EXIT_TERMINATED if _RECEIVED["signal"] == "SIGTERM" else EXIT_INTERRUPTED
     return 0
 
 
@@ -197,12 +237,81 @@ def execute(args, study=None, callbacks: tuple = (), deadline: float | None = No
     ``callbacks`` are extra Ray Tune callbacks and ``deadline`` a wall-clock time (``time.time()``) after
     which no trial starts (the Python API's seams, e.g. for benchmarks).
     """
-    from search.storage import StudyFolder
-    from search.study import file_hash, load_study
+    from search.folder_lock import RUN_LOCK, FolderLock
+    from search.storage import StudyFolder, is_disk_full
+    from search.study import load_study
+
+    previous_sigterm = catch_sigterm()
+    try:
+        study = study if study is not None else load_study(args.study_file)
+        requested = StudyFolder(args.storage, args.name or study.name)
+        lock = take_run_lock(requested, args)  # before check_folder judges what the folder holds
+        try:
+            folder, args = check_folder(requested, args)
+            if folder.path != requested.path:  # a completed study there: this run writes a numbered folder
+                lock.release()
+                lock = FolderLock(folder, RUN_LOCK)
+                lock.acquire()
+            try:
+                return _execute(args, study, folder, callbacks, deadline)
+            except KeyboardInterrupt:  # outside Ray Tune's own handling: data loading, Ray's start, the summary
+                raise interrupted(folder, args) from None
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(exc, folder, args) from exc
+                raise
+        finally:
+            lock.release()
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def take_run_lock(folder, args):
+    """The driver's lock on ``folder``: one driver per results folder (see ``search.folder_lock``).
+
+    A folder holding a completed study, run again without ``--resume``, is left alone (the run
+    writes a numbered folder), so its lock is not taken: an evaluation may be using it.
+    """
+    from search.folder_lock import RUN_LOCK, FolderLock
+
+    if folder.exists("study.json") and not args.resume and not args.name and _outcome(folder) == "completed":
+        return FolderLock(folder, RUN_LOCK)  # not acquired: releasing it does nothing
+    check_storage(folder)  # an unwritable --storage gets its named error, not the lock's
+    lock = FolderLock(folder, RUN_LOCK)
+    lock.acquire()
+    return lock
+
+
+def interrupted(folder, args) -> StudyInterrupted:
+    """The interruption recorded in study.json (unless the study had completed) and how to resume."""
+    received = _RECEIVED["signal"]
+    if folder.exists("study.json") and _outcome(folder) != "completed":
+        record_outcome_if_room(folder, "interrupted")
+    return StudyInterrupted(f"interrupted{f' ({received})' if received else ''}; finished trials are kept in "
+                            f"{folder}. Resume with:\n  {resume_command(args)}", received)
+
+
+def disk_full(exc: OSError, folder, args) -> StudyDiskFull:
+    """The full disk named, the outcome recorded if there is room for it, and how to resume once there is."""
+    from search.storage import DiskFullError
+
+    reason = exc.strerror if isinstance(exc, DiskFullError) else (
+        f"the disk holding {str(folder)!r} is full ({exc.strerror or exc}); free space there or move the folder "
+        "to a larger disk")
+    recorded = record_outcome_if_room(folder, "failed", error=f"disk full: {reason}")
+    return StudyDiskFull(
+        f"the study stopped: {reason}.\nFinished trials are kept in {folder}, and the run can be resumed; "
+        + ("study.json records outcome 'failed'." if recorded else
+           "study.json could not record the outcome (no room left), which --resume does not need.")
+        + f"\nOnce there is room, resume with:\n  {resume_command(args)}")
+
+
+def _execute(args, study, folder, callbacks, deadline):
+    from search.disk_guard import repair_ray_state, warn_if_short
+    from search.study import file_hash
     from search.weights import study_weight_files
 
-    study = study if study is not None else load_study(args.study_file)
-    folder, args = check_folder(StudyFolder(args.storage, args.name or study.name), args)
     if folder.name != study.name:  # Ray's experiment, the records and the folder share one name
         study = dataclasses.replace(study, name=folder.name)
     if args.resume:
@@ -211,6 +320,9 @@ def execute(args, study=None, callbacks: tuple = (), deadline: float | None = No
         args = with_recorded_flags(args, json.loads(folder.read_text("study.json")))
     study = apply_overrides(study, args)
     check_storage(folder)
+    warn_if_short(study, folder)
+    if args.resume:
+        repair_ray_state(folder)  # an empty state file (a full disk) would make Ray start the experiment anew
     if getattr(args, "mlflow_uri", None):  # given, or recorded and re-applied by --resume
         from search.dashboards import check_mlflow
 
@@ -337,6 +449,10 @@ def prepare(study, args, folder):
         more = f" and {len(prepared.skipped) - 5} more" if len(prepared.skipped) > 5 else ""
         print(f"  skipped {len(prepared.skipped)} unreadable image(s) (--skip-corrupt): {listed}{more}; "
               "all are listed in study.json", flush=True)
+    if prepared.rotated:
+        from trainables.data import rotated_note
+
+        print(f"  {rotated_note(prepared.rotated)}", flush=True)
     report_duplicates(prepared, folder)
     if prepared.near_duplicates is not None:  # the leakage audit (Dataset.near_duplicates): one line and its file
         write_near_duplicates(prepared, folder)
@@ -400,9 +516,10 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
     import pandas as pd
     import ray
 
+    from search.disk_guard import DiskGuard
     from search.local_ray import local_ray_options
     from search.study import StudyError, cv_folds
-    from search.tuner import make_tuner, worker_env
+    from search.tuner import make_tuner, space_exhausted, worker_env
     from trainables.train import TrialSettings
     from trainables.weights import pack_weights
 
@@ -425,6 +542,8 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
     with local_ray_options(args.address) as local:  # a local Ray listens on 127.0.0.1 only
         context = ray.init(address=args.address, log_to_driver=args.verbose, runtime_env=env,
                            configure_logging=args.verbose, logging_level="INFO" if args.verbose else "ERROR", **local)
+    catch_sigterm()  # ray.init installed Ray's own SIGTERM handler, which aborts the driver
+    guard = DiskGuard(folder)
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)
@@ -433,7 +552,9 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
         settings = dataclasses.replace(settings, cpus=study.cpus_per_trial)
     except StudyError:
         ray.shutdown()
+        guard.release_reserve()
         raise
+    tuner = None
     try:
         if weights:
             print(f"shipping ImageNet weights to the trials: {', '.join(p.name for p in weights)}", flush=True)
@@ -441,18 +562,25 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
             left = max(1.0, deadline - time.time())
             study = dataclasses.replace(study, time_limit_s=min(left, study.time_limit_s or math.inf))
         tuner = make_tuner(study, folder=folder, data=prepared.arrays, settings=settings,
-                           weights_files=pack_weights(weights), resume=args.resume, callbacks=callbacks,
+                           weights_files=pack_weights(weights), resume=args.resume, callbacks=(guard, *callbacks),
                            mlflow_uri=getattr(args, "mlflow_uri", None))
+        callbacks_run = tuner._local_tuner._run_config.callbacks  # noqa: SLF001 (those Tune calls, in order)
+        callbacks_run.insert(0, callbacks_run.pop(callbacks_run.index(guard)))  # sees a full disk before any write
         fit_started = time.monotonic()
         results = tuner.fit()
+        if guard.full is not None:  # it stopped the study as Ctrl+C does: Ray's state saved, trials marked interrupted
+            raise guard.full
         board = folder.read_parquet("leaderboard.parquet") if folder.exists("leaderboard.parquet") else pd.DataFrame()
-        if was_interrupted(study, board, time.monotonic() - fit_started):
+        if was_interrupted(study, board, time.monotonic() - fit_started, space_exhausted=space_exhausted(tuner)):
             raise KeyboardInterrupt  # Ray Tune caught Ctrl+C, saved its state and returned early
     except KeyboardInterrupt:
-        record_outcome(folder, "interrupted")
-        raise StudyInterrupted(f"interrupted; finished trials are kept in {folder}. Resume with:\n  "
-                               f"{resume_command(args)}") from None
+        raise interrupted(folder, args) from None
     except Exception as exc:
+        full = disk_full_cause(exc)
+        if full is not None:  # execute says so, once the last records are written into the reserve
+            guard.release_reserve()
+            flush_leaderboard(tuner)
+            raise full from exc
         record_outcome(folder, "failed")
         if args.verbose:
             traceback.print_exc()
@@ -460,11 +588,42 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
     finally:
         if args.address is None:
             ray.shutdown()
+        guard.release_reserve()
     record_outcome(folder, "completed")
     summarise(study, folder, results)
 
 
-def was_interrupted(study, board, elapsed_s: float) -> bool:
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``exc`` (Ray Tune re-raises a callback's error, or wraps it), if any."""
+    from search.storage import is_disk_full
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if is_disk_full(exc):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def flush_leaderboard(tuner) -> None:
+    """The leaderboard's last state (trials still running marked ``interrupted``), if there is room for it.
+
+    Ray Tune ends the experiment's callbacks when a callback raises; the leaderboard's own final write
+    may have been what hit the full disk, so it is tried again once the reserve is free.
+    """
+    from search.results import LeaderboardWriter
+
+    run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)  # the Tuner's callbacks
+    for callback in getattr(run_config, "callbacks", None) or []:
+        if isinstance(callback, LeaderboardWriter):
+            try:
+                callback.on_experiment_end(trials=[])
+            except OSError:
+                pass  # still no room: the last leaderboard written stays, whole
+
+
+def was_interrupted(study, board, elapsed_s: float, space_exhausted: bool = False) -> bool:
     """Whether ``Tuner.fit`` returned before the study ended, judged by the leaderboard ``board``.
 
     On SIGINT Ray Tune stops its trials and returns normally; its ResultGrid then
@@ -473,7 +632,8 @@ def was_interrupted(study, board, elapsed_s: float) -> bool:
     if study.time_limit_s is not None and elapsed_s >= study.time_limit_s:
         return False  # the study's own budget ended it
     cut_off = "status" in board.columns and bool((board["status"] == "interrupted").any())
-    return cut_off or len(board) < study.num_samples
+    # Fewer trials than num_samples: cut off, unless every configuration of the space has run (search.distinct).
+    return cut_off or (len(board) < study.num_samples and not space_exhausted)
 
 
 def record_outcome(folder, outcome: str) -> None:
@@ -481,6 +641,17 @@ def record_outcome(folder, outcome: str) -> None:
     record = json.loads(folder.read_text("study.json"))
     record.update(finished_at=datetime.now(timezone.utc).isoformat(), outcome=outcome)
     _write_json(folder, record)
+
+
+def record_outcome_if_room(folder, outcome: str, **extra) -> bool:
+    """``record_outcome``, unless the disk has no room for it (study.json keeps its last whole version)."""
+    try:
+        record = json.loads(folder.read_text("study.json"))
+        record.update(finished_at=datetime.now(timezone.utc).isoformat(), outcome=outcome, **extra)
+        _write_json(folder, record)
+    except OSError:
+        return False
+    return True
 
 
 def _write_json(folder, record: dict) -> None:

@@ -16,6 +16,7 @@ such a path into a file to read, never one outside the folder.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
@@ -28,6 +29,33 @@ import pyarrow.fs as pafs
 
 class StorageError(ValueError):
     """``--storage`` cannot hold results: raised before Ray starts."""
+
+
+# The errors a write gets when the disk (or the user's quota) has no room left.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk holding the results folder is full: the message says where, and the fix.
+
+    An ``OSError`` still (with the original errno), so whatever handles a failed write handles this one.
+    """
+
+
+def disk_full_error(exc: OSError, path: str | os.PathLike) -> DiskFullError:
+    """``exc`` (ENOSPC or EDQUOT) writing ``path`` as a ``DiskFullError`` naming the file, the free space and the fix."""
+    where = Path(path).parent
+    try:
+        free = f"{shutil.disk_usage(where).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    reason = "quota exceeded" if exc.errno == errno.EDQUOT else "no space left on the device"
+    return DiskFullError(exc.errno, f"the disk holding {str(where)!r} is full ({reason}, {free}) while writing "
+                         f"{Path(path).name}; free space there or move the folder to a larger disk")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
 class OutsideFolderError(ValueError):
@@ -173,15 +201,18 @@ class StudyFolder:
 def write_atomic(path: Path, data: bytes) -> None:
     """A local file written whole or not at all: a temporary file, then a rename (atomic on POSIX, NFS too).
 
-    A failed write (a full disk) removes its temporary file, so nothing partial is left.
+    A failed write (a full disk) removes its temporary file, so nothing partial is left and the file keeps
+    its previous content; a full disk raises ``DiskFullError``, naming the file and the free space.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full_error(exc, path) from exc
         raise
 
 

@@ -167,7 +167,9 @@ def test_each_checkpoint_and_view_is_predicted_once(run_dir, tmp_path, monkeypat
 
 # Ray's own resume state: it records the storage path it was given and pickles the study file's place (the
 # searcher loads its space from there); Ray rewrites the former when a copied folder is resumed (tests/e2e/test_resume.py).
-RAY_STATE = ("tuner.pkl", "experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+# ray-state-backup/ holds the driver's last good copy of those files (search.disk_guard).
+RAY_STATE = ("tuner.pkl", "experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",
+             "ray-state-backup/**/*")
 
 
 def texts(path: Path) -> str:

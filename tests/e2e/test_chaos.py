@@ -1,11 +1,12 @@
 """Chaos at fixed moments (``benchmarks/chaos.py``): SIGKILL the driver and a trial's Ray worker, resume, lose nothing."""
 
 import json
+import subprocess
 
 import pandas as pd
 import pytest
 
-from benchmarks.chaos import WORKER_MOMENT, Step, format_step, run_chaos
+from benchmarks.chaos import WORKER_MOMENT, Step, format_step, mount_tmpfs, run_chaos
 
 pytestmark = pytest.mark.e2e
 
@@ -49,3 +50,24 @@ def test_driver_and_worker_kills_lose_and_repeat_nothing(tmp_path):
     assert (totals["kills_survived"], totals["trials_lost"], totals["duplicate_trials"],
             totals["duplicate_trial_epoch_rows"], totals["board_read_errors"]) == (3, 0, 0, 0, 0), totals
 
+
+
+def test_sigterm_and_a_full_disk_freed_before_the_resume_lose_and_repeat_nothing(tmp_path):
+    """A batch scheduler's SIGTERM while the first trial runs, then the results folder's disk fills while a
+    trial checkpoints (a tmpfs, where one can be mounted); each is resumed, and the study ends complete."""
+    probe = tmp_path / "probe"
+    schedule = [Step("sigterm", "first trial", 0.5)]
+    if mount_tmpfs(probe):
+        subprocess.run(["umount", "-l", str(probe)], capture_output=True, check=False)
+        schedule.append(Step("disk", "checkpoint write"))
+    report = run_chaos(schedule, workdir=tmp_path, trials=4, epochs=2, seed=6, say=lambda line: None)
+
+    assert [s["outcome"] for s in report["steps"]] == ["killed"] * len(schedule), steps_table(report)
+    assert report["steps"][0]["exit_code"] == 143
+    if len(schedule) == 2:
+        assert report["steps"][1]["exit_code"] == 1 and report["steps"][1]["signal"] == "ENOSPC"
+    assert not failed_checks(report), (failed_checks(report), steps_table(report), report["final"].get("output_tail"))
+    totals = report["totals"]
+    assert (totals["kills_survived"], totals["trials_lost"], totals["duplicate_trials"],
+            totals["duplicate_trial_epoch_rows"], totals["trials"], totals["outcome"]) == (
+        len(schedule), 0, 0, 0, 4, "completed"), totals
