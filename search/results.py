@@ -84,6 +84,7 @@ class LeaderboardWriter(tune.Callback):
         self.random_init = random_init  # --smoke: backbones trained without their unavailable ImageNet weights
         self.trials: dict[str, dict] = {}
         self.epochs: list[dict] = []
+        self._carried: dict[str, int] = {}  # trial id -> failed attempts of the lost twin its row replaced
         self._last_write = 0.0
         self._load_existing()
 
@@ -174,6 +175,10 @@ class LeaderboardWriter(tune.Callback):
         lost = [tid for tid, entry in self.trials.items()
                 if tid != trial.trial_id
                 and entry["row"].get("trial_number", entry["config"].get("trial_number")) == number]
+        # The replaced row's failed attempts still happened: the new row counts them (its ``failures``).
+        carried = max((_count(self.trials[tid]["row"].get("failures")) for tid in lost), default=0)
+        if carried:
+            self._carried[trial.trial_id] = carried
         for tid in lost:
             del self.trials[tid]
         self.epochs = [e for e in self.epochs if e["trial_id"] not in lost]
@@ -195,6 +200,13 @@ class LeaderboardWriter(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, error=trial_error_line(trial))
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # A failed attempt Ray retries: recorded now, so a driver killed before the trial ends does not lose it.
+        entry = self.trials.setdefault(trial.trial_id, {"row": {}, "config": self._config(trial)})
+        entry["row"]["failures"] = max(_count(entry["row"].get("failures")), int(trial.num_failures),
+                                       self._carried.get(trial.trial_id, 0) + 1)
+        self._write(force=True)
+
     def on_experiment_end(self, trials, **info):
         # Ray stops the trials still running without a callback (and its ResultGrid then calls them TERMINATED).
         for entry in self.trials.values():
@@ -214,7 +226,9 @@ class LeaderboardWriter(tune.Callback):
             trial_name=str(trial),
             # Relative to the results folder, so a moved or copied folder reads its own checkpoints.
             checkpoint_path=self.folder.relative(checkpoint.path) if checkpoint is not None else None,
-            failures=trial.num_failures,  # attempts that raised or lost their node before this end
+            # attempts that raised or lost their node before this end, a replaced lost twin's included
+            failures=max(int(trial.num_failures) + self._carried.get(trial.trial_id, 0),
+                         _count(entry["row"].get("failures"))),
             ended_at=_now(),
         )
         self._write(force=True)
@@ -282,3 +296,8 @@ def _summarise(epochs: pd.DataFrame, metric: str, mode: str) -> dict:
             out[f"best_{col}"] = float(best_row[col]) if best_row is not None else math.nan
             out[f"last_{col}"] = float(last[col])
     return out
+
+
+def _count(value) -> int:
+    """A count as a row holds it: None, or NaN as read back from leaderboard.parquet, is 0."""
+    return 0 if value is None or value != value else int(value)

@@ -141,3 +141,35 @@ def test_ties_are_broken_by_validation_loss_in_the_leaderboard_as_everywhere(tmp
     board = writer.leaderboard()
     assert board["trial_id"].tolist() == [second.trial_id, first.trial_id]
     assert rank(board, "best_val_accuracy", "max")["trial_id"].iloc[0] == board["trial_id"].iloc[0]
+
+
+def test_a_retried_attempt_survives_a_killed_driver_and_a_lost_twin(tmp_path):
+    """A trial Ray retried, then a driver killed before Ray saved its state: the resumed search proposes the
+    trial again under a new id, whose row replaces the old one; the failed attempt is still counted, and rows
+    read back from the Parquet file (failures NaN there) do not stop the driver (it did: int(NaN))."""
+    from ray.tune.experiment import Trial
+
+    from search.results import LeaderboardWriter
+    from search.storage import StudyFolder
+
+    config = {"backbone": "cnn_s3", "trial_number": 1}
+    first = LeaderboardWriter(StudyFolder(str(tmp_path), "s"), metric="val_accuracy", mode="max", max_epochs=2)
+    never_retried = Trial("__fake", config={"backbone": "cnn_s3", "trial_number": 0}, stub=True)
+    retried = Trial("__fake", config=config, stub=True)
+    for trial in (never_retried, retried):
+        first.on_trial_start(0, [never_retried, retried], trial)
+    first.on_trial_recover(0, [retried], retried)  # the worker died; Ray retries it
+    assert pd.read_parquet(tmp_path / "s" / "leaderboard.parquet").set_index("trial_id").loc[
+        retried.trial_id, "failures"] == 1  # recorded at once: the driver may die before the trial ends
+    # the driver dies; the resumed driver reads the rows back and Ray proposes trial 1 under a new id
+    resumed = LeaderboardWriter(StudyFolder(str(tmp_path), "s"), metric="val_accuracy", mode="max", max_epochs=2)
+    twin = Trial("__fake", config=config, stub=True)
+    twin_of_0 = Trial("__fake", config={"backbone": "cnn_s3", "trial_number": 0}, stub=True)
+    resumed.on_trial_start(0, [twin_of_0], twin_of_0)  # its lost row holds failures NaN, as read back
+    resumed.on_trial_start(0, [twin], twin)
+    resumed.on_trial_result(0, [twin], twin, {"epoch": 1, "val_accuracy": 0.7})
+    resumed.on_trial_result(0, [twin], twin, {"epoch": 2, "val_accuracy": 0.8})
+    resumed.on_trial_complete(0, [twin], twin)
+    board = resumed.leaderboard().set_index("trial_number")
+    assert len(board) == 2 and board.loc[1, "trial_id"] == twin.trial_id  # one row for trial 1, the new training
+    assert board.loc[1, "failures"] == 1 and board.loc[1, "status"] == "finished"
