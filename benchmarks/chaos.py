@@ -347,7 +347,7 @@ def fill_disk(run: Run) -> dict:
         "exit 1": True if code == 1 else f"exit code {code}",
         "the full disk named": True if re.search(r"the study stopped: .*is (nearly )?full", output) else "no message",
         "resume command printed": True if "resume with:" in output else "no 'resume with:'",
-        "no traceback": True if "Traceback" not in output else "a Python traceback",
+        "no driver traceback": True if not driver_traceback(output) else "a Python traceback from the driver",
     }
     return {"outcome": "killed" if code is not None else "fatal", "signal": "ENOSPC", "exit_code": code,
             "fault_checks": checks, "output_tail": None if all(v is True for v in checks.values()) else output[-3000:]}
@@ -599,6 +599,17 @@ def to_markdown(report: dict, args: dict) -> str:
         f"- final: {t['trials']} trials of num_samples {t['num_samples']}; outcome `{t['outcome']}`",
         f"- leaderboard read {t['board_reads_while_running']} times while drivers ran: {t['board_read_errors']} failed reads",
         f"- checks failed: {t['checks_failed']}", ""])
+
+
+def driver_traceback(output: str) -> bool:
+    """Whether ``output`` holds a traceback of the driver's own code. A trial that hits the full disk fails in its
+    Ray worker, and Ray prints that trial's traceback (frames in trainables/ and ray/train) before retrying and
+    recording it: that is the trial's error, reported, not the driver falling over."""
+    for block in output.split("Traceback (most recent call last):")[1:]:
+        frames = re.findall(r'File "([^"]+)"', block.split("\n\n")[0])
+        if not any("/trainables/" in f or "/ray/train/" in f or "/ray/tune/trainable" in f for f in frames):
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
