@@ -54,7 +54,7 @@ from analysis.final_model import member_probabilities
 from analysis.model_card import write_model_card
 from analysis.plots import reliability_plot
 from analysis.options import add_final_model_arguments, check_final_model_arguments, final_model_options
-from analysis.prevalence import at_prevalences, check_prevalence, prevalences_for
+from analysis.prevalence import at_prevalences, prevalences_for, stated_prevalence
 from analysis.selection import (CHOSEN_ON_VALIDATION, Candidate, FinalPlan, candidates_for, choose_final,
                                 ensemble_sizes, final_model_record, fit_on_validation, per_trial_entry, plan_final)
 from analysis.records import format_final, format_table, read_evaluations
@@ -368,16 +368,6 @@ def open_evaluation(run_dir: Path, k: int, split: str, **options) -> Evaluation:
     _check_models(run_dir, models, plan, classes, len(ranked))
     return Evaluation(run_dir, study, split, rows, val_rows, classes, plan, models, notes, k, **options,
                       prevalence=prevalence, prevalence_source=source)
-
-
-def stated_prevalence(given: float | None, record: dict) -> tuple[float | None, str | None]:
-    """The intended setting's prevalence: ``--prevalence``, else the study's ``prevalence``; with where it came from."""
-    if given is not None:
-        return check_prevalence(given), "--prevalence"
-    study = record.get("study") or {}
-    if study.get("prevalence") is not None:
-        return check_prevalence(study["prevalence"], "Study(prevalence=...)"), "Study(prevalence=...)"
-    return None, None
 
 
 def _check_models(run_dir: Path, models: list[Loaded], plan: FinalPlan, classes: list[str], n_ranked: int) -> None:

@@ -27,7 +27,7 @@ from analysis.bootstrap import percentile_interval, resample_counts
 from analysis.errors import EvaluateError
 
 __all__ = ["TYPICAL_PREVALENCES", "PrevalenceError", "check_prevalence", "ppv_npv", "at_prevalences",
-           "prevalences_for", "prevalence_text", "prevalence_frame", "PREVALENCE_NOTE"]
+           "prevalences_for", "prevalence_text", "stated_prevalence", "prevalence_frame", "PREVALENCE_NOTE"]
 
 PREVALENCE_NOTE = ("PPV and NPV depend on how common the positive class is: each holds only at the prevalence "
                    "beside it (sensitivity and specificity do not).")
@@ -47,6 +47,16 @@ def check_prevalence(value, where: str = "--prevalence") -> float | None:
         raise PrevalenceError(f"{where}: bad value {value!r}; give the positive class's share in the intended "
                               "setting, strictly between 0 and 1 (e.g. 0.02 for 2%)")
     return float(value)
+
+
+def stated_prevalence(given: float | None, record: dict) -> tuple[float | None, str | None]:
+    """The intended setting's prevalence: ``--prevalence``, else the study's ``prevalence``; with where it came from."""
+    if given is not None:
+        return check_prevalence(given), "--prevalence"
+    study = record.get("study") or {}
+    if study.get("prevalence") is not None:
+        return check_prevalence(study["prevalence"], "Study(prevalence=...)"), "Study(prevalence=...)"
+    return None, None
 
 
 def ppv_npv(sensitivity, specificity, prevalence: float) -> tuple[np.ndarray, np.ndarray]:
