@@ -103,6 +103,8 @@ def headline_text(h: Headline) -> str:
 
     def ci(t):
         value, low, high = t
+        if value is None:  # undefined on this split (no positives, say): JSON null in the record
+            return "n/a"
         return f"{value:.{d}f} (95% CI {low:.{d}f}–{high:.{d}f})" if low is not None and high is not None else \
             f"{value:.{d}f}"
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from analysis.bootstrap import percentile_interval, resample_counts, wilson_interval
 
-__all__ = ["BINARY_METRICS", "OperatingPointError", "binary_at", "binary_ci", "wilson_intervals", "choose_threshold", "decide",
+__all__ = ["BINARY_METRICS", "OperatingPointError", "binary_at", "binary_ci", "weighted_binary", "wilson_intervals", "choose_threshold", "decide",
            "one_vs_rest", "one_vs_rest_ci", "rule_text"]
 
 BINARY_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -128,7 +128,7 @@ def binary_at(is_positive, scores, threshold: float) -> dict:
     is_positive = np.asarray(is_positive, dtype=bool)
     called = np.asarray(scores, dtype=np.float64) >= threshold
     counts = np.ones((1, len(is_positive)))
-    values = _weighted_binary(is_positive, called, counts)
+    values = weighted_binary(is_positive, called, counts)
     return {name: float(v[0]) if name in BINARY_METRICS else int(v[0]) for name, v in values.items()}
 
 
@@ -137,7 +137,7 @@ def binary_ci(is_positive, scores, threshold: float, *, n_boot: int = 1000, seed
     """Percentile bootstrap intervals of ``binary_at``'s ratios, over the evaluation's shared resamples."""
     is_positive = np.asarray(is_positive, dtype=bool)
     called = np.asarray(scores, dtype=np.float64) >= threshold
-    parts = [_weighted_binary(is_positive, called, counts)
+    parts = [weighted_binary(is_positive, called, counts)
              for counts in resample_counts(len(is_positive), n_boot, seed)]
     return _percentiles(parts, BINARY_METRICS, level)
 
@@ -155,7 +155,7 @@ def one_vs_rest(y_true, predicted, class_names: list[str]) -> dict[str, dict]:
     counts = np.ones((1, len(y_true)))
     out = {}
     for c, name in enumerate(class_names):
-        values = _weighted_binary(y_true == c, predicted == c, counts)
+        values = weighted_binary(y_true == c, predicted == c, counts)
         out[name] = {m: float(v[0]) if m in BINARY_METRICS else int(v[0]) for m, v in values.items()}
     return out
 
@@ -166,11 +166,11 @@ def one_vs_rest_ci(y_true, predicted, class_names: list[str], *, n_boot: int = 1
     parts: dict[str, list] = {name: [] for name in class_names}
     for counts in resample_counts(len(y_true), n_boot, seed):
         for c, name in enumerate(class_names):
-            parts[name].append(_weighted_binary(y_true == c, predicted == c, counts))
+            parts[name].append(weighted_binary(y_true == c, predicted == c, counts))
     return {name: _percentiles(parts[name], BINARY_METRICS, level) for name in class_names}
 
 
-def _weighted_binary(is_positive: np.ndarray, called: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+def weighted_binary(is_positive: np.ndarray, called: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
     """The metrics for many resamples at once; ``counts[r, i]`` = copies of image i in resample r."""
     w = counts.astype(np.float64)
     tp, fn = w @ (is_positive & called), w @ (is_positive & ~called)

@@ -25,9 +25,10 @@ import numpy as np
 
 from analysis.bootstrap import percentile_interval, resample_counts
 from analysis.errors import EvaluateError
+from analysis.operating_point import weighted_binary
 
 __all__ = ["TYPICAL_PREVALENCES", "PrevalenceError", "check_prevalence", "ppv_npv", "at_prevalences",
-           "prevalences_for", "prevalence_text", "stated_prevalence", "prevalence_frame", "PREVALENCE_NOTE"]
+           "prevalences_for", "stated_prevalence", "prevalence_frame", "PREVALENCE_NOTE"]
 
 PREVALENCE_NOTE = ("PPV and NPV depend on how common the positive class is: each holds only at the prevalence "
                    "beside it (sensitivity and specificity do not).")
@@ -85,13 +86,12 @@ def at_prevalences(is_positive, called, prevalences: list[dict], *, n_boot: int 
     """PPV and NPV with intervals at each of ``prevalences`` (``prevalences_for``), for the decisions ``called``
     (True: called positive) on images whose truth is ``is_positive``; the same resamples as every other interval."""
     is_positive, called = np.asarray(is_positive, dtype=bool), np.asarray(called, dtype=bool)
-    se, sp = _sensitivity_specificity(is_positive, called, np.ones((1, len(is_positive))))
-    boot_se, boot_sp = [], []
-    for counts in resample_counts(len(is_positive), n_boot, seed):
-        a, b = _sensitivity_specificity(is_positive, called, counts)
-        boot_se.append(a)
-        boot_sp.append(b)
-    boot_se, boot_sp = np.concatenate(boot_se), np.concatenate(boot_sp)
+    # the confusion counts of operating_point, once on the images and on each shared resample
+    point = weighted_binary(is_positive, called, np.ones((1, len(is_positive))))
+    se, sp = point["sensitivity"], point["specificity"]
+    parts = [weighted_binary(is_positive, called, counts) for counts in resample_counts(len(is_positive), n_boot, seed)]
+    boot_se = np.concatenate([p["sensitivity"] for p in parts])
+    boot_sp = np.concatenate([p["specificity"] for p in parts])
     out = []
     for row in prevalences:
         p = row["prevalence"]
@@ -101,13 +101,6 @@ def at_prevalences(is_positive, called, prevalences: list[dict], *, n_boot: int 
                     "ci": {"ppv": list(percentile_interval(boot_ppv, level)),
                            "npv": list(percentile_interval(boot_npv, level))}})
     return out
-
-
-def prevalence_text(row: dict) -> str:
-    """``at the test set's prevalence (50.0%)``, ``at the stated prevalence 2.0%``, ``at a prevalence of 1.0%``."""
-    share = f"{100 * row['prevalence']:.1f}%"
-    return {"test set": f"at the test set's prevalence ({share})", "stated": f"at the stated prevalence {share}"}.get(
-        row.get("source"), f"at a prevalence of {share}")
 
 
 def prevalence_frame(rows: list[dict], digits: int = 3):
@@ -128,11 +121,3 @@ def prevalence_frame(rows: list[dict], digits: int = 3):
                           "holds at": {"test set": "the test set's", "stated": "the intended setting (stated)"}.get(
                               r["source"], "typical (none stated)"),
                           "PPV": cell(r["ppv"], r["ci"]["ppv"]), "NPV": cell(r["npv"], r["ci"]["npv"])} for r in rows])
-
-
-def _sensitivity_specificity(is_positive, called, counts) -> tuple[np.ndarray, np.ndarray]:
-    w = counts.astype(np.float64)
-    tp, fn = w @ (is_positive & called), w @ (is_positive & ~called)
-    tn, fp = w @ (~is_positive & ~called), w @ (~is_positive & called)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(tp + fn > 0, tp / (tp + fn), np.nan), np.where(tn + fp > 0, tn / (tn + fp), np.nan)
