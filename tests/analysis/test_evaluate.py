@@ -454,7 +454,8 @@ def test_the_final_models_are_scored_beside_the_single_best_with_intervals(final
         op = m["operating_point"]
         assert op["class"] == "malignant" and op["rule"] == "target_sensitivity" and op["validation"]["sensitivity"] >= 0.9
         at = binary_at(y == 1, calibrated[:, 1], op["value"])
-        assert op["at_threshold"] == pytest.approx(at, nan_ok=True)
+        # JSON has no NaN: a ratio undefined on the split (nothing called negative, so no NPV) is written null
+        assert op["at_threshold"] == pytest.approx({k: None if np.isnan(v) else v for k, v in at.items()})
         for name in ("sensitivity", "specificity", "ppv", "npv", "f1"):
             low, high = op["ci"][name]
             assert np.isnan(at[name]) or low - 1e-9 <= at[name] <= high + 1e-9, (m["label"], name)
@@ -532,6 +533,8 @@ def test_the_model_card_holds_the_evaluations_numbers(final_stage, tmp_path):
     assert d < 4
 
     def ci(value, interval):
+        if value is None:  # undefined on the split (e.g. NPV where nothing is called negative): no number, no interval
+            return "n/a"
         return f"{value:.{d}f} [{interval[0]:.{d}f}, {interval[1]:.{d}f}]"
 
     for m in evaluation["final"]["models"]:

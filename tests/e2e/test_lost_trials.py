@@ -73,15 +73,14 @@ def test_trials_lost_to_failed_actor_reuse_are_recorded_and_their_slots_reused(t
     assert code == 0, output
     assert json.loads((storage / "tiny" / "study.json").read_text())["outcome"] == "completed"
 
-    # The slots of lost trials were reused: after the first loss, two trials still ran at once.
-    ran = board.dropna(subset=["started_at", "ended_at"]).query("status != 'errored'")
-    first_loss = pd.to_datetime(lost["ended_at"]).min()
-    later = ran[pd.to_datetime(ran["started_at"]) > first_loss]
-    overlapping = any(
-        a.started_at < b.ended_at and b.started_at < a.ended_at
-        for i, a in enumerate(later.itertuples()) for b in list(later.itertuples())[i + 1:]
-    )
-    assert overlapping, f"after the first lost trial no two trials overlapped:\n{board[['trial_name', 'status', 'started_at', 'ended_at']]}"
+    # The slots of lost trials were given back. Before the fix each lost trial kept its slot for good, so once
+    # as many trials were lost as the study has slots (max_concurrent = 2) no trial could start again: here
+    # trials still start after that. (Whether two of them then overlap is Ray's actor reuse, not our slots: a
+    # trial that reuses an actor is lost again, as this test's timeout of 0 makes every reuse fail.)
+    assert len(lost) >= 2, f"fewer trials lost than the study has slots, so a stall could not show:\n{output}"
+    all_held = pd.to_datetime(lost["ended_at"]).sort_values().iloc[1]
+    started_later = board[pd.to_datetime(board["started_at"]) > all_held]
+    assert len(started_later) >= 1, f"no trial started once two were lost:\n{board[['trial_name', 'status', 'started_at', 'ended_at']]}"
 
 
 @pytest.mark.parametrize("env, lost", [({}, True), (worker_env(), False)], ids=["ray-default-2s", "worker_env"])

@@ -120,9 +120,10 @@ def test_failing_trials_do_not_sink_the_study(tmp_path, capsys):
 
 def space(trial):
     backbone = trial.suggest_categorical("backbone", ["cnn_s3", "efficientnet_lite0"])
-    # efficientnet_lite0 needs 32 px or more: at 16 px its trials raise inside Ray.
+    # efficientnet_lite0 needs 32 px or more: at 16 px its trials raise inside Ray. The learning rate varies so
+    # that the space has more than two configurations: a study never trains one twice (search.distinct).
     return {"backbone": backbone, "weights": "imagenet" if backbone != "cnn_s3" else None,
-            "learning_rate": 1e-3}
+            "learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)}
 
 STUDY = Study(name="NAME", dataset=Dataset(image_size=16, options={"n_per_class": 20, "image_size": 32}),
               space=SPACE, num_samples=4, max_epochs=2, max_concurrent=2, max_failures=0, fixed={"batch_size": 8})
@@ -141,7 +142,8 @@ STUDY = Study(name="NAME", dataset=Dataset(image_size=16, options={"n_per_class"
 
     broken = tmp_path / "broken.py"
     broken.write_text(body.replace("NAME", "broken").replace("SPACE", "lambda trial: {'backbone': 'efficientnet_lite0',"
-                                                                      " 'weights': 'imagenet'}"))
+                                                                      " 'weights': 'imagenet', 'learning_rate':"
+                                                                      " trial.suggest_float('learning_rate', 1e-3, 1e-2)}"))
     capsys.readouterr()
     assert main([str(broken), "--storage", str(tmp_path / "runs"), "--num-samples", "2"]) == 1
     err = capsys.readouterr().err
