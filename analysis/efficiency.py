@@ -132,7 +132,7 @@ def asha_budget(run: Run) -> dict:
         "reduction_factor": run.study.get("reduction_factor"),
         "epochs_run": run_epochs,
         "full_epochs": full,
-        "planned_epochs": run.num_samples * max_epochs,
+        "planned_epochs": None if run.num_samples is None else run.num_samples * max_epochs,  # None: until a time limit
         "unused_epochs": full - run_epochs,
         "saved_by_asha": part("stopped"),
         "lost_to_errors": part("errored"),

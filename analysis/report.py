@@ -35,6 +35,7 @@ from analysis.records import latest_evaluation, read_evaluations
 from analysis.splits import image_paths
 from analysis.subgroups import subgroup_section
 from search.argtypes import positive_int
+from search.budget import budget_text, describe_budget
 from analysis.report_evaluation import (curves_section, decimals_for, explain_part, final_model_section, image_step,
                                         published_section, split_class_counts, test_section, validation_resolution)
 
@@ -200,14 +201,14 @@ def summary_section(run: T.Run, state: dict) -> Section:
         ("split protocol", _split_text(ds)),
         ("classes", ", ".join(T.class_names(run)) + (f" (positive: {ds.get('positive_class')})" if ds.get("positive_class") else "")),
         ("metric", f"{T.label(run.metric)} ({run.metric}, {'higher' if run.mode == 'max' else 'lower'} is better)"),
-        ("budget", f"{run.num_samples} trials x at most {run.max_epochs} epochs"
-                   + (f", time limit {study.get('time_limit_s')} s" if study.get("time_limit_s") else "")),
+        ("budget", describe_budget(run.num_samples, run.max_epochs, study.get("time_limit_s"))),
         ("ASHA", f"grace period {study.get('grace_period')} epoch(s), reduction factor {study.get('reduction_factor')}"),
         ("resources", f"{study.get('max_concurrent')} trials at a time, {study.get('cpus_per_trial')} CPU and "
                       f"{study.get('gpus_per_trial')} GPU per trial"),
         ("seed", str(study.get("seed"))),
         ("fixed hyperparameters", ", ".join(f"{k}={v}" for k, v in (study.get("fixed") or {}).items()) or "none"),
-        ("trials by status", ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {run.num_samples} planned)"),
+        ("trials by status", ", ".join(f"{k} {v}" for k, v in counts.items())
+         + (f" (of {run.num_samples} planned)" if run.num_samples is not None else "")),
         ("started", str(state["started_at"] or "unknown")),
     ]
     if state["resumed_at"]:
@@ -220,6 +221,8 @@ def summary_section(run: T.Run, state: dict) -> Section:
         rows.append(("leaderboard last written", f"{state['updated_at']} ({_ago(state['updated_ago_s'])} ago)"))
     if state["finish_marker"]:
         rows.append(("finished", str(state["finish_marker"])))
+    if "stopped_because" in run.record:
+        rows.append(("end", budget_text(run.record, run.num_samples, study.get("time_limit_s"))))
     if run.record.get("smoke"):
         rows.append(("smoke run", "yes (--smoke: tiny budget and data subset)"))
     if run.record.get("skipped_images"):
@@ -404,7 +407,8 @@ def efficiency_section(run: T.Run) -> Section:
     curve = E.best_so_far(run)
     lines = [
         f"- epochs run: **{b['epochs_run']}** of {b['full_epochs']} ({b['trials']} trials x {b['max_epochs']} epochs)"
-        + (f"; the plan was {b['planned_epochs']} ({b['num_samples']} trials)" if b["planned_epochs"] != b["full_epochs"] else ""),
+        + (f"; the plan was {b['planned_epochs']} ({b['num_samples']} trials)"
+           if b["planned_epochs"] not in (None, b["full_epochs"]) else ""),
         f"- saved by ASHA: **{b['saved_by_asha']} epochs** ({_pct(b['saved_fraction'])} of {b['full_epochs']}), "
         f"about {b['saved_s_estimate'] / 60:.1f} min of trial time at each stopped trial's own pace",
         "- stopped trials by epochs run: " + (", ".join(f"{n} after {e}" for e, n in b["stopped_after_epochs"].items()) or "none"),

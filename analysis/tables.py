@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.errors import AnalysisError, ResultsFolderError
+from search.budget import STOP_REASONS
 from analysis.reader import has_checkpoint, read_record
 from analysis.reader import read_table as reader_read_table
 from trainables.hparams import HPARAM_NAMES, PLACEMENT
@@ -96,8 +97,10 @@ class Run:
         return int(self.study.get("max_epochs", 0) or 0)
 
     @property
-    def num_samples(self) -> int:
-        return int(self.study.get("num_samples", 0) or 0)
+    def num_samples(self) -> int | None:
+        """The planned trials; None for a study that ran trials until its time limit (``search.budget``)."""
+        value = self.study.get("num_samples", 0)
+        return None if value is None else int(value or 0)
 
     @property
     def score_column(self) -> str:
@@ -174,10 +177,11 @@ def run_state(run: Run, now: datetime | None = None) -> dict:
     reasons = []
     if counts["running"]:
         reasons.append(f"{counts['running']} trial(s) still running (or the driver stopped while they ran)")
-    if counts["interrupted"]:
+    if counts["interrupted"] and run.record.get("stopped_because") != "time_limit":  # the limit ends the last trials
         reasons.append(f"{counts['interrupted']} trial(s) interrupted when the run ended "
                        "(python -m search.run ... --resume continues them)")
-    if len(run.board) < run.num_samples:
+    # Fewer trials than planned is the study's end when its budget says so (study.json's stopped_because).
+    if run.num_samples is not None and len(run.board) < run.num_samples and run.record.get("stopped_because") not in STOP_REASONS:
         why = " (the study's time limit may have ended it)" if run.study.get("time_limit_s") else ""
         reasons.append(f"{len(run.board)} of {run.num_samples} trials in the leaderboard{why}")
     if run.board.empty:

@@ -36,7 +36,7 @@ class TrialAccountant(tune.Callback):
     trials the study will run, for the watchdog.
     """
 
-    def __init__(self, searcher, callbacks: list, *, num_samples: int, stall_warning_s: float = STALL_WARNING_S):
+    def __init__(self, searcher, callbacks: list, *, num_samples: int | None, stall_warning_s: float = STALL_WARNING_S):
         self.searcher, self.callbacks, self.num_samples = searcher, callbacks, num_samples
         self.stall_warning_s = stall_warning_s
         self.announced: set[str] = set()  # trials whose end the callbacks heard of
@@ -91,7 +91,8 @@ class TrialAccountant(tune.Callback):
         if any(t.status == Trial.RUNNING for t in trials):
             self._last_running = now
             return
-        to_run = max(0, self.num_samples - len(trials)) + sum(t.status in (Trial.PENDING, Trial.PAUSED) for t in trials)
+        unproposed = 1 if self.num_samples is None else max(0, self.num_samples - len(trials))  # None: until the time limit
+        to_run = unproposed + sum(t.status in (Trial.PENDING, Trial.PAUSED) for t in trials)
         idle = now - self._last_running
         if not to_run or idle < self.stall_warning_s or now - self._last_warning < self.stall_warning_s:
             return

@@ -28,12 +28,13 @@ _DRAWS_PER_POINT = 50  # random draws of the space per cheap trial wanted, befor
 
 def cheap_first_count(study: Study) -> int:
     """How many of the study's first trials are drawn cheap: ``study.cheap_first``, or with "auto" a quarter
-    of ``num_samples`` up to ``CHEAP_FIRST_MAX``; 0 without the activation cache (nothing is cheap then)."""
+    of ``num_samples`` up to ``CHEAP_FIRST_MAX`` (``CHEAP_FIRST_MAX`` when trials run until the time limit);
+    0 without the activation cache (nothing is cheap then)."""
     if not study.activation_cache:
         return 0
     if study.cheap_first == "auto":
-        return min(CHEAP_FIRST_MAX, study.num_samples // 4)
-    return min(int(study.cheap_first), study.num_samples)
+        return CHEAP_FIRST_MAX if study.num_samples is None else min(CHEAP_FIRST_MAX, study.num_samples // 4)
+    return int(study.cheap_first) if study.num_samples is None else min(int(study.cheap_first), study.num_samples)
 
 
 def is_head_only(hparams: dict, augment_views: int = 0) -> bool:

@@ -61,6 +61,8 @@ BACKBONE_PARAMS = {
     "cnn_s2": 500_000, "cnn_s3": 500_000,
 }
 UNKNOWN_BACKBONE_PARAMS = 25_000_000  # a backbone registered by a study: assume a large one
+# A study that runs until its time limit (num_samples=None) has no trial count: warn below room for this many.
+OPEN_ENDED_TRIALS = 20
 BYTES_PER_PARAM = 4 * 3
 TRIAL_OVERHEAD_BYTES = 2_000_000  # Ray's result.json, progress.csv, TensorBoard events, trial.json
 
@@ -296,7 +298,7 @@ def estimated_bytes(study) -> tuple[int, str]:
         backbones = set()
     largest = max(backbones or {"?"}, key=lambda b: BACKBONE_PARAMS.get(b, UNKNOWN_BACKBONE_PARAMS))
     per_trial = BACKBONE_PARAMS.get(largest, UNKNOWN_BACKBONE_PARAMS) * BYTES_PER_PARAM + TRIAL_OVERHEAD_BYTES
-    return study.num_samples * per_trial, largest
+    return (study.num_samples or OPEN_ENDED_TRIALS) * per_trial, largest
 
 
 def warn_if_short(study, folder: StudyFolder, say=_print) -> None:
@@ -306,7 +308,9 @@ def warn_if_short(study, folder: StudyFolder, say=_print) -> None:
         return
     need, largest = estimated_bytes(study)
     if free < need + LOW_WATER_BYTES:
-        say(f"warning: this study may write about {need / 1e6:.0f} MB under {folder} ({study.num_samples} trials, "
-            f"a checkpoint of up to {(need / study.num_samples) / 1e6:.0f} MB each for {largest}), but its disk has "
+        trials = study.num_samples or OPEN_ENDED_TRIALS
+        counted = f"{trials} trials" if study.num_samples else f"its first {trials} trials, of as many as the time limit allows"
+        say(f"warning: this study may write about {need / 1e6:.0f} MB under {folder} ({counted}, "
+            f"a checkpoint of up to {(need / trials) / 1e6:.0f} MB each for {largest}), but its disk has "
             f"{free / 1e6:.0f} MB free. When the disk fills, the study stops and can be resumed once space is freed "
             "(or choose another --storage)")

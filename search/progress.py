@@ -200,8 +200,10 @@ class ProgressPrinter(tune.Callback):
         self._say("status   " + " | ".join(parts))
 
     def _eta(self) -> str:
-        if not self.num_samples:
-            return ""
+        if not self.num_samples:  # trials until the time limit: the time left is the ETA
+            if not self.time_limit_s:
+                return ""
+            return f"time limit in {_duration(max(self.time_limit_s - (self.clock() - self.started), 0.0))}"
         left = self.num_samples - len(self.outcomes)
         if left <= 0:
             return ""

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from search.argtypes import non_empty, non_negative_float, non_negative_int, positive_float, positive_int
+from search.budget import budget_record, budget_text, stop_reason
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 the legacy reporter stays quiet; ProgressPrinter speaks
@@ -558,7 +559,7 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
     try:
         if weights:
             print(f"shipping ImageNet weights to the trials: {', '.join(p.name for p in weights)}", flush=True)
-        if deadline is not None:  # was_interrupted below judges the run by this same limit
+        if deadline is not None:  # run_end below judges the run by this same limit
             left = max(1.0, deadline - time.time())
             study = dataclasses.replace(study, time_limit_s=min(left, study.time_limit_s or math.inf))
         tuner = make_tuner(study, folder=folder, data=prepared.arrays, settings=settings,
@@ -571,7 +572,8 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
         if guard.full is not None:  # it stopped the study as Ctrl+C does: Ray's state saved, trials marked interrupted
             raise guard.full
         board = folder.read_parquet("leaderboard.parquet") if folder.exists("leaderboard.parquet") else pd.DataFrame()
-        if was_interrupted(study, board, time.monotonic() - fit_started, space_exhausted=space_exhausted(tuner)):
+        end = run_end(study, board, time.monotonic() - fit_started, space_exhausted=space_exhausted(tuner))
+        if end["stopped_because"] is None:
             raise KeyboardInterrupt  # Ray Tune caught Ctrl+C, saved its state and returned early
     except KeyboardInterrupt:
         raise interrupted(folder, args) from None
@@ -589,8 +591,9 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
         if args.address is None:
             ray.shutdown()
         guard.release_reserve()
-    record_outcome(folder, "completed")
+    record_outcome(folder, "completed", **end)
     summarise(study, folder, results)
+    print(budget_text(end, study.num_samples, study.time_limit_s), flush=True)
 
 
 def disk_full_cause(exc: BaseException) -> OSError | None:
@@ -623,23 +626,22 @@ def flush_leaderboard(tuner) -> None:
                 pass  # still no room: the last leaderboard written stays, whole
 
 
-def was_interrupted(study, board, elapsed_s: float, space_exhausted: bool = False) -> bool:
-    """Whether ``Tuner.fit`` returned before the study ended, judged by the leaderboard ``board``.
+def run_end(study, board, elapsed_s: float, space_exhausted: bool = False) -> dict:
+    """How ``Tuner.fit`` ended, judged by the leaderboard ``board``: ``search.budget.budget_record``'s fields,
+    with ``stopped_because`` None when it returned before the study's end.
 
     On SIGINT Ray Tune stops its trials and returns normally; its ResultGrid then
     calls the stopped trials TERMINATED, but the leaderboard marks them ``interrupted``.
     """
-    if study.time_limit_s is not None and elapsed_s >= study.time_limit_s:
-        return False  # the study's own budget ended it
     cut_off = "status" in board.columns and bool((board["status"] == "interrupted").any())
-    # Fewer trials than num_samples: cut off, unless every configuration of the space has run (search.distinct).
-    return cut_off or (len(board) < study.num_samples and not space_exhausted)
+    reason = stop_reason(study, len(board), elapsed_s, space_exhausted=space_exhausted, cut_off=cut_off)
+    return budget_record(study, len(board), elapsed_s, reason)
 
 
-def record_outcome(folder, outcome: str) -> None:
+def record_outcome(folder, outcome: str, **extra) -> None:
     """``finished_at`` and ``outcome`` in study.json: how a report tells finished results from partial ones."""
     record = json.loads(folder.read_text("study.json"))
-    record.update(finished_at=datetime.now(timezone.utc).isoformat(), outcome=outcome)
+    record.update(finished_at=datetime.now(timezone.utc).isoformat(), outcome=outcome, **extra)
     _write_json(folder, record)
 
 

@@ -103,7 +103,7 @@ class Study:
     fixed: dict = dataclasses.field(default_factory=dict)  # hyperparameters every trial shares
     metric: str = "val_balanced_accuracy"
     mode: str = "max"
-    num_samples: int = 16  # trials
+    num_samples: int | None = 16  # trials; None: as many as time_limit_s allows (search.budget)
     max_epochs: int = 10
     time_limit_s: float | None = None  # stop launching and end the study after this long
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
@@ -143,7 +143,12 @@ def validate(study: Study) -> None:
 
     _check_metric(study.metric, BASE_METRICS)
     _choice("mode", study.mode, ["max", "min"])
-    _int("num_samples", study.num_samples, low=1)
+    if study.num_samples is not None:
+        _int("num_samples", study.num_samples, low=1, fix="use an integer >= 1, or None with time_limit_s to run "
+                                                          "trials until the time limit is spent")
+    elif study.time_limit_s is None:
+        _fail("num_samples", None, "None runs trials until the time limit is spent, and this study has none: set "
+                                   "time_limit_s (seconds), or give num_samples")
     _int("max_epochs", study.max_epochs, low=1)
     _int("grace_period", study.grace_period, low=1)
     if study.grace_period > study.max_epochs:

@@ -236,7 +236,7 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
             mode=study.mode,
             search_alg=searcher,
             scheduler=make_scheduler(study),
-            num_samples=study.num_samples,
+            num_samples=-1 if study.num_samples is None else study.num_samples,  # -1: until time_budget_s
             time_budget_s=study.time_limit_s,
             reuse_actors=True,  # skips a TensorFlow import per trial
             trial_name_creator=trial_name,

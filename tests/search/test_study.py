@@ -54,6 +54,10 @@ def test_defaults_are_valid():
         ({"fixed": {"warmup_epochs": True}}, "fixed: warmup_epochs: bad value True"),
         ({"fixed": {"class_weight": 1}}, "fixed: unknown class_weight 1"),  # 1 == True to Python
         ({"mixed_precision": 1}, "mixed_precision: bad value 1; use True, False or 'auto'"),
+        # Open-ended needs a budget: without one, Ray would propose trials for ever.
+        ({"num_samples": None}, "num_samples: bad value None; None runs trials until the time limit is spent, and "
+                                "this study has none: set time_limit_s"),
+        ({"num_samples": 0}, "num_samples: bad value 0; use an integer >= 1, or None with time_limit_s"),
         ({"fixed": [("dropout", 0.1)]}, "fixed: bad value [('dropout', 0.1)]; use a dict"),  # was AttributeError
         # NaN compares False with everything, so `nan <= 0` let these through:
         ({"time_limit_s": float("nan")}, "time_limit_s: bad value nan; use a positive number of seconds, or None"),
