@@ -51,6 +51,7 @@ from analysis.calibration import apply_temperature, calibration_scores, diagram_
 from analysis.errors import AnalysisError, EvaluateError, ResultsFolderError
 from analysis.files import FINAL_MODEL, PLOTS_DIR, VAL_PREDICTIONS, evaluation_file, predictions_file
 from analysis.final_model import member_probabilities
+from analysis.honest import other_trials_predictions, selection_estimate
 from analysis.model_card import write_model_card
 from analysis.plots import reliability_plot
 from analysis.options import add_final_model_arguments, check_final_model_arguments, final_model_options
@@ -58,7 +59,7 @@ from analysis.prevalence import at_prevalences, prevalences_for, stated_prevalen
 from analysis.selection import (CHOSEN_ON_VALIDATION, Candidate, FinalPlan, candidates_for, choose_final,
                                 ensemble_sizes, final_model_record, fit_on_validation, per_trial_entry, plan_final)
 from analysis.records import format_final, format_table, read_evaluations
-from analysis.reader import load_trial_model, ranked_trials, read_record, read_study, trial_from_row
+from analysis.reader import Loaded, load_trial_model, ranked_trials, read_record, read_study, trial_from_row
 from analysis.splits import (SPLIT_NAMES, append_record, decode_split, fold_rows, jsonable,
                              label_indices, log_test_use, now, read_split, split_class_names)
 from analysis.files import write_file, write_table
@@ -215,17 +216,6 @@ def score_model(shipped: Shipped, y, class_names: list[str], *, n_boot: int, see
 # --------------------------------------------------------------------------
 # the evaluation, in stages
 # --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """A ranked trial whose checkpoint loaded."""
-
-    row: pd.Series
-    trial: object  # analysis.reader.ChosenTrial
-    model: object
-    class_names: list[str]
-    size: int
 
 
 @dataclass
@@ -404,6 +394,9 @@ def fit_final(ev: Evaluation, val: dict) -> Fit:
     record = final_model_record(ev.study, ev.classes, ev.plan, final, fitted[final.label], per_trial,
                                 len(ev.val_rows), sizes, checkpoints)
     record["validation_scores"] = {"metric": ev.metric, "by_model": val_scores}
+    others = other_trials_predictions(ev, lambda models: validation_predictions(
+        ev.run_dir, ev.val_rows, models, ["none"], batch_size=ev.batch_size, log=ev.log))
+    record["selection_corrected"] = selection_estimate(ev, val, candidates, y_val, others)
     record["chosen_by"] = (CHOSEN_ON_VALIDATION if ev.plan.chosen_on_validation else
                            "given: the combination --ensemble and --tta asked for")
     if "fold" in ev.val_rows.columns:  # cross-validated: fitted on the out-of-fold predictions of train ∪ val
@@ -483,6 +476,7 @@ def write_evaluation(ev: Evaluation, fit: Fit, probs: dict) -> pd.DataFrame:
         "final": {"model": fit.final.label, "final_model": FINAL_MODEL, "ensemble": fit.record["ensemble"],
                   "tta": ev.plan.tta, "chosen_by": fit.record["chosen_by"],
                   "validation_scores": fit.record["validation_scores"], "reliability_plot": plot,
+                  "selection_corrected": fit.record["selection_corrected"],
                   "fitted_on_evaluated_split": ev.split == "val", "models": scored},
     })
     if ev.split == "test":

@@ -18,7 +18,7 @@ from analysis.operating_point import rule_text
 from analysis.records import final_evaluated
 from analysis.tables import decimals_for
 
-__all__ = ["Headline", "SMALL_N", "headline", "headline_text"]
+__all__ = ["Headline", "SMALL_N", "headline", "headline_text", "selection_text"]
 
 SMALL_N = 200  # test images below which the intervals are wide enough to say so first
 FEW_POSITIVES = 50  # positives below which a sensitivity rests on few images
@@ -42,6 +42,7 @@ class Headline:
     balanced_accuracy: tuple
     ece: float | None
     caveats: list[str]
+    selection: dict | None = None  # the validation score corrected for the choice (analysis.honest), if recorded
 
 
 def headline(study: dict, evaluation: dict, record: dict | None = None) -> Headline | None:
@@ -68,7 +69,8 @@ def headline(study: dict, evaluation: dict, record: dict | None = None) -> Headl
         specificity=triple("specificity", op["at_threshold"], op["ci"]) if op else None,
         validation_sensitivity=(op.get("validation") or {}).get("sensitivity") if op else None,
         balanced_accuracy=triple("balanced_accuracy", chosen["metrics"], chosen["ci"]),
-        ece=(chosen.get("calibration") or {}).get("after", {}).get("ece"), caveats=caveats)
+        ece=(chosen.get("calibration") or {}).get("after", {}).get("ece"), caveats=caveats,
+        selection=(evaluation.get("final") or {}).get("selection_corrected"))
 
 
 def _caveats(study, evaluation, chosen, record, n, positives) -> list[str]:
@@ -97,6 +99,22 @@ def _caveats(study, evaluation, chosen, record, n, positives) -> list[str]:
     return out
 
 
+def selection_text(s: dict) -> str:
+    """The selection-corrected estimate in one sentence (``analysis.honest.selection_corrected``'s record)."""
+    d = decimals_for(1 / s["n"]) if s.get("n") else 3
+    name = str(s["metric"]).replace("_", " ")
+    low, high = s["ci"]
+    interval = f" ({round(100 * s.get('level', 0.95))}% CI {low:.{d}f}–{high:.{d}f})" if low is not None else ""
+    if s.get("over") == "trials":  # the final model was given; only the trials' ranking was a choice
+        return (f"The best of {s['candidates']} trials on {s['n']} validation images scored {name} "
+                f"{s['validation']:.{d}f}; corrected for that choice, expect about **{s['estimate']:.{d}f}**"
+                f"{interval} from the best trial on new images like these (bootstrap bias-corrected validation; "
+                "the final model's ensemble and views were given, not chosen).")
+    return (f"Chosen as the best of {s['candidates']} candidates on {s['n']} validation images, where it scored "
+            f"{name} {s['validation']:.{d}f}; corrected for that choice, expect about **{s['estimate']:.{d}f}**"
+            f"{interval} on new images like these (bootstrap bias-corrected validation).")
+
+
 def headline_text(h: Headline) -> str:
     """The paragraph, in Markdown."""
     d = decimals_for(1 / h.n) if h.n else 3
@@ -121,6 +139,8 @@ def headline_text(h: Headline) -> str:
         held = f"{h.n} held-out {h.split} images of {h.data}"
         scores = f"**balanced accuracy {ci(h.balanced_accuracy)}**"
     text = f"{what}{rule}. On {held}: {scores}."
+    if h.selection and h.selection.get("estimate") is not None:
+        text += " " + selection_text(h.selection)
     if h.ece is not None:
         text += f" Calibration: expected calibration error {h.ece:.{d}f} after temperature scaling."
     if h.caveats:

@@ -26,7 +26,7 @@ import pandas as pd
 from analysis.calibration import ECE_BINS
 from analysis.checklist import checklist, checklist_frame
 from analysis.files import EXPORT_DIR, FINAL_MODEL, MODEL_CARD, TEST_LOG, predictions_file
-from analysis.headline import headline, headline_text
+from analysis.headline import headline, headline_text, selection_text
 from analysis.intended_use import intended_use
 from analysis.operating_point import rule_text
 from analysis.prevalence import PREVALENCE_NOTE, prevalence_frame
@@ -277,6 +277,9 @@ def _results(evaluation: dict, chosen: dict, models: dict) -> str:
             for label, m in models.items()]
     lines += [f"Each model at the decision it ships with ({evaluation.get('decision') or 'its decision rule'}), "
               "on its calibrated probabilities:", "", _table(pd.DataFrame(rows))]
+    selection = (evaluation.get("final") or {}).get("selection_corrected")
+    if selection and selection.get("estimate") is not None:
+        lines += ["", selection_text(selection) + f" {selection['method']}; {selection['n_boot']} resamples."]
     op = chosen.get("operating_point")
     if op:
         at, ci = op["at_threshold"], op["ci"]

@@ -28,7 +28,7 @@ from analysis.files import LEADERBOARD, SPLITS, STUDY_JSON
 
 __all__ = ["ResultsFolderError", "ChosenTrial", "read_record", "read_study", "read_table",
            "read_leaderboard", "has_checkpoint", "ranked_trials", "choose_trial", "trial_from_row", "locate_checkpoint",
-           "load_trial_model", "read_class_names"]
+           "load_trial_model", "Loaded", "read_class_names"]
 
 DEFAULT_METRIC, DEFAULT_MODE = "val_balanced_accuracy", "max"
 _DAMAGED = "was it cut short (a crash, a full disk, an interrupted copy)? Restore it from the original folder"
@@ -208,6 +208,17 @@ def locate_checkpoint(run_dir: Path, recorded: str, trial: str, study_name: str 
 # --------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A ranked trial whose checkpoint loaded."""
+
+    row: object  # its leaderboard row (a pandas Series)
+    trial: ChosenTrial
+    model: object
+    class_names: list[str]
+    size: int
 
 
 def load_trial_model(trial: ChosenTrial, run_dir: Path, study: dict):

@@ -91,6 +91,11 @@ def format_final(final: dict, split: str, level: float) -> str:
     lines = [f"final model: {final['model']} (final_model.json; temperature and threshold fitted on validation)"]
     if final.get("fitted_on_evaluated_split"):
         lines.append("caution: fitted and scored on the same (validation) split: optimistic")
+    s = final.get("selection_corrected")
+    if s and s.get("estimate") is not None:
+        lines.append(f"selection-corrected {s['metric']}: validation {s['validation']:.4f} as chosen among "
+                     f"{s['candidates']} candidates ({s.get('trials', '?')} trials); on new images "
+                     f"{with_ci(s['estimate'], *s['ci'])} (BBC, {s['n_boot']} resamples of {s['n']} images)")
     lines.append(f"calibration on {split} (ECE: top-label confidence, 15 equal-width bins; Brier: sklearn's):")
     for m in final["models"]:
         c = m["calibration"]

@@ -245,6 +245,18 @@ def next_steps(folder) -> list[str]:
             f"  python -m analysis.report {here}   (or: medsearch report {here})"]
 
 
+def selection_note(folder, board, metric: str) -> str | None:
+    """Why the leaderboard's top score flatters, and the command that corrects it (``analysis.honest``)."""
+    column = f"best_{metric}"
+    scored = int(board[column].notna().sum()) if column in board.columns else 0
+    if scored < 2:
+        return None
+    where = shlex.quote(_shown_path(folder.path)) if folder.is_local else "FOLDER"
+    return (f"note: the top {column} is the best of {scored} trials on the same validation images, so it flatters "
+            f"the model.\n      python -m analysis.evaluate {where} --split val   estimates it corrected for that "
+            "choice (bootstrap bias-corrected validation), without reading the test split")
+
+
 def _shown_path(path: str) -> str:
     """``path`` relative to the working directory when it lies inside it (``runs/quickstart``), else as is."""
     try:

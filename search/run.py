@@ -695,13 +695,16 @@ def summarise(study, folder, results) -> None:
     print(format_leaderboard(board, study.metric))
     print(f"\nresults: {folder}\n  leaderboard: {folder.uri('leaderboard.parquet')}\n  leaderboard.parquet  epochs.parquet  splits.parquet  study.json")
     report_unreported(board)
+    from search.progress import next_steps, selection_note
+
+    note = selection_note(folder, board, study.metric)
+    if note:
+        print("\n" + note)
     if board.empty or board["status"].isin(["errored", "diverged"]).all():
         reasons = board.get("error", pd.Series(index=board.index, dtype=object)).astype(object)
         reasons[board["status"] == "diverged"] = "diverged: the training loss became NaN or inf"
         counts = "\n".join(f"  {count} x {error}" for error, count in reasons.value_counts().items())
         raise StudyFailed(f"every trial failed:\n{counts}")
-    from search.progress import next_steps
-
     print("\n" + "\n".join(next_steps(folder)), flush=True)
 
 

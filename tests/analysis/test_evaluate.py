@@ -721,6 +721,12 @@ def test_auto_options_make_the_final_model_the_candidate_best_on_validation(run_
     assert final_model["tta"] == ("dihedral" if chosen.endswith("TTA dihedral") else None)
     assert final_model["chosen_by"] == evaluation["chosen_by"]
     assert any(f"final model {chosen!r}, chosen on validation" in n for n in notes)
+    # chosen on validation among every candidate: the correction repeats that choice over all of them and the trials
+    s = evaluation["selection_corrected"]
+    board = pd.read_parquet(folder / "leaderboard.parquet")
+    assert s["over"] == "candidates" and set(s["labels"]) == set(by_model) | set(board["trial_name"])
+    assert s["candidates"] == len(s["labels"]) and s["trials"] == len(board)
+    assert s["validation"] == pytest.approx(max(best, s["validation"]))  # the best of all it chose among
 
 
 def test_tta_views_are_the_symmetries_of_the_square():
@@ -784,3 +790,41 @@ def test_a_folder_that_cannot_be_written_is_a_named_error_not_a_traceback(run_di
         assert what in error
     assert not [p for p in folder.rglob("*.tmp*")]  # written whole or not at all
     assert set(files_under(folder)) >= set(before)
+
+
+def test_the_choice_is_corrected_for_on_every_trial_and_said_first(final_stage):
+    """BBC over the ranked trials, those the evaluation did not load too. Here the final model's ensemble and views
+    were given (--ensemble 2 --tta flips), so the trials' ranking is the only choice made on validation."""
+    from analysis.honest import selection_corrected
+
+    folder, _, _ = final_stage
+    evaluation = json.loads((folder / "test_evaluation.json").read_text())["evaluations"][-1]
+    s = evaluation["final"]["selection_corrected"]
+    board = pd.read_parquet(folder / "leaderboard.parquet")
+    evaluated = [t["trial_name"] for t in evaluation["trials"]]
+    others = [t for t in board["trial_name"] if t not in evaluated]
+    assert len(others) == len(board) - 2 >= 1  # k = 2 were loaded; the rest were predicted for the correction
+    assert s["trials"] == len(board) and s["over"] == "trials" and sorted(s["labels"]) == sorted(board["trial_name"])
+    # Recomputed from the cached validation predictions: the same numbers
+    probs = {name: val_probs(folder, name)[1] for name in evaluated}
+    for name in others:
+        probs[name] = val_probs(folder, name)[1]
+    y = val_probs(folder, evaluated[0])[0]
+    expected = selection_corrected(probs, y, "balanced_accuracy", "max", CLASSES, positive=1, n_boot=300, seed=0)
+    for key in ("validation", "estimate", "optimism", "chosen", "candidates", "n", "n_boot"):
+        assert s[key] == pytest.approx(expected[key]), key
+    assert s["ci"] == pytest.approx(expected["ci"])
+    assert s["ci"][0] <= s["estimate"] <= s["ci"][1] and s["n"] == len(y)
+    # The first paragraph of the model card says it, in the record's own numbers
+    from analysis.files import MODEL_CARD
+    from analysis.headline import selection_text
+
+    card = (folder / MODEL_CARD).read_text()
+    first = card.split("\n## ")[1]
+    assert selection_text(s) in first and f"{s['estimate']:.{decimals(s['n'])}f}" in selection_text(s), first
+
+
+def decimals(n: int) -> int:
+    from analysis.tables import decimals_for
+
+    return decimals_for(1 / n)

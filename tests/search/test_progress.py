@@ -254,3 +254,16 @@ def test_every_line_is_one_plain_line_with_the_elapsed_prefix(capsys):
 def test_the_printer_pickles_as_ray_needs():
     p = ProgressPrinter(metric=METRIC, mode="max", max_epochs=6, num_samples=4)
     assert pickle.loads(pickle.dumps(p)).clock is p.clock
+
+
+def test_the_summary_says_the_top_score_flatters_and_how_to_correct_it(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from search.progress import selection_note
+
+    monkeypatch.chdir(tmp_path)
+    board = pd.DataFrame({"best_val_auc": [0.9, 0.8, None]})
+    note = selection_note(StudyFolder("runs", "s"), board, "val_auc")
+    assert note.startswith("note: the top best_val_auc is the best of 2 trials on the same validation images")
+    assert "python -m analysis.evaluate runs/s --split val " in note  # a command that runs, in this folder
+    assert selection_note(StudyFolder("runs", "s"), board.head(1), "val_auc") is None  # one trial: nothing chosen
