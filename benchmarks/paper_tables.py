@@ -10,6 +10,7 @@ Each row is one study file of ``spaces/`` (the files users get), sized for a
 
   S1          spaces/melanoma_cpu.py          melanoma10k (train/ only)   split S1, test
   S2          spaces/ham10000_binary_cpu.py   HAM10000 binary, 1,200      split S2, test (240)
+  S2-melanoma spaces/melanoma_s2_cpu.py       melanoma10k, 1,200          split S2, test (240)
   S5          spaces/ham10000_cpu.py          HAM10000, 7 classes         split S5, val (as S5 reported: optimistic)
   S5-grouped  spaces/ham10000_grouped_cpu.py  HAM10000, 7 classes         grouped by lesion_id, test
 
@@ -137,6 +138,20 @@ ROWS = {
                  "predictions, single best or ensemble of the top k (k on validation), before it reads the test "
                  "split; no TTA (with 5 fold models per trial, 8 views would cost ~25 min of evaluation here); "
                  "P/R/F1 at the argmax"),
+    ),
+    "S2-melanoma": Row(
+        key="S2-melanoma", study_file="spaces/melanoma_s2_cpu.py", dataset_dir="melanoma10k", published_study="S2",
+        split="test", evaluation={"ensemble": "auto"},
+        metrics=("accuracy", "precision_benign", "recall_benign", "f1_benign", "precision_malignant",
+                 "recall_malignant", "f1_malignant", "auc"),
+        targets=(("accuracy", 0.87, "test"),),
+        data_note="melanoma10k `train/`, the reading of S2's abstract (\"Melanoma Skin Cancer Dataset of 10000 "
+                  "images\" reduced to 1,200): the S2 subsample, 600 / 600, 816 train / 144 val / 240 test "
+                  "(120 / 120); split by image; selection by 5-fold cross-validation on the 960 train + val images",
+        short="as S2's row, on melanoma10k · trials until 40 min of search are spent · ens. auto",
+        choices=("the S2 row's study (spaces/ham10000_binary_cpu.py) on melanoma10k instead of HAM10000",
+                 "budget: trials until 40 minutes of search are spent (num_samples=None), not 16 trials",
+                 "evaluation: --ensemble auto, declared in this row before the test split was read"),
     ),
     "S5": Row(
         key="S5", study_file="spaces/ham10000_cpu.py", dataset_dir="ham10000", published_study="S5", split="val",
@@ -282,6 +297,20 @@ def measure_row(row: Row, args) -> dict:
                    eval_timing=eval_timing, evaluated_here=evaluated_here, cmds=cmds)
 
 
+def declared(row: Row) -> dict:
+    """The commit this row ran from, and whether its study file and this script were as committed (issue 28.6:
+    a row's study and evaluation are committed before its test split is read)."""
+    import subprocess
+
+    def git(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "HEAD")
+    changed = git("status", "--porcelain", "--", row.study_file, "benchmarks/paper_tables.py")
+    return {"commit": head.stdout.strip() or None,
+            "as_committed": head.returncode == 0 and changed.returncode == 0 and not changed.stdout.strip()}
+
+
 def _recorded_study_wall(folder: Path) -> float | None:
     record = json.loads((folder / "study.json").read_text())
     try:
@@ -333,7 +362,7 @@ def collect(row: Row, folder: Path, logged: dict, *, study_wall, eval_wall, stud
                         "gap": None if value is None else value - threshold})
     wall_total = None if study_wall is None else study_wall + (eval_wall or 0.0)
     return {
-        "row": row.key, "status": "measured", "measured_at": _now(),
+        "row": row.key, "status": "measured", "measured_at": _now(), "declared": declared(row),
         "study_file": row.study_file, "study_name": study["name"], "run_dir": str(folder),
         "protocol": protocol, "dataset": row.data_note, "split_evaluated": row.split,
         "optimistic": row.split == "val", "n_eval": evaluation["n"], "split_sizes": splits,
@@ -680,6 +709,7 @@ def _candidates(rec: dict) -> str:
 
 def _short_data(rec: dict) -> str:
     return {"S1": "melanoma10k train/ (9,605)", "S2": "HAM10000 binary subsample (1,200)",
+            "S2-melanoma": "melanoma10k subsample (1,200)",
             "S5": "HAM10000 7-class (10,015)", "S5-grouped": "HAM10000 7-class (10,015), by lesion"}.get(rec["row"], "")
 
 
