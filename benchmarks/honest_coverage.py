@@ -112,7 +112,8 @@ def one_study(x, y, classes, size: int, rng) -> dict:
     raw_ci = bootstrap_ci(y[val], probs[chosen], classes, n_boot=N_BOOT, seed=seed, level=LEVEL)["balanced_accuracy"]
     bbc = selection_corrected(probs, y[val], "balanced_accuracy", "max", classes, n_boot=N_BOOT, seed=seed, level=LEVEL)
     return {"size": size, "val": int(len(val)), "external": int(len(rest)), "chosen": chosen, "truth": truth,
-            "raw": score[chosen], "raw_ci": list(raw_ci), "corrected": bbc["estimate"], "corrected_ci": bbc["ci"]}
+            "raw": score[chosen], "raw_ci": list(raw_ci), "corrected": bbc["estimate"], "corrected_ci": bbc["ci"],
+            "oob_ci": bbc["oob_ci"]}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -130,19 +131,26 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "raw_bias": float(np.mean([r["raw"] for r in rs]) - truth.mean()),
                     "corrected_bias": float(np.mean([r["corrected"] for r in rs]) - truth.mean()),
                     "raw_coverage": covers("raw_ci"), "corrected_coverage": covers("corrected_ci"),
+                    "oob_coverage": covers("oob_ci"),
+                    "raw_mae": float(np.mean([abs(r["raw"] - r["truth"]) for r in rs])),
+                    "corrected_mae": float(np.mean([abs(r["corrected"] - r["truth"]) for r in rs])),
                     "raw_width": float(np.mean([r["raw_ci"][1] - r["raw_ci"][0] for r in rs])),
-                    "corrected_width": float(np.mean([r["corrected_ci"][1] - r["corrected_ci"][0] for r in rs]))})
+                    "corrected_width": float(np.mean([r["corrected_ci"][1] - r["corrected_ci"][0] for r in rs])),
+                    "oob_width": float(np.mean([r["oob_ci"][1] - r["oob_ci"][0] for r in rs]))})
     return out
 
 
 def table(summary: list[dict], dataset: str) -> str:
-    lines = [f"| data | images per study (val) | studies | external truth (mean) | raw validation: bias · "
-             f"{LEVEL:.0%} CI covers | selection-corrected: bias · {LEVEL:.0%} CI covers | CI width raw · corrected |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| data | images per study (val) | studies | external truth (mean) | raw validation: bias · mean "
+             f"abs. error · {LEVEL:.0%} CI covers | selection-corrected: bias · mean abs. error · {LEVEL:.0%} CI "
+             "covers | BBC out-of-bag CI covers | CI width raw · corrected · out-of-bag |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {dataset} | {s['size']} ({s['val_images']}) | {s['studies']} | {s['mean_truth']:.3f} | "
-                     f"{s['raw_bias']:+.3f} · {s['raw_coverage']:.0%} | {s['corrected_bias']:+.3f} · "
-                     f"{s['corrected_coverage']:.0%} | {s['raw_width']:.3f} · {s['corrected_width']:.3f} |")
+                     f"{s['raw_bias']:+.3f} · {s['raw_mae']:.3f} · {s['raw_coverage']:.0%} | "
+                     f"{s['corrected_bias']:+.3f} · {s['corrected_mae']:.3f} · {s['corrected_coverage']:.0%} | "
+                     f"{s['oob_coverage']:.0%} | {s['raw_width']:.3f} · {s['corrected_width']:.3f} · "
+                     f"{s['oob_width']:.3f} |")
     return "\n".join(lines)
 
 

@@ -31,6 +31,14 @@ def test_the_best_of_many_equal_models_is_corrected_down_to_what_they_score():
     low, high = result["ci"]
     assert low < 0.70 < high
     assert result["candidates"] == 30 and result["n"] == 120 and result["n_boot"] == 300
+    # The interval is the chosen model's own bootstrap interval, moved down by the optimism
+    from analysis.bootstrap import bootstrap_ci
+
+    own = bootstrap_ci(y, models[result["chosen"]], CLASSES, n_boot=300, seed=0)["accuracy"]
+    shift = result["validation"] - result["estimate"]
+    assert result["ci"] == pytest.approx([own[0] - shift, own[1] - shift], abs=1e-9)
+    oob_low, oob_high = result["oob_ci"]
+    assert oob_high - oob_low > high - low  # out of bag, a third of the images each: wider
 
 
 def test_one_candidate_needs_almost_no_correction():
