@@ -106,6 +106,14 @@ class Results:
             self._final = (stamp, load_final_model(self.path))
         return self._final[1]
 
+    @property
+    def expected_score(self) -> dict | None:
+        """What the final model should score on new images like the validation images, corrected for having been
+        chosen on them (``analysis.honest``: ``estimate``, ``ci``, ``validation``, ``metric``); None before
+        ``analysis.evaluate`` has fitted a final model."""
+        record = self.path / FINAL_MODEL
+        return json.loads(record.read_text()).get("selection_corrected") if record.is_file() else None
+
     def predict(self, paths, batch_size: int = 64) -> Prediction:
         """The final model on image files: calibrated ``probabilities`` (N, classes), ``decisions`` (class indices
         under the shipped decision rule) and ``labels``, exactly what ``search.predict`` writes; and its

@@ -815,6 +815,9 @@ def test_the_choice_is_corrected_for_on_every_trial_and_said_first(final_stage):
         assert s[key] == pytest.approx(expected[key]), key
     assert s["ci"] == pytest.approx(expected["ci"])
     assert s["ci"][0] <= s["estimate"] <= s["ci"][1] and s["n"] == len(y)
+    from analysis.results import load_results
+
+    assert load_results(folder).expected_score == s  # final_model.json's, for the Python API
     # The first paragraph of the model card says it, in the record's own numbers
     from analysis.files import MODEL_CARD
     from analysis.headline import selection_text
