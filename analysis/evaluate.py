@@ -395,7 +395,7 @@ def fit_final(ev: Evaluation, val: dict) -> Fit:
                                 len(ev.val_rows), sizes, checkpoints)
     record["validation_scores"] = {"metric": ev.metric, "by_model": val_scores}
     others = other_trials_predictions(ev, lambda models: validation_predictions(
-        ev.run_dir, ev.val_rows, models, ["none"], batch_size=ev.batch_size, log=ev.log))
+        ev.run_dir, ev.val_rows, models, ["none"], batch_size=ev.batch_size, log=lambda _: None))
     record["selection_corrected"] = selection_estimate(ev, val, candidates, y_val, others)
     record["chosen_by"] = (CHOSEN_ON_VALIDATION if ev.plan.chosen_on_validation else
                            "given: the combination --ensemble and --tta asked for")

@@ -126,6 +126,9 @@ def other_trials_predictions(ev, predict) -> dict[str, np.ndarray]:
         if class_names == ev.classes:
             out.update({name: p for (name, _), p in predict([Loaded(row, trial, model, class_names, size)]).items()})
         del model
+    if out:
+        ev.log(f"note: {len(out)} more ranked trial(s) predicted on validation for the selection correction "
+               "(cached in val_predictions_cache.parquet)")
     return out
 
 
