@@ -23,6 +23,13 @@ def failed_checks(report: dict) -> dict:
             for name, value in checks.items() if value is not True}
 
 
+def failing_output(report: dict) -> str:
+    """The driver's last output at every step (and the end) whose checks failed: what to read to see why."""
+    parts = [(f"step {s['step']} {s['moment']}", s.get("output_tail")) for s in report["steps"]]
+    parts.append(("end", failing_output(report)))
+    return "\n".join(f"--- {where} ---\n{tail}" for where, tail in parts if tail)
+
+
 def test_driver_and_worker_kills_lose_and_repeat_nothing(tmp_path):
     # Three drivers in all (a kill after a trial ends is test_kill_resume's); each step waits for its moment.
     schedule = [
@@ -36,7 +43,7 @@ def test_driver_and_worker_kills_lose_and_repeat_nothing(tmp_path):
     assert [s["outcome"] for s in report["steps"]] == ["killed"] * 3, steps_table(report)
     assert [s["exit_code"] for s in report["steps"] if s["target"] == "driver"] == [-9, -9]
     assert "retry" in report["steps"][1]["retry"], report["steps"][1]
-    assert not failed_checks(report), (failed_checks(report), steps_table(report), report["final"].get("output_tail"))
+    assert not failed_checks(report), (failed_checks(report), steps_table(report), failing_output(report))
 
     # The same end state, read straight from the folder.
     folder = tmp_path / "runs" / "tiny"
@@ -66,7 +73,7 @@ def test_sigterm_and_a_full_disk_freed_before_the_resume_lose_and_repeat_nothing
     assert report["steps"][0]["exit_code"] == 143
     if len(schedule) == 2:
         assert report["steps"][1]["exit_code"] == 1 and report["steps"][1]["signal"] == "ENOSPC"
-    assert not failed_checks(report), (failed_checks(report), steps_table(report), report["final"].get("output_tail"))
+    assert not failed_checks(report), (failed_checks(report), steps_table(report), failing_output(report))
     totals = report["totals"]
     assert (totals["kills_survived"], totals["trials_lost"], totals["duplicate_trials"],
             totals["duplicate_trial_epoch_rows"], totals["trials"], totals["outcome"]) == (
