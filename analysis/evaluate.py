@@ -56,9 +56,10 @@ from analysis.model_card import write_model_card
 from analysis.plots import reliability_plot
 from analysis.options import add_final_model_arguments, check_final_model_arguments, final_model_options
 from analysis.prevalence import at_prevalences, prevalences_for, stated_prevalence
-from analysis.selection import (CHOSEN_ON_VALIDATION, Candidate, FinalPlan, candidates_for, choose_final,
+from analysis.selection import (CHOSEN_ON_VALIDATION, Candidate, FinalPlan, candidates_for, choose_final, say_choice,
                                 ensemble_sizes, final_model_record, fit_on_validation, per_trial_entry, plan_final)
 from analysis.records import format_final, format_table, read_evaluations
+from analysis.refit import check_refit, refit_final
 from analysis.reader import Loaded, load_trial_model, ranked_trials, read_record, read_study, trial_from_row
 from analysis.splits import (SPLIT_NAMES, append_record, decode_split, fold_rows, jsonable,
                              label_indices, log_test_use, now, read_split, split_class_names)
@@ -239,6 +240,8 @@ class Evaluation:
     log: object
     prevalence: float | None = None  # of the positive class where the model will be used (stated), if any
     prevalence_source: str | None = None  # "--prevalence" or "Study(prevalence=...)"
+    data_dir: str | None = None  # where the dataset now lives, if it moved
+    refit: list[Loaded] = field(default_factory=list)  # the final model's members trained on train + val (--refit)
 
     @property
     def names(self) -> list[str]:
@@ -273,7 +276,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
                    batch_size: int = 64, level: float = LEVEL, log=print, ensemble: int | str | None = None,
                    tta: str | None = None, target_sensitivity: float | None = None,
                    target_specificity: float | None = None, positive_class: str | None = None,
-                   prevalence: float | None = None, data_dir: str | None = None) -> pd.DataFrame:
+                   prevalence: float | None = None, data_dir: str | None = None, refit: bool = False) -> pd.DataFrame:
     """Fit the final model on validation, then score it and the ``k`` best trials on ``split``; write the records.
 
     Returns one row per evaluated trial, best first: ``rank``, ``trial_name``,
@@ -285,9 +288,13 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
     (``log``) and the next one is taken, so a study still running can be evaluated.
     ``prevalence``: the positive class's share where the model will be used (else the study's), for PPV and NPV.
     ``data_dir``: where the study's dataset now lives, if it moved (``analysis.splits.image_paths``).
+    ``refit``: train the final model's members again on train ∪ val (``analysis.refit``) and ship those; the
+    model before the refit is scored beside it.
     """
     if k < 1:
         raise EvaluateError(f"k must be >= 1, got {k}")
+    if refit:
+        check_refit(split)
     run_dir = Path(run_dir).expanduser().resolve()
     with evaluation_lock(run_dir, log):  # two evaluations would interleave final_model.json and the test log
         ev = open_evaluation(run_dir, k, split, n_boot=n_boot, seed=seed, level=level,
@@ -295,7 +302,7 @@ def evaluate_top_k(run_dir: str | Path, k: int = 3, n_boot: int = 1000, seed: in
                              target_sensitivity=target_sensitivity, target_specificity=target_specificity,
                              positive_class=positive_class, prevalence=prevalence, data_dir=data_dir)
         val = validation_predictions(ev.run_dir, ev.val_rows, ev.models, ev.modes, batch_size=batch_size, log=log)
-        fit = fit_final(ev, val)
+        fit = fit_final(ev, val, refit=refit)
         probs = split_predictions(ev, fit, val)
         return write_evaluation(ev, fit, probs)
 
@@ -357,7 +364,7 @@ def open_evaluation(run_dir: Path, k: int, split: str, **options) -> Evaluation:
         options["log"](f"note: {note}")
     _check_models(run_dir, models, plan, classes, len(ranked))
     return Evaluation(run_dir, study, split, rows, val_rows, classes, plan, models, notes, k, **options,
-                      prevalence=prevalence, prevalence_source=source)
+                      prevalence=prevalence, prevalence_source=source, data_dir=data_dir)
 
 
 def _check_models(run_dir: Path, models: list[Loaded], plan: FinalPlan, classes: list[str], n_ranked: int) -> None:
@@ -373,9 +380,9 @@ def _check_models(run_dir: Path, models: list[Loaded], plan: FinalPlan, classes:
                                 f"them {classes}; is {str(run_dir)!r} the run its checkpoint came from?")
 
 
-def fit_final(ev: Evaluation, val: dict) -> Fit:
-    """Stage 3: ensemble sizes per family, a temperature and threshold per model, the final model; writes
-    ``final_model.json`` before the evaluated split is read."""
+def fit_final(ev: Evaluation, val: dict, refit: bool = False) -> Fit:
+    """Stage 3: ensemble sizes per family, a temperature and threshold per model, the final model (with ``refit``,
+    its members trained again on train ∪ val); writes ``final_model.json`` before the evaluated split is read."""
     y_val = label_indices(ev.val_rows, ev.classes)
     names = ev.names
     sizes = ensemble_sizes(ev.plan, names, val, y_val, ev.classes, ev.study, ev.positive_for_auc, ev.log)
@@ -388,7 +395,7 @@ def fit_final(ev: Evaluation, val: dict) -> Fit:
     val_scores = {c.label: point_metrics(y_val, c.probs(val), ev.classes, ev.positive_for_auc).get(ev.metric, math.nan)
                   for c in candidates}
     final = choose_final(candidates, val_scores, ev.plan, ev.study.get("mode", "max"))
-    _say_choice(ev, final, val_scores, names[0])
+    say_choice(ev.plan, final, val_scores, names[0], ev.metric, ev.log)
     checkpoints = {m.trial.name: m.trial.checkpoint.relative_to(ev.run_dir).as_posix() for m in ev.models}
     per_trial = {n: per_trial_entry(fitted[n], ev.classes, ev.plan) for n in names}
     record = final_model_record(ev.study, ev.classes, ev.plan, final, fitted[final.label], per_trial,
@@ -402,22 +409,13 @@ def fit_final(ev: Evaluation, val: dict) -> Fit:
     if "fold" in ev.val_rows.columns:  # cross-validated: fitted on the out-of-fold predictions of train ∪ val
         record["fitted_on"]["split"] = "train+val, out of fold"
         record["fitted_on"]["cv_folds"] = int(ev.val_rows["fold"].nunique())
+    if refit:  # the model before the refit stays a candidate: it is scored beside the refit one
+        refitted, ev.refit, record["refit"] = refit_final(ev, final, record)
+        if refitted is not None:
+            fitted[refitted.label] = fitted[final.label]
+            candidates, final = [*candidates, refitted], refitted
     write_file(ev.run_dir / FINAL_MODEL, (json.dumps(jsonable(record), indent=1, allow_nan=False) + "\n").encode())
     return Fit(candidates, fitted, val_scores, final, record)
-
-
-def _say_choice(ev: Evaluation, final: Candidate, val_scores: dict, best: str) -> None:
-    if ev.plan.chosen_on_validation:
-        ev.log(f"note: final model {final.label!r}, chosen on validation ({ev.metric}: "
-               + ", ".join(f"{label} {v:.4f}" for label, v in val_scores.items()) + ")")
-        return
-    # the user asked for these options: told when validation already says they do not help
-    worse = [label for label in val_scores if label != best and val_scores[label] < val_scores[best]]
-    if worse:
-        ev.log(f"note: on validation, {', '.join(f'{lbl} ({val_scores[lbl]:.4f})' for lbl in worse)} "
-               f"score{'s' if len(worse) == 1 else ''} below the single best trial ({val_scores[best]:.4f}) on "
-               f"{ev.metric}: the option(s) you asked for do not help here; the final model is still {final.label!r} "
-               "(--ensemble auto or --tta auto choose on validation)")
 
 
 def split_predictions(ev: Evaluation, fit: Fit, val: dict) -> dict:
@@ -426,7 +424,8 @@ def split_predictions(ev: Evaluation, fit: Fit, val: dict) -> dict:
     wanted = {(n, "none") for n in ev.names[:ev.k]} | {(n, c.tta or "none") for c in fit.candidates for n in c.members}
     if ev.split == "val" and ev.val_rows is ev.rows:
         return {key: val[key] for key in wanted}
-    needed = [n for n in ev.names if any(n == w for w, _ in wanted)]  # in rank order
+    models = ev.models + ev.refit
+    needed = [m.trial.name for m in models if any(m.trial.name == w for w, _ in wanted)]  # in rank order
     if ev.split == "test":  # record the look at the test set before anything can fail
         reads = len((read_evaluations(ev.run_dir) or {}).get("test_split_log") or [])
         if reads:  # said aloud before reading, not only logged
@@ -435,10 +434,10 @@ def split_predictions(ev: Evaluation, fit: Fit, val: dict) -> dict:
                    "these numbers are less of an unseen-data estimate than the first; choose on validation "
                    "(--split val) and read test once")
         log_test_use(ev.run_dir, trials=needed, n_test=len(ev.rows), by="analysis.evaluate")
-    decoded = {size: decode_split(ev.rows, size) for size in sorted({m.size for m in ev.models if m.trial.name in needed})}
+    decoded = {size: decode_split(ev.rows, size) for size in sorted({m.size for m in models if m.trial.name in needed})}
     return {(m.trial.name, mode): predict_rows(m.model, decoded[m.size], ev.rows, None if mode == "none" else mode,
                                                ev.batch_size)
-            for m in ev.models for mode in ev.modes if (m.trial.name, mode) in wanted}
+            for m in models for mode in ev.modes if (m.trial.name, mode) in wanted}
 
 
 def write_evaluation(ev: Evaluation, fit: Fit, probs: dict) -> pd.DataFrame:
@@ -460,7 +459,7 @@ def write_evaluation(ev: Evaluation, fit: Fit, probs: dict) -> pd.DataFrame:
     for c in fit.candidates:
         shipped = Shipped(c, fit.fitted[c.label], c.probs(probs), positive=ev.plan.positive)
         scored.append(score_model(shipped, y, ev.classes, **score))
-        if len(c.members) > 1 or c.tta:  # the single best's rows are already among the trials'
+        if c.label not in {m.trial.name for m in ev.models[:ev.k]}:  # a single trial's rows are among the trials'
             predictions.append(_prediction_rows(ev, shipped, fit.final.label))
             table.append({"rank": None, "trial_name": c.label, "backbone": None, "status": None, metric_column: None,
                           **_table_cells(ev, scored[-1])})
@@ -477,6 +476,7 @@ def write_evaluation(ev: Evaluation, fit: Fit, probs: dict) -> pd.DataFrame:
                   "tta": ev.plan.tta, "chosen_by": fit.record["chosen_by"],
                   "validation_scores": fit.record["validation_scores"], "reliability_plot": plot,
                   "selection_corrected": fit.record["selection_corrected"],
+                  "refit": fit.record.get("refit"),
                   "fitted_on_evaluated_split": ev.split == "val", "models": scored},
     })
     if ev.split == "test":

@@ -12,7 +12,7 @@ from pathlib import Path
 from analysis.errors import AnalysisError
 
 __all__ = ["write_file", "write_table", "shown_path", "shown_command", "STUDY_JSON", "LEADERBOARD", "EPOCHS", "SPLITS", "NEAR_DUPLICATES", "FINAL_MODEL", "OOD_REFERENCE", "TEST_LOG",
-           "VAL_PREDICTIONS", "PLOTS_DIR", "MODEL_CARD", "REPORT_MD", "REPORT_HTML", "EXPORT_DIR", "evaluation_file",
+           "VAL_PREDICTIONS", "PLOTS_DIR", "MODEL_CARD", "REPORT_MD", "REPORT_HTML", "EXPORT_DIR", "REFIT_DIR", "evaluation_file",
            "predictions_file"]
 
 # written by search.run
@@ -31,6 +31,7 @@ PLOTS_DIR = "report_files"
 MODEL_CARD = "model_card.md"
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 EXPORT_DIR = "export"
+REFIT_DIR = "refit"  # the final model's members trained again on train + val (analysis.refit)
 
 
 def evaluation_file(split: str) -> str:

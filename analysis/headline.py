@@ -105,15 +105,16 @@ def selection_text(s: dict) -> str:
     name = str(s["metric"]).replace("_", " ")
     low, high = s["ci"]
     interval = f" ({round(100 * s.get('level', 0.95))}% CI {low:.{d}f}–{high:.{d}f})" if low is not None else ""
+    describes = f" It describes {s['describes']}." if s.get("describes") else ""
     if s.get("over") == "trials":  # the final model was given; only the trials' ranking was a choice
         return (f"The best of {s['candidates']} trials on {s['n']} validation images scored {name} "
                 f"{s['validation']:.{d}f} at its most probable class (the rule the ranking uses); corrected for that choice, expect about **{s['estimate']:.{d}f}**"
                 f"{interval} from the best trial on new images like these (bootstrap bias-corrected validation; "
-                "the final model's ensemble and views were given, not chosen).")
+                f"the final model's ensemble and views were given, not chosen).{describes}")
     return (f"Chosen as the best of {s['candidates']} candidates on {s['n']} validation images, where it scored "
             f"{name} {s['validation']:.{d}f} at its most probable class (the rule the choice uses, not the shipped "
             f"threshold); corrected for that choice, expect about **{s['estimate']:.{d}f}**"
-            f"{interval} on new images like these (bootstrap bias-corrected validation).")
+            f"{interval} on new images like these (bootstrap bias-corrected validation).{describes}")
 
 
 def headline_text(h: Headline) -> str:

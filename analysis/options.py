@@ -14,7 +14,7 @@ from analysis.splits import DATA_DIR_HELP
 __all__ = ["FINAL_MODEL_OPTIONS", "add_final_model_arguments", "check_final_model_arguments", "final_model_options"]
 
 FINAL_MODEL_OPTIONS = ("ensemble", "tta", "target_sensitivity", "target_specificity", "positive_class", "prevalence",
-                       "data_dir")
+                       "data_dir", "refit")
 
 
 def add_final_model_arguments(parser) -> None:
@@ -40,6 +40,10 @@ def add_final_model_arguments(parser) -> None:
                        help="the positive class's share where the model will be used (e.g. 0.02): PPV and NPV are "
                        "reported at it beside the test set's own; default: the study's prevalence, else 1%%, 5%% "
                        "and 20%%")
+    final.add_argument("--refit", action="store_true",
+                       help="once everything is chosen and fitted on validation, train the final model's members "
+                       "again on train + val for their best epoch count and ship those (temperature and threshold "
+                       "kept); the model before the refit is scored beside it. Needs a test split")
     final.add_argument("--positive-class", metavar="NAME", default=None,
                        help="the class the threshold is for (default: the study's positive_class; for more than two "
                        "classes, naming one adds a threshold for it, e.g. mel)")

@@ -96,6 +96,16 @@ def format_final(final: dict, split: str, level: float) -> str:
         lines.append(f"selection-corrected {s['metric']}: validation {s['validation']:.4f} as chosen among "
                      f"{s['candidates']} candidates ({s.get('trials', '?')} trials); on new images "
                      f"{with_ci(s['estimate'], *s['ci'])} (BBC, {s['n_boot']} resamples of {s['n']} images)")
+    refit = final.get("refit") or {}
+    if refit.get("done"):
+        before = models.get(refit["before"]["model"], {}).get("metrics", {})
+        after = chosen.get("metrics", {})
+        lines.append(f"refit on train + val ({refit['n_train']} images; temperature and threshold kept from "
+                     f"validation): " + ", ".join(f"{name} {before[name]:.4f} -> {after[name]:.4f}" for name in
+                                                  ("accuracy", "balanced_accuracy") if name in before and name in after)
+                     + f" on {split} ({refit['before']['model']} before the refit)")
+    elif refit:
+        lines.append(f"refit: {refit['why']}")
     lines.append(f"calibration on {split} (ECE: top-label confidence, 15 equal-width bins; Brier: sklearn's):")
     for m in final["models"]:
         c = m["calibration"]

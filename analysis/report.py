@@ -73,7 +73,7 @@ def parse_args(argv):
     add_final_model_arguments(parser)  # as analysis.evaluate takes them, for --evaluate
     args = parser.parse_args(argv)
     check_final_model_arguments(parser, args)
-    given = [name for name, value in final_model_options(args).items() if value is not None and name != "data_dir"]
+    given = [name for name, value in final_model_options(args).items() if value not in (None, False) and name != "data_dir"]
     if given and not args.evaluate:
         parser.error(f"--{given[0].replace('_', '-')} chooses the final model, which only --evaluate fits; "
                      "add --evaluate (or run python -m analysis.evaluate first)")

@@ -26,7 +26,7 @@ from analysis.splits import now
 
 __all__ = ["TTA_AUTO", "TTA_AUTO_MODE", "AUTO_ENSEMBLE_MAX", "CHOSEN_ON_VALIDATION", "FinalPlan", "Candidate",
            "parse_ensemble", "plan_final", "choose_ensemble_size", "ensemble_sizes", "candidates_for",
-           "fit_on_validation", "choose_final", "final_model_record", "per_trial_entry"]
+           "fit_on_validation", "choose_final", "say_choice", "final_model_record", "per_trial_entry"]
 
 TTA_AUTO = "auto"  # --tta auto: with and without dihedral TTA, whichever scores higher on validation
 TTA_AUTO_MODE = "dihedral"
@@ -213,6 +213,22 @@ def choose_final(candidates: list, val_scores: dict[str, float], plan: FinalPlan
     label = (lambda c: c[0]) if candidates and isinstance(candidates[0], tuple) else (lambda c: c.label)
     score = {name: sign * v if v == v else -math.inf for name, v in val_scores.items()}  # NaN never wins
     return max(candidates, key=lambda c: (score[label(c)], -candidates.index(c)))
+
+
+def say_choice(plan: FinalPlan, final: Candidate, val_scores: dict, best: str, metric: str, log=print) -> None:
+    """Say which candidate became the final model and why; or, for a combination asked for, when validation
+    already says it does not help."""
+    if plan.chosen_on_validation:
+        log(f"note: final model {final.label!r}, chosen on validation ({metric}: "
+            + ", ".join(f"{label} {v:.4f}" for label, v in val_scores.items()) + ")")
+        return
+    # the user asked for these options: told when validation already says they do not help
+    worse = [label for label in val_scores if label != best and val_scores[label] < val_scores[best]]
+    if worse:
+        log(f"note: on validation, {', '.join(f'{lbl} ({val_scores[lbl]:.4f})' for lbl in worse)} "
+            f"score{'s' if len(worse) == 1 else ''} below the single best trial ({val_scores[best]:.4f}) on "
+            f"{metric}: the option(s) you asked for do not help here; the final model is still {final.label!r} "
+            "(--ensemble auto or --tta auto choose on validation)")
 
 
 def final_model_record(study: dict, class_names: list[str], plan: FinalPlan, final: Candidate, fitted: dict,

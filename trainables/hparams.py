@@ -24,6 +24,7 @@ DEFAULTS = {
     "pooling": "avg",  # one of POOLINGS (the reference studies' small CNNs flatten)
     "augment": "none",  # a policy of trainables.augment: "none", "light" or "heavy"
     "class_weight": False,  # balanced class weights in the loss
+    "label_smoothing": 0.0,  # share of each target spread evenly over all classes (0: none)
     "batch_size": 32,
 }
 HPARAM_NAMES = tuple(DEFAULTS)
@@ -67,6 +68,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "head_units": (lambda v: is_int(v, low=0) and v <= MAX_HEAD_UNITS,
                    f"use 0 (no hidden layer) or a width up to {MAX_HEAD_UNITS}, e.g. 128 or 256"),
     "warmup_epochs": _COUNT,
+    "label_smoothing": (lambda v: is_number(v) and 0 <= v < 1, "use a number in [0, 1), e.g. 0.1 (0: none)"),
     "batch_size": (lambda v: is_int(v, low=1) and v <= MAX_BATCH_SIZE,
                    f"use a positive integer up to {MAX_BATCH_SIZE}, e.g. 16 or 32"),
 }

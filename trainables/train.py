@@ -43,6 +43,7 @@ from trainables.augment import make_augmentation
 from trainables.checkpoint import MODEL_FILE, TOP_FILE, fold_folders, save_classifier, save_folds
 from trainables.data import DIGEST_PREFIX
 from trainables.hparams import PLACEMENT, resolve_hparams
+from trainables.losses import loss_for
 from trainables.metrics import is_better
 from trainables.weights import unpack_weights
 
@@ -145,7 +146,7 @@ def fit_classifier(config: dict, data: dict, settings: TrialSettings, *, weights
             fit = main
         report.x_val, report.frozen, report.top = fit.x_val, fit.frozen if fit.light else None, fit.top
         apply_unfreeze(backbone, unfreeze, pretrained=hp["weights"] is not None)
-        fit.model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+        fit.model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss_for(hp["label_smoothing"]),
                           steps_per_execution=steps_per_execution(fit.top))
         # Its slots now, not in the first training step: variables made while tracing make TF trace it twice.
         fit.model.optimizer.build(fit.model.trainable_variables)
@@ -529,7 +530,7 @@ def fit_cross_validated(config: dict, data: dict, settings: TrialSettings, *, we
             continue
         for fold in folds:
             apply_unfreeze(fold.backbone, unfreeze, pretrained=hp["weights"] is not None)
-            fold.fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+            fold.fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss_for(hp["label_smoothing"]),
                                    steps_per_execution=steps_per_execution(fold.top))
             fold.fit_model.optimizer.build(fold.fit_model.trainable_variables)
         for epoch in range(max(first, start_epoch), end):
