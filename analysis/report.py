@@ -163,7 +163,8 @@ def answer_section(run: T.Run, record: dict | None, evaluation: dict | None) -> 
         s.text(f"**{use['warning'].capitalize()}.** The images of this study are generated "
                f"({(run.study.get('dataset') or {}).get('loader')} loader).")
     if use["intended_use"]:
-        s.text(f"Intended use: {use['intended_use']}" + (f" Not for: {use['not_for']}." if use["not_for"] else ""))
+        s.text(sentence(f"Intended use: {use['intended_use']}")
+               + (" " + sentence(f"Not for: {use['not_for']}") if use["not_for"] else ""))
     final = latest_evaluation(record, final=True)
     facts = headline(run.study, final, record) if final else None
     if facts is None:
@@ -470,3 +471,9 @@ def errored_section(run: T.Run) -> Section:
 # a table still wider than the page (many hyperparameters) scrolls rather than spill.
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def sentence(text: str) -> str:
+    """``text`` ending as a sentence ends: a user's field may or may not bring its full stop."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."

@@ -124,6 +124,7 @@ def test_intended_use_and_the_synthetic_mark_reach_card_report_and_sidecar(read_
     assert "prevalence of malignant in the intended setting: 2.0%" in card
     first = (folder / "report.md").read_text().split("\n## ")[1]
     assert first.startswith("The answer in short") and SYNTHETIC.capitalize() in first and INTENDED_USE in first
+    assert f"Intended use: {INTENDED_USE}. Not for: {NOT_FOR}." in first  # two sentences, each with its stop
     sidecar = json.loads(next((folder / "export").glob("*.keras.json")).read_text())
     assert sidecar["intended_use"]["warning"] == SYNTHETIC and sidecar["intended_use"]["not_for"] == NOT_FOR
 
