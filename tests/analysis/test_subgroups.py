@@ -101,10 +101,27 @@ def test_multi_class_scores_balanced_accuracy_and_the_positive_recall():
                          "sex": np.where(np.arange(300) % 2, "male", "female"),
                          **{f"prob_{c}": (predicted == i).astype(float) for i, c in enumerate(classes)}})
     result = S.subgroup_results(rows, classes, "mel", attributes=["sex"], n_boot=50)
-    assert result.metrics == ["balanced_accuracy", "recall_mel"]
+    assert result.metrics == ["accuracy", "balanced_accuracy", "recall_mel"]
     female = _rows_of(result, "sex", "female")
     mine = (np.arange(300) % 2 == 0) & (y == 1)
     assert female.loc["recall_mel", "value"] == pytest.approx(np.mean(predicted[mine] == 1))
+    women = np.arange(300) % 2 == 0
+    assert female.loc["accuracy", "value"] == pytest.approx(np.mean(predicted[women] == y[women]))
+
+
+def test_a_multi_class_subgroup_missing_a_class_still_gets_its_accuracy_with_a_wilson_interval():
+    classes = ["bcc", "mel", "nv"]
+    y = np.array([0, 1, 2] * 20 + [2] * 40)  # the last 40 images: nv only (a site where no bcc or mel was seen)
+    predicted = np.where(np.arange(100) % 5 == 0, (y + 1) % 3, y)  # every 5th image wrong
+    site = np.where(np.arange(100) < 60, "back", "face")
+    rows = pd.DataFrame({"label_index": y, "predicted": [classes[i] for i in predicted], "site": site,
+                         **{f"prob_{c}": (predicted == i).astype(float) for i, c in enumerate(classes)}})
+    result = S.subgroup_results(rows, classes, None, attributes=["site"], n_boot=50)
+    assert result.metrics == ["accuracy", "balanced_accuracy"]
+    face = _rows_of(result, "site", "face")
+    assert np.isnan(face.loc["balanced_accuracy", "value"])  # undefined over one class
+    assert face.loc["accuracy", "value"] == pytest.approx(32 / 40)
+    assert (face.loc["accuracy", "low"], face.loc["accuracy", "high"]) == pytest.approx(S.wilson_interval(32, 40))
 
 
 # --------------------------------------------------------------------------
