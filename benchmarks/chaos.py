@@ -604,12 +604,26 @@ def to_markdown(report: dict, args: dict) -> str:
 def driver_traceback(output: str) -> bool:
     """Whether ``output`` holds a traceback of the driver's own code. A trial that hits the full disk fails in its
     Ray worker, and Ray prints that trial's traceback (frames in trainables/ and ray/train) before retrying and
-    recording it: that is the trial's error, reported, not the driver falling over."""
-    for block in output.split("Traceback (most recent call last):")[1:]:
+    recording it: that is the trial's error, reported, not the driver falling over.
+
+    A chained traceback ("During handling of the above exception ...", "The above exception was the direct
+    cause ...") is judged whole: its first part shows only the frames below the handler (Keras's zip writer, say,
+    when a checkpoint write meets the full disk), which name no trial code although the trial raised it."""
+    chains: list[list[str]] = []
+    blocks = output.split("Traceback (most recent call last):")
+    for before, block in zip(blocks, blocks[1:]):
         frames = re.findall(r'File "([^"]+)"', block.split("\n\n")[0])
-        if not any("/trainables/" in f or "/ray/train/" in f or "/ray/tune/trainable" in f for f in frames):
-            return True
-    return False
+        chained = any(link in before[-300:] for link in CHAIN_LINKS)
+        if chained and chains:
+            chains[-1] += frames
+        else:
+            chains.append(frames)
+    return any(not any(marker in f for f in frames for marker in TRIAL_FRAMES) for frames in chains)
+
+
+CHAIN_LINKS = ("During handling of the above exception, another exception occurred:",
+               "The above exception was the direct cause of the following exception:")
+TRIAL_FRAMES = ("/trainables/", "/ray/train/", "/ray/tune/trainable")
 
 
 def main(argv: list[str] | None = None) -> int:
