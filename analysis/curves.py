@@ -35,7 +35,6 @@ percentile intervals from the same resamples.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -50,6 +49,7 @@ from analysis.files import TEST_LOG, predictions_file
 from analysis.operating_point import rule_text
 from analysis.records import latest_evaluation, read_evaluations
 from analysis.tables import label
+from search.argtypes import ArgumentParser
 
 __all__ = ["ROC_GRID", "PR_GRID", "ClassCurves", "CurvesError", "class_curves", "curves_for", "final_model_curves",
            "roc_plot", "pr_plot", "curve_plots", "main"]
@@ -407,7 +407,7 @@ def curve_plots(run_dir: str | Path, evaluation: dict | None = None, out_dir: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.curves", allow_abbrev=False,
         description="ROC and precision-recall curves of the final model on the test split, with bootstrap bands "
         "and the validation-chosen operating point, from the files analysis.evaluate wrote. Writes "

@@ -30,9 +30,7 @@ what ``FinalModel.predict`` returns for those images.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
+import search.tf_env  # noqa: E402,F401  TensorFlow's log level, before TensorFlow is first imported
 
 import argparse
 import contextlib
@@ -64,6 +62,7 @@ from analysis.reader import Loaded, load_trial_model, ranked_trials, read_record
 from analysis.splits import (SPLIT_NAMES, append_record, decode_split, fold_rows, jsonable,
                              label_indices, log_test_use, now, read_split, split_class_names)
 from analysis.files import write_file, write_table
+from search.argtypes import ArgumentParser
 
 __all__ = ["EvaluateError", "evaluate_top_k", "validation_predictions", "predict_rows", "Shipped", "score_model",
            "main"]
@@ -524,7 +523,7 @@ def _prediction_rows(ev: Evaluation, shipped: Shipped, final_label: str) -> pd.D
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.evaluate", allow_abbrev=False,
         description="Fit the final model on validation (final_model.json: what search.predict, analysis.export "
         "and the report serve), then score it and the k best trials of a study (chosen by its validation metric) "
@@ -562,31 +561,39 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluateError, AnalysisError, OutsideFolderError, DatasetError) as exc:  # AnalysisError: a write failed
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    record = json.loads((run_dir / f"{args.split}_evaluation.json").read_text())["evaluations"][-1]
+    print(summary(run_dir, args.split, table))
+    return 0
+
+
+def summary(run_dir: Path, split: str, table: pd.DataFrame) -> str:
+    """What an evaluation prints when it is done (``main``, and ``analysis.report --evaluate``): the scores, the
+    final model's report and confusion, calibration and operating point, and the files written."""
+    out = []
+    record = json.loads((run_dir / f"{split}_evaluation.json").read_text())["evaluations"][-1]
     n = int(table["n"].iloc[0])
-    print(f"{args.split} split of {run_dir}: {n} images; top {int(table['rank'].notna().sum())} trial(s) by {record['metric']} "
-          f"({record['mode']}) on validation; {args.bootstrap} bootstrap resamples, "
-          f"{int(100 * LEVEL)}% percentile intervals")
-    if args.split == "val":
-        print("caution: the trials were chosen on this split, so these scores are optimistic")
-    print(f"each model at the decision it ships with ({record['decision']}; temperature and threshold fitted on "
-          "validation)")
-    print(format_table(table, f"best_{record['metric']}"))
+    out.append(f"{split} split of {run_dir}: {n} images; top {int(table['rank'].notna().sum())} trial(s) by {record['metric']} "
+               f"({record['mode']}) on validation; {record['n_boot']} bootstrap resamples, "
+               f"{int(100 * LEVEL)}% percentile intervals")
+    if split == "val":
+        out.append("caution: the trials were chosen on this split, so these scores are optimistic")
+    out.append(f"each model at the decision it ships with ({record['decision']}; temperature and threshold fitted on "
+               "validation)")
+    out.append(format_table(table, f"best_{record['metric']}"))
     final = next(m for m in record["final"]["models"] if m["label"] == record["final"]["model"])
-    print(f"\nfinal model {final['label']!r} at its shipped decision:\n{final['classification_report_text']}")
+    out.append(f"\nfinal model {final['label']!r} at its shipped decision:\n{final['classification_report_text']}")
     names = final["class_names"]
     matrix = pd.DataFrame(final["confusion_matrix"], index=[f"true {c}" for c in names],
                           columns=[f"pred {c}" for c in names])
-    print(matrix.to_string())
-    print("\n" + format_final(record["final"], args.split, record.get("level", LEVEL)))
-    print(f"\nwritten: {run_dir / f'{args.split}_predictions.parquet'}\n"
-          f"         {run_dir / f'{args.split}_evaluation.json'}"
-          + (" (test split use logged)" if args.split == "test" else "")
-          + (f"\n         {run_dir / 'model_card.md'}" if args.split == "test" else "")
-          + f"\n         {run_dir / record['final']['final_model']} (fitted on validation)\n"
-          f"         {run_dir / VAL_PREDICTIONS}"
-          + (f"\n         {run_dir / record['final']['reliability_plot']}" if record["final"].get("reliability_plot") else ""))
-    return 0
+    out.append(matrix.to_string())
+    out.append("\n" + format_final(record["final"], split, record.get("level", LEVEL)))
+    out.append(f"\nwritten: {run_dir / f'{split}_predictions.parquet'}\n"
+               f"         {run_dir / f'{split}_evaluation.json'}"
+               + (" (test split use logged)" if split == "test" else "")
+               + (f"\n         {run_dir / 'model_card.md'}" if split == "test" else "")
+               + f"\n         {run_dir / record['final']['final_model']} (fitted on validation)\n"
+               f"         {run_dir / VAL_PREDICTIONS}"
+               + (f"\n         {run_dir / record['final']['reliability_plot']}" if record["final"].get("reliability_plot") else ""))
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
+import search.tf_env  # noqa: E402,F401  TensorFlow's log level, before TensorFlow is first imported
 
 import argparse
 import contextlib
@@ -66,6 +66,7 @@ from analysis.prevalence import PREVALENCE_NOTE
 from analysis.reader import read_study
 from analysis.records import final_evaluated, latest_evaluation, read_evaluations
 from analysis.splits import DATA_DIR_HELP, decode_split, log_test_use, read_split
+from search.argtypes import ArgumentParser
 
 __all__ = ["FORMATS", "TOLERANCES", "CARRIES_CALIBRATION", "ONNX_OPSET", "ExportError", "MissingConverterError",
            "CalibrationNotCarriedError", "Verification", "require_converter", "check_calibration", "decision_text",
@@ -385,7 +386,7 @@ def decision_text(class_names: list[str], threshold: dict | None, temperature: f
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.export", allow_abbrev=False,
         description="Export the final model of a study (final_model.json: its ensemble, test-time views and "
         "temperature, fitted on validation by analysis.evaluate; else its best trial, uncalibrated; or --trial "

@@ -14,7 +14,6 @@ and split protocol.
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pandas as pd
 
 from analysis import tables as T
 from analysis.files import write_file
+from search.argtypes import ArgumentParser
 
 DEFAULT_OUT = "cross_study_leaderboard.parquet"
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -109,7 +109,7 @@ def write(board: pd.DataFrame, out: str | Path) -> tuple[Path, Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.leaderboard", allow_abbrev=False,
         description="Merge study results folders into one leaderboard: one row per study x backbone (its best trial).",
         epilog="Example: python -m analysis.leaderboard runs/melanoma runs/ham10000 --out all.parquet")

@@ -13,7 +13,6 @@ after each test evaluation; this command rewrites it (e.g. after an export).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -35,6 +34,7 @@ from analysis.subgroups import subgroup_card
 from analysis.errors import AnalysisError
 from analysis.files import shown_path, write_file
 from analysis.tables import decimals_for, format_value, hyperparameter_columns, to_markdown
+from search.argtypes import ArgumentParser
 
 __all__ = ["MODEL_CARD", "build_card", "write_model_card", "main"]
 
@@ -418,7 +418,7 @@ def _software(study_record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.model_card", allow_abbrev=False,
+    parser = ArgumentParser(prog="python -m analysis.model_card", allow_abbrev=False,
                                      description="Write RUN_DIR/model_card.md from the results folder's files.")
     parser.add_argument("run_dir", help="a study's results folder, evaluated by python -m analysis.evaluate")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
+import search.tf_env  # noqa: E402,F401  TensorFlow's log level, before TensorFlow is first imported
 
 import argparse
 import sys
@@ -41,7 +41,7 @@ from analysis.explain import ExplainError, explain_predictions
 from analysis.final_model import FinalModel, load_final_model
 from analysis.ood import CHECK_COLUMNS, OODError, check_study, summary_lines
 from analysis.splits import DATA_DIR_HELP, image_paths
-from search.argtypes import positive_int, probability
+from search.argtypes import ArgumentParser, positive_int, probability
 
 EXIT_USAGE = 2
 DEFAULT_OUT = "predictions.csv"
@@ -54,7 +54,7 @@ class PredictError(ResultsFolderError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m search.predict",
         allow_abbrev=False,  # a misspelt flag is an error, not a guess
         description="Classify a folder of new images with the model a study ships: its final model "

@@ -13,7 +13,6 @@ evaluation has not been run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +25,7 @@ from analysis.document import Section, render_html, render_markdown
 from analysis.errors import EvaluateError
 from analysis.headline import headline, headline_text
 from analysis.intended_use import intended_use
-from analysis.evaluate import evaluate_top_k
+from analysis.evaluate import evaluate_top_k, summary
 from analysis.options import add_final_model_arguments, check_final_model_arguments, final_model_options
 from analysis.figures import Plot, figure, save
 from analysis.files import MODEL_CARD, PLOTS_DIR, REPORT_HTML, REPORT_MD, shown_command, shown_path, write_file
@@ -34,7 +33,7 @@ from analysis.plots import make_all
 from analysis.records import latest_evaluation, read_evaluations
 from analysis.splits import image_paths
 from analysis.subgroups import subgroup_section
-from search.argtypes import positive_int
+from search.argtypes import ArgumentParser, positive_int
 from search.budget import budget_text, describe_budget
 from analysis.report_evaluation import (curves_section, decimals_for, explain_part, final_model_section, image_step,
                                         published_section, split_class_counts, test_section, validation_resolution)
@@ -62,7 +61,7 @@ SECTIONS = (
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.report", allow_abbrev=False,
         description="Write RUN_DIR/report.md and a self-contained RUN_DIR/report.html from a study's results folder.",
         epilog="Example: python -m analysis.report runs/quickstart --evaluate")
@@ -107,9 +106,10 @@ def main(argv=None) -> int:
 def run_evaluation(run_dir: Path, k: int, **options) -> str | None:
     """Run analysis.evaluate.evaluate_top_k (``options``: the final model's); the error's text if it fails, else None."""
     try:
-        evaluate_top_k(run_dir, k=k, **options)
+        table = evaluate_top_k(run_dir, k=k, **options)
     except Exception as exc:  # noqa: BLE001 - reported in the report and on stderr
         return f"{type(exc).__name__}: {exc}"
+    print(summary(Path(run_dir).expanduser().resolve(), "test", table) + "\n")  # as analysis.evaluate prints it
     return None
 
 

@@ -4,10 +4,7 @@ A study file does ``from search import Study, Dataset`` and defines ``STUDY``;
 a notebook runs one with ``run_study(study)`` and reads it with ``load_results(folder)``.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (by whatever builds a model)
-
+import search.tf_env  # noqa: E402,F401  TensorFlow's log level, before TensorFlow is first imported
 from search.study import Dataset, Study, StudyError, load_study
 
 __all__ = ["Dataset", "Study", "StudyError", "load_study", "run_study", "load_results", "StudyInterrupted",

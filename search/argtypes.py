@@ -1,11 +1,57 @@
-"""Argument types for every command line: each refuses a bad value with the value and what it must be."""
+"""Every command line's parser and argument types: each refuses a bad value with the value and what it must be.
+
+``ArgumentParser`` is argparse's, as every medsearch command uses it: no abbreviated
+flags (a flag means what it says), the usage line in the form the user typed
+(``medsearch run ...`` when the console script ran it, ``python -m search.run ...``
+otherwise: ``INVOKED_AS``, set by ``search.cli``), and a did-you-mean for a
+mistyped flag (argparse's own suggestions come only with Python 3.14).
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 
-__all__ = ["non_negative_int", "positive_int", "non_negative_float", "positive_float", "probability", "non_empty"]
+__all__ = ["ArgumentParser", "INVOKED_AS", "did_you_mean", "non_negative_int", "positive_int", "non_negative_float",
+           "positive_float", "probability", "non_empty"]
+
+# module -> how the user typed the command, for a module run by the ``medsearch`` console script (search.cli)
+INVOKED_AS: dict[str, str] = {}
+MODULE_PROG = "python -m "
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` without abbreviations, with the typed usage line and a did-you-mean."""
+
+    def __init__(self, *args, prog: str | None = None, allow_abbrev: bool = False, **kwargs):
+        if prog and prog.startswith(MODULE_PROG):
+            prog = INVOKED_AS.get(prog.removeprefix(MODULE_PROG), prog)
+        super().__init__(*args, prog=prog, allow_abbrev=allow_abbrev, **kwargs)
+
+    def error(self, message: str):
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        super().error(message + did_you_mean(message, flags))
+
+
+def did_you_mean(message: str, flags: list[str]) -> str:
+    """``"; did you mean --num-samples?"`` for argparse's "unrecognized arguments: --num-sample 3"; else ""."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return ""
+    long_flags = [f for f in flags if f.startswith("--")]
+    hints = []
+    for word in message.removeprefix(prefix).split():
+        typed = word.split("=", 1)[0]
+        if typed.startswith("--"):
+            close = difflib.get_close_matches(typed, long_flags, n=1, cutoff=0.6)
+            if close:
+                hints.append((typed, close[0]))
+    if not hints:
+        return ""
+    if len(hints) == 1:
+        return f"; did you mean {hints[0][1]}?"
+    return "; did you mean " + ", ".join(f"{right} (for {typed})" for typed, right in hints) + "?"
 
 
 def non_negative_int(text: str) -> int:

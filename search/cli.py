@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"error: {unknown_name_message('command', command, list(COMMANDS))}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[command][0]).main(rest)
+    from search.argtypes import INVOKED_AS
+
+    module = COMMANDS[command][0]
+    INVOKED_AS[module] = f"medsearch {command}"  # its usage lines and errors say what the user typed
+    return importlib.import_module(module).main(rest)
 
 
 def _usage() -> str:

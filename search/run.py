@@ -21,10 +21,10 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from search.argtypes import non_empty, non_negative_float, non_negative_int, positive_float, positive_int
+from search.argtypes import ArgumentParser, non_empty, non_negative_float, non_negative_int, positive_float, positive_int
 from search.budget import budget_record, budget_text, stop_reason
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
+import search.tf_env  # noqa: E402,F401  TensorFlow's log level, before TensorFlow is first imported
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 the legacy reporter stays quiet; ProgressPrinter speaks
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # we checkpoint only on improvement
 
@@ -35,7 +35,7 @@ EXIT_TERMINATED = 143  # SIGTERM (a batch scheduler, Kubernetes, docker stop): 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m search.run",
         allow_abbrev=False,  # a misspelt flag is an error, not a guess
         description="Run a hyperparameter study: Optuna TPE proposes, ASHA stops weak trials, Ray Tune schedules.",

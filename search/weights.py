@@ -12,13 +12,11 @@ to every Ray node through the object store.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import search.tf_env  # noqa: E402,F401  TensorFlow's log level, before TensorFlow is first imported
+from search.argtypes import ArgumentParser  # noqa: E402
 from trainables.backbones import create_backbone, get_backbone_spec, list_backbones  # noqa: E402
 from trainables.weights import (  # noqa: E402
     PIP_WEIGHTS,
@@ -161,7 +159,7 @@ def _problem(path: Path, wanted: WeightsFile) -> str | None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m search.weights", allow_abbrev=False,
+    parser = ArgumentParser(prog="python -m search.weights", allow_abbrev=False,
                                      description="ImageNet weight files for offline and air-gapped clusters.")
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("download", allow_abbrev=False,

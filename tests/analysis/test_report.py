@@ -146,6 +146,7 @@ def test_evaluate_flag_runs_the_test_evaluation_first(tmp_path, monkeypatch):
         _fake_evaluation(run_dir, k=k)
 
     monkeypatch.setattr(R, "evaluate_top_k", evaluate_top_k)
+    monkeypatch.setattr(R, "summary", lambda *args: "")  # the fake record lacks what the summary prints
     folder = make_run_dir(tmp_path)
     assert R.main([str(folder), "--evaluate", "--top-k", "2"]) == 0
     assert calls == [2]
@@ -159,10 +160,14 @@ def test_evaluate_flag_runs_the_test_evaluation_first(tmp_path, monkeypatch):
     assert len(_embedded_pngs((folder / "report.html").read_text())) == len(re.findall(r"!\[", md))
 
 
-def test_evaluate_takes_the_final_model_options_of_analysis_evaluate(real_copy):
-    """report --evaluate chooses the final model as analysis.evaluate would: TTA, ensemble, target sensitivity."""
+def test_evaluate_takes_the_final_model_options_of_analysis_evaluate(real_copy, capsys):
+    """report --evaluate chooses the final model as analysis.evaluate would: TTA, ensemble, target sensitivity;
+    and prints what analysis.evaluate prints, not only the report's paths."""
     assert R.main([str(real_copy), "--evaluate", "--top-k", "2", "--ensemble", "2", "--tta", "flips",
                    "--target-sensitivity", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "final model 'ensemble of top 2 + TTA flips' at its shipped decision:" in out
+    assert "operating point for malignant: threshold" in out and out.rstrip().endswith("report.html")
     final = json.loads((real_copy / "final_model.json").read_text())
     assert final["tta"] == "flips" and len(final["trials"]) == 2
     assert final["threshold_rule"] == "target sensitivity 0.9 on validation"
