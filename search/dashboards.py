@@ -23,11 +23,18 @@ from pathlib import Path
 
 from search.study import StudyError
 
-__all__ = ["OPTUNA_DB", "MLflowUnavailableError", "check_mlflow", "mlflow_callback", "optuna_db_url",
+__all__ = ["OPTUNA_DB", "DASHBOARDS_EXTRA", "MLflowUnavailableError", "installed", "check_mlflow", "mlflow_callback", "optuna_db_url",
            "dashboards_line", "is_file_store"]
 
 OPTUNA_DB = "optuna.db"  # in the results folder, next to leaderboard.parquet
 MLFLOW_EXTRA = "pip install 'medsearch[mlflow]'"
+DASHBOARDS_EXTRA = "pip install 'medsearch[dashboards]'"
+# each dashboard the start line names -> the module its command needs
+DASHBOARD_MODULES = {"optuna-dashboard": "optuna_dashboard", "tensorboard": "tensorboard"}
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 class MLflowUnavailableError(StudyError):
@@ -74,8 +81,9 @@ def _shown(path: str) -> str:
         return str(path)
 
 
-def dashboards_line(folder, *, mlflow_uri: str | None = None) -> str:
-    """One line saying how to watch the study: the commands to copy, and where MLflow logs.
+def dashboards_line(folder, *, mlflow_uri: str | None = None, have=installed) -> str:
+    """One line saying how to watch the study: the commands to copy, where MLflow logs, and the install command
+    when a dashboard is not installed here (``have(module)``: whether it is).
 
     ``folder``: the study's ``search.storage.StudyFolder``.
     """
@@ -90,4 +98,8 @@ def dashboards_line(folder, *, mlflow_uri: str | None = None) -> str:
     line = "dashboards: " + "  |  ".join(parts)
     if not folder.is_local:
         line += f"  (no {OPTUNA_DB} for optuna-dashboard: SQLite needs a local results folder, not a bucket)"
+    named = {part.split(" ", 1)[0] for part in parts}
+    missing = [name for name, module in DASHBOARD_MODULES.items() if name in named and not have(module)]
+    if missing:
+        line += f"  ({' and '.join(missing)} not installed here: {DASHBOARDS_EXTRA})"
     return line

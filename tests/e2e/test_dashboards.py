@@ -157,6 +157,58 @@ def test_the_results_folder_stays_sealed(run):
     assert pickles and not [p.name for p in pickles if b"optuna.db" in p.read_bytes()]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answer(url: str, ready, timeout_s: float = 120):
+    """The JSON at ``url`` once ``ready(json)`` holds, polling while the server starts and loads."""
+    import time
+
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                last = json.load(response)
+            if ready(last):
+                return last
+        except (OSError, ValueError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer as expected within {timeout_s} s (last: {last!r})")
+
+
+@pytest.mark.parametrize("tool, api, ready", [
+    ("optuna-dashboard", "/api/studies", lambda j: [s["study_name"] for s in j["study_summaries"]] == ["dash"]),
+    ("tensorboard", "/data/runs", lambda j: len(j) >= 3),  # a run per trial's event files
+])
+def test_the_printed_dashboard_commands_start_and_answer(run, tool, api, ready):
+    """Each command of the start line, as printed (the executable installed beside this Python: the
+    dashboards extra), started on a free port, serves the study."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    line = next(line for line in run.output.splitlines() if line.startswith("dashboards: "))
+    assert "not installed here" not in line  # the test extra installs both
+    command = next(shlex.split(part) for part in line.removeprefix("dashboards: ").split("  |  ")
+                   if part.startswith(tool + " "))
+    port = _free_port()
+    exe = Path(sys.executable).parent / tool
+    proc = subprocess.Popen([str(exe), *command[1:], "--port", str(port), "--host", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _answer(f"http://127.0.0.1:{port}{api}", ready)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_optuna_dashboard_serves_the_study_over_http(run):
     optuna_dashboard = pytest.importorskip("optuna_dashboard")
 

@@ -210,6 +210,19 @@ def test_the_hint_line_names_the_commands_and_says_a_bucket_has_no_optuna_db(tmp
     assert "optuna-dashboard sqlite" not in line
 
 
+def test_the_hint_line_says_how_to_install_a_missing_dashboard(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local = StudyFolder("runs", "quickstart")
+    missing = dashboards_line(local, have=lambda module: False)
+    assert missing.endswith("(optuna-dashboard and tensorboard not installed here: "
+                            "pip install 'medsearch[dashboards]')")
+    assert "not installed" not in dashboards_line(local, have=lambda module: True)
+    only_tb = dashboards_line(local, have=lambda module: module != "tensorboard")
+    assert only_tb.endswith("(tensorboard not installed here: pip install 'medsearch[dashboards]')")
+    bucket = SimpleNamespace(is_local=False, name="q", uri=lambda *parts: "s3://bucket/runs/q")
+    assert "(tensorboard not installed here" in dashboards_line(bucket, have=lambda module: False)  # no optuna.db
+
+
 def test_mlflow_uri_is_a_resource_flag_that_a_resume_re_applies():
     assert "mlflow_uri" in RESOURCE_FLAGS
     args = parse_args(["spaces/quickstart.py", "--mlflow-uri", "file:///tmp/mlruns"])
