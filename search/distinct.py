@@ -62,12 +62,19 @@ class DistinctSearch(OptunaSearch):
     resumed study remembers what it trained.
     """
 
-    def __init__(self, *, seed: int, max_epochs: int | None = None, **kwargs):
+    def __init__(self, *, seed: int, max_epochs: int | None = None, warm_trials: list | None = None, **kwargs):
+        self._warm = list(warm_trials or [])  # an earlier study's trials (search.warm_start), added once, below
         super().__init__(**kwargs)
         self._max_epochs = max_epochs
         self._trial_of: dict[tuple, int] = {}  # trained configuration -> the Optuna number of the trial that has it
         self._drawn = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=stream_seed(seed, "resample")))
         self.exhausted = False
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        if self._warm:  # before the first proposal; a resumed searcher is restored with them, not set up again
+            self._ot_study.add_trials(self._warm)
+            self._warm = []
 
     def suggest(self, trial_id: str):
         if self.exhausted:

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-near-duplicates", dest="near_duplicates", action="store_false", default=None,
                         help="skip the leakage audit (near-duplicate images across splits), which runs before "
                         "every study: a forward pass of efficientnet_lite0 over the images, once per image set")
+    parser.add_argument("--warm-start", type=non_empty, metavar="RUN_DIR",
+                        help="seed the searcher with a finished study's trials that fit this study (its results "
+                        "folder, e.g. runs/first; overrides the study's warm_start)")
     parser.add_argument("--name", type=non_empty, help="results folder name under --storage (default: the study's name; "
                         "a completed study there gets a numbered new folder, NAME-2, NAME-3, ...)")
     parser.add_argument("--resume", action="store_true", help="continue the study's earlier run in --storage")
@@ -81,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # Flags that define the search. Recorded in study.json when a study starts and re-applied by --resume;
 # giving one again with another value is refused, since the restored searcher and ASHA keep the old one.
 SEARCH_FLAGS = ("num_samples", "max_epochs", "seed", "data_dir", "smoke", "skip_corrupt", "activation_cache",
-                "cv_folds", "near_duplicates")
+                "cv_folds", "near_duplicates", "warm_start")
 # Switches that default to on: recorded when given (off), unlike the others, which are recorded when on.
 _OFF_SWITCHES = ("activation_cache", "near_duplicates")
 # Flags that say where and with what it runs: recorded and re-applied too, but a resume may change them.
@@ -137,8 +140,8 @@ def apply_overrides(study, args):
     if args.smoke:
         changes.update(SMOKE)
     for field in ("num_samples", "max_epochs", "seed", "weights_dir", "cpus_per_trial", "gpus_per_trial",
-                  "max_concurrent", "activation_cache", "cv_folds"):
-        value = getattr(args, field, None)  # cv_folds: absent from a Namespace recorded before it existed
+                  "max_concurrent", "activation_cache", "cv_folds", "warm_start"):
+        value = getattr(args, field, None)  # cv_folds, warm_start: absent from a Namespace recorded before them
         if value is not None:
             changes[field] = value
     if getattr(args, "near_duplicates", None) is False:  # --no-near-duplicates (absent from older recorded flags)
@@ -331,11 +334,17 @@ def _execute(args, study, folder, callbacks, deadline):
     if args.address:
         check_address(args.address)
     weights, random_init = study_weight_files(study, smoke=args.smoke)
+    warm = None
+    if study.warm_start is not None and not args.resume:  # a resumed searcher is restored with what it took
+        from search.warm_start import warm_trials
+
+        warm = warm_trials(study.warm_start, study)
+        print(warm.summary(), flush=True)
     prepared = prepare(study, args, folder)
     study_hash = file_hash(args.study_file) if args.study_file is not None else None
-    write_study_json(study, args, folder, study_hash,
+    write_study_json(study, args, folder, study_hash, warm=warm,
                      skipped=list(zip(prepared.names([p for p, _ in prepared.skipped]), [w for _, w in prepared.skipped])))
-    run_tuner(study, args, folder, prepared, weights, random_init, callbacks=callbacks, deadline=deadline)
+    run_tuner(study, args, folder, prepared, weights, random_init, callbacks=callbacks, deadline=deadline, warm=warm)
     return folder
 
 
@@ -474,7 +483,7 @@ def report_duplicates(prepared, folder) -> None:
           f"{conflicting} with different labels; listed in duplicates.parquet", flush=True)
 
 
-def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
+def write_study_json(study, args, folder, study_hash: str, skipped=(), warm=None) -> None:
     from importlib import metadata
 
     versions = {}
@@ -497,6 +506,9 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
         "python": platform.python_version(),
         "versions": versions,
     }
+    if warm is not None:
+        record["warm_start"] = {"from": warm.source, "taken": len(warm.trials), "left_out": warm.left_out,
+                                "examples": warm.examples}
     restarted = getattr(args, "restarted", False)
     if args.study_file is not None and (restarted or not folder.exists("study_file.py")):  # a resume compares with it
         folder.write_bytes("study_file.py", Path(args.study_file).read_bytes())
@@ -508,7 +520,7 @@ def write_study_json(study, args, folder, study_hash: str, skipped=()) -> None:
 
 
 def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: tuple[str, ...] = (),
-              callbacks: tuple = (), deadline: float | None = None) -> None:
+              callbacks: tuple = (), deadline: float | None = None, warm=None) -> None:
     """Start Ray, run the tuner, record the outcome and print the summary; raise if the study did not end.
 
     ``deadline``: the search's time limit becomes what is left until then when the Tuner is made (Ray
@@ -564,7 +576,7 @@ def run_tuner(study, args, folder, prepared, weights: list[Path], random_init: t
             study = dataclasses.replace(study, time_limit_s=min(left, study.time_limit_s or math.inf))
         tuner = make_tuner(study, folder=folder, data=prepared.arrays, settings=settings,
                            weights_files=pack_weights(weights), resume=args.resume, callbacks=(guard, *callbacks),
-                           mlflow_uri=getattr(args, "mlflow_uri", None))
+                           mlflow_uri=getattr(args, "mlflow_uri", None), warm=warm)
         callbacks_run = tuner._local_tuner._run_config.callbacks  # noqa: SLF001 (those Tune calls, in order)
         callbacks_run.insert(0, callbacks_run.pop(callbacks_run.index(guard)))  # sees a full disk before any write
         fit_started = time.monotonic()

@@ -123,6 +123,9 @@ class Study:
     # k-fold cross-validation on train ∪ val: each trial trains k models (one per fold) and reports their mean
     # metrics per epoch; its fold models are its ensemble. None (or 1): one validation split.
     cv_folds: int | None = None
+    # A finished study's results folder, e.g. "runs/first": its trials that fit this study seed the searcher
+    # (search.warm_start); None: a cold start.
+    warm_start: str | None = None
     source: str | None = None  # the study file, set by load_study
 
     def __post_init__(self):
@@ -174,6 +177,7 @@ def validate(study: Study) -> None:
     if not is_one_of(study.mixed_precision, (True, False, "auto")):
         _fail("mixed_precision", study.mixed_precision, "use True, False or 'auto'")
     _check_path("weights_dir", study.weights_dir)
+    _check_path("warm_start", study.warm_start)
     _check_intended_use(study)
     if not isinstance(study.fixed, dict):
         _fail("fixed", study.fixed, "use a dict of hyperparameters, e.g. {'batch_size': 16}")

@@ -104,18 +104,21 @@ class ResumedSearch(SearchGenerator):
         self._experiment.storage = self._experiment.spec["storage"] = storage
 
 
-def make_searcher(study: Study) -> ConcurrencyLimiter:
+def make_searcher(study: Study, warm=None) -> ConcurrencyLimiter:
     from search.cheap_first import cheap_first_points
 
     # Its own stream: TPE's random start-up draws with a RandomSampler of this seed, which must not replay
     # the cheap-first draws (search.distinct).
     sampler = optuna.samplers.TPESampler(seed=stream_seed(study.seed, "sampler"))
-    cheap = cheap_first_points(study)
+    warmed = warm is not None and len(warm.trials) > 0
+    # TPE's start-up is what cheap first makes cheap; a warm start's trials are that start-up already.
+    cheap = [] if warmed and study.cheap_first == "auto" else cheap_first_points(study)
     if cheap:
         print(f"Cheap first: the first {len(cheap)} trials train heads on cached features (cheap_first="
               f"{study.cheap_first!r}); then TPE samples the whole space", flush=True)
     searcher = DistinctSearch(seed=study.seed, max_epochs=study.max_epochs, space=StudySpace(study),
-                              metric=study.metric, mode=study.mode, sampler=sampler, points_to_evaluate=cheap or None)
+                              metric=study.metric, mode=study.mode, sampler=sampler, points_to_evaluate=cheap or None,
+                              warm_trials=warm.trials if warm is not None else None)
     return ConcurrencyLimiter(searcher, max_concurrent=study.max_concurrent)
 
 
@@ -198,11 +201,12 @@ def trial_name(trial) -> str:
 
 def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: TrialSettings,
                weights_files: dict | None = None, resume: bool = False, callbacks=(),
-               mlflow_uri: str | None = None) -> tune.Tuner:
+               mlflow_uri: str | None = None, warm=None) -> tune.Tuner:
     """A Tuner for ``study`` writing to ``folder`` (local or a bucket); ``resume`` restores it from there.
 
     ``callbacks``: more Ray Tune callbacks, after the study's own. ``mlflow_uri``: log the trials to
-    MLflow there too (see ``search.dashboards``).
+    MLflow there too (see ``search.dashboards``). ``warm``: a ``search.warm_start.WarmStart`` whose trials seed
+    a new searcher.
     """
     reporters = [
         LeaderboardWriter(folder, metric=study.metric, mode=study.mode, max_epochs=study.max_epochs,
@@ -227,7 +231,7 @@ def make_tuner(study: Study, *, folder: StudyFolder, data: dict, settings: Trial
         tuner._local_tuner._run_config.callbacks = [*with_accountant(reporters, searcher, study),  # noqa: SLF001
                                                     *dashboards, *callbacks]
         return tuner
-    searcher = make_searcher(study)
+    searcher = make_searcher(study, warm)
     dashboards = dashboard_callbacks(study, folder, searcher, mlflow_uri)
     return tune.Tuner(
         trainable,
