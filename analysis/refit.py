@@ -77,9 +77,10 @@ def refit_final(ev, final: Candidate, record: dict) -> tuple[Candidate | None, l
     members = [_member(ev, name) for name in final.members]
     rows = _train_and_val(ev)
     y = label_indices(rows, ev.classes)
+    images = {size: _decode(rows, size) for size in sorted({m.loaded.size for m in members})}  # once per size
     refitted, entries = [], {}
     for member in members:
-        loaded, entry = _refit(ev, member, rows, y)
+        loaded, entry = _refit(ev, member, images[member.loaded.size], rows, y)
         refitted.append(loaded)
         entries[member.loaded.trial.name] = entry
     label = f"{final.label}, refit on train+val"
@@ -118,26 +119,34 @@ def _train_and_val(ev):
     return located(ev.run_dir, rows, ev.data_dir)
 
 
-def _refit(ev, member: _Member, rows, y) -> tuple[Loaded, dict]:
-    from trainables.checkpoint import save_classifier
+def _decode(rows, size: int) -> np.ndarray:
+    """Train ∪ val at ``size``, decoded like training; the validation pixels stay in memory (no disk cache)."""
     from trainables.data import decode_images
+
+    is_val = (rows["split"] == "val").to_numpy()
+    paths = rows["path"].astype(str).tolist()
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    images[~is_val] = decode_images([p for p, v in zip(paths, is_val) if not v], size)
+    images[is_val] = decode_images([p for p, v in zip(paths, is_val) if v], size, use_cache=False)
+    return images
+
+
+def _refit(ev, member: _Member, images: np.ndarray, rows, y) -> tuple[Loaded, dict]:
+    from trainables.checkpoint import save_classifier
     from trainables.train import TrialSettings, fit_classifier
 
     name, study = member.loaded.trial.name, ev.study
     started = time.monotonic()
     is_val = (rows["split"] == "val").to_numpy()
-    paths = rows["path"].astype(str).tolist()
     size = member.loaded.size
-    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    images[~is_val] = decode_images([p for p, v in zip(paths, is_val) if not v], size)
-    images[is_val] = decode_images([p for p, v in zip(paths, is_val) if v], size, use_cache=False)  # held out: RAM only
     positive = ev.positive_for_auc
     settings = TrialSettings(max_epochs=member.epochs, metric=study.get("metric", "val_balanced_accuracy"),
                              mode=study.get("mode", "max"), class_names=tuple(ev.classes), positive=positive,
                              seed=int(study.get("seed") or 0), cpus=float(study.get("cpus_per_trial") or 1),
                              weights_dir=study.get("weights_dir"), activation_cache=bool(study.get("activation_cache", True)),
-                             augment_views=int(study.get("augment_views") or 0))
-    ev.log(f"refit: {name} ({member.hparams.get('backbone')}) on {len(paths)} train + val images, "
+                             augment_views=int(study.get("augment_views") or 0),
+                             mixed_precision=study.get("mixed_precision", "auto"))  # as search.run's, from study.json
+    ev.log(f"refit: {name} ({member.hparams.get('backbone')}) on {len(rows)} train + val images, "
            f"{member.epochs} epoch(s) ...")
     # Epoch reports go to Ray Tune, which is not running; the validation rows are trained on, so they only fill
     # the epoch report's arguments (its numbers would be training scores).
@@ -151,7 +160,7 @@ def _refit(ev, member: _Member, rows, y) -> tuple[Loaded, dict]:
     folder.mkdir(parents=True)
     save_classifier(folder, model)
     seconds = round(time.monotonic() - started, 1)
-    entry = {"epochs": member.epochs, "n_train": len(paths), "seconds": seconds,
+    entry = {"epochs": member.epochs, "n_train": len(rows), "seconds": seconds,
              "from_checkpoint": member.loaded.trial.checkpoint.relative_to(ev.run_dir).as_posix()}
     trial_json = {"epoch": member.epochs, "class_names": list(ev.classes), "hparams": member.hparams,
                   "refit": {"of": name, **entry}}

@@ -16,8 +16,8 @@ leaderboard ranks it) and fits this study:
   ``trial.json``, through ``analysis.results``) equals what this study would train it with.
 
 The two studies must also score the same thing on the same images: the same
-metric and mode, the same dataset (loader, image size, split), else a named
-error before Ray starts. Taken trials are added to the searcher's Optuna study
+metric and mode, the same dataset (loader and its options, classes, image size,
+split protocol and options), else a named error before Ray starts. Taken trials are added to the searcher's Optuna study
 with this space's distributions (``DistinctSearch``), marked with the user
 attribute ``warm_start_from``; they are not trained again and are not in this
 study's leaderboard. Optuna numbers them first, so this study's first trial is
@@ -37,7 +37,9 @@ from trainables.hparams import HPARAM_NAMES, effective_hparams
 
 __all__ = ["WarmStartError", "WarmStart", "warm_trials"]
 
-DATASET_KEYS = ("loader", "image_size", "split")  # what makes two studies' scores comparable
+# What makes two studies' scores comparable: the same images (loader, its options, classes), seen at the same size,
+# split the same way. Not the path (a dataset may move) nor the split's seed (another draw of the same protocol).
+DATASET_KEYS = ("loader", "options", "classes", "positive_class", "image_size", "split", "split_options")
 
 
 class WarmStartError(StudyError):
@@ -78,12 +80,13 @@ def warm_trials(folder: str, study) -> WarmStart:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     old = optuna.load_study(study_name=record["study"]["name"], storage=f"sqlite:///{db.resolve()}")
     results = load_results(path)
+    recorded = set(results.leaderboard["trial_name"].astype(str))
     trials, left_out, examples = [], {}, {}
     for trial in old.trials:
         if trial.value is None or trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
             continue
         name = str(trial.user_attrs.get("trial_name") or f"trial {trial.number}")
-        made, why, detail = _fitted(trial, name, study, results)
+        made, why, detail = _fitted(trial, name, study, results, recorded)
         if made is None:
             left_out.setdefault(why, []).append(name)
             examples.setdefault(why, detail)
@@ -109,7 +112,8 @@ def _same_scores(old: dict, study, folder: str) -> None:
         if old.get(field) != getattr(study, field):
             raise WarmStartError(f"warm_start: {folder!r} ranked its trials by {field} {old.get(field)!r}, this study "
                                  f"by {getattr(study, field)!r}; a warm start needs the same {field}")
-    old_data, new_data = old.get("dataset") or {}, dataclasses.asdict(study.dataset)
+    old_data = old.get("dataset") or {}
+    new_data = json.loads(json.dumps(dataclasses.asdict(study.dataset), default=str))  # as study.json holds it
     for key in DATASET_KEYS:
         if old_data.get(key) != new_data.get(key):
             raise WarmStartError(f"warm_start: {folder!r} scored its trials on dataset.{key} {old_data.get(key)!r}, "
@@ -117,8 +121,9 @@ def _same_scores(old: dict, study, folder: str) -> None:
                                  "trials: warm-start from a study on the same data")
 
 
-def _fitted(trial, name: str, study, results):
-    """``(the trial with this study's distributions, None, None)`` when it fits, else ``(None, why, detail)``."""
+def _fitted(trial, name: str, study, results, recorded: set[str]):
+    """``(the trial with this study's distributions, None, None)`` when it fits, else ``(None, why, detail)``.
+    ``recorded``: the trial names the earlier leaderboard holds."""
     import optuna
 
     fixed = optuna.trial.FixedTrial(trial.params, number=trial.number)
@@ -132,8 +137,8 @@ def _fitted(trial, name: str, study, results):
     if extra:
         return None, "searching parameters this space does not", ", ".join(extra)
     try:
-        trained = results.trial(name).config if name in set(results.leaderboard["trial_name"]) else None
-    except Exception:  # noqa: BLE001 - a lost checkpoint: its trained values cannot be compared
+        trained = results.trial(name).config if name in recorded else None
+    except (OSError, ValueError):  # ResultsFolderError: a lost checkpoint, its trained values cannot be compared
         trained = None
     if trained is None:
         return None, "without a record of what it trained with", None

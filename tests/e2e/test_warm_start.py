@@ -78,5 +78,9 @@ def test_a_study_that_trains_otherwise_or_scores_otherwise_is_refused_or_left_ou
     other_size = Study(name="z", dataset=Dataset(**{**DATASET.__dict__, "image_size": 40}), space=wide, fixed=FIXED)
     with pytest.raises(StudyError, match=r"dataset.image_size 32, this study on 40"):
         warm_trials(str(folder), other_size)
+    more_images = Study(name="w", dataset=Dataset(**{**DATASET.__dict__, "options": {"n_per_class": 40, "image_size": 48}}),
+                        space=wide, fixed=FIXED)
+    with pytest.raises(StudyError, match=r"dataset.options .*'n_per_class': 30.* this study on .*'n_per_class': 40"):
+        warm_trials(str(folder), more_images)
     with pytest.raises(StudyError, match="is not a readable results folder"):
         warm_trials(str(folder / "nothing"), other_metric)
